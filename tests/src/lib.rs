@@ -1,0 +1,2 @@
+//! autohttps test support: a proxy-wasm host on wasmtime, and helpers for the end-to-end suites.
+#![warn(missing_docs)]
