@@ -1,0 +1,132 @@
+//! Hostnames: validation of the names a policy lists, and normalisation of request authorities.
+
+use std::net::Ipv6Addr;
+
+/// Longest hostname, in bytes, without the trailing dot (RFC 1035 §2.3.4).
+pub const MAX_HOSTNAME_LEN: usize = 253;
+/// Longest label, in bytes (RFC 1035 §2.3.4).
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// A policy name: an exact hostname or a `*.parent` wildcard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyName {
+    /// An exact, normalised hostname.
+    Exact(String),
+    /// A wildcard; the string is the parent (`example.com` for `*.example.com`).
+    Wildcard(String),
+}
+
+/// Validates and normalises a hostname listed in a policy (lower case, no trailing dot).
+///
+/// Returns the reason in words when the name is not acceptable.
+pub fn parse_policy_name(raw: &str) -> Result<PolicyName, String> {
+    let lowered = raw.to_ascii_lowercase();
+    let name = lowered.strip_suffix('.').unwrap_or(&lowered);
+    if let Some(parent) = name.strip_prefix("*.") {
+        if parent.contains('*') {
+            return Err("a wildcard may only be the whole first label, as in *.example.com".into());
+        }
+        validate_hostname(parent)?;
+        if !parent.contains('.') {
+            return Err(format!(
+                "wildcard *.{parent} would cover a whole top-level domain; use *.name.{parent}"
+            ));
+        }
+        return Ok(PolicyName::Wildcard(parent.to_string()));
+    }
+    if name.contains('*') {
+        return Err("a wildcard may only be the whole first label, as in *.example.com".into());
+    }
+    validate_hostname(name)?;
+    Ok(PolicyName::Exact(name.to_string()))
+}
+
+/// Checks a lower-case hostname against the DNS rules: ASCII letters, digits and hyphens,
+/// labels of 1 to 63 bytes not starting or ending with a hyphen, 253 bytes in all, and not an
+/// IP address.
+pub fn validate_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the hostname is empty".into());
+    }
+    if name.len() > MAX_HOSTNAME_LEN {
+        return Err(format!(
+            "the hostname is {} bytes long; the limit is {MAX_HOSTNAME_LEN}",
+            name.len()
+        ));
+    }
+    if !name.is_ascii() {
+        return Err(
+            "the hostname has non-ASCII characters; write internationalised names as punycode A-labels (xn--…)"
+                .into(),
+        );
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err("the hostname has an empty label (two dots in a row, or a leading dot)".into());
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(format!(
+                "the label {label:?} is {} bytes long; the limit is {MAX_LABEL_LEN}",
+                label.len()
+            ));
+        }
+        if let Some(bad) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Err(format!(
+                "the label {label:?} contains {bad:?}; only letters, digits and '-' are allowed"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("the label {label:?} starts or ends with '-'"));
+        }
+    }
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if last.chars().all(|c| c.is_ascii_digit()) {
+        return Err("an IP address is not a hostname; certificates are issued for names".into());
+    }
+    Ok(())
+}
+
+/// Normalises a request's `:authority` (or `Host`) for lookup: strips the port, lower-cases and
+/// drops one trailing dot. Bracketed IPv6 literals are returned without brackets.
+///
+/// Returns `None` when the authority is empty or has bytes no hostname can have, so hostile or
+/// garbled values simply match no site.
+pub fn normalise_authority(authority: &str) -> Option<String> {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        let address: Ipv6Addr = inside.parse().ok()?;
+        return Some(address.to_string());
+    } else {
+        match authority.rfind(':') {
+            Some(colon) if is_port(&authority[colon + 1..]) => &authority[..colon],
+            Some(_) => return None,
+            None => authority,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty()
+        || host.len() > MAX_HOSTNAME_LEN
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
+}
+
+fn is_port(digits: &str) -> bool {
+    !digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The parent a single-label child falls under for wildcard lookup: `a.example.com` →
+/// `example.com`.
+pub fn wildcard_parent(host: &str) -> Option<&str> {
+    host.split_once('.').map(|(_, parent)| parent)
+}

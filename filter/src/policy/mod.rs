@@ -1,0 +1,24 @@
+//! The pure policy engine: the schema, its validation, host matching and the redirect/header
+//! decision. Nothing here knows about proxy-wasm, so the same code runs in Envoy, in the
+//! wasmtime harness and natively in tests.
+
+mod cidr;
+mod compile;
+mod decide;
+mod host;
+mod schema;
+
+pub use cidr::{Cidr, parse_peer};
+pub use compile::{Policy, Problem, Site};
+pub use decide::{
+    ACME_CHALLENGE_PREFIX, Decision, Outcome, Redirect, RequestFacts, ResponseHeaders,
+    ResponsePlan, UpstreamHeaders,
+};
+pub use host::{PolicyName, normalise_authority, parse_policy_name, validate_hostname};
+pub use schema::{
+    DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig,
+    PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,
+};
+
+#[cfg(test)]
+mod tests;

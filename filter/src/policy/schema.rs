@@ -1,0 +1,231 @@
+//! The policy document as it travels: versioned JSON, unknown fields rejected.
+//!
+//! The sidecar serialises these types for the policy feed, and the plugin deserialises them from
+//! its Envoy configuration or from the feed. [`super::Policy::compile`] validates a document and
+//! builds the lookup tables the decision function uses.
+
+use serde::{Deserialize, Serialize};
+
+/// The only schema version this build understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Default report endpoint for `mixed_content: report`: a path on the site's own host that the
+/// edge routes to the sidecar, which files each report under the site and page.
+pub const DEFAULT_REPORT_URI: &str = "/.well-known/autohttps/csp-report";
+
+/// A whole policy: global settings and every site the edge serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// Schema version; must equal [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// Opaque version of this policy (the feed's ETag); reported in logs and stats.
+    pub version: String,
+    /// Settings that apply to every site.
+    #[serde(default)]
+    pub settings: Settings,
+    /// The sites.
+    #[serde(default)]
+    pub sites: Vec<SiteSpec>,
+}
+
+/// Settings shared by every site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Peers (CIDRs or bare addresses) whose `X-Forwarded-Proto` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// The public plain-HTTP port; used in `Location` when it is not 80.
+    #[serde(default = "default_http_port")]
+    pub http_port: u16,
+    /// The public HTTPS port; used in `Location` when it is not 443.
+    #[serde(default = "default_https_port")]
+    pub https_port: u16,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            trusted_proxies: Vec::new(),
+            http_port: default_http_port(),
+            https_port: default_https_port(),
+        }
+    }
+}
+
+fn default_http_port() -> u16 {
+    80
+}
+
+fn default_https_port() -> u16 {
+    443
+}
+
+/// One hosted site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSpec {
+    /// Stable identifier of the site (letters, digits, `.`, `_`, `-`).
+    pub id: String,
+    /// Every name of the site: exact names and `*.example.com` wildcards.
+    pub hostnames: Vec<String>,
+    /// The site's HTTPS mode.
+    #[serde(default)]
+    pub https: HttpsMode,
+    /// Permanent (301/308) or temporary (302/307) redirects.
+    #[serde(default)]
+    pub redirect: RedirectKind,
+    /// When set, redirects go to this name (one of the site's exact names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canonical_host: Option<String>,
+    /// Strict-Transport-Security settings.
+    #[serde(default)]
+    pub hsts: HstsSpec,
+    /// Mixed-content protection.
+    #[serde(default)]
+    pub mixed_content: MixedContent,
+    /// Where `report` mode sends CSP reports; defaults to [`DEFAULT_REPORT_URI`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_uri: Option<String>,
+    /// The names (from `hostnames`) whose certificate is issued and served.
+    #[serde(default)]
+    pub cert_ready: Vec<String>,
+}
+
+/// What the edge does with the two schemes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpsMode {
+    /// HTTP and HTTPS are both served as they come.
+    #[default]
+    Auto,
+    /// HTTP is redirected to HTTPS (once the target name has a certificate).
+    Force,
+    /// HTTPS is redirected to HTTP, and browsers are told to drop their HSTS pin.
+    Disable,
+}
+
+impl HttpsMode {
+    /// The lower-case name used in the schema, the API and stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpsMode::Auto => "auto",
+            HttpsMode::Force => "force",
+            HttpsMode::Disable => "disable",
+        }
+    }
+}
+
+/// Permanent or temporary redirects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectKind {
+    /// 301 for GET/HEAD, 308 otherwise.
+    #[default]
+    Permanent,
+    /// 302 for GET/HEAD, 307 otherwise.
+    Temporary,
+}
+
+/// Strict-Transport-Security for a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HstsSpec {
+    /// Send HSTS over HTTPS when the upstream did not.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `max-age` in seconds.
+    #[serde(default = "default_hsts_max_age")]
+    pub max_age: u64,
+    /// Add `includeSubDomains`.
+    #[serde(default)]
+    pub include_subdomains: bool,
+    /// Add `preload`.
+    #[serde(default)]
+    pub preload: bool,
+}
+
+impl Default for HstsSpec {
+    fn default() -> Self {
+        HstsSpec {
+            enabled: false,
+            max_age: default_hsts_max_age(),
+            include_subdomains: false,
+            preload: false,
+        }
+    }
+}
+
+fn default_hsts_max_age() -> u64 {
+    31_536_000
+}
+
+/// Mixed-content protection mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedContent {
+    /// No header.
+    #[default]
+    Off,
+    /// `Content-Security-Policy: upgrade-insecure-requests`.
+    Upgrade,
+    /// A report-only policy that reports every `http:` resource a page loads.
+    Report,
+}
+
+/// The plugin's configuration in Envoy: an inline policy, a feed, or both (the inline policy is
+/// served until the feed delivers a newer one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// A policy to start with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyDocument>,
+    /// Where to poll for newer policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed: Option<FeedConfig>,
+}
+
+/// The policy feed the root context polls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Envoy cluster that serves the feed.
+    pub cluster: String,
+    /// Request path.
+    #[serde(default = "default_feed_path")]
+    pub path: String,
+    /// `:authority` sent with the request.
+    #[serde(default = "default_feed_authority")]
+    pub authority: String,
+    /// Milliseconds between polls.
+    #[serde(default = "default_feed_interval_ms")]
+    pub interval_ms: u64,
+    /// Milliseconds before a poll is abandoned.
+    #[serde(default = "default_feed_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Largest policy body accepted, in bytes.
+    #[serde(default = "default_feed_max_bytes")]
+    pub max_bytes: usize,
+}
+
+fn default_feed_path() -> String {
+    "/v1/policy".to_string()
+}
+
+fn default_feed_authority() -> String {
+    "autohttps-sidecar".to_string()
+}
+
+fn default_feed_interval_ms() -> u64 {
+    2_000
+}
+
+fn default_feed_timeout_ms() -> u64 {
+    1_000
+}
+
+fn default_feed_max_bytes() -> usize {
+    64 * 1024 * 1024
+}

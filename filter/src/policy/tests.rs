@@ -1,0 +1,575 @@
+//! Table-driven tests of the policy engine: validation, host matching and decisions, hostile
+//! input included.
+
+use std::net::IpAddr;
+
+use super::*;
+
+fn policy_json(http_port: u16, https_port: u16) -> String {
+    format!(
+        r#"{{
+  "schema": 1,
+  "version": "v-test",
+  "settings": {{ "trusted_proxies": ["10.0.0.0/8", "::1"], "http_port": {http_port}, "https_port": {https_port} }},
+  "sites": [
+    {{ "id": "forced", "hostnames": ["force.test", "www.force.test"], "https": "force",
+      "hsts": {{ "enabled": true, "max_age": 31536000, "include_subdomains": true }},
+      "mixed_content": "upgrade", "cert_ready": ["force.test", "www.force.test"] }},
+    {{ "id": "pending", "hostnames": ["pending.test"], "https": "force" }},
+    {{ "id": "canon", "hostnames": ["canon.test", "www.canon.test", "old.canon.test"], "https": "force",
+      "redirect": "temporary", "canonical_host": "www.canon.test",
+      "cert_ready": ["canon.test", "www.canon.test"] }},
+    {{ "id": "auto", "hostnames": ["auto.test"], "hsts": {{ "enabled": true, "max_age": 600 }},
+      "mixed_content": "report", "cert_ready": ["auto.test"] }},
+    {{ "id": "plain", "hostnames": ["plain.test"] }},
+    {{ "id": "off", "hostnames": ["off.test"], "https": "disable",
+      "hsts": {{ "enabled": true }}, "mixed_content": "upgrade", "cert_ready": ["off.test"] }},
+    {{ "id": "wild", "hostnames": ["wild.test", "*.wild.test"], "https": "force",
+      "cert_ready": ["*.wild.test"] }},
+    {{ "id": "ipv6ish", "hostnames": ["xn--bcher-kva.test"], "https": "force", "cert_ready": ["xn--bcher-kva.test"] }}
+  ]
+}}"#
+    )
+}
+
+fn policy() -> Policy {
+    Policy::from_json(policy_json(80, 443).as_bytes()).expect("test policy is valid")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// Passed with (outcome, HSTS planned, mixed content planned).
+    Pass(Outcome, bool, MixedContent),
+    /// Redirected with (status, Location, HSTS cleared).
+    Redirect(u16, &'static str, bool),
+}
+
+use Expect::{Pass, Redirect as Redir};
+use MixedContent::{Off, Report, Upgrade};
+use Outcome::*;
+
+struct Case {
+    name: &'static str,
+    tls: bool,
+    peer: &'static str,
+    method: &'static str,
+    authority: &'static str,
+    path: &'static str,
+    xfp: Option<&'static str>,
+    expect: Expect,
+}
+
+const fn http(
+    name: &'static str,
+    authority: &'static str,
+    path: &'static str,
+    expect: Expect,
+) -> Case {
+    Case {
+        name,
+        tls: false,
+        peer: "192.0.2.1",
+        method: "GET",
+        authority,
+        path,
+        xfp: None,
+        expect,
+    }
+}
+
+const fn https(
+    name: &'static str,
+    authority: &'static str,
+    path: &'static str,
+    expect: Expect,
+) -> Case {
+    Case {
+        tls: true,
+        ..http(name, authority, path, expect)
+    }
+}
+
+const fn method(mut case: Case, method: &'static str) -> Case {
+    case.method = method;
+    case
+}
+
+const fn forwarded(mut case: Case, peer: &'static str, xfp: &'static str) -> Case {
+    case.peer = peer;
+    case.xfp = Some(xfp);
+    case
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        // force
+        http("force_redirects_get_301", "force.test", "/", Redir(301, "https://force.test/", false)),
+        http("force_keeps_raw_query", "force.test", "/a/b?x=1&y=%20z", Redir(301, "https://force.test/a/b?x=1&y=%20z", false)),
+        http("force_keeps_encoded_slashes", "force.test", "/a%2Fb/../c?q=%2e%2E", Redir(301, "https://force.test/a%2Fb/../c?q=%2e%2E", false)),
+        method(http("force_post_is_308", "force.test", "/form", Redir(308, "https://force.test/form", false)), "POST"),
+        method(http("force_head_is_301", "force.test", "/", Redir(301, "https://force.test/", false)), "HEAD"),
+        method(http("force_put_is_308", "force.test", "/x", Redir(308, "https://force.test/x", false)), "PUT"),
+        method(http("force_lowercase_get_is_not_safe_method", "force.test", "/x", Redir(308, "https://force.test/x", false)), "get"),
+        http("force_second_name", "www.force.test", "/p", Redir(301, "https://www.force.test/p", false)),
+        http("force_mixed_case_host_normalised", "WWW.Force.TEST", "/p", Redir(301, "https://www.force.test/p", false)),
+        http("force_trailing_dot_normalised", "force.test.", "/", Redir(301, "https://force.test/", false)),
+        http("force_port_in_host_dropped", "force.test:80", "/", Redir(301, "https://force.test/", false)),
+        http("force_odd_port_in_host_dropped", "force.test:8080", "/", Redir(301, "https://force.test/", false)),
+        https("force_over_https_passes_with_hsts_and_csp", "force.test", "/", Pass(Pass_, true, Upgrade)),
+        http("force_acme_challenge_not_redirected", "force.test", "/.well-known/acme-challenge/tok123", Pass(AcmeChallenge, false, Off)),
+        http("force_acme_prefix_lookalike_redirected", "force.test", "/.well-known/acme-challengeX/tok", Redir(301, "https://force.test/.well-known/acme-challengeX/tok", false)),
+        http("force_acme_challenge_unknown_host_passes", "nobody.test", "/.well-known/acme-challenge/t", Pass(AcmeChallenge, false, Off)),
+        http("force_without_cert_serves_http", "pending.test", "/", Pass(ForceSkippedNoCert, false, Off)),
+        https("force_without_cert_over_https_passes", "pending.test", "/", Pass(Pass_, false, Off)),
+        // canonical host
+        http("canonical_force_goes_to_canonical_307_temp", "canon.test", "/a?b", Redir(302, "https://www.canon.test/a?b", false)),
+        method(http("canonical_post_temporary_is_307", "canon.test", "/a", Redir(307, "https://www.canon.test/a", false)), "POST"),
+        http("canonical_host_itself_redirected_to_https", "www.canon.test", "/", Redir(302, "https://www.canon.test/", false)),
+        https("canonical_over_https_moves_to_canonical", "canon.test", "/z", Redir(302, "https://www.canon.test/z", false)),
+        https("canonical_over_https_on_canonical_passes", "www.canon.test", "/z", Pass(Pass_, false, Off)),
+        https("canonical_over_https_name_without_cert_goes_canonical", "old.canon.test", "/", Redir(302, "https://www.canon.test/", false)),
+        // auto
+        http("auto_http_passes_without_headers", "auto.test", "/", Pass(Pass_, false, Off)),
+        https("auto_https_adds_hsts_and_report_csp", "auto.test", "/", Pass(Pass_, true, Report)),
+        http("auto_default_site_http_passes", "plain.test", "/", Pass(Pass_, false, Off)),
+        https("auto_default_site_https_passes", "plain.test", "/", Pass(Pass_, false, Off)),
+        // disable
+        https("disable_redirects_to_http_with_max_age_0", "off.test", "/p?q=1", Redir(301, "http://off.test/p?q=1", true)),
+        method(https("disable_post_is_308", "off.test", "/p", Redir(308, "http://off.test/p", true)), "POST"),
+        http("disable_http_passes_without_headers", "off.test", "/", Pass(Pass_, false, Off)),
+        https("disable_acme_challenge_not_redirected", "off.test", "/.well-known/acme-challenge/x", Pass(AcmeChallenge, false, Off)),
+        // wildcards
+        http("wildcard_child_redirected", "a.wild.test", "/", Redir(301, "https://a.wild.test/", false)),
+        http("wildcard_child_mixed_case", "A.Wild.Test", "/x", Redir(301, "https://a.wild.test/x", false)),
+        http("wildcard_grandchild_unknown", "a.b.wild.test", "/", Pass(UnknownHost, false, Off)),
+        http("wildcard_apex_without_cert_not_forced", "wild.test", "/", Pass(ForceSkippedNoCert, false, Off)),
+        http("wildcard_does_not_match_suffix_lookalike", "evilwild.test", "/", Pass(UnknownHost, false, Off)),
+        http("punycode_name_matches", "xn--bcher-kva.test", "/", Redir(301, "https://xn--bcher-kva.test/", false)),
+        // unknown and hostile hosts
+        http("unknown_host_passes", "evil.com", "/", Pass(UnknownHost, false, Off)),
+        https("unknown_host_https_passes", "evil.com", "/", Pass(UnknownHost, false, Off)),
+        http("empty_host_passes", "", "/", Pass(UnknownHost, false, Off)),
+        http("host_with_crlf_passes", "force.test\r\nX: y", "/", Pass(UnknownHost, false, Off)),
+        http("host_with_space_passes", "force.test evil.com", "/", Pass(UnknownHost, false, Off)),
+        http("host_with_userinfo_passes", "evil.com@force.test", "/", Pass(UnknownHost, false, Off)),
+        http("host_with_path_passes", "force.test/evil", "/", Pass(UnknownHost, false, Off)),
+        http("host_non_ascii_passes", "föorce.test", "/", Pass(UnknownHost, false, Off)),
+        http("host_bad_port_passes", "force.test:80x", "/", Pass(UnknownHost, false, Off)),
+        http("host_empty_port_passes", "force.test:", "/", Pass(UnknownHost, false, Off)),
+        http("host_two_ports_passes", "force.test:80:80", "/", Pass(UnknownHost, false, Off)),
+        http("host_suffix_trick_passes", "force.test.evil.com", "/", Pass(UnknownHost, false, Off)),
+        http("host_prefix_trick_passes", "evil.com.force.test", "/", Pass(UnknownHost, false, Off)),
+        http("ipv6_literal_passes", "[::1]:80", "/", Pass(UnknownHost, false, Off)),
+        http("ipv6_literal_garbage_passes", "[::1]evil", "/", Pass(UnknownHost, false, Off)),
+        http("ipv4_literal_passes", "127.0.0.1", "/", Pass(UnknownHost, false, Off)),
+        http("double_trailing_dot_passes", "force.test..", "/", Pass(UnknownHost, false, Off)),
+        // hostile paths: Location stays on the site's name, no control bytes
+        http("double_slash_path_stays_on_host", "force.test", "//evil.com/x", Redir(301, "https://force.test//evil.com/x", false)),
+        http("backslash_path_stays_on_host", "force.test", "/\\evil.com", Redir(301, "https://force.test/\\evil.com", false)),
+        http("absolute_form_path_becomes_root", "force.test", "http://evil.com/x", Redir(301, "https://force.test/", false)),
+        http("asterisk_form_becomes_root", "force.test", "*", Redir(301, "https://force.test/", false)),
+        http("empty_path_becomes_root", "force.test", "", Redir(301, "https://force.test/", false)),
+        http("crlf_in_path_encoded", "force.test", "/a\r\nSet-Cookie: x=1", Redir(301, "https://force.test/a%0D%0ASet-Cookie:%20x=1", false)),
+        http("nul_and_del_in_path_encoded", "force.test", "/a\0b\x7f", Redir(301, "https://force.test/a%00b%7F", false)),
+        http("non_ascii_path_encoded", "force.test", "/caf\u{e9}", Redir(301, "https://force.test/caf%C3%A9", false)),
+        http("tab_in_path_encoded", "force.test", "/a\tb", Redir(301, "https://force.test/a%09b", false)),
+        http("percent_encoded_crlf_kept_as_is", "force.test", "/a%0d%0ab", Redir(301, "https://force.test/a%0d%0ab", false)),
+        http("at_sign_path_stays_on_host", "force.test", "/@evil.com", Redir(301, "https://force.test/@evil.com", false)),
+        // forwarded scheme
+        forwarded(http("xfp_https_from_trusted_proxy_passes", "force.test", "/", Pass(Pass_, true, Upgrade)), "10.1.2.3", "https"),
+        forwarded(http("xfp_https_from_untrusted_peer_ignored", "force.test", "/", Redir(301, "https://force.test/", false)), "192.0.2.7", "https"),
+        forwarded(http("xfp_https_from_trusted_ipv6_passes", "force.test", "/", Pass(Pass_, true, Upgrade)), "::1", "HTTPS"),
+        forwarded(http("xfp_https_from_ipv4_mapped_trusted", "force.test", "/", Pass(Pass_, true, Upgrade)), "::ffff:10.0.0.9", "https"),
+        forwarded(http("xfp_list_first_hop_counts", "force.test", "/", Pass(Pass_, true, Upgrade)), "10.0.0.1", "https, http"),
+        forwarded(http("xfp_list_first_http_redirects", "force.test", "/", Redir(301, "https://force.test/", false)), "10.0.0.1", "http, https"),
+        forwarded(http("xfp_garbage_falls_back_to_connection", "force.test", "/", Redir(301, "https://force.test/", false)), "10.0.0.1", "ftp"),
+        forwarded(https("xfp_http_from_trusted_over_tls_redirects", "force.test", "/", Redir(301, "https://force.test/", false)), "10.0.0.1", "http"),
+        forwarded(https("xfp_http_from_untrusted_over_tls_ignored", "force.test", "/", Pass(Pass_, true, Upgrade)), "192.0.2.9", "http"),
+        forwarded(https("disable_behind_trusted_proxy_redirects", "off.test", "/", Redir(301, "http://off.test/", true)), "10.0.0.1", "https"),
+        forwarded(http("xfp_from_unknown_peer_ignored", "force.test", "/", Redir(301, "https://force.test/", false)), "", "https"),
+    ]
+}
+
+#[allow(non_upper_case_globals)]
+const Pass_: Outcome = Outcome::Pass;
+
+fn run(policy: &Policy, case: &Case) -> Decision {
+    policy.decide(&RequestFacts {
+        tls: case.tls,
+        peer: parse_peer(case.peer),
+        method: case.method,
+        authority: case.authority,
+        path: case.path,
+        forwarded_proto: case.xfp,
+    })
+}
+
+#[test]
+fn decision_table() {
+    let policy = policy();
+    let cases = cases();
+    assert!(cases.len() >= 60, "the table has {} cases", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let decision = run(&policy, case);
+        let got = match &decision {
+            Decision::Continue { outcome, plan } => Pass(*outcome, plan.hsts, plan.mixed_content),
+            Decision::Redirect { redirect, .. } => {
+                // Leak is fine in a test: compares against &'static str expectations.
+                let location: &'static str = Box::leak(redirect.location.clone().into_boxed_str());
+                Redir(redirect.status, location, redirect.clear_hsts)
+            }
+        };
+        if got != case.expect {
+            failures.push(format!("{}: expected {:?}, got {:?}", case.name, case.expect, got));
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn no_location_leaves_the_site_or_carries_control_bytes() {
+    let policy = policy();
+    let names = [
+        "force.test",
+        "www.force.test",
+        "www.canon.test",
+        "off.test",
+        "a.wild.test",
+        "xn--bcher-kva.test",
+    ];
+    let hosts = [
+        "force.test", "FORCE.TEST.", "evil.com", "force.test@evil.com", "evil.com#force.test",
+        "force.test\r\n", "[::1]", "a.wild.test", "canon.test", "off.test", "", " ", ".",
+        "force.test:443", "\u{0}", "force.test\\evil.com",
+    ];
+    let paths = [
+        "/", "//evil.com", "/\r\nLocation: http://evil.com", "http://evil.com/", "https:evil.com",
+        "/%0d%0a", "\\\\evil.com", "/\u{0}", "/../../", "?x", "#frag", "/\u{202e}",
+    ];
+    let mut checked = 0;
+    for tls in [false, true] {
+        for host in hosts {
+            for path in paths {
+                for xfp in [None, Some("https"), Some("http")] {
+                    let decision = policy.decide(&RequestFacts {
+                        tls,
+                        peer: parse_peer("10.0.0.1"),
+                        method: "GET",
+                        authority: host,
+                        path,
+                        forwarded_proto: xfp,
+                    });
+                    if let Decision::Redirect { redirect, .. } = decision {
+                        checked += 1;
+                        let location = &redirect.location;
+                        assert!(
+                            location.bytes().all(|b| b > b' ' && b < 0x7f),
+                            "control or non-ASCII byte in {location:?}"
+                        );
+                        let rest = location
+                            .strip_prefix("https://")
+                            .or_else(|| location.strip_prefix("http://"))
+                            .expect("absolute http(s) Location");
+                        let authority = rest.split('/').next().unwrap_or_default();
+                        assert!(
+                            names.contains(&authority),
+                            "Location {location:?} for host {host:?} path {path:?} leaves the site's names"
+                        );
+                        assert!(rest[authority.len()..].starts_with('/'));
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} redirects were checked");
+}
+
+#[test]
+fn location_uses_non_default_ports() {
+    let policy = Policy::from_json(policy_json(8080, 8443).as_bytes()).expect("valid");
+    let case = http("x", "force.test", "/a?b", Pass(Pass_, false, Off));
+    match run(&policy, &case) {
+        Decision::Redirect { redirect, .. } => {
+            assert_eq!(redirect.location, "https://force.test:8443/a?b")
+        }
+        other => panic!("expected a redirect, got {other:?}"),
+    }
+    let case = https("x", "off.test", "/", Pass(Pass_, false, Off));
+    match run(&policy, &case) {
+        Decision::Redirect { redirect, .. } => {
+            assert_eq!(redirect.location, "http://off.test:8080/")
+        }
+        other => panic!("expected a redirect, got {other:?}"),
+    }
+}
+
+fn plan_for(policy: &Policy, authority: &str) -> ResponsePlan {
+    match policy.decide(&RequestFacts {
+        tls: true,
+        peer: None,
+        method: "GET",
+        authority,
+        path: "/",
+        forwarded_proto: None,
+    }) {
+        Decision::Continue { plan, .. } => plan,
+        other => panic!("expected to continue, got {other:?}"),
+    }
+}
+
+#[test]
+fn hsts_added_only_when_upstream_sent_none() {
+    let policy = policy();
+    let plan = plan_for(&policy, "force.test");
+    let added = policy.response_headers(&plan, &UpstreamHeaders::default());
+    assert_eq!(added.hsts, Some("max-age=31536000; includeSubDomains"));
+    let upstream = UpstreamHeaders {
+        hsts_present: true,
+        csp: None,
+    };
+    assert_eq!(policy.response_headers(&plan, &upstream).hsts, None);
+}
+
+#[test]
+fn csp_upgrade_added_beside_upstream_csp() {
+    let policy = policy();
+    let plan = plan_for(&policy, "force.test");
+    let upstream = UpstreamHeaders {
+        hsts_present: false,
+        csp: Some("default-src 'self'"),
+    };
+    assert_eq!(
+        policy.response_headers(&plan, &upstream).csp,
+        Some(("content-security-policy", "upgrade-insecure-requests"))
+    );
+}
+
+#[test]
+fn csp_upgrade_not_repeated_when_upstream_has_it() {
+    let policy = policy();
+    let plan = plan_for(&policy, "force.test");
+    for csp in [
+        "upgrade-insecure-requests",
+        "default-src 'self'; Upgrade-Insecure-Requests",
+        "img-src *, upgrade-insecure-requests",
+    ] {
+        let upstream = UpstreamHeaders {
+            hsts_present: false,
+            csp: Some(csp),
+        };
+        assert_eq!(policy.response_headers(&plan, &upstream).csp, None, "{csp}");
+    }
+}
+
+#[test]
+fn csp_report_mode_adds_report_only_policy_with_default_uri() {
+    let policy = policy();
+    let plan = plan_for(&policy, "auto.test");
+    let added = policy.response_headers(&plan, &UpstreamHeaders::default());
+    let (name, value) = added.csp.expect("a report-only policy");
+    assert_eq!(name, "content-security-policy-report-only");
+    assert!(value.starts_with("default-src https: "), "{value}");
+    assert!(value.ends_with(&format!("report-uri {DEFAULT_REPORT_URI}")), "{value}");
+    assert_eq!(added.hsts, Some("max-age=600"));
+}
+
+#[test]
+fn nothing_added_for_unknown_hosts_or_plain_http() {
+    let policy = policy();
+    let plan = plan_for(&policy, "unknown.test");
+    assert_eq!(
+        policy.response_headers(&plan, &UpstreamHeaders::default()),
+        ResponseHeaders::default()
+    );
+}
+
+#[test]
+fn disable_redirect_headers_clear_hsts() {
+    let policy = policy();
+    let decision = run(&policy, &https("x", "off.test", "/", Pass(Pass_, false, Off)));
+    let Decision::Redirect { redirect, .. } = decision else {
+        panic!("expected a redirect");
+    };
+    assert_eq!(
+        redirect.headers(),
+        vec![
+            ("location", "http://off.test/"),
+            ("strict-transport-security", "max-age=0")
+        ]
+    );
+}
+
+#[test]
+fn lookup_cost_does_not_depend_on_site_count() {
+    // Not a timing test: it checks the structure that makes lookups O(1): a wildcard child is
+    // found through one parent lookup, whatever the number of sites.
+    let mut sites = Vec::new();
+    for i in 0..20_000 {
+        sites.push(format!(
+            r#"{{"id":"s{i}","hostnames":["s{i}.example","*.s{i}.example"],"cert_ready":["*.s{i}.example"]}}"#
+        ));
+    }
+    let json = format!(
+        r#"{{"schema":1,"version":"big","sites":[{}]}}"#,
+        sites.join(",")
+    );
+    let policy = Policy::from_json(json.as_bytes()).expect("valid");
+    assert_eq!(policy.site_count(), 20_000);
+    assert_eq!(policy.lookup("x.s19999.example"), Some((19_999, true)));
+    // The apex is a name of the site, but a wildcard certificate does not cover it.
+    assert_eq!(policy.lookup("s5.example"), Some((5, false)));
+    assert_eq!(policy.lookup("y.x.s5.example"), None);
+}
+
+// ---- validation ----
+
+fn problems(json: &str) -> Vec<String> {
+    match Policy::from_json(json.as_bytes()) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems().iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+fn site(fields: &str) -> String {
+    format!(r#"{{"schema":1,"version":"v1","sites":[{{"id":"a",{fields}}}]}}"#)
+}
+
+#[test]
+fn validation_reports_each_problem_with_its_path() {
+    let cases: &[(&str, &str)] = &[
+        (&site(r#""hostnames":["ex ample.com"]"#), "sites[0].hostnames[0]: \"ex ample.com\" is not a valid hostname"),
+        (&site(r#""hostnames":["a..b.com"]"#), "empty label"),
+        (&site(r#""hostnames":["-a.com"]"#), "starts or ends with '-'"),
+        (&site(r#""hostnames":["bücher.de"]"#), "punycode"),
+        (&site(r#""hostnames":["a.*.com"]"#), "sites[0].hostnames[0]: \"a.*.com\" is not a valid hostname: a wildcard may only be the whole first label"),
+        (&site(r#""hostnames":["*example.com"]"#), "whole first label"),
+        (&site(r#""hostnames":["*.com"]"#), "top-level domain"),
+        (&site(r#""hostnames":["10.0.0.1"]"#), "IP address"),
+        (&site(r#""hostnames":[]"#), "sites[0].hostnames: a site needs at least one hostname"),
+        (&site(r#""hostnames":["a.com","A.com."]"#), "sites[0].hostnames[1]: a.com is listed twice"),
+        (&site(r#""hostnames":["a.com"],"canonical_host":"b.com""#), "sites[0].canonical_host: b.com is not one of this site's hostnames"),
+        (&site(r#""hostnames":["a.com","*.a.com"],"canonical_host":"*.a.com""#), "exact name, not a wildcard"),
+        (&site(r#""hostnames":["a.com"],"cert_ready":["b.com"]"#), "sites[0].cert_ready[0]: b.com has a certificate but is not one of this site's hostnames"),
+        (&site(r#""hostnames":["a.com"],"mixed_content":"report","report_uri":"http://x/r""#), "must be a path"),
+        (&site(r#""hostnames":["a.com"],"report_uri":"/r; script-src *""#), "cannot appear in a CSP directive"),
+        (&site(r#""hostnames":["a.com"],"hsts":{"enabled":true,"max_age":60,"preload":true}"#), "preload needs"),
+        (&site(r#""hostnames":["a.com"],"https":"always""#), "unknown variant `always`"),
+        (&site(r#""hostnames":["a.com"],"colour":"red""#), "unknown field `colour`"),
+        (&format!("{}{}", "x".repeat(0), r#"{"schema":2,"version":"v","sites":[]}"#), "schema: schema 2 is not supported"),
+        (r#"{"schema":1,"version":"","sites":[]}"#, "version: the version is empty"),
+        (r#"{"schema":1,"version":"v","settings":{"trusted_proxies":["10.0.0.0/33"]}}"#, "settings.trusted_proxies[0]: \"10.0.0.0/33\": the prefix length must be 0 to 32"),
+        (r#"{"schema":1,"version":"v","settings":{"trusted_proxies":["proxy.local"]}}"#, "is not an IP address or CIDR"),
+        (r#"{"schema":1,"version":"v","settings":{"http_port":0}}"#, "settings.http_port: the port must be 1 to 65535"),
+        (r#"{"schema":1,"version":"v","sites":[{"id":"a b","hostnames":["a.com"]}]}"#, "sites[0].id: the site id contains ' '"),
+        (r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["a.com"]},{"id":"a","hostnames":["b.com"]}]}"#, "sites[1].id: site id \"a\" is already used by sites[0]"),
+        (r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["a.com"]},{"id":"b","hostnames":["A.COM"]}]}"#, "sites[1].hostnames[0]: a.com already belongs to sites[0] (\"a\")"),
+        (r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["*.a.com"]},{"id":"b","hostnames":["*.a.com"]}]}"#, "*.a.com already belongs to sites[0]"),
+        ("{\"schema\":1,", "not a valid policy document"),
+        (&format!(r#"{{"schema":1,"version":"v","sites":[{{"id":"a","hostnames":["{}.com"]}}]}}"#, "a".repeat(64)), "the limit is 63"),
+    ];
+    for (json, expected) in cases {
+        let found = problems(json);
+        assert!(
+            found.iter().any(|p| p.contains(expected)),
+            "expected a problem containing {expected:?} for {json}; got {found:?}"
+        );
+    }
+}
+
+#[test]
+fn validation_lists_every_problem_not_just_the_first() {
+    let json = r#"{"schema":1,"version":"v","settings":{"trusted_proxies":["x"]},"sites":[
+        {"id":"a","hostnames":["bad host","ok.com"],"canonical_host":"nope.com"},
+        {"id":"b","hostnames":["ok.com"],"cert_ready":["zzz.com"]}]}"#;
+    let found = problems(json);
+    assert_eq!(found.len(), 5, "{found:#?}");
+}
+
+#[test]
+fn names_are_normalised_in_valid_policies() {
+    let policy = Policy::from_json(
+        site(r#""hostnames":["Example.COM.","*.Example.com"],"cert_ready":["EXAMPLE.com"],"canonical_host":"example.com.""#)
+            .as_bytes(),
+    )
+    .expect("valid");
+    assert_eq!(policy.lookup("example.com"), Some((0, true)));
+    assert_eq!(policy.lookup("www.example.com"), Some((0, false)));
+}
+
+#[test]
+fn exact_name_covered_by_wildcard_certificate_is_ready() {
+    let policy = Policy::from_json(
+        site(r#""hostnames":["www.a.com","*.a.com"],"cert_ready":["*.a.com"]"#).as_bytes(),
+    )
+    .expect("valid");
+    assert_eq!(policy.lookup("www.a.com"), Some((0, true)));
+}
+
+#[test]
+fn normalise_authority_cases() {
+    let cases: &[(&str, Option<&str>)] = &[
+        ("Example.com", Some("example.com")),
+        ("example.com.", Some("example.com")),
+        ("example.com:8443", Some("example.com")),
+        ("example.com.:80", Some("example.com")),
+        ("[::1]:443", Some("::1")),
+        ("[2001:DB8::1]", Some("2001:db8::1")),
+        ("[::1", None),
+        ("::1", None),
+        ("example.com:", None),
+        ("example.com:123456", None),
+        ("", None),
+        (":80", None),
+        ("a b", None),
+        ("a/b", None),
+        ("a@b", None),
+    ];
+    for (input, expected) in cases {
+        assert_eq!(
+            normalise_authority(input).as_deref(),
+            *expected,
+            "normalise_authority({input:?})"
+        );
+    }
+}
+
+#[test]
+fn cidr_matching() {
+    let cases: &[(&str, &str, bool)] = &[
+        ("10.0.0.0/8", "10.255.1.2", true),
+        ("10.0.0.0/8", "11.0.0.1", false),
+        ("192.168.1.0/25", "192.168.1.127", true),
+        ("192.168.1.0/25", "192.168.1.128", false),
+        ("0.0.0.0/0", "203.0.113.5", true),
+        ("::1", "::1", true),
+        ("::1", "::2", false),
+        ("2001:db8::/32", "2001:db8:ffff::1", true),
+        ("2001:db8::/32", "2001:db9::1", false),
+        ("10.0.0.0/8", "::ffff:10.1.1.1", true),
+        ("10.0.0.0/8", "::1", false),
+    ];
+    for (cidr, address, expected) in cases {
+        let cidr = Cidr::parse(cidr).expect("valid cidr");
+        let address: IpAddr = address.parse().expect("valid address");
+        assert_eq!(cidr.contains(address), *expected, "{cidr:?} ∋ {address}");
+    }
+}
+
+#[test]
+fn parse_peer_forms() {
+    assert_eq!(parse_peer("127.0.0.1:5555"), "127.0.0.1".parse().ok());
+    assert_eq!(parse_peer("[::1]:5555"), "::1".parse().ok());
+    assert_eq!(parse_peer("::1"), "::1".parse().ok());
+    assert_eq!(parse_peer("10.0.0.1"), "10.0.0.1".parse().ok());
+    assert_eq!(parse_peer("garbage"), None);
+}
+
+#[test]
+fn policy_document_round_trips_through_json() {
+    let document: PolicyDocument =
+        serde_json::from_str(&policy_json(80, 443)).expect("parses");
+    let again: PolicyDocument =
+        serde_json::from_str(&serde_json::to_string(&document).expect("serialises")).expect("parses");
+    assert_eq!(document, again);
+}
