@@ -39,12 +39,8 @@ impl Cidr {
             v4 => v4,
         };
         match (self.network, address) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                prefix_match(&n.octets(), &a.octets(), self.prefix)
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                prefix_match(&n.octets(), &a.octets(), self.prefix)
-            }
+            (IpAddr::V4(n), IpAddr::V4(a)) => prefix_match(&n.octets(), &a.octets(), self.prefix),
+            (IpAddr::V6(n), IpAddr::V6(a)) => prefix_match(&n.octets(), &a.octets(), self.prefix),
             _ => false,
         }
     }

@@ -69,6 +69,12 @@ pub struct Policy {
     pub(crate) wildcards: HashMap<Box<str>, NameEntry>,
 }
 
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::empty()
+    }
+}
+
 impl Policy {
     /// Parses policy JSON and validates it.
     pub fn from_json(json: &[u8]) -> Result<Policy, Error> {
@@ -154,10 +160,7 @@ impl Policy {
                 );
             }
             if spec.hostnames.is_empty() {
-                problem(
-                    at("hostnames"),
-                    "a site needs at least one hostname".into(),
-                );
+                problem(at("hostnames"), "a site needs at least one hostname".into());
             }
             let mut own_exact: Vec<String> = Vec::new();
             for (h, raw) in spec.hostnames.iter().enumerate() {
@@ -325,9 +328,8 @@ impl Policy {
     /// Finds the site of a normalised host: exact name first, then a `*.parent` wildcard.
     /// Returns the site's index and whether a served certificate covers this host.
     pub fn lookup(&self, host: &str) -> Option<(u32, bool)> {
-        let wildcard = || {
-            wildcard_parent(host).and_then(|parent| self.wildcards.get(parent).copied())
-        };
+        let wildcard =
+            || wildcard_parent(host).and_then(|parent| self.wildcards.get(parent).copied());
         if let Some(entry) = self.exact.get(host) {
             let covered = entry.cert_ready
                 || wildcard().is_some_and(|w| w.site == entry.site && w.cert_ready);

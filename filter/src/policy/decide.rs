@@ -18,8 +18,6 @@ pub struct RequestFacts<'a> {
     pub tls: bool,
     /// The peer that sent the request, when known.
     pub peer: Option<IpAddr>,
-    /// `:method`.
-    pub method: &'a str,
     /// `:authority` (or `Host`).
     pub authority: &'a str,
     /// `:path`, raw, with its query.
@@ -59,6 +57,11 @@ pub struct ResponsePlan {
 }
 
 impl ResponsePlan {
+    /// Whether a mixed-content header is planned.
+    pub fn mixed_content_on(&self) -> bool {
+        self.mixed_content != MixedContent::Off
+    }
+
     const NOTHING: ResponsePlan = ResponsePlan {
         site: None,
         hsts: false,
@@ -69,8 +72,8 @@ impl ResponsePlan {
 /// A redirect the filter answers itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
-    /// 301, 302, 307 or 308.
-    pub status: u16,
+    /// Permanent (301/308) or temporary (302/307).
+    pub kind: RedirectKind,
     /// The absolute `Location`: always a name of the site, never a control byte.
     pub location: String,
     /// Add `Strict-Transport-Security: max-age=0` (disable mode clears earlier pins).
@@ -78,6 +81,20 @@ pub struct Redirect {
 }
 
 impl Redirect {
+    /// The status for a request method: 301/302 for GET and HEAD, which browsers may turn into
+    /// a GET anyway; 308/307 for the rest, which must keep their method and body.
+    ///
+    /// The method is asked for separately so that the glue reads it only when redirecting.
+    pub fn status(&self, method: &str) -> u16 {
+        let safe_method = matches!(method, "GET" | "HEAD");
+        match (self.kind, safe_method) {
+            (RedirectKind::Permanent, true) => 301,
+            (RedirectKind::Permanent, false) => 308,
+            (RedirectKind::Temporary, true) => 302,
+            (RedirectKind::Temporary, false) => 307,
+        }
+    }
+
     /// The response headers to send with the redirect.
     pub fn headers(&self) -> Vec<(&'static str, &str)> {
         let mut headers = vec![("location", self.location.as_str())];
@@ -200,22 +217,26 @@ impl Policy {
             (true, false) => Outcome::RedirectToHttp,
             _ => Outcome::RedirectToCanonical,
         };
-        let safe_method = matches!(request.method, "GET" | "HEAD");
-        let status = match (site.redirect, safe_method) {
-            (RedirectKind::Permanent, true) => 301,
-            (RedirectKind::Permanent, false) => 308,
-            (RedirectKind::Temporary, true) => 302,
-            (RedirectKind::Temporary, false) => 307,
-        };
         let location = self.location(want_https, target, request.path);
         Decision::Redirect {
             outcome,
             redirect: Redirect {
-                status,
+                kind: site.redirect,
                 location,
                 clear_hsts: site.https == HttpsMode::Disable && https,
             },
         }
+    }
+
+    /// Whether any proxy is trusted; when none is, the glue need not read the peer address or
+    /// `X-Forwarded-Proto` at all.
+    pub fn trusts_any_proxy(&self) -> bool {
+        !self.trusted_proxies.is_empty()
+    }
+
+    /// Whether `X-Forwarded-Proto` from this peer is believed.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(peer))
     }
 
     /// The headers to add to a passed request's response.
@@ -252,9 +273,7 @@ impl Policy {
     /// The scheme the client used: the connection's, or `X-Forwarded-Proto` from a trusted
     /// proxy.
     fn effective_https(&self, request: &RequestFacts<'_>) -> bool {
-        let trusted = request
-            .peer
-            .is_some_and(|peer| self.trusted_proxies.iter().any(|c| c.contains(peer)));
+        let trusted = request.peer.is_some_and(|peer| self.trusts(peer));
         if trusted && let Some(proto) = request.forwarded_proto {
             // The first entry is the hop nearest the client.
             let first = proto.split(',').next().unwrap_or("").trim();

@@ -62,7 +62,9 @@ pub fn validate_hostname(name: &str) -> Result<(), String> {
     }
     for label in name.split('.') {
         if label.is_empty() {
-            return Err("the hostname has an empty label (two dots in a row, or a leading dot)".into());
+            return Err(
+                "the hostname has an empty label (two dots in a row, or a leading dot)".into(),
+            );
         }
         if label.len() > MAX_LABEL_LEN {
             return Err(format!(

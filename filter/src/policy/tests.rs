@@ -103,90 +103,536 @@ const fn forwarded(mut case: Case, peer: &'static str, xfp: &'static str) -> Cas
 fn cases() -> Vec<Case> {
     vec![
         // force
-        http("force_redirects_get_301", "force.test", "/", Redir(301, "https://force.test/", false)),
-        http("force_keeps_raw_query", "force.test", "/a/b?x=1&y=%20z", Redir(301, "https://force.test/a/b?x=1&y=%20z", false)),
-        http("force_keeps_encoded_slashes", "force.test", "/a%2Fb/../c?q=%2e%2E", Redir(301, "https://force.test/a%2Fb/../c?q=%2e%2E", false)),
-        method(http("force_post_is_308", "force.test", "/form", Redir(308, "https://force.test/form", false)), "POST"),
-        method(http("force_head_is_301", "force.test", "/", Redir(301, "https://force.test/", false)), "HEAD"),
-        method(http("force_put_is_308", "force.test", "/x", Redir(308, "https://force.test/x", false)), "PUT"),
-        method(http("force_lowercase_get_is_not_safe_method", "force.test", "/x", Redir(308, "https://force.test/x", false)), "get"),
-        http("force_second_name", "www.force.test", "/p", Redir(301, "https://www.force.test/p", false)),
-        http("force_mixed_case_host_normalised", "WWW.Force.TEST", "/p", Redir(301, "https://www.force.test/p", false)),
-        http("force_trailing_dot_normalised", "force.test.", "/", Redir(301, "https://force.test/", false)),
-        http("force_port_in_host_dropped", "force.test:80", "/", Redir(301, "https://force.test/", false)),
-        http("force_odd_port_in_host_dropped", "force.test:8080", "/", Redir(301, "https://force.test/", false)),
-        https("force_over_https_passes_with_hsts_and_csp", "force.test", "/", Pass(Pass_, true, Upgrade)),
-        http("force_acme_challenge_not_redirected", "force.test", "/.well-known/acme-challenge/tok123", Pass(AcmeChallenge, false, Off)),
-        http("force_acme_prefix_lookalike_redirected", "force.test", "/.well-known/acme-challengeX/tok", Redir(301, "https://force.test/.well-known/acme-challengeX/tok", false)),
-        http("force_acme_challenge_unknown_host_passes", "nobody.test", "/.well-known/acme-challenge/t", Pass(AcmeChallenge, false, Off)),
-        http("force_without_cert_serves_http", "pending.test", "/", Pass(ForceSkippedNoCert, false, Off)),
-        https("force_without_cert_over_https_passes", "pending.test", "/", Pass(Pass_, false, Off)),
+        http(
+            "force_redirects_get_301",
+            "force.test",
+            "/",
+            Redir(301, "https://force.test/", false),
+        ),
+        http(
+            "force_keeps_raw_query",
+            "force.test",
+            "/a/b?x=1&y=%20z",
+            Redir(301, "https://force.test/a/b?x=1&y=%20z", false),
+        ),
+        http(
+            "force_keeps_encoded_slashes",
+            "force.test",
+            "/a%2Fb/../c?q=%2e%2E",
+            Redir(301, "https://force.test/a%2Fb/../c?q=%2e%2E", false),
+        ),
+        method(
+            http(
+                "force_post_is_308",
+                "force.test",
+                "/form",
+                Redir(308, "https://force.test/form", false),
+            ),
+            "POST",
+        ),
+        method(
+            http(
+                "force_head_is_301",
+                "force.test",
+                "/",
+                Redir(301, "https://force.test/", false),
+            ),
+            "HEAD",
+        ),
+        method(
+            http(
+                "force_put_is_308",
+                "force.test",
+                "/x",
+                Redir(308, "https://force.test/x", false),
+            ),
+            "PUT",
+        ),
+        method(
+            http(
+                "force_lowercase_get_is_not_safe_method",
+                "force.test",
+                "/x",
+                Redir(308, "https://force.test/x", false),
+            ),
+            "get",
+        ),
+        http(
+            "force_second_name",
+            "www.force.test",
+            "/p",
+            Redir(301, "https://www.force.test/p", false),
+        ),
+        http(
+            "force_mixed_case_host_normalised",
+            "WWW.Force.TEST",
+            "/p",
+            Redir(301, "https://www.force.test/p", false),
+        ),
+        http(
+            "force_trailing_dot_normalised",
+            "force.test.",
+            "/",
+            Redir(301, "https://force.test/", false),
+        ),
+        http(
+            "force_port_in_host_dropped",
+            "force.test:80",
+            "/",
+            Redir(301, "https://force.test/", false),
+        ),
+        http(
+            "force_odd_port_in_host_dropped",
+            "force.test:8080",
+            "/",
+            Redir(301, "https://force.test/", false),
+        ),
+        https(
+            "force_over_https_passes_with_hsts_and_csp",
+            "force.test",
+            "/",
+            Pass(Pass_, true, Upgrade),
+        ),
+        http(
+            "force_acme_challenge_not_redirected",
+            "force.test",
+            "/.well-known/acme-challenge/tok123",
+            Pass(AcmeChallenge, false, Off),
+        ),
+        http(
+            "force_acme_prefix_lookalike_redirected",
+            "force.test",
+            "/.well-known/acme-challengeX/tok",
+            Redir(
+                301,
+                "https://force.test/.well-known/acme-challengeX/tok",
+                false,
+            ),
+        ),
+        http(
+            "force_acme_challenge_unknown_host_passes",
+            "nobody.test",
+            "/.well-known/acme-challenge/t",
+            Pass(AcmeChallenge, false, Off),
+        ),
+        http(
+            "force_without_cert_serves_http",
+            "pending.test",
+            "/",
+            Pass(ForceSkippedNoCert, false, Off),
+        ),
+        https(
+            "force_without_cert_over_https_passes",
+            "pending.test",
+            "/",
+            Pass(Pass_, false, Off),
+        ),
         // canonical host
-        http("canonical_force_goes_to_canonical_307_temp", "canon.test", "/a?b", Redir(302, "https://www.canon.test/a?b", false)),
-        method(http("canonical_post_temporary_is_307", "canon.test", "/a", Redir(307, "https://www.canon.test/a", false)), "POST"),
-        http("canonical_host_itself_redirected_to_https", "www.canon.test", "/", Redir(302, "https://www.canon.test/", false)),
-        https("canonical_over_https_moves_to_canonical", "canon.test", "/z", Redir(302, "https://www.canon.test/z", false)),
-        https("canonical_over_https_on_canonical_passes", "www.canon.test", "/z", Pass(Pass_, false, Off)),
-        https("canonical_over_https_name_without_cert_goes_canonical", "old.canon.test", "/", Redir(302, "https://www.canon.test/", false)),
+        http(
+            "canonical_force_goes_to_canonical_307_temp",
+            "canon.test",
+            "/a?b",
+            Redir(302, "https://www.canon.test/a?b", false),
+        ),
+        method(
+            http(
+                "canonical_post_temporary_is_307",
+                "canon.test",
+                "/a",
+                Redir(307, "https://www.canon.test/a", false),
+            ),
+            "POST",
+        ),
+        http(
+            "canonical_host_itself_redirected_to_https",
+            "www.canon.test",
+            "/",
+            Redir(302, "https://www.canon.test/", false),
+        ),
+        https(
+            "canonical_over_https_moves_to_canonical",
+            "canon.test",
+            "/z",
+            Redir(302, "https://www.canon.test/z", false),
+        ),
+        https(
+            "canonical_over_https_on_canonical_passes",
+            "www.canon.test",
+            "/z",
+            Pass(Pass_, false, Off),
+        ),
+        https(
+            "canonical_over_https_name_without_cert_goes_canonical",
+            "old.canon.test",
+            "/",
+            Redir(302, "https://www.canon.test/", false),
+        ),
         // auto
-        http("auto_http_passes_without_headers", "auto.test", "/", Pass(Pass_, false, Off)),
-        https("auto_https_adds_hsts_and_report_csp", "auto.test", "/", Pass(Pass_, true, Report)),
-        http("auto_default_site_http_passes", "plain.test", "/", Pass(Pass_, false, Off)),
-        https("auto_default_site_https_passes", "plain.test", "/", Pass(Pass_, false, Off)),
+        http(
+            "auto_http_passes_without_headers",
+            "auto.test",
+            "/",
+            Pass(Pass_, false, Off),
+        ),
+        https(
+            "auto_https_adds_hsts_and_report_csp",
+            "auto.test",
+            "/",
+            Pass(Pass_, true, Report),
+        ),
+        http(
+            "auto_default_site_http_passes",
+            "plain.test",
+            "/",
+            Pass(Pass_, false, Off),
+        ),
+        https(
+            "auto_default_site_https_passes",
+            "plain.test",
+            "/",
+            Pass(Pass_, false, Off),
+        ),
         // disable
-        https("disable_redirects_to_http_with_max_age_0", "off.test", "/p?q=1", Redir(301, "http://off.test/p?q=1", true)),
-        method(https("disable_post_is_308", "off.test", "/p", Redir(308, "http://off.test/p", true)), "POST"),
-        http("disable_http_passes_without_headers", "off.test", "/", Pass(Pass_, false, Off)),
-        https("disable_acme_challenge_not_redirected", "off.test", "/.well-known/acme-challenge/x", Pass(AcmeChallenge, false, Off)),
+        https(
+            "disable_redirects_to_http_with_max_age_0",
+            "off.test",
+            "/p?q=1",
+            Redir(301, "http://off.test/p?q=1", true),
+        ),
+        method(
+            https(
+                "disable_post_is_308",
+                "off.test",
+                "/p",
+                Redir(308, "http://off.test/p", true),
+            ),
+            "POST",
+        ),
+        http(
+            "disable_http_passes_without_headers",
+            "off.test",
+            "/",
+            Pass(Pass_, false, Off),
+        ),
+        https(
+            "disable_acme_challenge_not_redirected",
+            "off.test",
+            "/.well-known/acme-challenge/x",
+            Pass(AcmeChallenge, false, Off),
+        ),
         // wildcards
-        http("wildcard_child_redirected", "a.wild.test", "/", Redir(301, "https://a.wild.test/", false)),
-        http("wildcard_child_mixed_case", "A.Wild.Test", "/x", Redir(301, "https://a.wild.test/x", false)),
-        http("wildcard_grandchild_unknown", "a.b.wild.test", "/", Pass(UnknownHost, false, Off)),
-        http("wildcard_apex_without_cert_not_forced", "wild.test", "/", Pass(ForceSkippedNoCert, false, Off)),
-        http("wildcard_does_not_match_suffix_lookalike", "evilwild.test", "/", Pass(UnknownHost, false, Off)),
-        http("punycode_name_matches", "xn--bcher-kva.test", "/", Redir(301, "https://xn--bcher-kva.test/", false)),
+        http(
+            "wildcard_child_redirected",
+            "a.wild.test",
+            "/",
+            Redir(301, "https://a.wild.test/", false),
+        ),
+        http(
+            "wildcard_child_mixed_case",
+            "A.Wild.Test",
+            "/x",
+            Redir(301, "https://a.wild.test/x", false),
+        ),
+        http(
+            "wildcard_grandchild_unknown",
+            "a.b.wild.test",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "wildcard_apex_without_cert_not_forced",
+            "wild.test",
+            "/",
+            Pass(ForceSkippedNoCert, false, Off),
+        ),
+        http(
+            "wildcard_does_not_match_suffix_lookalike",
+            "evilwild.test",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "punycode_name_matches",
+            "xn--bcher-kva.test",
+            "/",
+            Redir(301, "https://xn--bcher-kva.test/", false),
+        ),
         // unknown and hostile hosts
-        http("unknown_host_passes", "evil.com", "/", Pass(UnknownHost, false, Off)),
-        https("unknown_host_https_passes", "evil.com", "/", Pass(UnknownHost, false, Off)),
+        http(
+            "unknown_host_passes",
+            "evil.com",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        https(
+            "unknown_host_https_passes",
+            "evil.com",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
         http("empty_host_passes", "", "/", Pass(UnknownHost, false, Off)),
-        http("host_with_crlf_passes", "force.test\r\nX: y", "/", Pass(UnknownHost, false, Off)),
-        http("host_with_space_passes", "force.test evil.com", "/", Pass(UnknownHost, false, Off)),
-        http("host_with_userinfo_passes", "evil.com@force.test", "/", Pass(UnknownHost, false, Off)),
-        http("host_with_path_passes", "force.test/evil", "/", Pass(UnknownHost, false, Off)),
-        http("host_non_ascii_passes", "föorce.test", "/", Pass(UnknownHost, false, Off)),
-        http("host_bad_port_passes", "force.test:80x", "/", Pass(UnknownHost, false, Off)),
-        http("host_empty_port_passes", "force.test:", "/", Pass(UnknownHost, false, Off)),
-        http("host_two_ports_passes", "force.test:80:80", "/", Pass(UnknownHost, false, Off)),
-        http("host_suffix_trick_passes", "force.test.evil.com", "/", Pass(UnknownHost, false, Off)),
-        http("host_prefix_trick_passes", "evil.com.force.test", "/", Pass(UnknownHost, false, Off)),
-        http("ipv6_literal_passes", "[::1]:80", "/", Pass(UnknownHost, false, Off)),
-        http("ipv6_literal_garbage_passes", "[::1]evil", "/", Pass(UnknownHost, false, Off)),
-        http("ipv4_literal_passes", "127.0.0.1", "/", Pass(UnknownHost, false, Off)),
-        http("double_trailing_dot_passes", "force.test..", "/", Pass(UnknownHost, false, Off)),
+        http(
+            "host_with_crlf_passes",
+            "force.test\r\nX: y",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_with_space_passes",
+            "force.test evil.com",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_with_userinfo_passes",
+            "evil.com@force.test",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_with_path_passes",
+            "force.test/evil",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_non_ascii_passes",
+            "föorce.test",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_bad_port_passes",
+            "force.test:80x",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_empty_port_passes",
+            "force.test:",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_two_ports_passes",
+            "force.test:80:80",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_suffix_trick_passes",
+            "force.test.evil.com",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "host_prefix_trick_passes",
+            "evil.com.force.test",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "ipv6_literal_passes",
+            "[::1]:80",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "ipv6_literal_garbage_passes",
+            "[::1]evil",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "ipv4_literal_passes",
+            "127.0.0.1",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
+        http(
+            "double_trailing_dot_passes",
+            "force.test..",
+            "/",
+            Pass(UnknownHost, false, Off),
+        ),
         // hostile paths: Location stays on the site's name, no control bytes
-        http("double_slash_path_stays_on_host", "force.test", "//evil.com/x", Redir(301, "https://force.test//evil.com/x", false)),
-        http("backslash_path_stays_on_host", "force.test", "/\\evil.com", Redir(301, "https://force.test/\\evil.com", false)),
-        http("absolute_form_path_becomes_root", "force.test", "http://evil.com/x", Redir(301, "https://force.test/", false)),
-        http("asterisk_form_becomes_root", "force.test", "*", Redir(301, "https://force.test/", false)),
-        http("empty_path_becomes_root", "force.test", "", Redir(301, "https://force.test/", false)),
-        http("crlf_in_path_encoded", "force.test", "/a\r\nSet-Cookie: x=1", Redir(301, "https://force.test/a%0D%0ASet-Cookie:%20x=1", false)),
-        http("nul_and_del_in_path_encoded", "force.test", "/a\0b\x7f", Redir(301, "https://force.test/a%00b%7F", false)),
-        http("non_ascii_path_encoded", "force.test", "/caf\u{e9}", Redir(301, "https://force.test/caf%C3%A9", false)),
-        http("tab_in_path_encoded", "force.test", "/a\tb", Redir(301, "https://force.test/a%09b", false)),
-        http("percent_encoded_crlf_kept_as_is", "force.test", "/a%0d%0ab", Redir(301, "https://force.test/a%0d%0ab", false)),
-        http("at_sign_path_stays_on_host", "force.test", "/@evil.com", Redir(301, "https://force.test/@evil.com", false)),
+        http(
+            "double_slash_path_stays_on_host",
+            "force.test",
+            "//evil.com/x",
+            Redir(301, "https://force.test//evil.com/x", false),
+        ),
+        http(
+            "backslash_path_stays_on_host",
+            "force.test",
+            "/\\evil.com",
+            Redir(301, "https://force.test/\\evil.com", false),
+        ),
+        http(
+            "absolute_form_path_becomes_root",
+            "force.test",
+            "http://evil.com/x",
+            Redir(301, "https://force.test/", false),
+        ),
+        http(
+            "asterisk_form_becomes_root",
+            "force.test",
+            "*",
+            Redir(301, "https://force.test/", false),
+        ),
+        http(
+            "empty_path_becomes_root",
+            "force.test",
+            "",
+            Redir(301, "https://force.test/", false),
+        ),
+        http(
+            "crlf_in_path_encoded",
+            "force.test",
+            "/a\r\nSet-Cookie: x=1",
+            Redir(301, "https://force.test/a%0D%0ASet-Cookie:%20x=1", false),
+        ),
+        http(
+            "nul_and_del_in_path_encoded",
+            "force.test",
+            "/a\0b\x7f",
+            Redir(301, "https://force.test/a%00b%7F", false),
+        ),
+        http(
+            "non_ascii_path_encoded",
+            "force.test",
+            "/caf\u{e9}",
+            Redir(301, "https://force.test/caf%C3%A9", false),
+        ),
+        http(
+            "tab_in_path_encoded",
+            "force.test",
+            "/a\tb",
+            Redir(301, "https://force.test/a%09b", false),
+        ),
+        http(
+            "percent_encoded_crlf_kept_as_is",
+            "force.test",
+            "/a%0d%0ab",
+            Redir(301, "https://force.test/a%0d%0ab", false),
+        ),
+        http(
+            "at_sign_path_stays_on_host",
+            "force.test",
+            "/@evil.com",
+            Redir(301, "https://force.test/@evil.com", false),
+        ),
         // forwarded scheme
-        forwarded(http("xfp_https_from_trusted_proxy_passes", "force.test", "/", Pass(Pass_, true, Upgrade)), "10.1.2.3", "https"),
-        forwarded(http("xfp_https_from_untrusted_peer_ignored", "force.test", "/", Redir(301, "https://force.test/", false)), "192.0.2.7", "https"),
-        forwarded(http("xfp_https_from_trusted_ipv6_passes", "force.test", "/", Pass(Pass_, true, Upgrade)), "::1", "HTTPS"),
-        forwarded(http("xfp_https_from_ipv4_mapped_trusted", "force.test", "/", Pass(Pass_, true, Upgrade)), "::ffff:10.0.0.9", "https"),
-        forwarded(http("xfp_list_first_hop_counts", "force.test", "/", Pass(Pass_, true, Upgrade)), "10.0.0.1", "https, http"),
-        forwarded(http("xfp_list_first_http_redirects", "force.test", "/", Redir(301, "https://force.test/", false)), "10.0.0.1", "http, https"),
-        forwarded(http("xfp_garbage_falls_back_to_connection", "force.test", "/", Redir(301, "https://force.test/", false)), "10.0.0.1", "ftp"),
-        forwarded(https("xfp_http_from_trusted_over_tls_redirects", "force.test", "/", Redir(301, "https://force.test/", false)), "10.0.0.1", "http"),
-        forwarded(https("xfp_http_from_untrusted_over_tls_ignored", "force.test", "/", Pass(Pass_, true, Upgrade)), "192.0.2.9", "http"),
-        forwarded(https("disable_behind_trusted_proxy_redirects", "off.test", "/", Redir(301, "http://off.test/", true)), "10.0.0.1", "https"),
-        forwarded(http("xfp_from_unknown_peer_ignored", "force.test", "/", Redir(301, "https://force.test/", false)), "", "https"),
+        forwarded(
+            http(
+                "xfp_https_from_trusted_proxy_passes",
+                "force.test",
+                "/",
+                Pass(Pass_, true, Upgrade),
+            ),
+            "10.1.2.3",
+            "https",
+        ),
+        forwarded(
+            http(
+                "xfp_https_from_untrusted_peer_ignored",
+                "force.test",
+                "/",
+                Redir(301, "https://force.test/", false),
+            ),
+            "192.0.2.7",
+            "https",
+        ),
+        forwarded(
+            http(
+                "xfp_https_from_trusted_ipv6_passes",
+                "force.test",
+                "/",
+                Pass(Pass_, true, Upgrade),
+            ),
+            "::1",
+            "HTTPS",
+        ),
+        forwarded(
+            http(
+                "xfp_https_from_ipv4_mapped_trusted",
+                "force.test",
+                "/",
+                Pass(Pass_, true, Upgrade),
+            ),
+            "::ffff:10.0.0.9",
+            "https",
+        ),
+        forwarded(
+            http(
+                "xfp_list_first_hop_counts",
+                "force.test",
+                "/",
+                Pass(Pass_, true, Upgrade),
+            ),
+            "10.0.0.1",
+            "https, http",
+        ),
+        forwarded(
+            http(
+                "xfp_list_first_http_redirects",
+                "force.test",
+                "/",
+                Redir(301, "https://force.test/", false),
+            ),
+            "10.0.0.1",
+            "http, https",
+        ),
+        forwarded(
+            http(
+                "xfp_garbage_falls_back_to_connection",
+                "force.test",
+                "/",
+                Redir(301, "https://force.test/", false),
+            ),
+            "10.0.0.1",
+            "ftp",
+        ),
+        forwarded(
+            https(
+                "xfp_http_from_trusted_over_tls_redirects",
+                "force.test",
+                "/",
+                Redir(301, "https://force.test/", false),
+            ),
+            "10.0.0.1",
+            "http",
+        ),
+        forwarded(
+            https(
+                "xfp_http_from_untrusted_over_tls_ignored",
+                "force.test",
+                "/",
+                Pass(Pass_, true, Upgrade),
+            ),
+            "192.0.2.9",
+            "http",
+        ),
+        forwarded(
+            https(
+                "disable_behind_trusted_proxy_redirects",
+                "off.test",
+                "/",
+                Redir(301, "http://off.test/", true),
+            ),
+            "10.0.0.1",
+            "https",
+        ),
+        forwarded(
+            http(
+                "xfp_from_unknown_peer_ignored",
+                "force.test",
+                "/",
+                Redir(301, "https://force.test/", false),
+            ),
+            "",
+            "https",
+        ),
     ]
 }
 
@@ -197,7 +643,6 @@ fn run(policy: &Policy, case: &Case) -> Decision {
     policy.decide(&RequestFacts {
         tls: case.tls,
         peer: parse_peer(case.peer),
-        method: case.method,
         authority: case.authority,
         path: case.path,
         forwarded_proto: case.xfp,
@@ -217,14 +662,22 @@ fn decision_table() {
             Decision::Redirect { redirect, .. } => {
                 // Leak is fine in a test: compares against &'static str expectations.
                 let location: &'static str = Box::leak(redirect.location.clone().into_boxed_str());
-                Redir(redirect.status, location, redirect.clear_hsts)
+                Redir(redirect.status(case.method), location, redirect.clear_hsts)
             }
         };
         if got != case.expect {
-            failures.push(format!("{}: expected {:?}, got {:?}", case.name, case.expect, got));
+            failures.push(format!(
+                "{}: expected {:?}, got {:?}",
+                case.name, case.expect, got
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -239,13 +692,36 @@ fn no_location_leaves_the_site_or_carries_control_bytes() {
         "xn--bcher-kva.test",
     ];
     let hosts = [
-        "force.test", "FORCE.TEST.", "evil.com", "force.test@evil.com", "evil.com#force.test",
-        "force.test\r\n", "[::1]", "a.wild.test", "canon.test", "off.test", "", " ", ".",
-        "force.test:443", "\u{0}", "force.test\\evil.com",
+        "force.test",
+        "FORCE.TEST.",
+        "evil.com",
+        "force.test@evil.com",
+        "evil.com#force.test",
+        "force.test\r\n",
+        "[::1]",
+        "a.wild.test",
+        "canon.test",
+        "off.test",
+        "",
+        " ",
+        ".",
+        "force.test:443",
+        "\u{0}",
+        "force.test\\evil.com",
     ];
     let paths = [
-        "/", "//evil.com", "/\r\nLocation: http://evil.com", "http://evil.com/", "https:evil.com",
-        "/%0d%0a", "\\\\evil.com", "/\u{0}", "/../../", "?x", "#frag", "/\u{202e}",
+        "/",
+        "//evil.com",
+        "/\r\nLocation: http://evil.com",
+        "http://evil.com/",
+        "https:evil.com",
+        "/%0d%0a",
+        "\\\\evil.com",
+        "/\u{0}",
+        "/../../",
+        "?x",
+        "#frag",
+        "/\u{202e}",
     ];
     let mut checked = 0;
     for tls in [false, true] {
@@ -255,7 +731,6 @@ fn no_location_leaves_the_site_or_carries_control_bytes() {
                     let decision = policy.decide(&RequestFacts {
                         tls,
                         peer: parse_peer("10.0.0.1"),
-                        method: "GET",
                         authority: host,
                         path,
                         forwarded_proto: xfp,
@@ -308,7 +783,6 @@ fn plan_for(policy: &Policy, authority: &str) -> ResponsePlan {
     match policy.decide(&RequestFacts {
         tls: true,
         peer: None,
-        method: "GET",
         authority,
         path: "/",
         forwarded_proto: None,
@@ -370,7 +844,10 @@ fn csp_report_mode_adds_report_only_policy_with_default_uri() {
     let (name, value) = added.csp.expect("a report-only policy");
     assert_eq!(name, "content-security-policy-report-only");
     assert!(value.starts_with("default-src https: "), "{value}");
-    assert!(value.ends_with(&format!("report-uri {DEFAULT_REPORT_URI}")), "{value}");
+    assert!(
+        value.ends_with(&format!("report-uri {DEFAULT_REPORT_URI}")),
+        "{value}"
+    );
     assert_eq!(added.hsts, Some("max-age=600"));
 }
 
@@ -387,7 +864,10 @@ fn nothing_added_for_unknown_hosts_or_plain_http() {
 #[test]
 fn disable_redirect_headers_clear_hsts() {
     let policy = policy();
-    let decision = run(&policy, &https("x", "off.test", "/", Pass(Pass_, false, Off)));
+    let decision = run(
+        &policy,
+        &https("x", "off.test", "/", Pass(Pass_, false, Off)),
+    );
     let Decision::Redirect { redirect, .. } = decision else {
         panic!("expected a redirect");
     };
@@ -438,35 +918,114 @@ fn site(fields: &str) -> String {
 #[test]
 fn validation_reports_each_problem_with_its_path() {
     let cases: &[(&str, &str)] = &[
-        (&site(r#""hostnames":["ex ample.com"]"#), "sites[0].hostnames[0]: \"ex ample.com\" is not a valid hostname"),
+        (
+            &site(r#""hostnames":["ex ample.com"]"#),
+            "sites[0].hostnames[0]: \"ex ample.com\" is not a valid hostname",
+        ),
         (&site(r#""hostnames":["a..b.com"]"#), "empty label"),
-        (&site(r#""hostnames":["-a.com"]"#), "starts or ends with '-'"),
+        (
+            &site(r#""hostnames":["-a.com"]"#),
+            "starts or ends with '-'",
+        ),
         (&site(r#""hostnames":["bücher.de"]"#), "punycode"),
-        (&site(r#""hostnames":["a.*.com"]"#), "sites[0].hostnames[0]: \"a.*.com\" is not a valid hostname: a wildcard may only be the whole first label"),
-        (&site(r#""hostnames":["*example.com"]"#), "whole first label"),
+        (
+            &site(r#""hostnames":["a.*.com"]"#),
+            "sites[0].hostnames[0]: \"a.*.com\" is not a valid hostname: a wildcard may only be the whole first label",
+        ),
+        (
+            &site(r#""hostnames":["*example.com"]"#),
+            "whole first label",
+        ),
         (&site(r#""hostnames":["*.com"]"#), "top-level domain"),
         (&site(r#""hostnames":["10.0.0.1"]"#), "IP address"),
-        (&site(r#""hostnames":[]"#), "sites[0].hostnames: a site needs at least one hostname"),
-        (&site(r#""hostnames":["a.com","A.com."]"#), "sites[0].hostnames[1]: a.com is listed twice"),
-        (&site(r#""hostnames":["a.com"],"canonical_host":"b.com""#), "sites[0].canonical_host: b.com is not one of this site's hostnames"),
-        (&site(r#""hostnames":["a.com","*.a.com"],"canonical_host":"*.a.com""#), "exact name, not a wildcard"),
-        (&site(r#""hostnames":["a.com"],"cert_ready":["b.com"]"#), "sites[0].cert_ready[0]: b.com has a certificate but is not one of this site's hostnames"),
-        (&site(r#""hostnames":["a.com"],"mixed_content":"report","report_uri":"http://x/r""#), "must be a path"),
-        (&site(r#""hostnames":["a.com"],"report_uri":"/r; script-src *""#), "cannot appear in a CSP directive"),
-        (&site(r#""hostnames":["a.com"],"hsts":{"enabled":true,"max_age":60,"preload":true}"#), "preload needs"),
-        (&site(r#""hostnames":["a.com"],"https":"always""#), "unknown variant `always`"),
-        (&site(r#""hostnames":["a.com"],"colour":"red""#), "unknown field `colour`"),
-        (&format!("{}{}", "x".repeat(0), r#"{"schema":2,"version":"v","sites":[]}"#), "schema: schema 2 is not supported"),
-        (r#"{"schema":1,"version":"","sites":[]}"#, "version: the version is empty"),
-        (r#"{"schema":1,"version":"v","settings":{"trusted_proxies":["10.0.0.0/33"]}}"#, "settings.trusted_proxies[0]: \"10.0.0.0/33\": the prefix length must be 0 to 32"),
-        (r#"{"schema":1,"version":"v","settings":{"trusted_proxies":["proxy.local"]}}"#, "is not an IP address or CIDR"),
-        (r#"{"schema":1,"version":"v","settings":{"http_port":0}}"#, "settings.http_port: the port must be 1 to 65535"),
-        (r#"{"schema":1,"version":"v","sites":[{"id":"a b","hostnames":["a.com"]}]}"#, "sites[0].id: the site id contains ' '"),
-        (r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["a.com"]},{"id":"a","hostnames":["b.com"]}]}"#, "sites[1].id: site id \"a\" is already used by sites[0]"),
-        (r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["a.com"]},{"id":"b","hostnames":["A.COM"]}]}"#, "sites[1].hostnames[0]: a.com already belongs to sites[0] (\"a\")"),
-        (r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["*.a.com"]},{"id":"b","hostnames":["*.a.com"]}]}"#, "*.a.com already belongs to sites[0]"),
+        (
+            &site(r#""hostnames":[]"#),
+            "sites[0].hostnames: a site needs at least one hostname",
+        ),
+        (
+            &site(r#""hostnames":["a.com","A.com."]"#),
+            "sites[0].hostnames[1]: a.com is listed twice",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"canonical_host":"b.com""#),
+            "sites[0].canonical_host: b.com is not one of this site's hostnames",
+        ),
+        (
+            &site(r#""hostnames":["a.com","*.a.com"],"canonical_host":"*.a.com""#),
+            "exact name, not a wildcard",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"cert_ready":["b.com"]"#),
+            "sites[0].cert_ready[0]: b.com has a certificate but is not one of this site's hostnames",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"mixed_content":"report","report_uri":"http://x/r""#),
+            "must be a path",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"report_uri":"/r; script-src *""#),
+            "cannot appear in a CSP directive",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"hsts":{"enabled":true,"max_age":60,"preload":true}"#),
+            "preload needs",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"https":"always""#),
+            "unknown variant `always`",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"colour":"red""#),
+            "unknown field `colour`",
+        ),
+        (
+            &format!(
+                "{}{}",
+                "x".repeat(0),
+                r#"{"schema":2,"version":"v","sites":[]}"#
+            ),
+            "schema: schema 2 is not supported",
+        ),
+        (
+            r#"{"schema":1,"version":"","sites":[]}"#,
+            "version: the version is empty",
+        ),
+        (
+            r#"{"schema":1,"version":"v","settings":{"trusted_proxies":["10.0.0.0/33"]}}"#,
+            "settings.trusted_proxies[0]: \"10.0.0.0/33\": the prefix length must be 0 to 32",
+        ),
+        (
+            r#"{"schema":1,"version":"v","settings":{"trusted_proxies":["proxy.local"]}}"#,
+            "is not an IP address or CIDR",
+        ),
+        (
+            r#"{"schema":1,"version":"v","settings":{"http_port":0}}"#,
+            "settings.http_port: the port must be 1 to 65535",
+        ),
+        (
+            r#"{"schema":1,"version":"v","sites":[{"id":"a b","hostnames":["a.com"]}]}"#,
+            "sites[0].id: the site id contains ' '",
+        ),
+        (
+            r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["a.com"]},{"id":"a","hostnames":["b.com"]}]}"#,
+            "sites[1].id: site id \"a\" is already used by sites[0]",
+        ),
+        (
+            r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["a.com"]},{"id":"b","hostnames":["A.COM"]}]}"#,
+            "sites[1].hostnames[0]: a.com already belongs to sites[0] (\"a\")",
+        ),
+        (
+            r#"{"schema":1,"version":"v","sites":[{"id":"a","hostnames":["*.a.com"]},{"id":"b","hostnames":["*.a.com"]}]}"#,
+            "*.a.com already belongs to sites[0]",
+        ),
         ("{\"schema\":1,", "not a valid policy document"),
-        (&format!(r#"{{"schema":1,"version":"v","sites":[{{"id":"a","hostnames":["{}.com"]}}]}}"#, "a".repeat(64)), "the limit is 63"),
+        (
+            &format!(
+                r#"{{"schema":1,"version":"v","sites":[{{"id":"a","hostnames":["{}.com"]}}]}}"#,
+                "a".repeat(64)
+            ),
+            "the limit is 63",
+        ),
     ];
     for (json, expected) in cases {
         let found = problems(json);
@@ -567,9 +1126,9 @@ fn parse_peer_forms() {
 
 #[test]
 fn policy_document_round_trips_through_json() {
-    let document: PolicyDocument =
-        serde_json::from_str(&policy_json(80, 443)).expect("parses");
+    let document: PolicyDocument = serde_json::from_str(&policy_json(80, 443)).expect("parses");
     let again: PolicyDocument =
-        serde_json::from_str(&serde_json::to_string(&document).expect("serialises")).expect("parses");
+        serde_json::from_str(&serde_json::to_string(&document).expect("serialises"))
+            .expect("parses");
     assert_eq!(document, again);
 }

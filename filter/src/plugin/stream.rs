@@ -1,0 +1,141 @@
+//! One HTTP stream: gather the request facts, decide, redirect or decorate the response.
+//!
+//! Host calls are kept to what the decision needs: `:path`, `:authority` and the TLS property
+//! always; the peer and `X-Forwarded-Proto` only when the policy trusts some proxy; `:method`
+//! only when redirecting; response headers only when something is to be added.
+
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, LogLevel, MapType};
+
+use crate::policy::{Decision, Policy, RequestFacts, ResponsePlan, UpstreamHeaders, parse_peer};
+
+use super::log;
+use super::metrics::Metrics;
+
+pub(crate) struct Stream {
+    policy: Rc<Policy>,
+    metrics: Rc<Metrics>,
+    plan: Option<ResponsePlan>,
+}
+
+impl Stream {
+    pub(crate) fn new(policy: Rc<Policy>, metrics: Rc<Metrics>) -> Stream {
+        Stream {
+            policy,
+            metrics,
+            plan: None,
+        }
+    }
+}
+
+fn header(map: MapType, name: &str) -> Option<String> {
+    match hostcalls::get_map_value_bytes(map, name) {
+        Ok(Some(bytes)) => Some(match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }),
+        _ => None,
+    }
+}
+
+fn property(path: Vec<&str>) -> Option<Vec<u8>> {
+    hostcalls::get_property(path).ok().flatten()
+}
+
+/// Whether the downstream connection is TLS: Envoy reports a TLS version only for TLS
+/// connections.
+fn downstream_tls() -> bool {
+    property(vec!["connection", "tls_version"]).is_some_and(|v| !v.is_empty())
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        let authority = header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
+        let tls = downstream_tls();
+        let (peer, forwarded_proto) = if self.policy.trusts_any_proxy() {
+            let peer = property(vec!["source", "address"])
+                .and_then(|raw| parse_peer(&String::from_utf8_lossy(&raw)));
+            let forwarded = match peer {
+                Some(address) if self.policy.trusts(address) => {
+                    header(MapType::HttpRequestHeaders, "x-forwarded-proto")
+                }
+                _ => None,
+            };
+            (peer, forwarded)
+        } else {
+            (None, None)
+        };
+        let decision = self.policy.decide(&RequestFacts {
+            tls,
+            peer,
+            authority: &authority,
+            path: &path,
+            forwarded_proto: forwarded_proto.as_deref(),
+        });
+        self.metrics.outcome(decision.outcome());
+        match decision {
+            Decision::Continue { plan, .. } => {
+                if plan.site.is_some() && (plan.hsts || plan.mixed_content_on()) {
+                    self.plan = Some(plan);
+                }
+                Action::Continue
+            }
+            Decision::Redirect { redirect, .. } => {
+                let method = header(MapType::HttpRequestHeaders, ":method").unwrap_or_default();
+                let status = redirect.status(&method);
+                if let Err(status_code) =
+                    hostcalls::send_http_response(u32::from(status), redirect.headers(), None)
+                {
+                    log(
+                        LogLevel::Error,
+                        &format!("autohttps: could not send the redirect: {status_code:?}"),
+                    );
+                    return Action::Continue;
+                }
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(plan) = self.plan.take() else {
+            return Action::Continue;
+        };
+        let hsts_present = plan.hsts
+            && header(MapType::HttpResponseHeaders, "strict-transport-security").is_some();
+        let csp = if plan.mixed_content_on() {
+            header(MapType::HttpResponseHeaders, "content-security-policy")
+        } else {
+            None
+        };
+        let add = self.policy.response_headers(
+            &plan,
+            &UpstreamHeaders {
+                hsts_present,
+                csp: csp.as_deref(),
+            },
+        );
+        if let Some(value) = add.hsts
+            && hostcalls::add_map_value(
+                MapType::HttpResponseHeaders,
+                "strict-transport-security",
+                value,
+            )
+            .is_ok()
+        {
+            self.metrics.hsts_added();
+        }
+        if let Some((name, value)) = add.csp
+            && hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).is_ok()
+        {
+            self.metrics.csp_added();
+        }
+        Action::Continue
+    }
+}
