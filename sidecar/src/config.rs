@@ -1,0 +1,379 @@
+//! Configuration: a TOML file plus `AUTOHTTPS_*` environment overrides; every field has a default.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Let's Encrypt's staging directory: the default, so a fresh install never burns production limits.
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// Everything `autohttps serve` needs. `Config::default()` is a working loopback setup.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the SQLite database and generated files live (created 0700).
+    pub data_dir: PathBuf,
+    /// Listener addresses.
+    pub listen: ListenConfig,
+    /// Admin API access.
+    pub admin: AdminConfig,
+    /// The ACME CA and how to talk to it.
+    pub acme: AcmeConfig,
+    /// What "points at the platform" means for the DNS pre-check.
+    pub platform: PlatformConfig,
+    /// Which DNS servers the pre-check asks.
+    pub dns: DnsConfig,
+}
+
+/// Listener addresses; both default to loopback.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// The admin API (JSON, bearer token).
+    pub admin: SocketAddr,
+    /// The internal listener Envoy routes to: HTTP-01 challenges (and later the policy feed).
+    pub internal: SocketAddr,
+}
+
+/// Admin API access.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The bearer token. When unset (and `AUTOHTTPS_ADMIN_TOKEN` is unset) one is generated on
+    /// first start and kept in `<data_dir>/admin-token` (0600), where the CLI finds it.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The ACME CA and how to talk to it.
+#[derive(Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The directory URL (RFC 8555 §7.1.1).
+    pub directory_url: String,
+    /// Contact URLs for the account (`mailto:ops@example.com`).
+    pub contact: Vec<String>,
+    /// External account binding key id (RFC 8555 §7.3.4), for CAs that require one.
+    pub eab_kid: Option<String>,
+    /// External account binding HMAC key, base64url as the CA hands it out.
+    pub eab_hmac_key: Option<String>,
+    /// An ACME profile to request (draft-aaron-acme-profiles), e.g. `shortlived`.
+    pub profile: Option<String>,
+    /// A PEM file with an extra root CA to trust for the CA's HTTPS endpoint (Pebble's).
+    pub extra_root_ca: Option<PathBuf>,
+    /// Names per certificate; default 100, or 25 when the profile name contains `short`.
+    pub max_names_per_certificate: Option<usize>,
+    /// At most this many orders run at once.
+    pub orders_in_flight: usize,
+    /// Changes to a site within this many milliseconds are coalesced into one order.
+    pub debounce_ms: u64,
+}
+
+impl std::fmt::Debug for AcmeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcmeConfig")
+            .field("directory_url", &self.directory_url)
+            .field("contact", &self.contact)
+            .field("eab_kid", &self.eab_kid)
+            .field("eab_hmac_key", &self.eab_hmac_key.as_ref().map(|_| "<redacted>"))
+            .field("profile", &self.profile)
+            .field("extra_root_ca", &self.extra_root_ca)
+            .field("max_names_per_certificate", &self.max_names_per_certificate)
+            .field("orders_in_flight", &self.orders_in_flight)
+            .field("debounce_ms", &self.debounce_ms)
+            .finish()
+    }
+}
+
+/// What "points at the platform" means. With neither field set the DNS pre-check is off.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// The platform's public addresses: a name passes if it resolves to one of them.
+    pub addresses: Vec<IpAddr>,
+    /// The platform's CNAME target: a name passes if its CNAME chain reaches it.
+    pub cname_target: Option<String>,
+}
+
+/// Which DNS servers the pre-check asks.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// `ip:port` of recursive resolvers (UDP and TCP); empty means the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            listen: ListenConfig::default(),
+            admin: AdminConfig::default(),
+            acme: AcmeConfig::default(),
+            platform: PlatformConfig::default(),
+            dns: DnsConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            admin: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            internal: SocketAddr::from(([127, 0, 0, 1], 8082)),
+        }
+    }
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        Self {
+            directory_url: LETS_ENCRYPT_STAGING.into(),
+            contact: Vec::new(),
+            eab_kid: None,
+            eab_hmac_key: None,
+            profile: None,
+            extra_root_ca: None,
+            max_names_per_certificate: None,
+            orders_in_flight: 4,
+            debounce_ms: 2000,
+        }
+    }
+}
+
+impl AcmeConfig {
+    /// The CA's names-per-certificate limit: 100 for Let's Encrypt classic, 25 for short-lived.
+    pub fn names_per_certificate(&self) -> usize {
+        match (self.max_names_per_certificate, &self.profile) {
+            (Some(limit), _) => limit.max(1),
+            (None, Some(profile)) if profile.contains("short") => 25,
+            (None, _) => 100,
+        }
+    }
+
+    /// The debounce window.
+    pub fn debounce(&self) -> Duration {
+        Duration::from_millis(self.debounce_ms)
+    }
+}
+
+impl PlatformConfig {
+    /// Whether the DNS pre-check has anything to compare against.
+    pub fn precheck_enabled(&self) -> bool {
+        !self.addresses.is_empty() || self.cname_target.is_some()
+    }
+}
+
+/// The environment variables that override the file, and the field each one sets.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("AUTOHTTPS_DATA_DIR", "data_dir"),
+    ("AUTOHTTPS_ADMIN_LISTEN", "listen.admin"),
+    ("AUTOHTTPS_INTERNAL_LISTEN", "listen.internal"),
+    ("AUTOHTTPS_ADMIN_TOKEN", "admin.token"),
+    ("AUTOHTTPS_ACME_DIRECTORY", "acme.directory_url"),
+    ("AUTOHTTPS_ACME_PROFILE", "acme.profile"),
+    ("AUTOHTTPS_ACME_ROOT_CA", "acme.extra_root_ca"),
+    ("AUTOHTTPS_ACME_EAB_KID", "acme.eab_kid"),
+    ("AUTOHTTPS_ACME_EAB_HMAC_KEY", "acme.eab_hmac_key"),
+    ("AUTOHTTPS_PLATFORM_ADDRESSES", "platform.addresses (comma-separated)"),
+    ("AUTOHTTPS_PLATFORM_CNAME", "platform.cname_target"),
+    ("AUTOHTTPS_DNS_NAMESERVERS", "dns.nameservers (comma-separated ip:port)"),
+];
+
+impl Config {
+    /// Reads `path` (if given) and applies the process environment's overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| Error::io("read config file", path, source))?;
+                Self::from_toml(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+            }
+            None => Self::default(),
+        };
+        config.with_env(|name| std::env::var(name).ok())
+    }
+
+    /// Parses a TOML document; missing fields take their defaults.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Applies `AUTOHTTPS_*` overrides read through `var` (the environment, or a map in tests).
+    pub fn with_env(mut self, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let parse_addr = |name: &str, value: String| -> Result<SocketAddr> {
+            value.parse().map_err(|_| {
+                Error::Config(format!("{name}={value:?} is not an ip:port such as 127.0.0.1:8081"))
+            })
+        };
+        if let Some(v) = var("AUTOHTTPS_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = var("AUTOHTTPS_ADMIN_LISTEN") {
+            self.listen.admin = parse_addr("AUTOHTTPS_ADMIN_LISTEN", v)?;
+        }
+        if let Some(v) = var("AUTOHTTPS_INTERNAL_LISTEN") {
+            self.listen.internal = parse_addr("AUTOHTTPS_INTERNAL_LISTEN", v)?;
+        }
+        if let Some(v) = var("AUTOHTTPS_ADMIN_TOKEN") {
+            self.admin.token = Some(v);
+        }
+        if let Some(v) = var("AUTOHTTPS_ACME_DIRECTORY") {
+            self.acme.directory_url = v;
+        }
+        if let Some(v) = var("AUTOHTTPS_ACME_PROFILE") {
+            self.acme.profile = Some(v);
+        }
+        if let Some(v) = var("AUTOHTTPS_ACME_ROOT_CA") {
+            self.acme.extra_root_ca = Some(v.into());
+        }
+        if let Some(v) = var("AUTOHTTPS_ACME_EAB_KID") {
+            self.acme.eab_kid = Some(v);
+        }
+        if let Some(v) = var("AUTOHTTPS_ACME_EAB_HMAC_KEY") {
+            self.acme.eab_hmac_key = Some(v);
+        }
+        if let Some(v) = var("AUTOHTTPS_PLATFORM_ADDRESSES") {
+            self.platform.addresses = split_list(&v)
+                .map(|item| {
+                    item.parse().map_err(|_| {
+                        Error::Config(format!(
+                            "AUTOHTTPS_PLATFORM_ADDRESSES: {item:?} is not an IP address"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+        }
+        if let Some(v) = var("AUTOHTTPS_PLATFORM_CNAME") {
+            self.platform.cname_target = Some(v);
+        }
+        if let Some(v) = var("AUTOHTTPS_DNS_NAMESERVERS") {
+            self.dns.nameservers = split_list(&v)
+                .map(|item| parse_addr("AUTOHTTPS_DNS_NAMESERVERS", item.to_owned()))
+                .collect::<Result<_>>()?;
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks the combinations a TOML schema cannot express.
+    pub fn validate(&self) -> Result<()> {
+        if self.acme.eab_kid.is_some() != self.acme.eab_hmac_key.is_some() {
+            return Err(Error::Config(
+                "acme.eab_kid and acme.eab_hmac_key must be set together (the CA gives both)"
+                    .into(),
+            ));
+        }
+        if self.acme.orders_in_flight == 0 {
+            return Err(Error::Config(
+                "acme.orders_in_flight must be at least 1".into(),
+            ));
+        }
+        if !self.acme.directory_url.starts_with("https://") {
+            return Err(Error::Config(format!(
+                "acme.directory_url {:?} must be an https:// URL (RFC 8555 §6.1)",
+                self.acme.directory_url
+            )));
+        }
+        if matches!(&self.admin.token, Some(token) if token.len() < 16) {
+            return Err(Error::Config(
+                "admin.token must be at least 16 characters; generate one with `openssl rand -hex 32`"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The SQLite database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("autohttps.db")
+    }
+
+    /// Where a generated admin token is kept.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin-token")
+    }
+}
+
+fn split_list(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn no_file_gives_loopback_staging_defaults() {
+        let config = Config::default().with_env(|_| None).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.acme.directory_url, LETS_ENCRYPT_STAGING);
+        assert!(config.listen.admin.ip().is_loopback());
+        assert!(config.listen.internal.ip().is_loopback());
+        assert_eq!(config.acme.names_per_certificate(), 100);
+    }
+
+    #[test]
+    fn file_then_environment_override() {
+        let config = Config::from_toml(
+            r#"
+            data_dir = "/var/lib/autohttps"
+            [acme]
+            directory_url = "https://127.0.0.1:14000/dir"
+            profile = "shortlived"
+            [platform]
+            addresses = ["127.0.0.1"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.acme.names_per_certificate(), 25);
+        let env: HashMap<&str, &str> = [
+            ("AUTOHTTPS_DATA_DIR", "/tmp/x"),
+            ("AUTOHTTPS_PLATFORM_ADDRESSES", "127.0.0.1, ::1"),
+            ("AUTOHTTPS_DNS_NAMESERVERS", "127.0.0.1:8053"),
+        ]
+        .into();
+        let config = config
+            .with_env(|name| env.get(name).map(|v| v.to_string()))
+            .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(config.platform.addresses.len(), 2);
+        assert_eq!(config.dns.nameservers[0].port(), 8053);
+    }
+
+    #[test]
+    fn unknown_field_and_bad_values_are_refused_with_reason() {
+        let err = Config::from_toml("data_dri = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("data_dri"), "{err}");
+        let err = Config::default()
+            .with_env(|name| (name == "AUTOHTTPS_ADMIN_LISTEN").then(|| "nope".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("ip:port"), "{err}");
+        let err = Config::default()
+            .with_env(|name| (name == "AUTOHTTPS_ACME_EAB_KID").then(|| "kid".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("together"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let mut config = Config::default();
+        config.admin.token = Some("super-secret-token-value".into());
+        config.acme.eab_hmac_key = Some("hmac-secret".into());
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("super-secret") && !shown.contains("hmac-secret"));
+    }
+}

@@ -1,0 +1,135 @@
+//! The sidecar's one error type: every failure says what went wrong and what to do about it.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the sidecar library.
+///
+/// Messages never contain key material: ACME problems carry the CA's problem document,
+/// store errors carry SQLite's message, nothing else.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A hostname failed validation; `reason` says which rule it broke.
+    #[error("invalid hostname {input:?}: {reason}")]
+    InvalidHostname {
+        /// The hostname as the caller gave it.
+        input: String,
+        /// Which rule it broke and how to fix it.
+        reason: String,
+    },
+    /// Some other piece of input (site name, HTTPS mode, HSTS max-age…) is not acceptable.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The named site, hostname or certificate does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The change conflicts with existing state (duplicate site, hostname owned by another site).
+    #[error("{0}")]
+    Conflict(String),
+    /// The configuration file or an environment override is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A file or directory could not be read, written or created.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What the sidecar was doing ("create data directory", "read config"…).
+        action: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The SQLite store failed.
+    #[error("store: {0}")]
+    Store(#[from] rusqlite::Error),
+    /// Stored data could not be decoded (a corrupt row or a schema from a newer version).
+    #[error("store: corrupt data: {0}")]
+    CorruptStore(String),
+    /// The ACME CA refused a request or could not be reached.
+    ///
+    /// `problem_type` is the RFC 8555 §6.7 error type when the CA sent a problem document.
+    #[error("ACME: {detail}")]
+    Acme {
+        /// The RFC 8555 §6.7 problem type (`urn:ietf:params:acme:error:…`), if any.
+        problem_type: Option<String>,
+        /// Human-readable detail from the CA or the HTTP layer.
+        detail: String,
+        /// When the CA asked us to come back (`Retry-After`), if it said so.
+        retry_after: Option<time::OffsetDateTime>,
+    },
+    /// Generating a key or CSR, or parsing a certificate, failed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// A DNS lookup failed in a way that is not "the name does not point here".
+    #[error("DNS: {0}")]
+    Dns(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done and to which path.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A short, stable label for metrics and events (`dns`, `acme:rateLimited`, `store`…).
+    pub fn reason(&self) -> String {
+        match self {
+            Self::InvalidHostname { .. } | Self::InvalidInput(_) => "invalid-input".into(),
+            Self::NotFound(_) => "not-found".into(),
+            Self::Conflict(_) => "conflict".into(),
+            Self::Config(_) => "config".into(),
+            Self::Io { .. } => "io".into(),
+            Self::Store(_) | Self::CorruptStore(_) => "store".into(),
+            Self::Acme { problem_type, .. } => match problem_type {
+                Some(kind) => format!(
+                    "acme:{}",
+                    kind.strip_prefix("urn:ietf:params:acme:error:")
+                        .unwrap_or(kind)
+                ),
+                None => "acme:transport".into(),
+            },
+            Self::Certificate(_) => "certificate".into(),
+            Self::Dns(_) => "dns".into(),
+        }
+    }
+}
+
+impl From<instant_acme::Error> for Error {
+    fn from(error: instant_acme::Error) -> Self {
+        match error {
+            instant_acme::Error::Api(problem) => {
+                let mut detail = problem
+                    .detail
+                    .clone()
+                    .unwrap_or_else(|| "the CA gave no detail".into());
+                for sub in &problem.subproblems {
+                    detail.push_str("; ");
+                    detail.push_str(&sub.to_string());
+                }
+                Self::Acme {
+                    problem_type: problem.r#type.clone(),
+                    detail,
+                    retry_after: None,
+                }
+            }
+            instant_acme::Error::Timeout(_) => Self::Acme {
+                problem_type: None,
+                detail: "timed out waiting for the CA to update the order".into(),
+                retry_after: None,
+            },
+            other => Self::Acme {
+                problem_type: None,
+                detail: other.to_string(),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+/// The sidecar's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

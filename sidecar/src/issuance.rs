@@ -1,0 +1,351 @@
+//! The issuer: decides when each site needs an order (change, renewal, retry), runs the DNS
+//! pre-check, splits names over the CA's limit, drives orders and stores the results.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{Notify, OnceCell, Semaphore};
+
+use crate::acme::AcmeClient;
+use crate::acme::certificate::leaf_facts;
+use crate::clock::Clock;
+use crate::config::AcmeConfig;
+use crate::dns_check::DnsPrecheck;
+use crate::error::{Error, Result};
+use crate::hostname::Hostname;
+use crate::http01::ChallengeResponder;
+use crate::renewal::{ari_renew_at, renew_at, retry_at};
+use crate::store::{NewCertificate, Site, Store, StoredCertificate};
+
+/// A site being worked on is leased for this long, so a crash mid-attempt retries later.
+const ATTEMPT_LEASE: Duration = Duration::from_secs(600);
+
+/// The scheduler re-reads the store at least this often.
+const MAX_IDLE: Duration = Duration::from_secs(5);
+
+/// Everything the issuer needs, passed in (the CA, DNS and time are seams).
+#[derive(Debug)]
+pub struct Issuer {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: AcmeConfig,
+    dns: DnsPrecheck,
+    responder: ChallengeResponder,
+    acme: OnceCell<AcmeClient>,
+    wake: Notify,
+    working: Mutex<HashSet<String>>,
+    orders: Semaphore,
+}
+
+/// What one attempt at a site achieved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttemptReport {
+    /// Certificates stored by this attempt.
+    pub issued: Vec<i64>,
+    /// Names left out because their DNS does not point at the platform, with the reason.
+    pub dns_failures: Vec<(Hostname, String)>,
+    /// The order failure, if any.
+    pub failure: Option<String>,
+}
+
+impl Issuer {
+    /// Assembles an issuer. Nothing talks to the CA until the first attempt.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: AcmeConfig,
+        dns: DnsPrecheck,
+        responder: ChallengeResponder,
+    ) -> Arc<Self> {
+        let orders = Semaphore::new(config.orders_in_flight);
+        Arc::new(Self {
+            store,
+            clock,
+            config,
+            dns,
+            responder,
+            acme: OnceCell::new(),
+            wake: Notify::new(),
+            working: Mutex::new(HashSet::new()),
+            orders,
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The DNS pre-check.
+    pub fn dns(&self) -> &DnsPrecheck {
+        &self.dns
+    }
+
+    /// When a change made now should be acted on (debounce: changes within the window coalesce).
+    pub fn debounced(&self) -> OffsetDateTime {
+        self.clock.now() + self.config.debounce()
+    }
+
+    /// Tells the scheduler to look at the store again now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Whether an attempt for `site` is running right now.
+    pub fn is_working_on(&self, site: &str) -> bool {
+        self.lock_working().contains(site)
+    }
+
+    fn lock_working(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.working
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn acme(&self) -> Result<&AcmeClient> {
+        self.acme
+            .get_or_try_init(|| AcmeClient::connect(&self.config, self.store.as_ref(), self.clock.now()))
+            .await
+    }
+
+    /// Runs the scheduler until the task is dropped: resumes orders left in flight by a previous
+    /// process, then starts an attempt for every site that comes due.
+    pub async fn run(self: Arc<Self>) {
+        match self.store.orders_in_flight(None) {
+            Ok(orders) => {
+                let now = self.clock.now();
+                for order in orders {
+                    tracing::info!(site = %order.site, order = %order.order_url, "resuming order left in flight");
+                    let failures = self
+                        .store
+                        .site(&order.site)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |s| s.issuance.failures);
+                    if let Err(error) = self.store.schedule(&order.site, Some(now), failures, None) {
+                        tracing::error!(%error, "cannot schedule resumption");
+                    }
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot read orders in flight"),
+        }
+        loop {
+            self.start_due_attempts();
+            let now = self.clock.now();
+            let idle = match self.store.next_due() {
+                Ok(Some(next)) if next > now => {
+                    Duration::try_from(next - now).unwrap_or(MAX_IDLE).min(MAX_IDLE)
+                }
+                Ok(Some(_)) => MAX_IDLE.min(Duration::from_millis(500)),
+                _ => MAX_IDLE,
+            };
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(idle) => {}
+            }
+        }
+    }
+
+    /// Starts an attempt (on its own task) for every due site not already being worked on.
+    pub fn start_due_attempts(self: &Arc<Self>) {
+        let due = match self.store.due_sites(self.clock.now()) {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::error!(%error, "cannot read due sites");
+                return;
+            }
+        };
+        for site in due {
+            if !self.lock_working().insert(site.clone()) {
+                continue;
+            }
+            let issuer = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(error) = issuer.attempt(&site).await {
+                    tracing::error!(%site, %error, "attempt failed before it could be recorded");
+                }
+                issuer.lock_working().remove(&site);
+                issuer.wake();
+            });
+        }
+    }
+
+    /// One attempt at a site: resume its orders in flight, pre-check DNS, order what is
+    /// missing or due for renewal, store results, and schedule the next attempt.
+    pub async fn attempt(&self, site_name: &str) -> Result<AttemptReport> {
+        let now = self.clock.now();
+        let Some(site) = self.store.site(site_name)? else {
+            return Ok(AttemptReport::default());
+        };
+        let failures_before = site.issuance.failures;
+        let lease_until = now + ATTEMPT_LEASE;
+        self.store.schedule(site_name, Some(lease_until), failures_before, site.issuance.last_problem.as_deref())?;
+        let regenerate = self.store.take_regenerate_request(site_name)?;
+        self.store.add_event(site_name, now, "attempt-started", "issuance attempt started", None, None)?;
+        let mut report = AttemptReport::default();
+        let mut retry_after = None;
+        let mut order_failure: Option<Error> = None;
+
+        // 1. Orders a previous attempt (or process) left in flight.
+        for row in self.store.orders_in_flight(Some(site_name))? {
+            self.store.add_event(site_name, self.clock.now(), "order-resumed", &format!("resuming {}", row.order_url), None, None)?;
+            match self.finish_order(&row).await {
+                Ok(id) => report.issued.push(id),
+                Err(error) => {
+                    order_failure = Some(error);
+                }
+            }
+        }
+
+        // 2. DNS pre-check.
+        let mut passing = Vec::new();
+        for name in site.names() {
+            let answer = self.dns.check(&name).await;
+            if answer.points_here {
+                passing.push(name);
+            } else {
+                let why = answer.problem.unwrap_or_else(|| format!("{name} does not point at the platform"));
+                self.store.add_event(site_name, self.clock.now(), "dns-not-pointing", &why, None, Some("dns"))?;
+                report.dns_failures.push((name, why));
+            }
+        }
+
+        // 3. Order what is needed, in chunks of the CA's per-certificate limit.
+        if order_failure.is_none() && !passing.is_empty() {
+            let current = self.store.current_certificates(site_name)?;
+            if regenerate || needs_order(&site, &passing, &current, self.clock.now()) {
+                for chunk in passing.chunks(self.config.names_per_certificate()) {
+                    match self.order_chunk(site_name, chunk).await {
+                        Ok(id) => report.issued.push(id),
+                        Err(error) => {
+                            order_failure = Some(error);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+
+        // 4. Record the outcome and schedule the next attempt.
+        let now = self.clock.now();
+        if let Some(error) = &order_failure {
+            let problem_type = match error {
+                Error::Acme { problem_type, retry_after: ra, .. } => {
+                    retry_after = *ra;
+                    problem_type.clone()
+                }
+                _ => None,
+            };
+            self.store.add_event(site_name, now, "attempt-failed", &error.to_string(), problem_type.as_deref(), Some(&error.reason()))?;
+            report.failure = Some(error.to_string());
+        } else if !report.dns_failures.is_empty() && passing.is_empty() {
+            self.store.add_event(site_name, now, "attempt-failed", "no hostname of the site points at the platform", None, Some("dns"))?;
+        }
+        let failed = order_failure.is_some() || !report.dns_failures.is_empty();
+        let failures = if failed { failures_before + 1 } else { 0 };
+        let mut next = self.renewal_time(site_name).await?;
+        let mut last_problem = None;
+        if failed {
+            let jitter = rand::random::<f64>();
+            let retry = retry_at(now, failures, jitter, retry_after);
+            next = Some(next.map_or(retry, |n| n.min(retry)));
+            last_problem = report.failure.clone().or_else(|| {
+                Some(report.dns_failures.iter().map(|(_, why)| why.as_str()).collect::<Vec<_>>().join("; "))
+            });
+        }
+        // A change made while we worked (anything but our lease) keeps its earlier schedule.
+        if let Some(site) = self.store.site(site_name)? {
+            if let Some(requested) = site.issuance.next_attempt_at
+                && requested.unix_timestamp() != lease_until.unix_timestamp()
+            {
+                next = Some(next.map_or(requested, |n| n.min(requested)));
+            }
+            self.store.schedule(site_name, next, failures, last_problem.as_deref())?;
+        }
+        Ok(report)
+    }
+
+    /// When the site's certificates should next be renewed: ARI when the CA offers it,
+    /// else a third of the lifetime before expiry (half for short-lived certificates).
+    async fn renewal_time(&self, site: &str) -> Result<Option<OffsetDateTime>> {
+        let now = self.clock.now();
+        let mut earliest: Option<OffsetDateTime> = None;
+        for certificate in self.store.current_certificates(site)? {
+            let mut at = renew_at(now, certificate.not_before, certificate.not_after);
+            if let (Some(ari_id), Ok(acme)) = (&certificate.ari_id, self.acme().await)
+                && let Some((start, end)) = acme.renewal_window(ari_id).await
+            {
+                at = ari_renew_at(now, start, end, rand::random::<f64>());
+            }
+            earliest = Some(earliest.map_or(at, |e| e.min(at)));
+        }
+        Ok(earliest)
+    }
+
+    async fn order_chunk(&self, site: &str, names: &[Hostname]) -> Result<i64> {
+        let _permit = self
+            .orders
+            .acquire()
+            .await
+            .map_err(|_| Error::InvalidInput("the issuer is shutting down".into()))?;
+        let acme = self.acme().await?;
+        let row = acme.create_order(self.store.as_ref(), site, names, self.clock.now()).await?;
+        self.finish_order(&row).await
+    }
+
+    async fn finish_order(&self, row: &crate::store::OrderInFlight) -> Result<i64> {
+        let acme = self.acme().await?;
+        let issued = acme.complete_order(self.store.as_ref(), &self.responder, row).await?;
+        let facts = leaf_facts(&issued.chain_pem)?;
+        let missing: Vec<_> = issued.names.iter().filter(|n| !facts.names.contains(n)).collect();
+        if !missing.is_empty() {
+            return Err(Error::Certificate(format!(
+                "the CA's certificate lacks {missing:?}; it was not stored"
+            )));
+        }
+        let stored = self.store.store_certificate(
+            NewCertificate {
+                site: row.site.clone(),
+                names: facts.names,
+                chain_pem: issued.chain_pem,
+                key_pem: issued.key_pem,
+                not_before: facts.not_before,
+                not_after: facts.not_after,
+                serial: facts.serial,
+                ari_id: facts.ari_id,
+            },
+            Some(issued.order_id),
+            self.clock.now(),
+        )?;
+        tracing::info!(site = %row.site, serial = %stored.serial, names = stored.names.len(), "certificate stored");
+        Ok(stored.id)
+    }
+}
+
+/// Whether a site needs a new order now: a passing name is not covered, a certificate names a
+/// host the site no longer has, a certificate is due for renewal, or nothing was ever issued.
+pub fn needs_order(
+    site: &Site,
+    passing: &[Hostname],
+    current: &[StoredCertificate],
+    now: OffsetDateTime,
+) -> bool {
+    let wanted = site.names();
+    let uncovered = passing
+        .iter()
+        .any(|name| !current.iter().any(|c| c.covers(name)));
+    let stale_names = current
+        .iter()
+        .any(|c| c.names.iter().any(|n| !wanted.contains(n)));
+    let renewal_due = current
+        .iter()
+        .any(|c| renew_at(now, c.not_before, c.not_after) <= now);
+    uncovered || stale_names || renewal_due
+}

@@ -1,0 +1,395 @@
+//! The store: sites, hostnames, certificates, orders in flight, the ACME account, event history.
+//!
+//! [`Store`] is the seam; [`SqliteStore`] is the embedded default. Issuance writes certificates
+//! here and never talks to SDS; SDS (and the policy feed) read from here and never talk to ACME.
+
+mod sqlite;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+pub use sqlite::SqliteStore;
+
+use crate::error::{Error, Result};
+use crate::hostname::Hostname;
+
+/// A site's HTTPS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpsMode {
+    /// HTTP and HTTPS both served (the default).
+    #[default]
+    Auto,
+    /// Plain HTTP is redirected to HTTPS.
+    Force,
+    /// HTTPS is redirected to HTTP, with `Strict-Transport-Security: max-age=0`.
+    Disable,
+}
+
+/// Whether redirects are permanent (301/308) or temporary (302/307).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectKind {
+    /// 301 for GET/HEAD, 308 otherwise.
+    #[default]
+    Permanent,
+    /// 302 for GET/HEAD, 307 otherwise.
+    Temporary,
+}
+
+/// Mixed-content protection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedContent {
+    /// No header added.
+    #[default]
+    Off,
+    /// `Content-Security-Policy: upgrade-insecure-requests`.
+    Upgrade,
+    /// A report-only policy whose reports the sidecar collects.
+    Report,
+}
+
+/// HSTS settings (RFC 6797).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HstsPolicy {
+    /// Whether `Strict-Transport-Security` is added over HTTPS.
+    pub enabled: bool,
+    /// Its `max-age`, in seconds.
+    pub max_age: u64,
+}
+
+impl Default for HstsPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_age: 31_536_000,
+        }
+    }
+}
+
+/// Everything the filter needs to decide for a site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SitePolicy {
+    /// auto, force or disable.
+    pub https: HttpsMode,
+    /// Permanent or temporary redirects.
+    pub redirect: RedirectKind,
+    /// HSTS.
+    pub hsts: HstsPolicy,
+    /// Mixed-content protection.
+    pub mixed_content: MixedContent,
+}
+
+/// How a hostname relates to its site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostnameKind {
+    /// The site's primary domain.
+    Primary,
+    /// A name below the primary domain.
+    Subdomain,
+    /// A linked domain outside the primary domain.
+    Alias,
+}
+
+impl HostnameKind {
+    /// Primary if it is the primary domain, subdomain if below it, alias otherwise.
+    pub fn of(name: &Hostname, primary: &Hostname) -> Self {
+        if name == primary {
+            Self::Primary
+        } else if name.is_at_or_below(primary) {
+            Self::Subdomain
+        } else {
+            Self::Alias
+        }
+    }
+}
+
+/// One of a site's hostnames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SiteHostname {
+    /// The normalised name.
+    pub name: Hostname,
+    /// Primary, subdomain or alias.
+    pub kind: HostnameKind,
+}
+
+/// Where a site stands with issuance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IssuanceSchedule {
+    /// When the next attempt (first issuance, change, retry or renewal) is due, if any.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// Consecutive failed attempts (0 after a success).
+    pub failures: u32,
+    /// The last failure's message (the CA's problem detail, or the DNS verdict).
+    pub last_problem: Option<String>,
+    /// Whether an explicit regenerate is waiting.
+    pub regenerate_requested: bool,
+}
+
+/// A site with its hostnames and policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Site {
+    /// The site's identifier (lower-case letters, digits and '-').
+    pub name: String,
+    /// The primary domain.
+    pub primary: Hostname,
+    /// All hostnames, primary first.
+    pub hostnames: Vec<SiteHostname>,
+    /// HTTPS policy.
+    pub policy: SitePolicy,
+    /// When the site was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Issuance schedule.
+    pub issuance: IssuanceSchedule,
+}
+
+impl Site {
+    /// The site's hostnames, sorted.
+    pub fn names(&self) -> Vec<Hostname> {
+        let mut names: Vec<_> = self.hostnames.iter().map(|h| h.name.clone()).collect();
+        names.sort();
+        names
+    }
+}
+
+/// PEM text of a private key: never printed, never serialised.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKeyPem(String);
+
+impl PrivateKeyPem {
+    /// Wraps PEM text.
+    pub fn new(pem: String) -> Self {
+        Self(pem)
+    }
+
+    /// The PEM text, for the TLS stack (SDS) and CSR signing only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PrivateKeyPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKeyPem(<redacted>)")
+    }
+}
+
+/// A certificate as stored: the chain, its key and what was parsed out of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredCertificate {
+    /// Row id.
+    pub id: i64,
+    /// The site it was issued for.
+    pub site: String,
+    /// Its SANs.
+    pub names: Vec<Hostname>,
+    /// Leaf first, then intermediates (PEM).
+    #[serde(skip)]
+    pub chain_pem: String,
+    /// The leaf's private key.
+    #[serde(skip)]
+    pub key_pem: PrivateKeyPem,
+    /// Validity start.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// The RFC 9773 §4.1 certificate identifier (for ARI), when the leaf has an AKI.
+    pub ari_id: Option<String>,
+    /// When it was stored.
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+}
+
+impl StoredCertificate {
+    /// Whether `name` is among its SANs (exactly, or through a `*.` wildcard SAN).
+    pub fn covers(&self, name: &Hostname) -> bool {
+        self.names.iter().any(|san| {
+            san == name
+                || san.as_str().strip_prefix("*.").is_some_and(|parent| {
+                    name.as_str()
+                        .split_once('.')
+                        .is_some_and(|(_, rest)| rest == parent)
+                })
+        })
+    }
+}
+
+/// A certificate about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewCertificate {
+    /// The site it was issued for.
+    pub site: String,
+    /// Its SANs.
+    pub names: Vec<Hostname>,
+    /// Leaf first (PEM).
+    pub chain_pem: String,
+    /// The leaf's private key.
+    pub key_pem: PrivateKeyPem,
+    /// Validity start.
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    pub not_after: OffsetDateTime,
+    /// Serial, lower-case hex.
+    pub serial: String,
+    /// RFC 9773 certificate identifier.
+    pub ari_id: Option<String>,
+}
+
+/// An ACME order that was created at the CA and has not produced a stored certificate yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderInFlight {
+    /// Row id.
+    pub id: i64,
+    /// The site it is for.
+    pub site: String,
+    /// The names ordered.
+    pub names: Vec<Hostname>,
+    /// The order URL (RFC 8555 §7.1.3), from which it is resumed.
+    pub order_url: String,
+    /// The key the CSR is (or will be) signed with.
+    pub key_pem: PrivateKeyPem,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+}
+
+/// One entry of a site's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// Row id (increasing).
+    pub id: i64,
+    /// The site.
+    pub site: String,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// What happened (`order-created`, `certificate-issued`, `attempt-failed`, `dns-not-pointing`…).
+    pub kind: String,
+    /// Words for humans.
+    pub message: String,
+    /// The RFC 8555 §6.7 problem type when the CA sent one.
+    pub problem_type: Option<String>,
+    /// A short label for metrics (`acme:rateLimited`, `dns`…), for failures.
+    pub reason: Option<String>,
+}
+
+/// A site about to be created.
+#[derive(Debug, Clone)]
+pub struct NewSite {
+    /// Identifier.
+    pub name: String,
+    /// Primary domain.
+    pub primary: Hostname,
+    /// Other hostnames.
+    pub hostnames: Vec<Hostname>,
+    /// Policy.
+    pub policy: SitePolicy,
+}
+
+/// Counts for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    /// Orders attempted since the store was created.
+    pub attempts: u64,
+    /// Failed attempts by reason.
+    pub failures_by_reason: Vec<(String, u64)>,
+    /// Orders in flight now.
+    pub orders_in_flight: u64,
+    /// Sites per HTTPS mode.
+    pub sites_by_mode: Vec<(HttpsMode, u64)>,
+}
+
+/// Validates a site identifier: 1–63 of lower-case letters, digits and '-', not at the ends.
+pub fn validate_site_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "invalid site name {name:?}: use 1 to 63 lower-case letters, digits and '-' (not first or last), e.g. \"my-blog\""
+        )))
+    }
+}
+
+/// Persistent state. Methods are short, blocking and transactional; callers on async tasks
+/// may call them directly (SQLite in WAL mode answers in microseconds).
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Creates a site with its hostnames; marks it due for issuance at `issue_at`.
+    fn create_site(&self, site: NewSite, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site>;
+    /// All sites, by name.
+    fn list_sites(&self) -> Result<Vec<Site>>;
+    /// One site.
+    fn site(&self, name: &str) -> Result<Option<Site>>;
+    /// Deletes a site, its hostnames, certificates, orders and history.
+    fn delete_site(&self, name: &str) -> Result<()>;
+    /// Replaces a site's policy.
+    fn set_policy(&self, name: &str, policy: SitePolicy) -> Result<Site>;
+    /// Adds a hostname; marks the site due at `issue_at`.
+    fn add_hostname(&self, site: &str, name: &Hostname, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site>;
+    /// Removes a (non-primary) hostname; marks the site due at `issue_at`.
+    fn remove_hostname(&self, site: &str, name: &Hostname, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site>;
+    /// The site a hostname belongs to.
+    fn site_of_hostname(&self, name: &Hostname) -> Result<Option<String>>;
+    /// Marks a site due for an attempt at `at`, resetting its failure count (a fresh request);
+    /// with `regenerate`, the attempt orders new certificates even if the current ones suffice.
+    fn request_issuance(&self, site: &str, at: OffsetDateTime, regenerate: bool) -> Result<()>;
+    /// Reads and clears a site's pending regenerate request.
+    fn take_regenerate_request(&self, site: &str) -> Result<bool>;
+    /// Records an attempt's outcome: the next attempt time, failure count and last problem.
+    fn schedule(&self, site: &str, next_attempt_at: Option<OffsetDateTime>, failures: u32, last_problem: Option<&str>) -> Result<()>;
+    /// Sites whose next attempt is due at or before `now`.
+    fn due_sites(&self, now: OffsetDateTime) -> Result<Vec<String>>;
+    /// The earliest scheduled attempt of any site.
+    fn next_due(&self) -> Result<Option<OffsetDateTime>>;
+
+    /// The certificates a site currently serves (not superseded), newest first.
+    fn current_certificates(&self, site: &str) -> Result<Vec<StoredCertificate>>;
+    /// The certificate to serve for `name`: the newest current one covering it, exactly or by
+    /// wildcard, while `name` (or the wildcard's parent) belongs to a site.
+    fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>>;
+    /// Stores a certificate in one transaction: inserts it, supersedes the site's older
+    /// certificates whose still-wanted names it covers, and deletes the order it completes.
+    fn store_certificate(&self, certificate: NewCertificate, completes_order: Option<i64>, now: OffsetDateTime) -> Result<StoredCertificate>;
+
+    /// Records an order created at the CA, with the key its CSR will use.
+    fn insert_order(&self, site: &str, names: &[Hostname], order_url: &str, key: &PrivateKeyPem, now: OffsetDateTime) -> Result<i64>;
+    /// Orders in flight, oldest first (optionally for one site).
+    fn orders_in_flight(&self, site: Option<&str>) -> Result<Vec<OrderInFlight>>;
+    /// Forgets an order (it failed for good).
+    fn delete_order(&self, id: i64) -> Result<()>;
+
+    /// The ACME account credentials (JSON) for a directory, if one was created.
+    fn account(&self, directory_url: &str) -> Result<Option<String>>;
+    /// Saves ACME account credentials (JSON) for a directory.
+    fn save_account(&self, directory_url: &str, credentials_json: &str, now: OffsetDateTime) -> Result<()>;
+
+    /// Appends to a site's history.
+    fn add_event(&self, site: &str, at: OffsetDateTime, kind: &str, message: &str, problem_type: Option<&str>, reason: Option<&str>) -> Result<()>;
+    /// A site's history, newest first.
+    fn events(&self, site: &str, limit: usize) -> Result<Vec<Event>>;
+    /// Counts for metrics.
+    fn counts(&self) -> Result<StoreCounts>;
+    /// All current certificates (for expiry metrics).
+    fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>>;
+
+    /// Bumped whenever the set of served certificates may have changed (SDS watches this).
+    fn certificates_changed(&self) -> watch::Receiver<u64>;
+    /// Bumped whenever sites, hostnames or policies changed (the policy feed watches this).
+    fn sites_changed(&self) -> watch::Receiver<u64>;
+}

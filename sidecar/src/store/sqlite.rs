@@ -1,0 +1,805 @@
+//! The embedded store: one SQLite file in WAL mode, owner-only, migrated on open.
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use super::{
+    Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule, NewCertificate, NewSite,
+    OrderInFlight, PrivateKeyPem, Site, SiteHostname, SitePolicy, Store, StoreCounts,
+    StoredCertificate,
+};
+use crate::error::{Error, Result};
+use crate::hostname::Hostname;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE sites (
+    name TEXT PRIMARY KEY,
+    primary_hostname TEXT NOT NULL,
+    https_mode TEXT NOT NULL,
+    redirect TEXT NOT NULL,
+    hsts_enabled INTEGER NOT NULL,
+    hsts_max_age INTEGER NOT NULL,
+    mixed_content TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    next_attempt_at INTEGER,
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_problem TEXT,
+    regenerate INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE hostnames (
+    hostname TEXT PRIMARY KEY,
+    site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    added_at INTEGER NOT NULL
+);
+CREATE INDEX hostnames_site ON hostnames(site);
+CREATE TABLE certificates (
+    id INTEGER PRIMARY KEY,
+    site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
+    names TEXT NOT NULL,
+    chain_pem TEXT NOT NULL,
+    key_pem TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    serial TEXT NOT NULL,
+    ari_id TEXT,
+    issued_at INTEGER NOT NULL,
+    superseded_at INTEGER
+);
+CREATE INDEX certificates_site ON certificates(site);
+CREATE TABLE certificate_names (
+    certificate_id INTEGER NOT NULL REFERENCES certificates(id) ON DELETE CASCADE,
+    hostname TEXT NOT NULL,
+    PRIMARY KEY (hostname, certificate_id)
+);
+CREATE TABLE orders (
+    id INTEGER PRIMARY KEY,
+    site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
+    names TEXT NOT NULL,
+    order_url TEXT NOT NULL,
+    key_pem TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE accounts (
+    directory_url TEXT PRIMARY KEY,
+    credentials TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    site TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    problem_type TEXT,
+    reason TEXT
+);
+CREATE INDEX events_site ON events(site, id);
+"#];
+
+/// The SQLite implementation of [`Store`].
+#[derive(Debug)]
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+    certificates_changed: watch::Sender<u64>,
+    sites_changed: watch::Sender<u64>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`: directory 0700, file 0600, WAL,
+    /// foreign keys on, migrations applied.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)?;
+        }
+        // Create the file owner-only before SQLite opens it; SQLite gives its -wal and -shm
+        // files the same permissions as the database file.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| Error::io("create database file", path, source))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| Error::io("restrict database file", path, source))?;
+        let connection = Connection::open(path)?;
+        Self::from_connection(connection)
+    }
+
+    /// An in-memory store, for unit tests.
+    pub fn in_memory() -> Result<Self> {
+        Self::from_connection(Connection::open_in_memory()?)
+    }
+
+    fn from_connection(mut connection: Connection) -> Result<Self> {
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        let applied: usize = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if applied > MIGRATIONS.len() {
+            return Err(Error::CorruptStore(format!(
+                "the database has schema version {applied} but this build knows {}; upgrade autohttps",
+                MIGRATIONS.len()
+            )));
+        }
+        let tx = connection.transaction()?;
+        for migration in &MIGRATIONS[applied..] {
+            tx.execute_batch(migration)?;
+        }
+        tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+        tx.commit()?;
+        Ok(Self {
+            connection: Mutex::new(connection),
+            certificates_changed: watch::Sender::new(0),
+            sites_changed: watch::Sender::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn bump_sites(&self) {
+        self.sites_changed.send_modify(|generation| *generation += 1);
+    }
+
+    fn bump_certificates(&self) {
+        self.certificates_changed
+            .send_modify(|generation| *generation += 1);
+    }
+}
+
+/// Creates `dir` (and parents) owner-only.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::io("create data directory", dir, source))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|source| Error::io("restrict data directory", dir, source))
+}
+
+fn ts(at: OffsetDateTime) -> i64 {
+    at.unix_timestamp()
+}
+
+fn from_ts(seconds: i64) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp(seconds)
+        .map_err(|e| Error::CorruptStore(format!("timestamp {seconds}: {e}")))
+}
+
+fn enum_text<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(text)) => text,
+        _ => String::new(),
+    }
+}
+
+fn enum_from<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| Error::CorruptStore(format!("unknown value {text:?}")))
+}
+
+fn names_json(names: &[Hostname]) -> String {
+    serde_json::to_string(names).unwrap_or_else(|_| "[]".into())
+}
+
+fn names_from_json(text: &str) -> Result<Vec<Hostname>> {
+    let raw: Vec<String> = serde_json::from_str(text)
+        .map_err(|e| Error::CorruptStore(format!("names list: {e}")))?;
+    raw.iter()
+        .map(|name| Hostname::parse(name).map_err(|e| Error::CorruptStore(e.to_string())))
+        .collect()
+}
+
+fn hostname_from(text: &str) -> Result<Hostname> {
+    Hostname::parse(text).map_err(|e| Error::CorruptStore(e.to_string()))
+}
+
+const CERT_COLUMNS: &str =
+    "id, site, names, chain_pem, key_pem, not_before, not_after, serial, ari_id, issued_at";
+
+struct RawCertificate {
+    id: i64,
+    site: String,
+    names: String,
+    chain_pem: String,
+    key_pem: String,
+    not_before: i64,
+    not_after: i64,
+    serial: String,
+    ari_id: Option<String>,
+    issued_at: i64,
+}
+
+impl RawCertificate {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            site: row.get(1)?,
+            names: row.get(2)?,
+            chain_pem: row.get(3)?,
+            key_pem: row.get(4)?,
+            not_before: row.get(5)?,
+            not_after: row.get(6)?,
+            serial: row.get(7)?,
+            ari_id: row.get(8)?,
+            issued_at: row.get(9)?,
+        })
+    }
+
+    fn decode(self) -> Result<StoredCertificate> {
+        Ok(StoredCertificate {
+            id: self.id,
+            site: self.site,
+            names: names_from_json(&self.names)?,
+            chain_pem: self.chain_pem,
+            key_pem: PrivateKeyPem::new(self.key_pem),
+            not_before: from_ts(self.not_before)?,
+            not_after: from_ts(self.not_after)?,
+            serial: self.serial,
+            ari_id: self.ari_id,
+            issued_at: from_ts(self.issued_at)?,
+        })
+    }
+}
+
+fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
+    let row = conn
+        .query_row(
+            "SELECT name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
+                    mixed_content, created_at, next_attempt_at, failures, last_problem, regenerate
+             FROM sites WHERE name = ?1",
+            [name],
+            |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, bool>(4)?,
+                    row.get::<_, i64>(5)?,
+                    row.get::<_, String>(6)?,
+                    row.get::<_, i64>(7)?,
+                    row.get::<_, Option<i64>>(8)?,
+                    row.get::<_, u32>(9)?,
+                    row.get::<_, Option<String>>(10)?,
+                    row.get::<_, bool>(11)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((name, primary, https, redirect, hsts_enabled, max_age, mixed, created, next, failures, last_problem, regenerate_requested)) =
+        row
+    else {
+        return Ok(None);
+    };
+    let mut statement =
+        conn.prepare("SELECT hostname, kind FROM hostnames WHERE site = ?1 ORDER BY hostname")?;
+    let mut hostnames = statement
+        .query_map([&name], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?
+        .map(|row| {
+            let (hostname, kind) = row?;
+            Ok(SiteHostname {
+                name: hostname_from(&hostname)?,
+                kind: enum_from(&kind)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    hostnames.sort_by_key(|h| h.kind != HostnameKind::Primary);
+    Ok(Some(Site {
+        name,
+        primary: hostname_from(&primary)?,
+        hostnames,
+        policy: SitePolicy {
+            https: enum_from(&https)?,
+            redirect: enum_from(&redirect)?,
+            hsts: HstsPolicy {
+                enabled: hsts_enabled,
+                max_age: u64::try_from(max_age).unwrap_or_default(),
+            },
+            mixed_content: enum_from(&mixed)?,
+        },
+        created_at: from_ts(created)?,
+        issuance: IssuanceSchedule {
+            next_attempt_at: next.map(from_ts).transpose()?,
+            failures,
+            last_problem,
+            regenerate_requested,
+        },
+    }))
+}
+
+fn require_site(conn: &Connection, name: &str) -> Result<Site> {
+    load_site(conn, name)?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "no site named {name:?}; list sites with `autohttps site list`"
+        ))
+    })
+}
+
+fn insert_hostname(tx: &Transaction<'_>, site: &str, name: &Hostname, kind: HostnameKind, now: OffsetDateTime) -> Result<()> {
+    let owner: Option<String> = tx
+        .query_row("SELECT site FROM hostnames WHERE hostname = ?1", [name.as_str()], |row| row.get(0))
+        .optional()?;
+    if let Some(owner) = owner {
+        return Err(Error::Conflict(if owner == site {
+            format!("{name} is already a hostname of site {site:?}")
+        } else {
+            format!("{name} already belongs to site {owner:?}; remove it there first")
+        }));
+    }
+    tx.execute(
+        "INSERT INTO hostnames (hostname, site, kind, added_at) VALUES (?1, ?2, ?3, ?4)",
+        params![name.as_str(), site, enum_text(&kind), ts(now)],
+    )?;
+    Ok(())
+}
+
+fn insert_event(tx: &Connection, site: &str, at: OffsetDateTime, kind: &str, message: &str, problem_type: Option<&str>, reason: Option<&str>) -> Result<()> {
+    tx.execute(
+        "INSERT INTO events (site, at, kind, message, problem_type, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![site, ts(at), kind, message, problem_type, reason],
+    )?;
+    Ok(())
+}
+
+fn query_certificates(conn: &Connection, sql_where: &str, param: &str) -> Result<Vec<StoredCertificate>> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT {CERT_COLUMNS} FROM certificates WHERE superseded_at IS NULL {sql_where}
+         ORDER BY not_after DESC, id DESC"
+    ))?;
+    let rows = if sql_where.contains("?1") {
+        statement
+            .query_map([param], RawCertificate::from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    } else {
+        statement
+            .query_map([], RawCertificate::from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    rows.into_iter().map(RawCertificate::decode).collect()
+}
+
+impl Store for SqliteStore {
+    fn create_site(&self, site: NewSite, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site> {
+        super::validate_site_name(&site.name)?;
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM sites WHERE name = ?1)", [&site.name], |row| row.get(0))?;
+        if exists {
+            return Err(Error::Conflict(format!(
+                "a site named {:?} already exists; pick another name or change that site",
+                site.name
+            )));
+        }
+        tx.execute(
+            "INSERT INTO sites (name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
+                                mixed_content, created_at, next_attempt_at, failures)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0)",
+            params![
+                site.name,
+                site.primary.as_str(),
+                enum_text(&site.policy.https),
+                enum_text(&site.policy.redirect),
+                site.policy.hsts.enabled,
+                i64::try_from(site.policy.hsts.max_age).unwrap_or(i64::MAX),
+                enum_text(&site.policy.mixed_content),
+                ts(now),
+                ts(issue_at),
+            ],
+        )?;
+        insert_hostname(&tx, &site.name, &site.primary, HostnameKind::Primary, now)?;
+        for name in &site.hostnames {
+            if name == &site.primary {
+                continue;
+            }
+            insert_hostname(&tx, &site.name, name, HostnameKind::of(name, &site.primary), now)?;
+        }
+        insert_event(&tx, &site.name, now, "site-created", &format!("site created with {} hostname(s)", 1 + site.hostnames.iter().filter(|n| *n != &site.primary).count()), None, None)?;
+        tx.commit()?;
+        let created = require_site(&conn, &site.name)?;
+        drop(conn);
+        self.bump_sites();
+        Ok(created)
+    }
+
+    fn list_sites(&self) -> Result<Vec<Site>> {
+        let conn = self.lock();
+        let names = conn
+            .prepare("SELECT name FROM sites ORDER BY name")?
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        names
+            .iter()
+            .map(|name| require_site(&conn, name))
+            .collect()
+    }
+
+    fn site(&self, name: &str) -> Result<Option<Site>> {
+        load_site(&self.lock(), name)
+    }
+
+    fn delete_site(&self, name: &str) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let deleted = tx.execute("DELETE FROM sites WHERE name = ?1", [name])?;
+        if deleted == 0 {
+            return Err(Error::NotFound(format!("no site named {name:?}; list sites with `autohttps site list`")));
+        }
+        tx.execute("DELETE FROM events WHERE site = ?1", [name])?;
+        tx.commit()?;
+        drop(conn);
+        self.bump_sites();
+        self.bump_certificates();
+        Ok(())
+    }
+
+    fn set_policy(&self, name: &str, policy: SitePolicy) -> Result<Site> {
+        let conn = self.lock();
+        let changed = conn.execute(
+            "UPDATE sites SET https_mode = ?2, redirect = ?3, hsts_enabled = ?4, hsts_max_age = ?5, mixed_content = ?6
+             WHERE name = ?1",
+            params![
+                name,
+                enum_text(&policy.https),
+                enum_text(&policy.redirect),
+                policy.hsts.enabled,
+                i64::try_from(policy.hsts.max_age).unwrap_or(i64::MAX),
+                enum_text(&policy.mixed_content),
+            ],
+        )?;
+        if changed == 0 {
+            return Err(Error::NotFound(format!("no site named {name:?}; list sites with `autohttps site list`")));
+        }
+        let site = require_site(&conn, name)?;
+        drop(conn);
+        self.bump_sites();
+        Ok(site)
+    }
+
+    fn add_hostname(&self, site: &str, name: &Hostname, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site> {
+        let mut conn = self.lock();
+        let primary = require_site(&conn, site)?.primary;
+        let tx = conn.transaction()?;
+        let kind = HostnameKind::of(name, &primary);
+        insert_hostname(&tx, site, name, kind, now)?;
+        tx.execute("UPDATE sites SET next_attempt_at = ?2, failures = 0 WHERE name = ?1", params![site, ts(issue_at)])?;
+        insert_event(&tx, site, now, "hostname-added", &format!("{} {name} added", enum_text(&kind)), None, None)?;
+        tx.commit()?;
+        let updated = require_site(&conn, site)?;
+        drop(conn);
+        self.bump_sites();
+        Ok(updated)
+    }
+
+    fn remove_hostname(&self, site: &str, name: &Hostname, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site> {
+        let mut conn = self.lock();
+        let current = require_site(&conn, site)?;
+        if &current.primary == name {
+            return Err(Error::InvalidInput(format!(
+                "{name} is the primary domain of site {site:?}; it cannot be removed (remove the site instead)"
+            )));
+        }
+        let tx = conn.transaction()?;
+        let removed = tx.execute("DELETE FROM hostnames WHERE hostname = ?1 AND site = ?2", params![name.as_str(), site])?;
+        if removed == 0 {
+            return Err(Error::NotFound(format!("{name} is not a hostname of site {site:?}")));
+        }
+        tx.execute("UPDATE sites SET next_attempt_at = ?2, failures = 0 WHERE name = ?1", params![site, ts(issue_at)])?;
+        insert_event(&tx, site, now, "hostname-removed", &format!("{name} removed"), None, None)?;
+        tx.commit()?;
+        let updated = require_site(&conn, site)?;
+        drop(conn);
+        self.bump_sites();
+        self.bump_certificates();
+        Ok(updated)
+    }
+
+    fn site_of_hostname(&self, name: &Hostname) -> Result<Option<String>> {
+        Ok(self
+            .lock()
+            .query_row("SELECT site FROM hostnames WHERE hostname = ?1", [name.as_str()], |row| row.get(0))
+            .optional()?)
+    }
+
+    fn request_issuance(&self, site: &str, at: OffsetDateTime, regenerate: bool) -> Result<()> {
+        let changed = self.lock().execute(
+            "UPDATE sites SET next_attempt_at = ?2, failures = 0, regenerate = MAX(regenerate, ?3) WHERE name = ?1",
+            params![site, ts(at), regenerate],
+        )?;
+        if changed == 0 {
+            return Err(Error::NotFound(format!("no site named {site:?}; list sites with `autohttps site list`")));
+        }
+        Ok(())
+    }
+
+    fn take_regenerate_request(&self, site: &str) -> Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let requested: Option<bool> = tx
+            .query_row("SELECT regenerate FROM sites WHERE name = ?1", [site], |row| row.get(0))
+            .optional()?;
+        tx.execute("UPDATE sites SET regenerate = 0 WHERE name = ?1", [site])?;
+        tx.commit()?;
+        Ok(requested.unwrap_or(false))
+    }
+
+    fn schedule(&self, site: &str, next_attempt_at: Option<OffsetDateTime>, failures: u32, last_problem: Option<&str>) -> Result<()> {
+        self.lock().execute(
+            "UPDATE sites SET next_attempt_at = ?2, failures = ?3, last_problem = ?4 WHERE name = ?1",
+            params![site, next_attempt_at.map(ts), failures, last_problem],
+        )?;
+        Ok(())
+    }
+
+    fn due_sites(&self, now: OffsetDateTime) -> Result<Vec<String>> {
+        Ok(self
+            .lock()
+            .prepare("SELECT name FROM sites WHERE next_attempt_at <= ?1 ORDER BY next_attempt_at")?
+            .query_map([ts(now)], |row| row.get(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn next_due(&self) -> Result<Option<OffsetDateTime>> {
+        let next: Option<i64> = self
+            .lock()
+            .query_row("SELECT MIN(next_attempt_at) FROM sites", [], |row| row.get(0))?;
+        next.map(from_ts).transpose()
+    }
+
+    fn current_certificates(&self, site: &str) -> Result<Vec<StoredCertificate>> {
+        query_certificates(&self.lock(), "AND site = ?1", site)
+    }
+
+    fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>> {
+        let conn = self.lock();
+        let wildcard = name
+            .as_str()
+            .split_once('.')
+            .map(|(_, parent)| format!("*.{parent}"))
+            .unwrap_or_default();
+        let row = conn
+            .query_row(
+                &format!(
+                    "SELECT {} FROM certificates c
+                     JOIN certificate_names n ON n.certificate_id = c.id
+                     JOIN hostnames h ON h.hostname = n.hostname AND h.site = c.site
+                     WHERE c.superseded_at IS NULL AND n.hostname IN (?1, ?2)
+                     ORDER BY c.not_after DESC, c.id DESC LIMIT 1",
+                    CERT_COLUMNS
+                        .split(", ")
+                        .map(|column| format!("c.{column}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                params![name.as_str(), wildcard],
+                RawCertificate::from_row,
+            )
+            .optional()?;
+        row.map(RawCertificate::decode).transpose()
+    }
+
+    fn store_certificate(&self, certificate: NewCertificate, completes_order: Option<i64>, now: OffsetDateTime) -> Result<StoredCertificate> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO certificates (site, names, chain_pem, key_pem, not_before, not_after, serial, ari_id, issued_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                certificate.site,
+                names_json(&certificate.names),
+                certificate.chain_pem,
+                certificate.key_pem.expose(),
+                ts(certificate.not_before),
+                ts(certificate.not_after),
+                certificate.serial,
+                certificate.ari_id,
+                ts(now),
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        for name in &certificate.names {
+            tx.execute(
+                "INSERT OR IGNORE INTO certificate_names (certificate_id, hostname) VALUES (?1, ?2)",
+                params![id, name.as_str()],
+            )?;
+        }
+        // Supersede older certificates of the site whose names that are still wanted are all
+        // covered by the new one. Anything else keeps serving (never worse).
+        let wanted: std::collections::HashSet<String> = tx
+            .prepare("SELECT hostname FROM hostnames WHERE site = ?1")?
+            .query_map([&certificate.site], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let older: Vec<(i64, String)> = tx
+            .prepare("SELECT id, names FROM certificates WHERE site = ?1 AND superseded_at IS NULL AND id != ?2")?
+            .query_map(params![certificate.site, id], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (old_id, old_names) in older {
+            let old_names = names_from_json(&old_names)?;
+            let redundant = old_names
+                .iter()
+                .filter(|n| wanted.contains(n.as_str()))
+                .all(|n| certificate.names.contains(n));
+            if redundant {
+                tx.execute("UPDATE certificates SET superseded_at = ?2 WHERE id = ?1", params![old_id, ts(now)])?;
+            }
+        }
+        if let Some(order) = completes_order {
+            tx.execute("DELETE FROM orders WHERE id = ?1", [order])?;
+        }
+        insert_event(
+            &tx,
+            &certificate.site,
+            now,
+            "certificate-issued",
+            &format!(
+                "certificate {} for {} valid until {}",
+                certificate.serial,
+                certificate.names.iter().map(Hostname::as_str).collect::<Vec<_>>().join(", "),
+                certificate.not_after
+            ),
+            None,
+            None,
+        )?;
+        let stored = tx
+            .query_row(&format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = ?1"), [id], RawCertificate::from_row)?
+            .decode()?;
+        tx.commit()?;
+        drop(conn);
+        self.bump_certificates();
+        Ok(stored)
+    }
+
+    fn insert_order(&self, site: &str, names: &[Hostname], order_url: &str, key: &PrivateKeyPem, now: OffsetDateTime) -> Result<i64> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO orders (site, names, order_url, key_pem, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![site, names_json(names), order_url, key.expose(), ts(now)],
+        )?;
+        let id = tx.last_insert_rowid();
+        insert_event(
+            &tx,
+            site,
+            now,
+            "order-created",
+            &format!("ordered a certificate for {} ({order_url})", names.iter().map(Hostname::as_str).collect::<Vec<_>>().join(", ")),
+            None,
+            None,
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn orders_in_flight(&self, site: Option<&str>) -> Result<Vec<OrderInFlight>> {
+        let conn = self.lock();
+        let mut statement = conn.prepare(
+            "SELECT id, site, names, order_url, key_pem, created_at FROM orders
+             WHERE ?1 IS NULL OR site = ?1 ORDER BY id",
+        )?;
+        let rows = statement
+            .query_map([site], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, i64>(5)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(id, site, names, order_url, key, created)| {
+                Ok(OrderInFlight {
+                    id,
+                    site,
+                    names: names_from_json(&names)?,
+                    order_url,
+                    key_pem: PrivateKeyPem::new(key),
+                    created_at: from_ts(created)?,
+                })
+            })
+            .collect()
+    }
+
+    fn delete_order(&self, id: i64) -> Result<()> {
+        self.lock().execute("DELETE FROM orders WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    fn account(&self, directory_url: &str) -> Result<Option<String>> {
+        Ok(self
+            .lock()
+            .query_row("SELECT credentials FROM accounts WHERE directory_url = ?1", [directory_url], |row| row.get(0))
+            .optional()?)
+    }
+
+    fn save_account(&self, directory_url: &str, credentials_json: &str, now: OffsetDateTime) -> Result<()> {
+        self.lock().execute(
+            "INSERT INTO accounts (directory_url, credentials, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(directory_url) DO UPDATE SET credentials = excluded.credentials",
+            params![directory_url, credentials_json, ts(now)],
+        )?;
+        Ok(())
+    }
+
+    fn add_event(&self, site: &str, at: OffsetDateTime, kind: &str, message: &str, problem_type: Option<&str>, reason: Option<&str>) -> Result<()> {
+        insert_event(&self.lock(), site, at, kind, message, problem_type, reason)
+    }
+
+    fn events(&self, site: &str, limit: usize) -> Result<Vec<Event>> {
+        let conn = self.lock();
+        let mut statement = conn.prepare(
+            "SELECT id, site, at, kind, message, problem_type, reason FROM events
+             WHERE site = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = statement
+            .query_map(params![site, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, Option<String>>(5)?,
+                    row.get::<_, Option<String>>(6)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(id, site, at, kind, message, problem_type, reason)| {
+                Ok(Event { id, site, at: from_ts(at)?, kind, message, problem_type, reason })
+            })
+            .collect()
+    }
+
+    fn counts(&self) -> Result<StoreCounts> {
+        let conn = self.lock();
+        let attempts: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM events WHERE kind = 'attempt-started'",
+            [],
+            |row| row.get(0),
+        )?;
+        let failures_by_reason = conn
+            .prepare("SELECT COALESCE(reason, 'unknown'), COUNT(*) FROM events WHERE kind = 'attempt-failed' GROUP BY 1 ORDER BY 1")?
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
+            .map(|row| row.map(|(reason, n)| (reason, u64::try_from(n).unwrap_or_default())))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let orders_in_flight: i64 = conn.query_row("SELECT COUNT(*) FROM orders", [], |row| row.get(0))?;
+        let mut sites_by_mode = Vec::new();
+        for mode in [HttpsMode::Auto, HttpsMode::Force, HttpsMode::Disable] {
+            let n: i64 = conn.query_row("SELECT COUNT(*) FROM sites WHERE https_mode = ?1", [enum_text(&mode)], |row| row.get(0))?;
+            sites_by_mode.push((mode, u64::try_from(n).unwrap_or_default()));
+        }
+        Ok(StoreCounts {
+            attempts: u64::try_from(attempts).unwrap_or_default(),
+            failures_by_reason,
+            orders_in_flight: u64::try_from(orders_in_flight).unwrap_or_default(),
+            sites_by_mode,
+        })
+    }
+
+    fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>> {
+        query_certificates(&self.lock(), "", "")
+    }
+
+    fn certificates_changed(&self) -> watch::Receiver<u64> {
+        self.certificates_changed.subscribe()
+    }
+
+    fn sites_changed(&self) -> watch::Receiver<u64> {
+        self.sites_changed.subscribe()
+    }
+}
