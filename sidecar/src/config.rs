@@ -86,7 +86,10 @@ impl std::fmt::Debug for AcmeConfig {
             .field("directory_url", &self.directory_url)
             .field("contact", &self.contact)
             .field("eab_kid", &self.eab_kid)
-            .field("eab_hmac_key", &self.eab_hmac_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "eab_hmac_key",
+                &self.eab_hmac_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("profile", &self.profile)
             .field("extra_root_ca", &self.extra_root_ca)
             .field("max_names_per_certificate", &self.max_names_per_certificate)
@@ -186,9 +189,15 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("AUTOHTTPS_ACME_ROOT_CA", "acme.extra_root_ca"),
     ("AUTOHTTPS_ACME_EAB_KID", "acme.eab_kid"),
     ("AUTOHTTPS_ACME_EAB_HMAC_KEY", "acme.eab_hmac_key"),
-    ("AUTOHTTPS_PLATFORM_ADDRESSES", "platform.addresses (comma-separated)"),
+    (
+        "AUTOHTTPS_PLATFORM_ADDRESSES",
+        "platform.addresses (comma-separated)",
+    ),
     ("AUTOHTTPS_PLATFORM_CNAME", "platform.cname_target"),
-    ("AUTOHTTPS_DNS_NAMESERVERS", "dns.nameservers (comma-separated ip:port)"),
+    (
+        "AUTOHTTPS_DNS_NAMESERVERS",
+        "dns.nameservers (comma-separated ip:port)",
+    ),
 ];
 
 impl Config {
@@ -215,7 +224,9 @@ impl Config {
     pub fn with_env(mut self, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let parse_addr = |name: &str, value: String| -> Result<SocketAddr> {
             value.parse().map_err(|_| {
-                Error::Config(format!("{name}={value:?} is not an ip:port such as 127.0.0.1:8081"))
+                Error::Config(format!(
+                    "{name}={value:?} is not an ip:port such as 127.0.0.1:8081"
+                ))
             })
         };
         if let Some(v) = var("AUTOHTTPS_DATA_DIR") {

@@ -95,9 +95,13 @@ impl DnsPrecheck {
                     match record.data() {
                         RData::A(a) => answer.addresses.push(IpAddr::V4(a.0)),
                         RData::AAAA(aaaa) => answer.addresses.push(IpAddr::V6(aaaa.0)),
-                        RData::CNAME(cname) => answer
-                            .cnames
-                            .push(cname.0.to_ascii().trim_end_matches('.').to_ascii_lowercase()),
+                        RData::CNAME(cname) => answer.cnames.push(
+                            cname
+                                .0
+                                .to_ascii()
+                                .trim_end_matches('.')
+                                .to_ascii_lowercase(),
+                        ),
                         _ => {}
                     }
                 }
@@ -198,7 +202,13 @@ mod tests {
 
     #[test]
     fn cname_to_platform_target_passes_whatever_the_addresses() {
-        assert!(judge(&platform(), &answer(&["127.0.0.9"], &["edge.platform.test"])).0);
+        assert!(
+            judge(
+                &platform(),
+                &answer(&["127.0.0.9"], &["edge.platform.test"])
+            )
+            .0
+        );
     }
 
     #[test]
@@ -206,7 +216,12 @@ mod tests {
         let (ok, why) = judge(&platform(), &answer(&["127.0.0.2"], &[]));
         assert!(!ok);
         let why = why.unwrap();
-        assert!(why.contains("127.0.0.2") && why.contains("127.0.0.1") && why.contains("edge.platform.test"), "{why}");
+        assert!(
+            why.contains("127.0.0.2")
+                && why.contains("127.0.0.1")
+                && why.contains("edge.platform.test"),
+            "{why}"
+        );
     }
 
     #[test]

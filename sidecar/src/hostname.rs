@@ -95,7 +95,10 @@ fn check_ascii_rules(name: &str) -> std::result::Result<(), String> {
     }
     let labels: Vec<&str> = name.split('.').collect();
     if labels.len() < 2 {
-        return Err("it has a single label; certificates need a full domain name such as example.com".into());
+        return Err(
+            "it has a single label; certificates need a full domain name such as example.com"
+                .into(),
+        );
     }
     for label in &labels {
         if label.is_empty() {
@@ -182,8 +185,20 @@ mod tests {
     #[test]
     fn subdomain_relation_needs_a_dot_boundary() {
         let parent = Hostname::parse("example.com").unwrap();
-        assert!(Hostname::parse("a.example.com").unwrap().is_at_or_below(&parent));
-        assert!(Hostname::parse("example.com").unwrap().is_at_or_below(&parent));
-        assert!(!Hostname::parse("badexample.com").unwrap().is_at_or_below(&parent));
+        assert!(
+            Hostname::parse("a.example.com")
+                .unwrap()
+                .is_at_or_below(&parent)
+        );
+        assert!(
+            Hostname::parse("example.com")
+                .unwrap()
+                .is_at_or_below(&parent)
+        );
+        assert!(
+            !Hostname::parse("badexample.com")
+                .unwrap()
+                .is_at_or_below(&parent)
+        );
     }
 }

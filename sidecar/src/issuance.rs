@@ -111,7 +111,9 @@ impl Issuer {
 
     async fn acme(&self) -> Result<&AcmeClient> {
         self.acme
-            .get_or_try_init(|| AcmeClient::connect(&self.config, self.store.as_ref(), self.clock.now()))
+            .get_or_try_init(|| {
+                AcmeClient::connect(&self.config, self.store.as_ref(), self.clock.now())
+            })
             .await
     }
 
@@ -129,7 +131,8 @@ impl Issuer {
                         .ok()
                         .flatten()
                         .map_or(0, |s| s.issuance.failures);
-                    if let Err(error) = self.store.schedule(&order.site, Some(now), failures, None) {
+                    if let Err(error) = self.store.schedule(&order.site, Some(now), failures, None)
+                    {
                         tracing::error!(%error, "cannot schedule resumption");
                     }
                 }
@@ -140,9 +143,9 @@ impl Issuer {
             self.start_due_attempts();
             let now = self.clock.now();
             let idle = match self.store.next_due() {
-                Ok(Some(next)) if next > now => {
-                    Duration::try_from(next - now).unwrap_or(MAX_IDLE).min(MAX_IDLE)
-                }
+                Ok(Some(next)) if next > now => Duration::try_from(next - now)
+                    .unwrap_or(MAX_IDLE)
+                    .min(MAX_IDLE),
                 Ok(Some(_)) => MAX_IDLE.min(Duration::from_millis(500)),
                 _ => MAX_IDLE,
             };
@@ -186,16 +189,35 @@ impl Issuer {
         };
         let failures_before = site.issuance.failures;
         let lease_until = now + ATTEMPT_LEASE;
-        self.store.schedule(site_name, Some(lease_until), failures_before, site.issuance.last_problem.as_deref())?;
+        self.store.schedule(
+            site_name,
+            Some(lease_until),
+            failures_before,
+            site.issuance.last_problem.as_deref(),
+        )?;
         let regenerate = self.store.take_regenerate_request(site_name)?;
-        self.store.add_event(site_name, now, "attempt-started", "issuance attempt started", None, None)?;
+        self.store.add_event(
+            site_name,
+            now,
+            "attempt-started",
+            "issuance attempt started",
+            None,
+            None,
+        )?;
         let mut report = AttemptReport::default();
         let mut retry_after = None;
         let mut order_failure: Option<Error> = None;
 
         // 1. Orders a previous attempt (or process) left in flight.
         for row in self.store.orders_in_flight(Some(site_name))? {
-            self.store.add_event(site_name, self.clock.now(), "order-resumed", &format!("resuming {}", row.order_url), None, None)?;
+            self.store.add_event(
+                site_name,
+                self.clock.now(),
+                "order-resumed",
+                &format!("resuming {}", row.order_url),
+                None,
+                None,
+            )?;
             match self.finish_order(&row).await {
                 Ok(id) => report.issued.push(id),
                 Err(error) => {
@@ -211,8 +233,17 @@ impl Issuer {
             if answer.points_here {
                 passing.push(name);
             } else {
-                let why = answer.problem.unwrap_or_else(|| format!("{name} does not point at the platform"));
-                self.store.add_event(site_name, self.clock.now(), "dns-not-pointing", &why, None, Some("dns"))?;
+                let why = answer
+                    .problem
+                    .unwrap_or_else(|| format!("{name} does not point at the platform"));
+                self.store.add_event(
+                    site_name,
+                    self.clock.now(),
+                    "dns-not-pointing",
+                    &why,
+                    None,
+                    Some("dns"),
+                )?;
                 report.dns_failures.push((name, why));
             }
         }
@@ -237,16 +268,34 @@ impl Issuer {
         let now = self.clock.now();
         if let Some(error) = &order_failure {
             let problem_type = match error {
-                Error::Acme { problem_type, retry_after: ra, .. } => {
+                Error::Acme {
+                    problem_type,
+                    retry_after: ra,
+                    ..
+                } => {
                     retry_after = *ra;
                     problem_type.clone()
                 }
                 _ => None,
             };
-            self.store.add_event(site_name, now, "attempt-failed", &error.to_string(), problem_type.as_deref(), Some(&error.reason()))?;
+            self.store.add_event(
+                site_name,
+                now,
+                "attempt-failed",
+                &error.to_string(),
+                problem_type.as_deref(),
+                Some(&error.reason()),
+            )?;
             report.failure = Some(error.to_string());
         } else if !report.dns_failures.is_empty() && passing.is_empty() {
-            self.store.add_event(site_name, now, "attempt-failed", "no hostname of the site points at the platform", None, Some("dns"))?;
+            self.store.add_event(
+                site_name,
+                now,
+                "attempt-failed",
+                "no hostname of the site points at the platform",
+                None,
+                Some("dns"),
+            )?;
         }
         let failed = order_failure.is_some() || !report.dns_failures.is_empty();
         let failures = if failed { failures_before + 1 } else { 0 };
@@ -257,7 +306,14 @@ impl Issuer {
             let retry = retry_at(now, failures, jitter, retry_after);
             next = Some(next.map_or(retry, |n| n.min(retry)));
             last_problem = report.failure.clone().or_else(|| {
-                Some(report.dns_failures.iter().map(|(_, why)| why.as_str()).collect::<Vec<_>>().join("; "))
+                Some(
+                    report
+                        .dns_failures
+                        .iter()
+                        .map(|(_, why)| why.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
             });
         }
         // A change made while we worked (anything but our lease) keeps its earlier schedule.
@@ -267,7 +323,8 @@ impl Issuer {
             {
                 next = Some(next.map_or(requested, |n| n.min(requested)));
             }
-            self.store.schedule(site_name, next, failures, last_problem.as_deref())?;
+            self.store
+                .schedule(site_name, next, failures, last_problem.as_deref())?;
         }
         Ok(report)
     }
@@ -296,15 +353,23 @@ impl Issuer {
             .await
             .map_err(|_| Error::InvalidInput("the issuer is shutting down".into()))?;
         let acme = self.acme().await?;
-        let row = acme.create_order(self.store.as_ref(), site, names, self.clock.now()).await?;
+        let row = acme
+            .create_order(self.store.as_ref(), site, names, self.clock.now())
+            .await?;
         self.finish_order(&row).await
     }
 
     async fn finish_order(&self, row: &crate::store::OrderInFlight) -> Result<i64> {
         let acme = self.acme().await?;
-        let issued = acme.complete_order(self.store.as_ref(), &self.responder, row).await?;
+        let issued = acme
+            .complete_order(self.store.as_ref(), &self.responder, row)
+            .await?;
         let facts = leaf_facts(&issued.chain_pem)?;
-        let missing: Vec<_> = issued.names.iter().filter(|n| !facts.names.contains(n)).collect();
+        let missing: Vec<_> = issued
+            .names
+            .iter()
+            .filter(|n| !facts.names.contains(n))
+            .collect();
         if !missing.is_empty() {
             return Err(Error::Certificate(format!(
                 "the CA's certificate lacks {missing:?}; it was not stored"

@@ -5,14 +5,18 @@
 #![warn(missing_docs)]
 
 pub mod acme;
+pub mod admin_api;
+pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod error;
+pub mod diagnose;
 pub mod dns_check;
+pub mod error;
 pub mod hostname;
 pub mod http01;
 pub mod issuance;
 pub mod renewal;
+pub mod service;
 pub mod store;
 
 pub use error::{Error, Result};

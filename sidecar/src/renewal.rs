@@ -117,15 +117,19 @@ mod tests {
     fn ari_window_in_future_picks_point_inside() {
         let start = NOW + Duration::from_secs(3600);
         let end = NOW + Duration::from_secs(7200);
-        assert_eq!(ari_renew_at(NOW, start, end, 0.5), NOW + Duration::from_secs(5400));
-        assert_eq!(ari_renew_at(start + Duration::from_secs(1), start, end, 0.5), start + Duration::from_secs(1));
+        assert_eq!(
+            ari_renew_at(NOW, start, end, 0.5),
+            NOW + Duration::from_secs(5400)
+        );
+        assert_eq!(
+            ari_renew_at(start + Duration::from_secs(1), start, end, 0.5),
+            start + Duration::from_secs(1)
+        );
     }
 
     #[test]
     fn retries_step_one_ten_hundred_minutes_then_daily() {
-        let delays: Vec<_> = (1..=5)
-            .map(|n| retry_at(NOW, n, 0.0, None) - NOW)
-            .collect();
+        let delays: Vec<_> = (1..=5).map(|n| retry_at(NOW, n, 0.0, None) - NOW).collect();
         assert_eq!(
             delays,
             [60, 600, 6000, 86400, 86400].map(|s| time::Duration::seconds(s))
@@ -145,6 +149,9 @@ mod tests {
         let ca = NOW + Duration::from_secs(3600);
         assert_eq!(retry_at(NOW, 1, 0.0, Some(ca)), ca);
         let early = NOW + Duration::from_secs(10);
-        assert_eq!(retry_at(NOW, 1, 0.0, Some(early)), NOW + Duration::from_secs(60));
+        assert_eq!(
+            retry_at(NOW, 1, 0.0, Some(early)),
+            NOW + Duration::from_secs(60)
+        );
     }
 }

@@ -21,9 +21,13 @@ pub fn generate_key() -> Result<PrivateKeyPem> {
 pub fn csr_der(names: &[Hostname], key: &PrivateKeyPem) -> Result<Vec<u8>> {
     let key = KeyPair::from_pem(key.expose())
         .map_err(|_| Error::Certificate("the stored order key cannot be read".into()))?;
-    let mut params =
-        CertificateParams::new(names.iter().map(|n| n.as_str().to_owned()).collect::<Vec<_>>())
-            .map_err(|e| Error::Certificate(format!("building the CSR failed: {e}")))?;
+    let mut params = CertificateParams::new(
+        names
+            .iter()
+            .map(|n| n.as_str().to_owned())
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|e| Error::Certificate(format!("building the CSR failed: {e}")))?;
     params.distinguished_name = DistinguishedName::new();
     let csr = params
         .serialize_request(&key)
@@ -50,7 +54,8 @@ pub struct LeafFacts {
 pub fn chain_der(chain_pem: &str) -> Result<Vec<Vec<u8>>> {
     let mut certificates = Vec::new();
     for pem in Pem::iter_from_buffer(chain_pem.as_bytes()) {
-        let pem = pem.map_err(|e| Error::Certificate(format!("the chain is not valid PEM: {e}")))?;
+        let pem =
+            pem.map_err(|e| Error::Certificate(format!("the chain is not valid PEM: {e}")))?;
         if pem.label == "CERTIFICATE" {
             certificates.push(pem.contents);
         }
@@ -83,9 +88,10 @@ pub fn leaf_facts(chain_pem: &str) -> Result<LeafFacts> {
         OffsetDateTime::from_unix_timestamp(t.timestamp())
             .map_err(|e| Error::Certificate(format!("validity out of range: {e}")))
     };
-    let ari_id = instant_acme::CertificateIdentifier::try_from(&CertificateDer::from(ders[0].clone()))
-        .ok()
-        .map(|id| id.to_string());
+    let ari_id =
+        instant_acme::CertificateIdentifier::try_from(&CertificateDer::from(ders[0].clone()))
+            .ok()
+            .map(|id| id.to_string());
     Ok(LeafFacts {
         names,
         not_before: to_time(leaf.validity().not_before)?,
@@ -109,11 +115,13 @@ mod tests {
         assert!(format!("{key:?}").contains("redacted"));
         let der = csr_der(&names, &key).unwrap();
         use x509_parser::prelude::FromDer as _;
-        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
+        let (_, csr) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
         assert_eq!(csr.certification_request_info.subject.iter().count(), 0);
         let mut sans = Vec::new();
         for extension in csr.requested_extensions().into_iter().flatten() {
-            if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = extension {
+            if let x509_parser::extensions::ParsedExtension::SubjectAlternativeName(san) = extension
+            {
                 for name in &san.general_names {
                     if let GeneralName::DNSName(dns) = name {
                         sans.push(dns.to_string());
@@ -128,14 +136,21 @@ mod tests {
     #[test]
     fn leaf_facts_read_names_validity_and_serial() {
         let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["www.example.com".into(), "example.com".into()]).unwrap();
+        let mut params =
+            CertificateParams::new(vec!["www.example.com".into(), "example.com".into()]).unwrap();
         params.not_before = time::macros::datetime!(2026-01-01 00:00 UTC);
         params.not_after = time::macros::datetime!(2026-04-01 00:00 UTC);
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x0a, 0xbc]));
         let pem = params.self_signed(&key).unwrap().pem();
         let facts = leaf_facts(&pem).unwrap();
-        assert_eq!(facts.names.iter().map(Hostname::as_str).collect::<Vec<_>>(), ["example.com", "www.example.com"]);
-        assert_eq!(facts.not_after, time::macros::datetime!(2026-04-01 00:00 UTC));
+        assert_eq!(
+            facts.names.iter().map(Hostname::as_str).collect::<Vec<_>>(),
+            ["example.com", "www.example.com"]
+        );
+        assert_eq!(
+            facts.not_after,
+            time::macros::datetime!(2026-04-01 00:00 UTC)
+        );
         assert_eq!(facts.serial, "0abc");
     }
 }

@@ -65,7 +65,11 @@ pub fn install_crypto_provider() {
 impl AcmeClient {
     /// Restores the account for `config.directory_url` from the store, or creates it (with EAB
     /// when configured, RFC 8555 §7.3.4) and stores its credentials.
-    pub async fn connect(config: &AcmeConfig, store: &dyn Store, now: OffsetDateTime) -> Result<Self> {
+    pub async fn connect(
+        config: &AcmeConfig,
+        store: &dyn Store,
+        now: OffsetDateTime,
+    ) -> Result<Self> {
         install_crypto_provider();
         let builder = || match &config.extra_root_ca {
             Some(root) => Account::builder_with_root(root).map_err(|e| {
@@ -139,8 +143,10 @@ impl AcmeClient {
         now: OffsetDateTime,
     ) -> Result<OrderInFlight> {
         let key = certificate::generate_key()?;
-        let identifiers: Vec<Identifier> =
-            names.iter().map(|n| Identifier::Dns(n.as_str().to_owned())).collect();
+        let identifiers: Vec<Identifier> = names
+            .iter()
+            .map(|n| Identifier::Dns(n.as_str().to_owned()))
+            .collect();
         let mut request = NewOrder::new(&identifiers);
         if let Some(profile) = &self.profile {
             request = request.profile(profile);
@@ -193,13 +199,19 @@ impl AcmeClient {
         row: &OrderInFlight,
         tokens: &mut Vec<String>,
     ) -> std::result::Result<String, OrderFailure> {
-        let mut order = self.account.order(row.order_url.clone()).await.map_err(|e| {
-            match &e {
-                // The CA no longer knows the order (RFC 8555 §6.7 malformed/404): start afresh.
-                instant_acme::Error::Api(problem) if problem.status == Some(404) => Dead(e.into()),
-                _ => Transient(e.into()),
-            }
-        })?;
+        let mut order = self
+            .account
+            .order(row.order_url.clone())
+            .await
+            .map_err(|e| {
+                match &e {
+                    // The CA no longer knows the order (RFC 8555 §6.7 malformed/404): start afresh.
+                    instant_acme::Error::Api(problem) if problem.status == Some(404) => {
+                        Dead(e.into())
+                    }
+                    _ => Transient(e.into()),
+                }
+            })?;
         let mut progress = OrderProgress::ExpectOrder.next(observed(&mut order));
         for _ in 0..MAX_STEPS {
             progress = match progress {
@@ -236,7 +248,9 @@ impl AcmeClient {
         match progress {
             OrderProgress::Issued(chain) => Ok(chain),
             OrderProgress::Failed(problem) => {
-                let (problem_type, detail) = challenge_problem(&mut order).await.unwrap_or((None, problem));
+                let (problem_type, detail) = challenge_problem(&mut order)
+                    .await
+                    .unwrap_or((None, problem));
                 Err(Dead(Error::Acme {
                     problem_type,
                     detail,
@@ -329,7 +343,10 @@ async fn challenge_problem(order: &mut Order) -> Option<(Option<String>, String)
                     problem.r#type.clone(),
                     format!(
                         "{identifier}: {}",
-                        problem.detail.clone().unwrap_or_else(|| problem.to_string())
+                        problem
+                            .detail
+                            .clone()
+                            .unwrap_or_else(|| problem.to_string())
                     ),
                 ));
             }

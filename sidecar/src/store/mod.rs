@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, create_private_dir};
 
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
@@ -331,7 +331,12 @@ pub fn validate_site_name(name: &str) -> Result<()> {
 /// may call them directly (SQLite in WAL mode answers in microseconds).
 pub trait Store: Send + Sync + fmt::Debug {
     /// Creates a site with its hostnames; marks it due for issuance at `issue_at`.
-    fn create_site(&self, site: NewSite, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site>;
+    fn create_site(
+        &self,
+        site: NewSite,
+        now: OffsetDateTime,
+        issue_at: OffsetDateTime,
+    ) -> Result<Site>;
     /// All sites, by name.
     fn list_sites(&self) -> Result<Vec<Site>>;
     /// One site.
@@ -341,9 +346,21 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Replaces a site's policy.
     fn set_policy(&self, name: &str, policy: SitePolicy) -> Result<Site>;
     /// Adds a hostname; marks the site due at `issue_at`.
-    fn add_hostname(&self, site: &str, name: &Hostname, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site>;
+    fn add_hostname(
+        &self,
+        site: &str,
+        name: &Hostname,
+        now: OffsetDateTime,
+        issue_at: OffsetDateTime,
+    ) -> Result<Site>;
     /// Removes a (non-primary) hostname; marks the site due at `issue_at`.
-    fn remove_hostname(&self, site: &str, name: &Hostname, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site>;
+    fn remove_hostname(
+        &self,
+        site: &str,
+        name: &Hostname,
+        now: OffsetDateTime,
+        issue_at: OffsetDateTime,
+    ) -> Result<Site>;
     /// The site a hostname belongs to.
     fn site_of_hostname(&self, name: &Hostname) -> Result<Option<String>>;
     /// Marks a site due for an attempt at `at`, resetting its failure count (a fresh request);
@@ -352,7 +369,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Reads and clears a site's pending regenerate request.
     fn take_regenerate_request(&self, site: &str) -> Result<bool>;
     /// Records an attempt's outcome: the next attempt time, failure count and last problem.
-    fn schedule(&self, site: &str, next_attempt_at: Option<OffsetDateTime>, failures: u32, last_problem: Option<&str>) -> Result<()>;
+    fn schedule(
+        &self,
+        site: &str,
+        next_attempt_at: Option<OffsetDateTime>,
+        failures: u32,
+        last_problem: Option<&str>,
+    ) -> Result<()>;
     /// Sites whose next attempt is due at or before `now`.
     fn due_sites(&self, now: OffsetDateTime) -> Result<Vec<String>>;
     /// The earliest scheduled attempt of any site.
@@ -365,10 +388,22 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>>;
     /// Stores a certificate in one transaction: inserts it, supersedes the site's older
     /// certificates whose still-wanted names it covers, and deletes the order it completes.
-    fn store_certificate(&self, certificate: NewCertificate, completes_order: Option<i64>, now: OffsetDateTime) -> Result<StoredCertificate>;
+    fn store_certificate(
+        &self,
+        certificate: NewCertificate,
+        completes_order: Option<i64>,
+        now: OffsetDateTime,
+    ) -> Result<StoredCertificate>;
 
     /// Records an order created at the CA, with the key its CSR will use.
-    fn insert_order(&self, site: &str, names: &[Hostname], order_url: &str, key: &PrivateKeyPem, now: OffsetDateTime) -> Result<i64>;
+    fn insert_order(
+        &self,
+        site: &str,
+        names: &[Hostname],
+        order_url: &str,
+        key: &PrivateKeyPem,
+        now: OffsetDateTime,
+    ) -> Result<i64>;
     /// Orders in flight, oldest first (optionally for one site).
     fn orders_in_flight(&self, site: Option<&str>) -> Result<Vec<OrderInFlight>>;
     /// Forgets an order (it failed for good).
@@ -377,10 +412,23 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The ACME account credentials (JSON) for a directory, if one was created.
     fn account(&self, directory_url: &str) -> Result<Option<String>>;
     /// Saves ACME account credentials (JSON) for a directory.
-    fn save_account(&self, directory_url: &str, credentials_json: &str, now: OffsetDateTime) -> Result<()>;
+    fn save_account(
+        &self,
+        directory_url: &str,
+        credentials_json: &str,
+        now: OffsetDateTime,
+    ) -> Result<()>;
 
     /// Appends to a site's history.
-    fn add_event(&self, site: &str, at: OffsetDateTime, kind: &str, message: &str, problem_type: Option<&str>, reason: Option<&str>) -> Result<()>;
+    fn add_event(
+        &self,
+        site: &str,
+        at: OffsetDateTime,
+        kind: &str,
+        message: &str,
+        problem_type: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<()>;
     /// A site's history, newest first.
     fn events(&self, site: &str, limit: usize) -> Result<Vec<Event>>;
     /// Counts for metrics.

@@ -122,7 +122,8 @@ impl SqliteStore {
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
-        let applied: usize = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let applied: usize =
+            connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
         if applied > MIGRATIONS.len() {
             return Err(Error::CorruptStore(format!(
                 "the database has schema version {applied} but this build knows {}; upgrade autohttps",
@@ -149,7 +150,8 @@ impl SqliteStore {
     }
 
     fn bump_sites(&self) {
-        self.sites_changed.send_modify(|generation| *generation += 1);
+        self.sites_changed
+            .send_modify(|generation| *generation += 1);
     }
 
     fn bump_certificates(&self) {
@@ -195,8 +197,8 @@ fn names_json(names: &[Hostname]) -> String {
 }
 
 fn names_from_json(text: &str) -> Result<Vec<Hostname>> {
-    let raw: Vec<String> = serde_json::from_str(text)
-        .map_err(|e| Error::CorruptStore(format!("names list: {e}")))?;
+    let raw: Vec<String> =
+        serde_json::from_str(text).map_err(|e| Error::CorruptStore(format!("names list: {e}")))?;
     raw.iter()
         .map(|name| Hostname::parse(name).map_err(|e| Error::CorruptStore(e.to_string())))
         .collect()
@@ -279,15 +281,29 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
             },
         )
         .optional()?;
-    let Some((name, primary, https, redirect, hsts_enabled, max_age, mixed, created, next, failures, last_problem, regenerate_requested)) =
-        row
+    let Some((
+        name,
+        primary,
+        https,
+        redirect,
+        hsts_enabled,
+        max_age,
+        mixed,
+        created,
+        next,
+        failures,
+        last_problem,
+        regenerate_requested,
+    )) = row
     else {
         return Ok(None);
     };
     let mut statement =
         conn.prepare("SELECT hostname, kind FROM hostnames WHERE site = ?1 ORDER BY hostname")?;
     let mut hostnames = statement
-        .query_map([&name], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?
+        .query_map([&name], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?
         .map(|row| {
             let (hostname, kind) = row?;
             Ok(SiteHostname {
@@ -328,9 +344,19 @@ fn require_site(conn: &Connection, name: &str) -> Result<Site> {
     })
 }
 
-fn insert_hostname(tx: &Transaction<'_>, site: &str, name: &Hostname, kind: HostnameKind, now: OffsetDateTime) -> Result<()> {
+fn insert_hostname(
+    tx: &Transaction<'_>,
+    site: &str,
+    name: &Hostname,
+    kind: HostnameKind,
+    now: OffsetDateTime,
+) -> Result<()> {
     let owner: Option<String> = tx
-        .query_row("SELECT site FROM hostnames WHERE hostname = ?1", [name.as_str()], |row| row.get(0))
+        .query_row(
+            "SELECT site FROM hostnames WHERE hostname = ?1",
+            [name.as_str()],
+            |row| row.get(0),
+        )
         .optional()?;
     if let Some(owner) = owner {
         return Err(Error::Conflict(if owner == site {
@@ -346,7 +372,15 @@ fn insert_hostname(tx: &Transaction<'_>, site: &str, name: &Hostname, kind: Host
     Ok(())
 }
 
-fn insert_event(tx: &Connection, site: &str, at: OffsetDateTime, kind: &str, message: &str, problem_type: Option<&str>, reason: Option<&str>) -> Result<()> {
+fn insert_event(
+    tx: &Connection,
+    site: &str,
+    at: OffsetDateTime,
+    kind: &str,
+    message: &str,
+    problem_type: Option<&str>,
+    reason: Option<&str>,
+) -> Result<()> {
     tx.execute(
         "INSERT INTO events (site, at, kind, message, problem_type, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![site, ts(at), kind, message, problem_type, reason],
@@ -354,7 +388,11 @@ fn insert_event(tx: &Connection, site: &str, at: OffsetDateTime, kind: &str, mes
     Ok(())
 }
 
-fn query_certificates(conn: &Connection, sql_where: &str, param: &str) -> Result<Vec<StoredCertificate>> {
+fn query_certificates(
+    conn: &Connection,
+    sql_where: &str,
+    param: &str,
+) -> Result<Vec<StoredCertificate>> {
     let mut statement = conn.prepare(&format!(
         "SELECT {CERT_COLUMNS} FROM certificates WHERE superseded_at IS NULL {sql_where}
          ORDER BY not_after DESC, id DESC"
@@ -372,11 +410,20 @@ fn query_certificates(conn: &Connection, sql_where: &str, param: &str) -> Result
 }
 
 impl Store for SqliteStore {
-    fn create_site(&self, site: NewSite, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site> {
+    fn create_site(
+        &self,
+        site: NewSite,
+        now: OffsetDateTime,
+        issue_at: OffsetDateTime,
+    ) -> Result<Site> {
         super::validate_site_name(&site.name)?;
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM sites WHERE name = ?1)", [&site.name], |row| row.get(0))?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM sites WHERE name = ?1)",
+            [&site.name],
+            |row| row.get(0),
+        )?;
         if exists {
             return Err(Error::Conflict(format!(
                 "a site named {:?} already exists; pick another name or change that site",
@@ -404,9 +451,30 @@ impl Store for SqliteStore {
             if name == &site.primary {
                 continue;
             }
-            insert_hostname(&tx, &site.name, name, HostnameKind::of(name, &site.primary), now)?;
+            insert_hostname(
+                &tx,
+                &site.name,
+                name,
+                HostnameKind::of(name, &site.primary),
+                now,
+            )?;
         }
-        insert_event(&tx, &site.name, now, "site-created", &format!("site created with {} hostname(s)", 1 + site.hostnames.iter().filter(|n| *n != &site.primary).count()), None, None)?;
+        insert_event(
+            &tx,
+            &site.name,
+            now,
+            "site-created",
+            &format!(
+                "site created with {} hostname(s)",
+                1 + site
+                    .hostnames
+                    .iter()
+                    .filter(|n| *n != &site.primary)
+                    .count()
+            ),
+            None,
+            None,
+        )?;
         tx.commit()?;
         let created = require_site(&conn, &site.name)?;
         drop(conn);
@@ -420,10 +488,7 @@ impl Store for SqliteStore {
             .prepare("SELECT name FROM sites ORDER BY name")?
             .query_map([], |row| row.get::<_, String>(0))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        names
-            .iter()
-            .map(|name| require_site(&conn, name))
-            .collect()
+        names.iter().map(|name| require_site(&conn, name)).collect()
     }
 
     fn site(&self, name: &str) -> Result<Option<Site>> {
@@ -435,7 +500,9 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         let deleted = tx.execute("DELETE FROM sites WHERE name = ?1", [name])?;
         if deleted == 0 {
-            return Err(Error::NotFound(format!("no site named {name:?}; list sites with `autohttps site list`")));
+            return Err(Error::NotFound(format!(
+                "no site named {name:?}; list sites with `autohttps site list`"
+            )));
         }
         tx.execute("DELETE FROM events WHERE site = ?1", [name])?;
         tx.commit()?;
@@ -460,7 +527,9 @@ impl Store for SqliteStore {
             ],
         )?;
         if changed == 0 {
-            return Err(Error::NotFound(format!("no site named {name:?}; list sites with `autohttps site list`")));
+            return Err(Error::NotFound(format!(
+                "no site named {name:?}; list sites with `autohttps site list`"
+            )));
         }
         let site = require_site(&conn, name)?;
         drop(conn);
@@ -468,14 +537,31 @@ impl Store for SqliteStore {
         Ok(site)
     }
 
-    fn add_hostname(&self, site: &str, name: &Hostname, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site> {
+    fn add_hostname(
+        &self,
+        site: &str,
+        name: &Hostname,
+        now: OffsetDateTime,
+        issue_at: OffsetDateTime,
+    ) -> Result<Site> {
         let mut conn = self.lock();
         let primary = require_site(&conn, site)?.primary;
         let tx = conn.transaction()?;
         let kind = HostnameKind::of(name, &primary);
         insert_hostname(&tx, site, name, kind, now)?;
-        tx.execute("UPDATE sites SET next_attempt_at = ?2, failures = 0 WHERE name = ?1", params![site, ts(issue_at)])?;
-        insert_event(&tx, site, now, "hostname-added", &format!("{} {name} added", enum_text(&kind)), None, None)?;
+        tx.execute(
+            "UPDATE sites SET next_attempt_at = ?2, failures = 0 WHERE name = ?1",
+            params![site, ts(issue_at)],
+        )?;
+        insert_event(
+            &tx,
+            site,
+            now,
+            "hostname-added",
+            &format!("{} {name} added", enum_text(&kind)),
+            None,
+            None,
+        )?;
         tx.commit()?;
         let updated = require_site(&conn, site)?;
         drop(conn);
@@ -483,7 +569,13 @@ impl Store for SqliteStore {
         Ok(updated)
     }
 
-    fn remove_hostname(&self, site: &str, name: &Hostname, now: OffsetDateTime, issue_at: OffsetDateTime) -> Result<Site> {
+    fn remove_hostname(
+        &self,
+        site: &str,
+        name: &Hostname,
+        now: OffsetDateTime,
+        issue_at: OffsetDateTime,
+    ) -> Result<Site> {
         let mut conn = self.lock();
         let current = require_site(&conn, site)?;
         if &current.primary == name {
@@ -492,12 +584,28 @@ impl Store for SqliteStore {
             )));
         }
         let tx = conn.transaction()?;
-        let removed = tx.execute("DELETE FROM hostnames WHERE hostname = ?1 AND site = ?2", params![name.as_str(), site])?;
+        let removed = tx.execute(
+            "DELETE FROM hostnames WHERE hostname = ?1 AND site = ?2",
+            params![name.as_str(), site],
+        )?;
         if removed == 0 {
-            return Err(Error::NotFound(format!("{name} is not a hostname of site {site:?}")));
+            return Err(Error::NotFound(format!(
+                "{name} is not a hostname of site {site:?}"
+            )));
         }
-        tx.execute("UPDATE sites SET next_attempt_at = ?2, failures = 0 WHERE name = ?1", params![site, ts(issue_at)])?;
-        insert_event(&tx, site, now, "hostname-removed", &format!("{name} removed"), None, None)?;
+        tx.execute(
+            "UPDATE sites SET next_attempt_at = ?2, failures = 0 WHERE name = ?1",
+            params![site, ts(issue_at)],
+        )?;
+        insert_event(
+            &tx,
+            site,
+            now,
+            "hostname-removed",
+            &format!("{name} removed"),
+            None,
+            None,
+        )?;
         tx.commit()?;
         let updated = require_site(&conn, site)?;
         drop(conn);
@@ -509,7 +617,11 @@ impl Store for SqliteStore {
     fn site_of_hostname(&self, name: &Hostname) -> Result<Option<String>> {
         Ok(self
             .lock()
-            .query_row("SELECT site FROM hostnames WHERE hostname = ?1", [name.as_str()], |row| row.get(0))
+            .query_row(
+                "SELECT site FROM hostnames WHERE hostname = ?1",
+                [name.as_str()],
+                |row| row.get(0),
+            )
             .optional()?)
     }
 
@@ -519,7 +631,9 @@ impl Store for SqliteStore {
             params![site, ts(at), regenerate],
         )?;
         if changed == 0 {
-            return Err(Error::NotFound(format!("no site named {site:?}; list sites with `autohttps site list`")));
+            return Err(Error::NotFound(format!(
+                "no site named {site:?}; list sites with `autohttps site list`"
+            )));
         }
         Ok(())
     }
@@ -528,14 +642,24 @@ impl Store for SqliteStore {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let requested: Option<bool> = tx
-            .query_row("SELECT regenerate FROM sites WHERE name = ?1", [site], |row| row.get(0))
+            .query_row(
+                "SELECT regenerate FROM sites WHERE name = ?1",
+                [site],
+                |row| row.get(0),
+            )
             .optional()?;
         tx.execute("UPDATE sites SET regenerate = 0 WHERE name = ?1", [site])?;
         tx.commit()?;
         Ok(requested.unwrap_or(false))
     }
 
-    fn schedule(&self, site: &str, next_attempt_at: Option<OffsetDateTime>, failures: u32, last_problem: Option<&str>) -> Result<()> {
+    fn schedule(
+        &self,
+        site: &str,
+        next_attempt_at: Option<OffsetDateTime>,
+        failures: u32,
+        last_problem: Option<&str>,
+    ) -> Result<()> {
         self.lock().execute(
             "UPDATE sites SET next_attempt_at = ?2, failures = ?3, last_problem = ?4 WHERE name = ?1",
             params![site, next_attempt_at.map(ts), failures, last_problem],
@@ -552,9 +676,11 @@ impl Store for SqliteStore {
     }
 
     fn next_due(&self) -> Result<Option<OffsetDateTime>> {
-        let next: Option<i64> = self
-            .lock()
-            .query_row("SELECT MIN(next_attempt_at) FROM sites", [], |row| row.get(0))?;
+        let next: Option<i64> =
+            self.lock()
+                .query_row("SELECT MIN(next_attempt_at) FROM sites", [], |row| {
+                    row.get(0)
+                })?;
         next.map(from_ts).transpose()
     }
 
@@ -590,7 +716,12 @@ impl Store for SqliteStore {
         row.map(RawCertificate::decode).transpose()
     }
 
-    fn store_certificate(&self, certificate: NewCertificate, completes_order: Option<i64>, now: OffsetDateTime) -> Result<StoredCertificate> {
+    fn store_certificate(
+        &self,
+        certificate: NewCertificate,
+        completes_order: Option<i64>,
+        now: OffsetDateTime,
+    ) -> Result<StoredCertificate> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         tx.execute(
@@ -632,7 +763,10 @@ impl Store for SqliteStore {
                 .filter(|n| wanted.contains(n.as_str()))
                 .all(|n| certificate.names.contains(n));
             if redundant {
-                tx.execute("UPDATE certificates SET superseded_at = ?2 WHERE id = ?1", params![old_id, ts(now)])?;
+                tx.execute(
+                    "UPDATE certificates SET superseded_at = ?2 WHERE id = ?1",
+                    params![old_id, ts(now)],
+                )?;
             }
         }
         if let Some(order) = completes_order {
@@ -646,14 +780,23 @@ impl Store for SqliteStore {
             &format!(
                 "certificate {} for {} valid until {}",
                 certificate.serial,
-                certificate.names.iter().map(Hostname::as_str).collect::<Vec<_>>().join(", "),
+                certificate
+                    .names
+                    .iter()
+                    .map(Hostname::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 certificate.not_after
             ),
             None,
             None,
         )?;
         let stored = tx
-            .query_row(&format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = ?1"), [id], RawCertificate::from_row)?
+            .query_row(
+                &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = ?1"),
+                [id],
+                RawCertificate::from_row,
+            )?
             .decode()?;
         tx.commit()?;
         drop(conn);
@@ -661,7 +804,14 @@ impl Store for SqliteStore {
         Ok(stored)
     }
 
-    fn insert_order(&self, site: &str, names: &[Hostname], order_url: &str, key: &PrivateKeyPem, now: OffsetDateTime) -> Result<i64> {
+    fn insert_order(
+        &self,
+        site: &str,
+        names: &[Hostname],
+        order_url: &str,
+        key: &PrivateKeyPem,
+        now: OffsetDateTime,
+    ) -> Result<i64> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         tx.execute(
@@ -674,7 +824,14 @@ impl Store for SqliteStore {
             site,
             now,
             "order-created",
-            &format!("ordered a certificate for {} ({order_url})", names.iter().map(Hostname::as_str).collect::<Vec<_>>().join(", ")),
+            &format!(
+                "ordered a certificate for {} ({order_url})",
+                names
+                    .iter()
+                    .map(Hostname::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             None,
             None,
         )?;
@@ -715,18 +872,28 @@ impl Store for SqliteStore {
     }
 
     fn delete_order(&self, id: i64) -> Result<()> {
-        self.lock().execute("DELETE FROM orders WHERE id = ?1", [id])?;
+        self.lock()
+            .execute("DELETE FROM orders WHERE id = ?1", [id])?;
         Ok(())
     }
 
     fn account(&self, directory_url: &str) -> Result<Option<String>> {
         Ok(self
             .lock()
-            .query_row("SELECT credentials FROM accounts WHERE directory_url = ?1", [directory_url], |row| row.get(0))
+            .query_row(
+                "SELECT credentials FROM accounts WHERE directory_url = ?1",
+                [directory_url],
+                |row| row.get(0),
+            )
             .optional()?)
     }
 
-    fn save_account(&self, directory_url: &str, credentials_json: &str, now: OffsetDateTime) -> Result<()> {
+    fn save_account(
+        &self,
+        directory_url: &str,
+        credentials_json: &str,
+        now: OffsetDateTime,
+    ) -> Result<()> {
         self.lock().execute(
             "INSERT INTO accounts (directory_url, credentials, created_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(directory_url) DO UPDATE SET credentials = excluded.credentials",
@@ -735,7 +902,15 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn add_event(&self, site: &str, at: OffsetDateTime, kind: &str, message: &str, problem_type: Option<&str>, reason: Option<&str>) -> Result<()> {
+    fn add_event(
+        &self,
+        site: &str,
+        at: OffsetDateTime,
+        kind: &str,
+        message: &str,
+        problem_type: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<()> {
         insert_event(&self.lock(), site, at, kind, message, problem_type, reason)
     }
 
@@ -746,21 +921,32 @@ impl Store for SqliteStore {
              WHERE site = ?1 ORDER BY id DESC LIMIT ?2",
         )?;
         let rows = statement
-            .query_map(params![site, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, String>(4)?,
-                    row.get::<_, Option<String>>(5)?,
-                    row.get::<_, Option<String>>(6)?,
-                ))
-            })?
+            .query_map(
+                params![site, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, Option<String>>(5)?,
+                        row.get::<_, Option<String>>(6)?,
+                    ))
+                },
+            )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter()
             .map(|(id, site, at, kind, message, problem_type, reason)| {
-                Ok(Event { id, site, at: from_ts(at)?, kind, message, problem_type, reason })
+                Ok(Event {
+                    id,
+                    site,
+                    at: from_ts(at)?,
+                    kind,
+                    message,
+                    problem_type,
+                    reason,
+                })
             })
             .collect()
     }
@@ -777,10 +963,15 @@ impl Store for SqliteStore {
             .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
             .map(|row| row.map(|(reason, n)| (reason, u64::try_from(n).unwrap_or_default())))
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let orders_in_flight: i64 = conn.query_row("SELECT COUNT(*) FROM orders", [], |row| row.get(0))?;
+        let orders_in_flight: i64 =
+            conn.query_row("SELECT COUNT(*) FROM orders", [], |row| row.get(0))?;
         let mut sites_by_mode = Vec::new();
         for mode in [HttpsMode::Auto, HttpsMode::Force, HttpsMode::Disable] {
-            let n: i64 = conn.query_row("SELECT COUNT(*) FROM sites WHERE https_mode = ?1", [enum_text(&mode)], |row| row.get(0))?;
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM sites WHERE https_mode = ?1",
+                [enum_text(&mode)],
+                |row| row.get(0),
+            )?;
             sites_by_mode.push((mode, u64::try_from(n).unwrap_or_default()));
         }
         Ok(StoreCounts {
