@@ -1,2 +1,4 @@
 //! autohttps test support: a proxy-wasm host on wasmtime, and helpers for the end-to-end suites.
 #![warn(missing_docs)]
+
+pub mod wasm_host;

@@ -1,0 +1,994 @@
+//! The host side of the proxy-wasm 0.2.1 imports (`env.proxy_*`), with Envoy's semantics.
+//!
+//! Each call follows Envoy's `source/extensions/common/wasm/context.cc` and
+//! `proxy-wasm-cpp-host` `exports.cc`: which maps and buffers exist in which callback, which
+//! status a failure returns, how bodies are replaced. Imports this host does not implement are
+//! linked to a function that records a [`HostCallError`](super::HostCallError) naming the call
+//! and returns [`Status::Unimplemented`] (zero values for non-`i32` results): the guest sees an
+//! error, the host never panics and never traps on its own account. (Envoy itself refuses to
+//! load a module with an import it lacks; this host lets the test see which call it was.)
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Caller, ExternType, Linker, Module, Val, ValType};
+
+use super::abi::{
+    BufferType, LogLevel, MapType, MetricType, Status, StreamType, decode_pairs, encode_pairs,
+    len_u32,
+};
+use super::state::{Headers, HostState, HttpCall, LocalResponse, LogEntry, Metric, StreamState};
+
+/// The `env` imports this host implements, in ABI order.
+pub const SUPPORTED_HOST_CALLS: &[&str] = &[
+    "proxy_log",
+    "proxy_get_log_level",
+    "proxy_get_current_time_nanoseconds",
+    "proxy_set_tick_period_milliseconds",
+    "proxy_get_buffer_bytes",
+    "proxy_get_buffer_status",
+    "proxy_set_buffer_bytes",
+    "proxy_get_header_map_pairs",
+    "proxy_set_header_map_pairs",
+    "proxy_get_header_map_value",
+    "proxy_add_header_map_value",
+    "proxy_replace_header_map_value",
+    "proxy_remove_header_map_value",
+    "proxy_get_header_map_size",
+    "proxy_get_property",
+    "proxy_set_property",
+    "proxy_get_shared_data",
+    "proxy_set_shared_data",
+    "proxy_continue_stream",
+    "proxy_close_stream",
+    "proxy_continue_request",
+    "proxy_continue_response",
+    "proxy_send_local_response",
+    "proxy_http_call",
+    "proxy_set_effective_context",
+    "proxy_done",
+    "proxy_define_metric",
+    "proxy_increment_metric",
+    "proxy_record_metric",
+    "proxy_get_metric",
+    "proxy_get_status",
+];
+
+type Ctx<'a> = Caller<'a, HostState>;
+
+/// Why a host call did not return `Ok`: a status for the guest, or a trap of the guest itself
+/// (its allocator trapped while the host was handing it a buffer) that must propagate.
+enum Fail {
+    Status(Status),
+    Trap(wasmtime::Error),
+}
+
+impl From<Status> for Fail {
+    fn from(status: Status) -> Self {
+        Fail::Status(status)
+    }
+}
+
+type Outcome = Result<(), Fail>;
+
+/// Counts the call, runs it, records memory faults, and turns the outcome into a status code.
+fn run<'a>(
+    c: &mut Ctx<'a>,
+    name: &'static str,
+    call: impl FnOnce(&mut Ctx<'a>) -> Outcome,
+) -> wasmtime::Result<u32> {
+    let state = c.data_mut();
+    *state.call_counts.entry(name).or_default() += 1;
+    let context = state.effective_context;
+    if let Some(stream) = state.streams.get_mut(&context) {
+        stream.host_calls += 1;
+    }
+    match call(c) {
+        Ok(()) => Ok(Status::Ok.code()),
+        Err(Fail::Status(Status::InvalidMemoryAccess)) => {
+            c.data_mut().record_error(
+                name,
+                Status::InvalidMemoryAccess,
+                "a pointer or size lies outside guest memory, or the guest allocator failed"
+                    .to_owned(),
+            );
+            Ok(Status::InvalidMemoryAccess.code())
+        }
+        Err(Fail::Status(status)) => Ok(status.code()),
+        Err(Fail::Trap(trap)) => Err(trap),
+    }
+}
+
+fn read_bytes(c: &Ctx<'_>, ptr: u32, len: u32) -> Result<Vec<u8>, Status> {
+    let memory = c.data().memory.ok_or(Status::InvalidMemoryAccess)?;
+    let start = ptr as usize;
+    let end = start
+        .checked_add(len as usize)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    memory
+        .data(c)
+        .get(start..end)
+        .map(<[u8]>::to_vec)
+        .ok_or(Status::InvalidMemoryAccess)
+}
+
+fn read_string(c: &Ctx<'_>, ptr: u32, len: u32) -> Result<String, Status> {
+    Ok(String::from_utf8_lossy(&read_bytes(c, ptr, len)?).into_owned())
+}
+
+fn write_bytes(c: &mut Ctx<'_>, ptr: u32, bytes: &[u8]) -> Result<(), Status> {
+    let memory = c.data().memory.ok_or(Status::InvalidMemoryAccess)?;
+    memory
+        .write(c, ptr as usize, bytes)
+        .map_err(|_| Status::InvalidMemoryAccess)
+}
+
+fn write_u32(c: &mut Ctx<'_>, ptr: u32, value: u32) -> Result<(), Status> {
+    write_bytes(c, ptr, &value.to_le_bytes())
+}
+
+fn write_u64(c: &mut Ctx<'_>, ptr: u32, value: u64) -> Result<(), Status> {
+    write_bytes(c, ptr, &value.to_le_bytes())
+}
+
+/// Copies `bytes` into memory the guest allocates, then stores pointer and size (Envoy's
+/// `copyToPointerSize`: an empty value stores a null pointer and size 0).
+fn copy_out(c: &mut Ctx<'_>, bytes: &[u8], ptr_ptr: u32, size_ptr: u32) -> Outcome {
+    let mut pointer = 0;
+    if !bytes.is_empty() {
+        let allocate = c
+            .data()
+            .allocate
+            .clone()
+            .ok_or(Status::InvalidMemoryAccess)?;
+        pointer = allocate
+            .call(&mut *c, len_u32(bytes.len()))
+            .map_err(Fail::Trap)?;
+        if pointer == 0 {
+            return Err(Status::InvalidMemoryAccess.into());
+        }
+        write_bytes(c, pointer, bytes)?;
+    }
+    write_u32(c, ptr_ptr, pointer)?;
+    write_u32(c, size_ptr, len_u32(bytes.len()))?;
+    Ok(())
+}
+
+/// Registers every supported call on `linker`.
+pub(crate) fn add_proxy_calls(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: Ctx<'_>, level: u32, ptr: u32, len: u32| {
+            run(&mut c, "proxy_log", |c| log(c, level, ptr, len))
+        },
+    )?;
+    linker.func_wrap("env", "proxy_get_log_level", |mut c: Ctx<'_>, ret: u32| {
+        run(&mut c, "proxy_get_log_level", |c| {
+            let level = c.data().log_level as u32;
+            Ok(write_u32(c, ret, level)?)
+        })
+    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: Ctx<'_>, ret: u32| {
+            run(&mut c, "proxy_get_current_time_nanoseconds", |c| {
+                let now = c.data().clock.now_unix_nanos();
+                Ok(write_u64(c, ret, now)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: Ctx<'_>, period: u32| {
+            run(&mut c, "proxy_set_tick_period_milliseconds", |c| {
+                set_tick_period(c.data_mut(), period);
+                Ok(())
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: Ctx<'_>, ty: u32, start: u32, max: u32, ptr_ptr: u32, size_ptr: u32| {
+            run(&mut c, "proxy_get_buffer_bytes", |c| {
+                get_buffer_bytes(c, ty, start, max, ptr_ptr, size_ptr)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_buffer_status",
+        |mut c: Ctx<'_>, ty: u32, len_ptr: u32, flags_ptr: u32| {
+            run(&mut c, "proxy_get_buffer_status", |c| {
+                let ty = BufferType::from_raw(ty).ok_or(Status::BadArgument)?;
+                let len = len_u32(buffer(c.data_mut(), ty)?.len());
+                write_u32(c, len_ptr, len)?;
+                Ok(write_u32(c, flags_ptr, 0)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |mut c: Ctx<'_>, ty: u32, start: u32, size: u32, ptr: u32, len: u32| {
+            run(&mut c, "proxy_set_buffer_bytes", |c| {
+                set_buffer_bytes(c, ty, start, size, ptr, len)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: Ctx<'_>, ty: u32, ptr_ptr: u32, size_ptr: u32| {
+            run(&mut c, "proxy_get_header_map_pairs", |c| {
+                let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
+                let bytes = match readable_map(c.data_mut(), ty) {
+                    Some(map) if !map.is_empty() => encode_pairs(map.pairs()),
+                    _ => Vec::new(),
+                };
+                copy_out(c, &bytes, ptr_ptr, size_ptr)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: Ctx<'_>, ty: u32, ptr: u32, len: u32| {
+            run(&mut c, "proxy_set_header_map_pairs", |c| {
+                let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
+                let pairs = decode_pairs(&read_bytes(c, ptr, len)?).ok_or(Status::BadArgument)?;
+                let map = writable_map(c.data_mut(), ty).ok_or(Status::BadArgument)?;
+                *map = Headers::from_owned(pairs);
+                Ok(())
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: Ctx<'_>, ty: u32, key_ptr: u32, key_len: u32, ptr_ptr: u32, size_ptr: u32| {
+            run(&mut c, "proxy_get_header_map_value", |c| {
+                get_header_map_value(c, ty, key_ptr, key_len, ptr_ptr, size_ptr)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_add_header_map_value",
+        |mut c: Ctx<'_>, ty: u32, key_ptr: u32, key_len: u32, value_ptr: u32, value_len: u32| {
+            run(&mut c, "proxy_add_header_map_value", |c| {
+                edit_map(c, ty, key_ptr, key_len, value_ptr, value_len, Headers::add)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_replace_header_map_value",
+        |mut c: Ctx<'_>, ty: u32, key_ptr: u32, key_len: u32, value_ptr: u32, value_len: u32| {
+            run(&mut c, "proxy_replace_header_map_value", |c| {
+                edit_map(
+                    c,
+                    ty,
+                    key_ptr,
+                    key_len,
+                    value_ptr,
+                    value_len,
+                    Headers::replace,
+                )
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: Ctx<'_>, ty: u32, key_ptr: u32, key_len: u32| {
+            run(&mut c, "proxy_remove_header_map_value", |c| {
+                let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
+                let key = read_string(c, key_ptr, key_len)?;
+                let map = writable_map(c.data_mut(), ty).ok_or(Status::BadArgument)?;
+                map.remove(&key);
+                Ok(())
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_size",
+        |mut c: Ctx<'_>, ty: u32, ret: u32| {
+            run(&mut c, "proxy_get_header_map_size", |c| {
+                let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
+                let map = writable_map(c.data_mut(), ty).ok_or(Status::BadArgument)?;
+                let size = len_u32(map.byte_size());
+                Ok(write_u32(c, ret, size)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: Ctx<'_>, path_ptr: u32, path_len: u32, ptr_ptr: u32, size_ptr: u32| {
+            run(&mut c, "proxy_get_property", |c| {
+                let path = read_bytes(c, path_ptr, path_len)?;
+                let value = property(c.data_mut(), &path).ok_or(Status::NotFound)?;
+                copy_out(c, &value, ptr_ptr, size_ptr)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut c: Ctx<'_>, path_ptr: u32, path_len: u32, value_ptr: u32, value_len: u32| {
+            run(&mut c, "proxy_set_property", |c| {
+                let path = read_bytes(c, path_ptr, path_len)?;
+                let value = read_bytes(c, value_ptr, value_len)?;
+                // Envoy stores it in the stream's filter state; without a stream there is none.
+                let stream = c.data_mut().effective_stream().ok_or(Status::NotFound)?;
+                stream.properties.insert(path, value);
+                Ok(())
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: Ctx<'_>, key_ptr: u32, key_len: u32, ptr_ptr: u32, size_ptr: u32, cas_ptr: u32| {
+            run(&mut c, "proxy_get_shared_data", |c| {
+                let key = read_bytes(c, key_ptr, key_len)?;
+                let (value, cas) = c
+                    .data()
+                    .shared_data
+                    .get(&key)
+                    .cloned()
+                    .ok_or(Status::NotFound)?;
+                copy_out(c, &value, ptr_ptr, size_ptr)?;
+                Ok(write_u32(c, cas_ptr, cas)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: Ctx<'_>, key_ptr: u32, key_len: u32, value_ptr: u32, value_len: u32, cas: u32| {
+            run(&mut c, "proxy_set_shared_data", |c| {
+                let key = read_bytes(c, key_ptr, key_len)?;
+                let value = read_bytes(c, value_ptr, value_len)?;
+                Ok(set_shared_data(c.data_mut(), key, value, cas)?)
+            })
+        },
+    )?;
+    linker.func_wrap("env", "proxy_continue_stream", |mut c: Ctx<'_>, ty: u32| {
+        run(&mut c, "proxy_continue_stream", |c| {
+            let ty = StreamType::from_raw(ty).ok_or(Status::BadArgument)?;
+            Ok(continue_stream(c.data_mut(), ty)?)
+        })
+    })?;
+    linker.func_wrap("env", "proxy_continue_request", |mut c: Ctx<'_>| {
+        run(&mut c, "proxy_continue_request", |c| {
+            Ok(continue_stream(c.data_mut(), StreamType::Request)?)
+        })
+    })?;
+    linker.func_wrap("env", "proxy_continue_response", |mut c: Ctx<'_>| {
+        run(&mut c, "proxy_continue_response", |c| {
+            Ok(continue_stream(c.data_mut(), StreamType::Response)?)
+        })
+    })?;
+    linker.func_wrap("env", "proxy_close_stream", |mut c: Ctx<'_>, ty: u32| {
+        run(&mut c, "proxy_close_stream", |c| {
+            let ty = StreamType::from_raw(ty).ok_or(Status::BadArgument)?;
+            if let Some(stream) = c.data_mut().effective_stream() {
+                match ty {
+                    StreamType::Request => stream.closed_request = true,
+                    StreamType::Response => stream.closed_response = true,
+                    StreamType::Downstream | StreamType::Upstream => {}
+                }
+            }
+            Ok(())
+        })
+    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: Ctx<'_>,
+         status: u32,
+         details_ptr: u32,
+         details_len: u32,
+         body_ptr: u32,
+         body_len: u32,
+         headers_ptr: u32,
+         headers_len: u32,
+         grpc_status: i32| {
+            run(&mut c, "proxy_send_local_response", |c| {
+                // Envoy replaces white space in details with '_'.
+                let details: String = read_string(c, details_ptr, details_len)?
+                    .chars()
+                    .map(|ch| if ch.is_whitespace() { '_' } else { ch })
+                    .collect();
+                let body = read_bytes(c, body_ptr, body_len)?;
+                let headers = decode_pairs(&read_bytes(c, headers_ptr, headers_len)?)
+                    .ok_or(Status::BadArgument)?;
+                // Without a stream (a root context) Envoy has no decoder callbacks: a no-op.
+                if let Some(stream) = c.data_mut().effective_stream() {
+                    stream.local_responses.push(LocalResponse {
+                        status,
+                        headers: Headers::from_owned(headers),
+                        body,
+                        details,
+                        grpc_status,
+                    });
+                }
+                Ok(())
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_http_call",
+        |mut c: Ctx<'_>,
+         upstream_ptr: u32,
+         upstream_len: u32,
+         headers_ptr: u32,
+         headers_len: u32,
+         body_ptr: u32,
+         body_len: u32,
+         trailers_ptr: u32,
+         trailers_len: u32,
+         timeout_ms: u32,
+         token_ptr: u32| {
+            run(&mut c, "proxy_http_call", |c| {
+                let upstream = read_string(c, upstream_ptr, upstream_len)?;
+                let headers = decode_pairs(&read_bytes(c, headers_ptr, headers_len)?)
+                    .ok_or(Status::BadArgument)?;
+                let body = read_bytes(c, body_ptr, body_len)?;
+                let trailers = decode_pairs(&read_bytes(c, trailers_ptr, trailers_len)?)
+                    .ok_or(Status::BadArgument)?;
+                let token = http_call(c.data_mut(), upstream, headers, body, trailers, timeout_ms)?;
+                Ok(write_u32(c, token_ptr, token)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |mut c: Ctx<'_>, context_id: u32| {
+            run(&mut c, "proxy_set_effective_context", |c| {
+                let state = c.data_mut();
+                if context_id != state.root_context_id && !state.streams.contains_key(&context_id) {
+                    return Err(Status::BadArgument.into());
+                }
+                state.effective_context = context_id;
+                Ok(())
+            })
+        },
+    )?;
+    linker.func_wrap("env", "proxy_done", |mut c: Ctx<'_>| {
+        run(&mut c, "proxy_done", |c| {
+            let state = c.data_mut();
+            if state.effective_context != state.root_context_id || !state.root_done_pending {
+                return Err(Status::NotFound.into());
+            }
+            state.root_done_pending = false;
+            state.root_done = true;
+            Ok(())
+        })
+    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: Ctx<'_>, ty: u32, name_ptr: u32, name_len: u32, id_ptr: u32| {
+            run(&mut c, "proxy_define_metric", |c| {
+                let kind = MetricType::from_raw(ty).ok_or(Status::BadArgument)?;
+                let name = read_string(c, name_ptr, name_len)?;
+                let id = define_metric(c.data_mut(), kind, name);
+                Ok(write_u32(c, id_ptr, id)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |mut c: Ctx<'_>, id: u32, offset: i64| {
+            run(&mut c, "proxy_increment_metric", |c| {
+                Ok(increment_metric(c.data_mut(), id, offset)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |mut c: Ctx<'_>, id: u32, value: u64| {
+            run(&mut c, "proxy_record_metric", |c| {
+                Ok(record_metric(c.data_mut(), id, value)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: Ctx<'_>, id: u32, ret: u32| {
+            run(&mut c, "proxy_get_metric", |c| {
+                let value = get_metric(c.data_mut(), id)?;
+                Ok(write_u64(c, ret, value)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_status",
+        |mut c: Ctx<'_>, code_ptr: u32, ptr_ptr: u32, size_ptr: u32| {
+            run(&mut c, "proxy_get_status", |c| {
+                let (code, message) = c.data().status.clone();
+                write_u32(c, code_ptr, code)?;
+                copy_out(c, message.as_bytes(), ptr_ptr, size_ptr)
+            })
+        },
+    )?;
+    Ok(())
+}
+
+/// Links every function import of `module` that nothing else defined to a function that
+/// records the call as unsupported and returns an error to the guest. Returns the names so
+/// linked (`proxy_grpc_call`, or `module.name` outside `env`).
+pub(crate) fn link_unsupported(linker: &mut Linker<HostState>, module: &Module) -> Vec<String> {
+    let mut unsupported = Vec::new();
+    for import in module.imports() {
+        let ExternType::Func(ty) = import.ty() else {
+            continue;
+        };
+        let name: Arc<str> = if import.module() == "env" {
+            import.name().into()
+        } else {
+            format!("{}.{}", import.module(), import.name()).into()
+        };
+        let results: Vec<ValType> = ty.results().collect();
+        let recorded = Arc::clone(&name);
+        // Shadowing is off, so this fails exactly when the import is already implemented.
+        let linked = linker.func_new(
+            import.module(),
+            import.name(),
+            ty.clone(),
+            move |mut c: Ctx<'_>, _params: &[Val], out: &mut [Val]| {
+                c.data_mut().record_error(
+                    &recorded,
+                    Status::Unimplemented,
+                    format!(
+                        "host call {recorded} is not supported by the wasmtime proxy-wasm host"
+                    ),
+                );
+                for (slot, ty) in out.iter_mut().zip(&results) {
+                    *slot = match ty {
+                        ValType::I32 => Val::I32(Status::Unimplemented.code() as i32),
+                        other => Val::default_for_ty(other).unwrap_or(Val::I64(0)),
+                    };
+                }
+                Ok(())
+            },
+        );
+        if linked.is_ok() {
+            unsupported.push(name.to_string());
+        }
+    }
+    unsupported
+}
+
+fn log(c: &mut Ctx<'_>, level: u32, ptr: u32, len: u32) -> Outcome {
+    let level = LogLevel::from_raw(level).ok_or(Status::BadArgument)?;
+    let message = read_string(c, ptr, len)?;
+    let state = c.data_mut();
+    let context_id = state.effective_context;
+    state.logs.push(LogEntry {
+        level,
+        message,
+        context_id,
+    });
+    Ok(())
+}
+
+fn set_tick_period(state: &mut HostState, period_ms: u32) {
+    if period_ms == 0 {
+        state.tick_period = None;
+        state.next_tick_unix_nanos = None;
+    } else {
+        let period = Duration::from_millis(u64::from(period_ms));
+        state.tick_period = Some(period);
+        state.next_tick_unix_nanos = Some(
+            state
+                .clock
+                .now_unix_nanos()
+                .saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX)),
+        );
+    }
+}
+
+/// The buffer of `ty` as Envoy's `getBuffer` sees it now. Bodies outside their callbacks are
+/// empty (Envoy hands out a buffer wrapping a null pointer); configuration and HTTP call
+/// bodies outside their callbacks do not exist.
+fn buffer(state: &mut HostState, ty: BufferType) -> Result<&[u8], Status> {
+    match ty {
+        BufferType::VmConfiguration => Ok(&state.vm_configuration),
+        BufferType::PluginConfiguration if state.configuring => Ok(&state.plugin_configuration),
+        BufferType::PluginConfiguration => Err(Status::NotFound),
+        BufferType::HttpCallResponseBody => state
+            .http_call_reply
+            .as_ref()
+            .map(|reply| reply.body.as_slice())
+            .ok_or(Status::NotFound),
+        BufferType::RequestBody => Ok(state
+            .effective_stream()
+            .filter(|s| s.request_body_available)
+            .map_or(&[][..], |s| &s.request_body)),
+        BufferType::ResponseBody => Ok(state
+            .effective_stream()
+            .filter(|s| s.response_body_available)
+            .map_or(&[][..], |s| &s.response_body)),
+        BufferType::DownstreamData
+        | BufferType::UpstreamData
+        | BufferType::GrpcReceiveBuffer
+        | BufferType::CallData => Ok(&[]),
+    }
+}
+
+fn get_buffer_bytes(
+    c: &mut Ctx<'_>,
+    ty: u32,
+    start: u32,
+    max: u32,
+    ptr_ptr: u32,
+    size_ptr: u32,
+) -> Outcome {
+    let ty = BufferType::from_raw(ty).ok_or(Status::BadArgument)?;
+    let start = start as usize;
+    let bytes = {
+        let data = buffer(c.data_mut(), ty)?;
+        if start >= data.len() || max == 0 {
+            // Envoy returns Ok without touching the out-pointers: the SDK sees "no bytes".
+            return Ok(());
+        }
+        let end = start.saturating_add(max as usize).min(data.len());
+        data[start..end].to_vec()
+    };
+    copy_out(c, &bytes, ptr_ptr, size_ptr)
+}
+
+fn set_buffer_bytes(
+    c: &mut Ctx<'_>,
+    ty: u32,
+    start: u32,
+    size: u32,
+    ptr: u32,
+    len: u32,
+) -> Outcome {
+    let ty = BufferType::from_raw(ty).ok_or(Status::BadArgument)?;
+    let data = read_bytes(c, ptr, len)?;
+    let stream = c.data_mut().effective_stream().ok_or(Status::BadArgument)?;
+    let body = match ty {
+        BufferType::RequestBody if stream.request_body_available => &mut stream.request_body,
+        BufferType::ResponseBody if stream.response_body_available => &mut stream.response_body,
+        // Configuration and HTTP call bodies are immutable in Envoy.
+        _ => return Err(Status::BadArgument.into()),
+    };
+    // Envoy `Buffer::copyFrom`: replace a prefix, or append at/after the end.
+    let (start, size) = (start as usize, size as usize);
+    if start == 0 {
+        body.drain(..size.min(body.len()));
+        body.splice(0..0, data);
+    } else if start >= body.len() {
+        body.extend_from_slice(&data);
+    } else {
+        return Err(Status::BadArgument.into());
+    }
+    Ok(())
+}
+
+/// The map of `ty` for reading, as Envoy's `getConstMap` sees it now; `None` when absent.
+fn readable_map(state: &mut HostState, ty: MapType) -> Option<&Headers> {
+    match ty {
+        MapType::HttpCallResponseHeaders => state.http_call_reply.as_ref().map(|r| &r.headers),
+        MapType::HttpCallResponseTrailers => state.http_call_reply.as_ref().map(|r| &r.trailers),
+        MapType::GrpcInitialMetadata | MapType::GrpcTrailingMetadata => None,
+        MapType::RequestHeaders
+        | MapType::RequestTrailers
+        | MapType::ResponseHeaders
+        | MapType::ResponseTrailers => {
+            let stream = state.effective_stream()?;
+            stream_map(stream, ty)
+        }
+    }
+}
+
+fn stream_map(stream: &StreamState, ty: MapType) -> Option<&Headers> {
+    if stream.access_log_phase {
+        return match ty {
+            MapType::RequestHeaders => Some(&stream.request_headers),
+            MapType::ResponseHeaders => Some(&stream.response_headers),
+            MapType::ResponseTrailers => Some(&stream.response_trailers),
+            _ => None,
+        };
+    }
+    match ty {
+        MapType::RequestHeaders if stream.request_headers_available => {
+            Some(&stream.request_headers)
+        }
+        MapType::RequestTrailers if stream.request_trailers_available => {
+            Some(&stream.request_trailers)
+        }
+        MapType::ResponseHeaders if stream.response_headers_available => {
+            Some(&stream.response_headers)
+        }
+        MapType::ResponseTrailers if stream.response_trailers_available => {
+            Some(&stream.response_trailers)
+        }
+        _ => None,
+    }
+}
+
+/// The map of `ty` for writing, as Envoy's `getMap` sees it now; `None` when absent.
+fn writable_map(state: &mut HostState, ty: MapType) -> Option<&mut Headers> {
+    let stream = state.effective_stream()?;
+    match ty {
+        MapType::RequestHeaders if stream.request_headers_available => {
+            Some(&mut stream.request_headers)
+        }
+        MapType::RequestTrailers => {
+            // Envoy adds trailers when asked during the last body callback.
+            if !stream.request_trailers_available
+                && stream.request_body_available
+                && stream.end_of_stream
+            {
+                stream.request_trailers_available = true;
+            }
+            stream
+                .request_trailers_available
+                .then_some(&mut stream.request_trailers)
+        }
+        MapType::ResponseHeaders if stream.response_headers_available => {
+            Some(&mut stream.response_headers)
+        }
+        MapType::ResponseTrailers => {
+            if !stream.response_trailers_available
+                && stream.response_body_available
+                && stream.end_of_stream
+            {
+                stream.response_trailers_available = true;
+            }
+            stream
+                .response_trailers_available
+                .then_some(&mut stream.response_trailers)
+        }
+        _ => None,
+    }
+}
+
+fn get_header_map_value(
+    c: &mut Ctx<'_>,
+    ty: u32,
+    key_ptr: u32,
+    key_len: u32,
+    ptr_ptr: u32,
+    size_ptr: u32,
+) -> Outcome {
+    let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
+    let key = read_string(c, key_ptr, key_len)?;
+    let state = c.data_mut();
+    let access_log_phase = state.effective_stream().is_some_and(|s| s.access_log_phase);
+    let value = match readable_map(state, ty) {
+        Some(map) => map.get(&key).map(str::to_owned).ok_or(Status::NotFound)?,
+        None if access_log_phase => return Err(Status::NotFound.into()),
+        // The map is not available in this callback.
+        None => return Err(Status::BadArgument.into()),
+    };
+    copy_out(c, value.as_bytes(), ptr_ptr, size_ptr)
+}
+
+fn edit_map(
+    c: &mut Ctx<'_>,
+    ty: u32,
+    key_ptr: u32,
+    key_len: u32,
+    value_ptr: u32,
+    value_len: u32,
+    edit: fn(&mut Headers, &str, &str),
+) -> Outcome {
+    let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
+    let key = read_string(c, key_ptr, key_len)?;
+    let value = read_string(c, value_ptr, value_len)?;
+    let map = writable_map(c.data_mut(), ty).ok_or(Status::BadArgument)?;
+    edit(map, &key, &value);
+    Ok(())
+}
+
+/// Property lookup: the stream's own properties (given by the test or set by the filter),
+/// then attributes Envoy derives from the headers available now, then the host's properties.
+fn property(state: &mut HostState, path: &[u8]) -> Option<Vec<u8>> {
+    if let Some(stream) = state.streams.get(&state.effective_context) {
+        if let Some(value) = stream.properties.get(path) {
+            return Some(value.clone());
+        }
+        if let Some(value) = derived_property(stream, path) {
+            return Some(value);
+        }
+    }
+    state.properties.get(path).cloned()
+}
+
+/// Envoy's `request.*` and `response.code` attributes, from the maps available now.
+fn derived_property(stream: &StreamState, path: &[u8]) -> Option<Vec<u8>> {
+    let path = std::str::from_utf8(path).ok()?;
+    let mut parts = path.split('\0');
+    let (top, field) = (parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    match top {
+        "request" => {
+            let headers = stream_map(stream, MapType::RequestHeaders)?;
+            let header = |name: &str| headers.get(name).map(|v| v.as_bytes().to_vec());
+            let raw_path = headers.get(":path");
+            match field {
+                "path" => header(":path"),
+                "url_path" => {
+                    raw_path.map(|p| p.split('?').next().unwrap_or(p).as_bytes().to_vec())
+                }
+                "query" => {
+                    raw_path.map(|p| p.split_once('?').map_or("", |(_, q)| q).as_bytes().to_vec())
+                }
+                "host" => header(":authority"),
+                "scheme" => header(":scheme"),
+                "method" => header(":method"),
+                "referer" => header("referer"),
+                "useragent" => header("user-agent"),
+                "id" => header("x-request-id"),
+                _ => None,
+            }
+        }
+        "response" if field == "code" => {
+            let headers = stream_map(stream, MapType::ResponseHeaders)?;
+            let code: i64 = headers.get(":status")?.parse().ok()?;
+            Some(code.to_le_bytes().to_vec())
+        }
+        _ => None,
+    }
+}
+
+fn set_shared_data(
+    state: &mut HostState,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    cas: u32,
+) -> Result<(), Status> {
+    if let Some((_, current)) = state.shared_data.get(&key)
+        && cas != 0
+        && cas != *current
+    {
+        return Err(Status::CasMismatch);
+    }
+    let next = state.next_cas;
+    state.next_cas = state.next_cas.checked_add(1).unwrap_or(1);
+    state.shared_data.insert(key, (value, next));
+    Ok(())
+}
+
+/// Envoy's `continueStream`: resumes the direction and (for both HTTP directions, as Envoy
+/// does) drops its pointers to the request maps and body.
+fn continue_stream(state: &mut HostState, ty: StreamType) -> Result<(), Status> {
+    match ty {
+        StreamType::Downstream => return Ok(()),
+        StreamType::Upstream => return Err(Status::Unimplemented),
+        StreamType::Request | StreamType::Response => {}
+    }
+    if let Some(stream) = state.effective_stream() {
+        if ty == StreamType::Request {
+            stream.continued_request += 1;
+        } else {
+            stream.continued_response += 1;
+        }
+        stream.request_headers_available = false;
+        stream.request_body_available = false;
+        stream.request_trailers_available = false;
+    }
+    Ok(())
+}
+
+fn http_call(
+    state: &mut HostState,
+    upstream: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+    timeout_ms: u32,
+) -> Result<u32, Status> {
+    if i32::try_from(timeout_ms).is_err() {
+        return Err(Status::BadArgument);
+    }
+    if let Some(known) = &state.known_clusters
+        && !known.contains(&upstream)
+    {
+        return Err(Status::BadArgument);
+    }
+    let mut headers = Headers::from_owned(headers);
+    if [":path", ":method", ":authority"]
+        .iter()
+        .any(|required| !headers.contains(required))
+    {
+        return Err(Status::BadArgument);
+    }
+    if !body.is_empty() {
+        headers.replace("content-length", &body.len().to_string());
+    }
+    let token = state.next_http_token;
+    state.next_http_token = state.next_http_token.wrapping_add(1).max(1);
+    state.http_calls.push(HttpCall {
+        token,
+        context_id: state.effective_context,
+        upstream,
+        headers,
+        body,
+        trailers: Headers::from_owned(trailers),
+        timeout: Duration::from_millis(u64::from(timeout_ms)),
+    });
+    state.pending_http_calls.push(token);
+    Ok(token)
+}
+
+/// Metric ids carry their type in the two low bits, as in Envoy.
+const METRIC_TYPE_MASK: u32 = 0x3;
+
+fn define_metric(state: &mut HostState, kind: MetricType, name: String) -> u32 {
+    let id = (state.next_metric_seq << 2) | kind as u32;
+    state.next_metric_seq = state.next_metric_seq.wrapping_add(1);
+    state.metrics.entry(name.clone()).or_insert(Metric {
+        kind,
+        value: 0,
+        samples: Vec::new(),
+    });
+    state.metric_ids.insert(id, (kind, name));
+    id
+}
+
+fn metric_mut(state: &mut HostState, id: u32) -> Option<&mut Metric> {
+    let (_, name) = state.metric_ids.get(&id)?;
+    state.metrics.get_mut(name)
+}
+
+fn increment_metric(state: &mut HostState, id: u32, offset: i64) -> Result<(), Status> {
+    match MetricType::from_raw(id & METRIC_TYPE_MASK) {
+        Some(MetricType::Counter) => {
+            let metric = metric_mut(state, id).ok_or(Status::NotFound)?;
+            if offset <= 0 {
+                return Err(Status::BadArgument);
+            }
+            metric.value = metric.value.saturating_add(offset.unsigned_abs());
+        }
+        Some(MetricType::Gauge) => {
+            let metric = metric_mut(state, id).ok_or(Status::NotFound)?;
+            metric.value = if offset >= 0 {
+                metric.value.saturating_add(offset.unsigned_abs())
+            } else {
+                metric.value.saturating_sub(offset.unsigned_abs())
+            };
+        }
+        Some(MetricType::Histogram) | None => return Err(Status::BadArgument),
+    }
+    Ok(())
+}
+
+fn record_metric(state: &mut HostState, id: u32, value: u64) -> Result<(), Status> {
+    let metric = metric_mut(state, id).ok_or(Status::NotFound)?;
+    match metric.kind {
+        MetricType::Counter => metric.value = metric.value.saturating_add(value),
+        MetricType::Gauge => metric.value = value,
+        MetricType::Histogram => metric.samples.push(value),
+    }
+    Ok(())
+}
+
+fn get_metric(state: &mut HostState, id: u32) -> Result<u64, Status> {
+    match MetricType::from_raw(id & METRIC_TYPE_MASK) {
+        Some(MetricType::Counter | MetricType::Gauge) => metric_mut(state, id)
+            .map(|m| m.value)
+            .ok_or(Status::NotFound),
+        Some(MetricType::Histogram) | None => Err(Status::BadArgument),
+    }
+}

@@ -1,0 +1,334 @@
+//! What the host records and serves: header maps, bodies, properties, shared data, metrics,
+//! logs, HTTP calls and local responses. Everything lives in one [`HostState`] per host (the
+//! wasmtime store data), so hosts never share state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use wasmtime::{Memory, TypedFunc};
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+use super::abi::{LogLevel, MetricType, Status};
+use super::clock::Clock;
+
+/// An ordered header (or trailer) map as Envoy keeps it: keys lower case, repeated keys allowed.
+///
+/// ```
+/// use autohttps_tests::wasm_host::Headers;
+///
+/// let headers = Headers::from_pairs(&[(":status", "301"), ("Location", "https://a.test/")]);
+/// assert_eq!(headers.get("location"), Some("https://a.test/"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// A map from `(name, value)` pairs; names are lower-cased as Envoy does.
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        Self(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn from_owned(pairs: Vec<(String, String)>) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+        )
+    }
+
+    /// The first value of `name` (case-insensitive), as `proxy_get_header_map_value` returns it.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `name`, in order.
+    pub fn get_all(&self, name: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// Whether `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// All pairs, in order.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the map has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sum of key and value lengths: what Envoy's `byteSize()` (and so
+    /// `proxy_get_header_map_size`) reports.
+    pub fn byte_size(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+
+    /// Appends a value (Envoy `addCopy`).
+    pub(crate) fn add(&mut self, name: &str, value: &str) {
+        self.0.push((name.to_ascii_lowercase(), value.to_owned()));
+    }
+
+    /// Sets the single value of `name`: the first entry is replaced in place, later ones
+    /// removed; appended when absent (Envoy `setCopy`).
+    pub(crate) fn replace(&mut self, name: &str, value: &str) {
+        let name = name.to_ascii_lowercase();
+        let mut seen = false;
+        self.0.retain_mut(|(k, v)| {
+            if *k != name {
+                return true;
+            }
+            if seen {
+                return false;
+            }
+            seen = true;
+            *v = value.to_owned();
+            true
+        });
+        if !seen {
+            self.0.push((name, value.to_owned()));
+        }
+    }
+
+    /// Removes every value of `name`.
+    pub(crate) fn remove(&mut self, name: &str) {
+        self.0.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+}
+
+/// A response the filter sent itself with `proxy_send_local_response`, as it asked for it.
+///
+/// The headers the client finally sees (after Envoy ran the filter's own response callbacks on
+/// the local reply) are in [`HttpStream::current_response_headers`](super::HttpStream::current_response_headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    /// HTTP status code.
+    pub status: u32,
+    /// Headers the filter asked to add (keys lower-cased).
+    pub headers: Headers,
+    /// Response body.
+    pub body: Vec<u8>,
+    /// Response code details (Envoy's `%RESPONSE_CODE_DETAILS%`); empty when not given.
+    pub details: String,
+    /// gRPC status, `-1` when not set.
+    pub grpc_status: i32,
+}
+
+/// An HTTP call the filter dispatched with `proxy_http_call`; answer it with
+/// [`Host::respond_to_http_call`](super::Host::respond_to_http_call).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    /// Token the host returned to the guest.
+    pub token: u32,
+    /// Context that dispatched it (its `proxy_on_http_call_response` receives the answer).
+    pub context_id: u32,
+    /// Envoy cluster name the call goes to.
+    pub upstream: String,
+    /// Request headers, including `:method`, `:path` and `:authority`.
+    pub headers: Headers,
+    /// Request body.
+    pub body: Vec<u8>,
+    /// Request trailers.
+    pub trailers: Headers,
+    /// Timeout; zero means Envoy's default (none).
+    pub timeout: Duration,
+}
+
+/// One `proxy_log` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Level the guest logged at.
+    pub level: LogLevel,
+    /// The message.
+    pub message: String,
+    /// Context that was effective when it logged.
+    pub context_id: u32,
+}
+
+/// A metric the filter defined, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metric {
+    /// Counter, gauge or histogram.
+    pub kind: MetricType,
+    /// Current value of a counter or gauge; 0 for a histogram.
+    pub value: u64,
+    /// Values recorded into a histogram, in order; empty for counters and gauges.
+    pub samples: Vec<u64>,
+}
+
+/// A host call that failed in a way the guest author should hear about: an import this host
+/// does not implement, or guest memory it could not read or write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCallError {
+    /// The import, e.g. `proxy_grpc_call` or `wasi_unstable.fd_write`.
+    pub call: String,
+    /// Status returned to the guest.
+    pub status: Status,
+    /// What went wrong.
+    pub message: String,
+    /// Context that was effective.
+    pub context_id: u32,
+}
+
+/// The answer to an HTTP call, visible to the guest while `proxy_on_http_call_response` runs.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HttpCallReply {
+    pub(crate) headers: Headers,
+    pub(crate) body: Vec<u8>,
+    pub(crate) trailers: Headers,
+}
+
+/// One HTTP stream's state, mirroring what Envoy's wasm `Context` holds.
+#[derive(Debug, Default)]
+pub(crate) struct StreamState {
+    pub(crate) request_headers: Headers,
+    pub(crate) request_trailers: Headers,
+    pub(crate) response_headers: Headers,
+    pub(crate) response_trailers: Headers,
+    /// Which maps Envoy currently exposes (it drops its pointer once a callback continues).
+    pub(crate) request_headers_available: bool,
+    pub(crate) request_trailers_available: bool,
+    pub(crate) response_headers_available: bool,
+    pub(crate) response_trailers_available: bool,
+    /// During `proxy_on_log` Envoy exposes request/response headers and response trailers
+    /// read-only.
+    pub(crate) access_log_phase: bool,
+    pub(crate) request_body: Vec<u8>,
+    pub(crate) response_body: Vec<u8>,
+    pub(crate) request_body_available: bool,
+    pub(crate) response_body_available: bool,
+    pub(crate) buffering_request_body: bool,
+    pub(crate) buffering_response_body: bool,
+    pub(crate) forwarded_request_body: Vec<u8>,
+    pub(crate) forwarded_response_body: Vec<u8>,
+    pub(crate) local_responses: Vec<LocalResponse>,
+    /// Response headers reached the filter (from upstream, or a replayed local reply).
+    pub(crate) response_started: bool,
+    pub(crate) properties: HashMap<Vec<u8>, Vec<u8>>,
+    pub(crate) continued_request: u32,
+    pub(crate) continued_response: u32,
+    pub(crate) closed_request: bool,
+    pub(crate) closed_response: bool,
+    pub(crate) host_calls: u64,
+    pub(crate) end_of_stream: bool,
+    pub(crate) completed: bool,
+}
+
+/// The wasmtime store data of one host.
+pub(crate) struct HostState {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) allocate: Option<TypedFunc<u32, u32>>,
+    pub(crate) clock: Clock,
+    pub(crate) log_level: LogLevel,
+    pub(crate) logs: Vec<LogEntry>,
+    pub(crate) host_call_errors: Vec<HostCallError>,
+    pub(crate) call_counts: BTreeMap<&'static str, u64>,
+    pub(crate) properties: HashMap<Vec<u8>, Vec<u8>>,
+    pub(crate) shared_data: HashMap<Vec<u8>, (Vec<u8>, u32)>,
+    pub(crate) next_cas: u32,
+    pub(crate) metric_ids: HashMap<u32, (MetricType, String)>,
+    pub(crate) metrics: BTreeMap<String, Metric>,
+    pub(crate) next_metric_seq: u32,
+    pub(crate) tick_period: Option<Duration>,
+    pub(crate) next_tick_unix_nanos: Option<u64>,
+    pub(crate) http_calls: Vec<HttpCall>,
+    pub(crate) pending_http_calls: Vec<u32>,
+    pub(crate) next_http_token: u32,
+    pub(crate) http_call_reply: Option<HttpCallReply>,
+    pub(crate) known_clusters: Option<Vec<String>>,
+    pub(crate) vm_configuration: Vec<u8>,
+    pub(crate) plugin_configuration: Vec<u8>,
+    pub(crate) configuring: bool,
+    pub(crate) root_context_id: u32,
+    pub(crate) effective_context: u32,
+    pub(crate) streams: BTreeMap<u32, StreamState>,
+    pub(crate) status: (u32, String),
+    /// The root context's `proxy_on_done` returned false: it will call `proxy_done` later.
+    pub(crate) root_done_pending: bool,
+    pub(crate) root_done: bool,
+}
+
+impl std::fmt::Debug for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostState")
+            .field("root_context_id", &self.root_context_id)
+            .field("effective_context", &self.effective_context)
+            .field("streams", &self.streams.len())
+            .field("logs", &self.logs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostState {
+    pub(crate) fn new(wasi: WasiP1Ctx, clock: Clock) -> Self {
+        Self {
+            wasi,
+            memory: None,
+            allocate: None,
+            clock,
+            log_level: LogLevel::Info,
+            logs: Vec::new(),
+            host_call_errors: Vec::new(),
+            call_counts: BTreeMap::new(),
+            properties: HashMap::new(),
+            shared_data: HashMap::new(),
+            next_cas: 1,
+            metric_ids: HashMap::new(),
+            metrics: BTreeMap::new(),
+            next_metric_seq: 1,
+            tick_period: None,
+            next_tick_unix_nanos: None,
+            http_calls: Vec::new(),
+            pending_http_calls: Vec::new(),
+            next_http_token: 1,
+            http_call_reply: None,
+            known_clusters: None,
+            vm_configuration: Vec::new(),
+            plugin_configuration: Vec::new(),
+            configuring: false,
+            root_context_id: 1,
+            effective_context: 1,
+            streams: BTreeMap::new(),
+            status: (0, String::new()),
+            root_done_pending: false,
+            root_done: false,
+        }
+    }
+
+    /// The stream whose context is effective, if the effective context is a stream.
+    pub(crate) fn effective_stream(&mut self) -> Option<&mut StreamState> {
+        self.streams.get_mut(&self.effective_context)
+    }
+
+    pub(crate) fn record_error(&mut self, call: &str, status: Status, message: String) {
+        let context_id = self.effective_context;
+        self.host_call_errors.push(HostCallError {
+            call: call.to_owned(),
+            status,
+            message,
+            context_id,
+        });
+    }
+}

@@ -1,0 +1,81 @@
+//! Builds a workspace crate for `wasm32-wasip1` so tests can load the `.wasm` they exercise.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use super::error::{Result, WasmHostError};
+
+/// Builds `package` with `cargo build --target wasm32-wasip1 --profile wasm-release` (once per
+/// process; cargo itself skips the work when nothing changed) and returns the path of the
+/// `.wasm`. The target directory is `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+///
+/// ```no_run
+/// use autohttps_tests::wasm_host::{FilterModule, build_workspace_wasm};
+///
+/// let wasm = build_workspace_wasm("autohttps-minimal-filter")?;
+/// let module = FilterModule::load(&wasm)?;
+/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// ```
+pub fn build_workspace_wasm(package: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    // Holding the lock while cargo runs keeps parallel tests from starting the same build.
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(path) = built.get(package) {
+        return Ok(path.clone());
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or_else(|| WasmHostError::Build {
+            package: package.to_owned(),
+            message: "the tests crate has no parent directory".to_owned(),
+        })?
+        .to_owned();
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|dir| {
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace.join(dir)
+            }
+        })
+        .unwrap_or_else(|| workspace.join("target"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "--quiet",
+            "--target",
+            "wasm32-wasip1",
+            "--profile",
+            "wasm-release",
+            "-p",
+            package,
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .output()
+        .map_err(|e| WasmHostError::Build {
+            package: package.to_owned(),
+            message: format!("cannot run cargo: {e}"),
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+        return Err(WasmHostError::Build {
+            package: package.to_owned(),
+            message: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        });
+    }
+    let path = target_dir
+        .join("wasm32-wasip1")
+        .join("wasm-release")
+        .join(format!("{}.wasm", package.replace('-', "_")));
+    built.insert(package.to_owned(), path.clone());
+    Ok(path)
+}
