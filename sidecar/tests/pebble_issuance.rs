@@ -1,0 +1,210 @@
+//! Issuance against a real Pebble: one certificate for a site's names, verified against Pebble's
+//! root; re-issue on a new alias while the old certificate keeps serving; DNS pre-check.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use autohttps_sidecar::acme::certificate::chain_der;
+use autohttps_sidecar::clock::SystemClock;
+use autohttps_sidecar::hostname::Hostname;
+use reqwest::Method;
+use serde_json::json;
+use support::{Pebble, certificate_names, free_port, start_sidecar};
+use x509_parser::prelude::*;
+
+/// Checks every link of `chain` (leaf first) and that the last one is signed by `root`.
+fn verify_chain(chain_pem: &str, root_pem: &str) -> anyhow::Result<()> {
+    let chain = chain_der(chain_pem)?;
+    let root = chain_der(root_pem)?;
+    let parsed: Vec<X509Certificate<'_>> = chain
+        .iter()
+        .map(|der| parse_x509_certificate(der).map(|(_, c)| c))
+        .collect::<Result<_, _>>()?;
+    let (_, root) = parse_x509_certificate(&root[0])?;
+    for pair in parsed.windows(2) {
+        pair[0]
+            .verify_signature(Some(pair[1].public_key()))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{} not signed by {}: {e}",
+                    pair[0].subject(),
+                    pair[1].subject()
+                )
+            })?;
+    }
+    let top = parsed.last().expect("non-empty chain");
+    top.verify_signature(Some(root.public_key())).map_err(|e| {
+        anyhow::anyhow!(
+            "chain top {} not signed by Pebble's root: {e}",
+            top.subject()
+        )
+    })?;
+    anyhow::ensure!(
+        top.issuer() == root.subject(),
+        "issuer/subject mismatch at the root"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_with_three_names_gets_one_certificate_verified_against_pebble_root()
+-> anyhow::Result<()> {
+    let pebble = Pebble::start(free_port()).await?;
+    let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
+    let created_at = Instant::now();
+    let (status, body) = sidecar
+        .admin
+        .call(
+            Method::POST,
+            "/v1/sites",
+            Some(json!({ "name": "shop", "primary": "shop.example.test", "hostnames": ["www.shop.example.test", "shop-alias.test"] })),
+        )
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    let done = sidecar
+        .admin
+        .wait_for("shop", Duration::from_secs(60), |s| {
+            !s["certificates"].as_array().is_none_or(Vec::is_empty)
+        })
+        .await?;
+    let elapsed = created_at.elapsed();
+    eprintln!(
+        "TIMING site creation → certificate stored: {} ms (debounce 100 ms)",
+        elapsed.as_millis()
+    );
+
+    assert_eq!(
+        certificate_names(&done),
+        vec![vec![
+            "shop-alias.test",
+            "shop.example.test",
+            "www.shop.example.test"
+        ]]
+    );
+    let store = &sidecar.running.store;
+    let certificate = store
+        .certificate_for_hostname(&Hostname::parse("www.shop.example.test")?)?
+        .expect("a certificate for www");
+    verify_chain(&certificate.chain_pem, &pebble.root_pem().await?)?;
+    assert!(certificate.key_pem.expose().contains("PRIVATE KEY"));
+    // The key never leaves through the API.
+    assert!(!done.to_string().contains("PRIVATE KEY"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_alias_reissues_and_old_certificate_serves_until_then() -> anyhow::Result<()> {
+    let pebble = Pebble::start(free_port()).await?;
+    let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
+    let admin = &sidecar.admin;
+    admin
+        .call(
+            Method::POST,
+            "/v1/sites",
+            Some(json!({ "name": "blog", "primary": "blog.example.test" })),
+        )
+        .await?;
+    let first = admin
+        .wait_for("blog", Duration::from_secs(60), |s| {
+            !certificate_names(s).is_empty()
+        })
+        .await?;
+    let first_serial = first["certificates"][0]["serial"]
+        .as_str()
+        .expect("serial")
+        .to_owned();
+    let store = Arc::clone(&sidecar.running.store);
+    let mut changes = store.certificates_changed();
+    changes.borrow_and_update();
+    let primary = Hostname::parse("blog.example.test")?;
+
+    let (status, body) = admin
+        .call(
+            Method::POST,
+            "/v1/sites/blog/hostnames",
+            Some(json!({ "hostname": "Blog-Alias.TEST." })),
+        )
+        .await?;
+    assert_eq!(status, 201, "{body}");
+    // Until the new certificate is stored, the old one keeps serving the primary name.
+    let serving = store
+        .certificate_for_hostname(&primary)?
+        .expect("still served");
+    assert_eq!(serving.serial, first_serial);
+
+    let second = admin
+        .wait_for("blog", Duration::from_secs(60), |s| {
+            certificate_names(s)
+                .iter()
+                .any(|names| names.iter().any(|n| n == "blog-alias.test"))
+        })
+        .await?;
+    assert_eq!(
+        certificate_names(&second),
+        vec![vec!["blog-alias.test", "blog.example.test"]]
+    );
+    let serving = store.certificate_for_hostname(&primary)?.expect("served");
+    assert_ne!(serving.serial, first_serial);
+    assert!(
+        changes.has_changed()?,
+        "SDS-facing change notification fired"
+    );
+    let alias = store
+        .certificate_for_hostname(&Hostname::parse("blog-alias.test")?)?
+        .expect("alias served");
+    assert_eq!(alias.serial, serving.serial);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_resolving_elsewhere_is_left_out_and_diagnosed() -> anyhow::Result<()> {
+    let pebble = Pebble::start(free_port()).await?;
+    pebble.set_a("elsewhere.example.test", "127.0.0.2").await?;
+    let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
+    let admin = &sidecar.admin;
+    admin
+        .call(
+            Method::POST,
+            "/v1/sites",
+            Some(json!({ "name": "mixed", "primary": "mixed.example.test", "hostnames": ["elsewhere.example.test"] })),
+        )
+        .await?;
+    let status = admin
+        .wait_for("mixed", Duration::from_secs(60), |s| {
+            !certificate_names(s).is_empty() && !s["working"].as_bool().unwrap_or(true)
+        })
+        .await?;
+    assert_eq!(certificate_names(&status), vec![vec!["mixed.example.test"]]);
+    assert_eq!(status["uncovered"], json!(["elsewhere.example.test"]));
+
+    let (code, bad) = admin
+        .call(Method::GET, "/v1/diagnose/elsewhere.example.test", None)
+        .await?;
+    assert_eq!(code, 200, "{bad}");
+    assert_eq!(bad["verdict"], "dns-not-pointing");
+    assert_eq!(bad["dns"]["addresses"], json!(["127.0.0.2"]));
+    assert!(
+        bad["fix"].as_str().unwrap_or("").contains("127.0.0.1"),
+        "{bad}"
+    );
+    assert!(bad["certificate"].is_null());
+
+    let (_, good) = admin
+        .call(Method::GET, "/v1/diagnose/mixed.example.test", None)
+        .await?;
+    assert_eq!(good["verdict"], "ok", "{good}");
+    assert_eq!(
+        good["certificate"]["serial"],
+        status["certificates"][0]["serial"]
+    );
+
+    let events = admin.events("mixed").await?;
+    assert!(
+        events.iter().any(|e| e["kind"] == "dns-not-pointing"
+            && e["message"].as_str().unwrap_or("").contains("127.0.0.2")),
+        "{events:#?}"
+    );
+    Ok(())
+}
