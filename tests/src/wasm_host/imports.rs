@@ -992,3 +992,121 @@ fn get_metric(state: &mut HostState, id: u32) -> Result<u64, Status> {
         Some(MetricType::Histogram) | None => Err(Status::BadArgument),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use wasmtime_wasi::WasiCtxBuilder;
+
+    use super::*;
+    use crate::wasm_host::clock::Clock;
+
+    fn state() -> HostState {
+        HostState::new(
+            WasiCtxBuilder::new().build_p1(),
+            Clock::starting_at(UNIX_EPOCH),
+        )
+    }
+
+    #[test]
+    fn shared_data_set_with_a_stale_cas_is_a_mismatch() {
+        let mut state = state();
+        set_shared_data(&mut state, b"k".to_vec(), b"v1".to_vec(), 0).unwrap();
+        let (_, first) = state.shared_data[&b"k"[..]].clone();
+        set_shared_data(&mut state, b"k".to_vec(), b"v2".to_vec(), first).unwrap();
+        assert_eq!(
+            set_shared_data(&mut state, b"k".to_vec(), b"v3".to_vec(), first),
+            Err(Status::CasMismatch)
+        );
+        assert_eq!(state.shared_data[&b"k"[..]].0, b"v2");
+        // CAS 0 means "no check".
+        set_shared_data(&mut state, b"k".to_vec(), b"v4".to_vec(), 0).unwrap();
+        assert_eq!(state.shared_data[&b"k"[..]].0, b"v4");
+    }
+
+    #[test]
+    fn counters_only_grow_and_gauges_move_both_ways() {
+        let mut state = state();
+        let counter = define_metric(&mut state, MetricType::Counter, "c".to_owned());
+        let gauge = define_metric(&mut state, MetricType::Gauge, "g".to_owned());
+        assert_eq!(
+            increment_metric(&mut state, counter, 0),
+            Err(Status::BadArgument)
+        );
+        assert_eq!(
+            increment_metric(&mut state, counter, -1),
+            Err(Status::BadArgument)
+        );
+        increment_metric(&mut state, counter, 3).unwrap();
+        record_metric(&mut state, counter, 2).unwrap();
+        assert_eq!(get_metric(&mut state, counter), Ok(5));
+        increment_metric(&mut state, gauge, 5).unwrap();
+        increment_metric(&mut state, gauge, -2).unwrap();
+        assert_eq!(get_metric(&mut state, gauge), Ok(3));
+        record_metric(&mut state, gauge, 10).unwrap();
+        assert_eq!(get_metric(&mut state, gauge), Ok(10));
+    }
+
+    #[test]
+    fn histograms_record_samples_but_cannot_be_read_or_incremented() {
+        let mut state = state();
+        let histogram = define_metric(&mut state, MetricType::Histogram, "h".to_owned());
+        record_metric(&mut state, histogram, 7).unwrap();
+        record_metric(&mut state, histogram, 9).unwrap();
+        assert_eq!(state.metrics["h"].samples, [7, 9]);
+        assert_eq!(get_metric(&mut state, histogram), Err(Status::BadArgument));
+        assert_eq!(
+            increment_metric(&mut state, histogram, 1),
+            Err(Status::BadArgument)
+        );
+    }
+
+    #[test]
+    fn unknown_metric_ids_are_not_found() {
+        let mut state = state();
+        assert_eq!(get_metric(&mut state, 4), Err(Status::NotFound));
+        assert_eq!(record_metric(&mut state, 4, 1), Err(Status::NotFound));
+    }
+
+    #[test]
+    fn http_call_needs_method_path_and_authority() {
+        let mut state = state();
+        let headers = |list: &[(&str, &str)]| {
+            list.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let missing_authority = headers(&[(":method", "GET"), (":path", "/")]);
+        assert_eq!(
+            http_call(
+                &mut state,
+                "c".into(),
+                missing_authority,
+                vec![],
+                vec![],
+                1000
+            ),
+            Err(Status::BadArgument)
+        );
+        let complete = headers(&[(":method", "GET"), (":path", "/"), (":authority", "x")]);
+        assert_eq!(
+            http_call(&mut state, "c".into(), complete, vec![], vec![], 1000),
+            Ok(1)
+        );
+        assert_eq!(state.pending_http_calls, [1]);
+    }
+
+    #[test]
+    fn request_maps_vanish_when_the_stream_continues() {
+        let mut state = state();
+        state.streams.insert(2, StreamState::default());
+        state.effective_context = 2;
+        let stream = state.effective_stream().unwrap();
+        stream.request_headers_available = true;
+        assert!(readable_map(&mut state, MapType::RequestHeaders).is_some());
+        continue_stream(&mut state, StreamType::Request).unwrap();
+        assert!(readable_map(&mut state, MapType::RequestHeaders).is_none());
+        assert_eq!(state.streams[&2].continued_request, 1);
+    }
+}
