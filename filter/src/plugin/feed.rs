@@ -158,7 +158,7 @@ impl Feed {
                 log(
                     LogLevel::Info,
                     &format!(
-                        "autohttps: policy {:?} applied ({} sites), replacing {current:?}",
+                        "policy {:?} applied ({} sites), replacing {current:?}",
                         new_policy.version(),
                         new_policy.site_count()
                     ),
@@ -182,14 +182,14 @@ impl Feed {
 
     fn failure(&mut self, message: String) {
         if self.last_failure.as_deref() != Some(message.as_str()) {
-            log(LogLevel::Warn, &format!("autohttps: {message}"));
+            log(LogLevel::Warn, &message);
             self.last_failure = Some(message);
         }
     }
 
     fn recovered(&mut self) {
         if self.last_failure.take().is_some() {
-            log(LogLevel::Info, "autohttps: the policy feed answers again");
+            log(LogLevel::Info, "the policy feed answers again");
         }
     }
 }

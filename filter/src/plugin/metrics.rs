@@ -31,7 +31,7 @@ fn define(kind: MetricType, name: &str) -> Option<u32> {
         Err(status) => {
             log(
                 LogLevel::Warn,
-                &format!("autohttps: could not define metric {name}: {status:?}"),
+                &format!("could not define metric {name}: {status:?}"),
             );
             None
         }

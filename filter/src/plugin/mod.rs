@@ -87,7 +87,7 @@ impl Root {
         log(
             LogLevel::Info,
             &format!(
-                "autohttps: configured with policy {:?} ({} sites){}",
+                "configured with policy {:?} ({} sites){}",
                 policy.version(),
                 policy.site_count(),
                 match &feed {
@@ -130,12 +130,12 @@ impl RootContext for Root {
             Ok(()) => true,
             Err(problems) => {
                 for problem in &problems {
-                    log(LogLevel::Error, &format!("autohttps: {problem}"));
+                    log(LogLevel::Error, problem);
                 }
                 log(
                     LogLevel::Error,
                     &format!(
-                        "autohttps: configuration rejected ({} problem(s)); fix them and reload",
+                        "configuration rejected ({} problem(s)); fix them and reload",
                         problems.len()
                     ),
                 );

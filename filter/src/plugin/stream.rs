@@ -94,7 +94,7 @@ impl HttpContext for Stream {
                 {
                     log(
                         LogLevel::Error,
-                        &format!("autohttps: could not send the redirect: {status_code:?}"),
+                        &format!("could not send the redirect: {status_code:?}"),
                     );
                     return Action::Continue;
                 }

@@ -1,0 +1,379 @@
+//! A real Envoy for tests: renders a template from `envoy/`, starts Envoy on loopback ports,
+//! waits until it is ready, and stops it when dropped. Envoy runs under `timeout`, so it also
+//! stops by itself if the test process dies.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+
+/// The longest an Envoy started by a test may live.
+const ENVOY_LIFETIME_SECS: u64 = 900;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The Envoy binary: `$AUTOHTTPS_ENVOY`, else the one `make` installs in `.tools/venv`.
+pub fn envoy_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("AUTOHTTPS_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools/venv/bin/envoy"));
+    if !path.exists() {
+        bail!(
+            "Envoy is not installed at {}; run `make tools` (or set AUTOHTTPS_ENVOY)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The release filter: `$AUTOHTTPS_FILTER_WASM`, else the `make build` output.
+pub fn filter_wasm() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("AUTOHTTPS_FILTER_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            repo_root().join("target/wasm32-wasip1/wasm-release/autohttps_filter.wasm")
+        });
+    if !path.exists() {
+        bail!(
+            "the filter is not built at {}; run `make build` (or set AUTOHTTPS_FILTER_WASM)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Replaces every `${NAME}` in `template`; fails naming any placeholder left without a value.
+/// The same rules as `tests/scripts/render.py`, which `make` uses.
+pub fn render(template: &str, values: &HashMap<&str, String>) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    let mut missing = Vec::new();
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            rest = "";
+            break;
+        };
+        let name = &after[..end];
+        let is_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        match values.get(name) {
+            Some(value) if is_name => out.push_str(value),
+            _ if is_name => {
+                missing.push(name.to_string());
+            }
+            _ => out.push_str(&rest[start..start + 3 + end]),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    if !missing.is_empty() {
+        bail!("no value for {}", missing.join(", "));
+    }
+    Ok(out)
+}
+
+/// Renders `envoy/<name>` with these values.
+pub fn render_file(name: &str, values: &HashMap<&str, String>) -> anyhow::Result<String> {
+    let path = repo_root().join("envoy").join(name);
+    let template =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    render(&template, values).with_context(|| format!("rendering {}", path.display()))
+}
+
+/// A running Envoy.
+#[derive(Debug)]
+pub struct Envoy {
+    child: Child,
+    admin_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy with this configuration (one worker) and waits until its admin interface
+    /// says it is ready.
+    pub fn start(config_yaml: &str, admin_port: u16) -> anyhow::Result<Envoy> {
+        let binary = envoy_binary()?;
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, config_yaml)?;
+        let log = dir.path().join("envoy.log");
+        let child = Command::new("timeout")
+            .arg("--signal=TERM")
+            .arg("--kill-after=5")
+            .arg(ENVOY_LIFETIME_SECS.to_string())
+            .arg(&binary)
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "1", "--use-dynamic-base-id", "-l", "info"])
+            .arg("--log-path")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut envoy = Envoy {
+            child,
+            admin_port,
+            dir,
+        };
+        envoy.wait_ready(Duration::from_secs(30))?;
+        Ok(envoy)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "Envoy exited ({status}) before it was ready; its log ends with:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            if let Ok((200, body)) = http_get(self.admin_port, "/ready")
+                && body.trim() == "LIVE"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "Envoy was not ready within {limit:?}; its log ends with:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The admin port.
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    /// Envoy's whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of Envoy's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// A stat's value from the admin interface (`/stats?filter=^name$`), if Envoy has it.
+    pub fn stat(&self, name: &str) -> anyhow::Result<Option<u64>> {
+        let (status, body) = http_get(
+            self.admin_port,
+            &format!("/stats?filter=%5E{}%24", name.replace('.', "%5C.")),
+        )?;
+        if status != 200 {
+            bail!("/stats answered {status}");
+        }
+        for line in body.lines() {
+            if let Some((stat, value)) = line.split_once(": ")
+                && stat == name
+            {
+                return Ok(value.trim().parse().ok());
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stops Envoy now.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A plain HTTP/1.1 GET (Envoy refuses HTTP/1.0) to `127.0.0.1:port`: (status, body).
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    let chunked = head.lines().any(|line| {
+        line.to_ascii_lowercase()
+            .replace(' ', "")
+            .starts_with("transfer-encoding:chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+/// Decodes a chunked HTTP/1.1 body (RFC 9112 §7.1).
+fn dechunk(mut body: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size_line, rest) = body
+            .split_once("\r\n")
+            .ok_or_else(|| anyhow!("truncated chunked body"))?;
+        let size_text = size_line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| anyhow!("bad chunk size {size_line:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest.get(..size).ok_or_else(|| anyhow!("truncated chunk"))?;
+        out.push_str(chunk);
+        body = rest
+            .get(size..)
+            .and_then(|r| r.strip_prefix("\r\n"))
+            .ok_or_else(|| anyhow!("chunk not followed by CRLF"))?;
+    }
+}
+
+/// What curl saw.
+#[derive(Debug, Clone)]
+pub struct CurlResponse {
+    /// Status code.
+    pub status: u16,
+    /// Response headers, names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: String,
+}
+
+impl CurlResponse {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.all(name).into_iter().next()
+    }
+
+    /// Every value of a header.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// Runs curl with these arguments (plus `-sS -i`, a time limit and no proxy) and parses what it
+/// printed. Redirects are not followed.
+pub fn curl(args: &[&str]) -> anyhow::Result<CurlResponse> {
+    let output = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10", "--noproxy", "*"])
+        .args(args)
+        .output()
+        .context("running curl")?;
+    if !output.status.success() {
+        bail!(
+            "curl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("curl printed no header block: {text:?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status line in {head:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(CurlResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// A self-signed certificate for these names, made with the `openssl` CLI: (cert, key) paths
+/// inside `dir`; the key file is owner-only.
+pub fn self_signed(dir: &Path, names: &[&str]) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=autohttps test"])
+        .arg("-addext")
+        .arg(format!("subjectAltName={}", san.join(",")))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running openssl")?;
+    if !status.success() {
+        bail!("openssl could not make a test certificate");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok((cert, key))
+}
