@@ -288,11 +288,33 @@ fn observed(order: &mut Order) -> OrderEvent {
 
 /// RFC 8555 §7.5.1: for each pending authorization, publish the HTTP-01 key authorization and
 /// tell the CA the challenge is ready (unless it is already being processed, after a restart).
+///
+/// A challenge may change state under us (a resumed order whose validation was already under
+/// way); if telling the CA fails, the order is re-read once and only challenges that are still
+/// pending are retried, so the second failure is the one reported.
 async fn answer_authorizations(
     order: &mut Order,
     responder: &ChallengeResponder,
     tokens: &mut Vec<String>,
 ) -> std::result::Result<(), OrderFailure> {
+    let first = answer_pass(order, responder, tokens).await?;
+    if first.is_none() {
+        return Ok(());
+    }
+    order.refresh().await?;
+    match answer_pass(order, responder, tokens).await? {
+        None => Ok(()),
+        Some(error) => Err(Transient(error.into())),
+    }
+}
+
+/// One pass over the authorizations; returns the first `set_ready` failure, if any.
+async fn answer_pass(
+    order: &mut Order,
+    responder: &ChallengeResponder,
+    tokens: &mut Vec<String>,
+) -> std::result::Result<Option<instant_acme::Error>, OrderFailure> {
+    let mut failure = None;
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
         let mut authorization = authorization?;
@@ -322,11 +344,14 @@ async fn answer_authorizations(
             })?;
         responder.insert(&challenge.token, challenge.key_authorization().as_str());
         tokens.push(challenge.token.clone());
-        if challenge.status == ChallengeStatus::Pending {
-            challenge.set_ready().await?;
+        if challenge.status == ChallengeStatus::Pending
+            && let Err(error) = challenge.set_ready().await
+        {
+            tracing::debug!(%identifier, %error, "telling the CA the challenge is ready failed");
+            failure.get_or_insert(error);
         }
     }
-    Ok(())
+    Ok(failure)
 }
 
 /// The first challenge error of an invalid order, which says why validation failed.

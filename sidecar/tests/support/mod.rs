@@ -469,9 +469,12 @@ impl Gate {
         })
     }
 
-    /// Paths of requests received so far.
+    /// Distinct paths of requests received so far (Pebble validates from several perspectives).
     pub fn held_paths(&self) -> Vec<String> {
-        self.held_paths.lock().expect("paths").clone()
+        let mut paths = self.held_paths.lock().expect("paths").clone();
+        paths.sort();
+        paths.dedup();
+        paths
     }
 
     /// Lets held and future requests through.
