@@ -94,10 +94,12 @@ impl Feed {
         }
     }
 
-    /// Handles the feed's answer.
+    /// Handles the feed's answer. A call that failed (reset, timeout) arrives with no headers;
+    /// its header map must not be read then (the host refuses, and the SDK would panic).
     pub(crate) fn on_response(
         &mut self,
         token: u32,
+        num_headers: usize,
         body_size: usize,
         policy: &SharedPolicy,
         metrics: &Metrics,
@@ -107,9 +109,13 @@ impl Feed {
         }
         self.in_flight = None;
         let current = policy.borrow().version().to_string();
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten();
+        let status = if num_headers == 0 {
+            None
+        } else {
+            hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+        };
         match status.as_deref() {
             None => {
                 metrics.feed_error();

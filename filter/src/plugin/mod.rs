@@ -114,12 +114,12 @@ impl Context for Root {
     fn on_http_call_response(
         &mut self,
         token: u32,
-        _num_headers: usize,
+        num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
         if let (Some(feed), Some(metrics)) = (&mut self.feed, &self.metrics) {
-            feed.on_response(token, body_size, &self.policy, metrics);
+            feed.on_response(token, num_headers, body_size, &self.policy, metrics);
         }
     }
 }

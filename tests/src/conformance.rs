@@ -1,0 +1,294 @@
+//! The filter's conformance scenarios (`tests/conformance/scenarios.json`): their types, the
+//! policies they name, and the observable result both hosts (wasmtime and Envoy) must agree on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, anyhow, bail};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The scenario file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioFile {
+    /// What the file is.
+    pub about: String,
+    /// Sites shared by every policy.
+    pub sites: Vec<Value>,
+    /// Named policies: settings plus optional site replacements.
+    pub policies: BTreeMap<String, PolicyVariant>,
+    /// Request scenarios.
+    pub scenarios: Vec<Scenario>,
+    /// Plugin configurations that must be rejected.
+    pub invalid_configs: Vec<InvalidConfig>,
+    /// Policy-feed scenarios.
+    pub feed: Vec<FeedScenario>,
+}
+
+/// A named policy: the shared sites with these settings, some sites replaced by id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyVariant {
+    /// The policy's `settings`.
+    pub settings: Value,
+    /// Sites that replace the shared site with the same id.
+    #[serde(default)]
+    pub replace_sites: Vec<Value>,
+}
+
+/// One request and what must come of it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Behaviour-stating name.
+    pub name: String,
+    /// The policy it runs under.
+    pub policy: String,
+    /// The request.
+    #[serde(flatten)]
+    pub request: Request,
+    /// Which upstream answers a passed request.
+    #[serde(default)]
+    pub upstream: Upstream,
+    /// What the client must see.
+    pub expect: Observed,
+}
+
+/// A request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// `http` or `https` (the downstream connection).
+    pub scheme: String,
+    /// Method; GET when absent.
+    #[serde(default = "get")]
+    pub method: String,
+    /// Host header.
+    pub host: String,
+    /// Path and query.
+    pub path: String,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn get() -> String {
+    "GET".to_string()
+}
+
+impl Request {
+    /// Whether the downstream connection is TLS.
+    pub fn tls(&self) -> bool {
+        self.scheme == "https"
+    }
+}
+
+/// The upstream's own response headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Upstream {
+    /// No interesting headers.
+    #[default]
+    Plain,
+    /// `Strict-Transport-Security: max-age=5`.
+    Hsts,
+    /// `Content-Security-Policy: default-src 'self'`.
+    Csp,
+    /// `Content-Security-Policy: upgrade-insecure-requests`.
+    CspUpgrade,
+}
+
+impl Upstream {
+    /// The name used in the scenario file and in the Envoy config's route match.
+    pub fn name(self) -> &'static str {
+        match self {
+            Upstream::Plain => "plain",
+            Upstream::Hsts => "hsts",
+            Upstream::Csp => "csp",
+            Upstream::CspUpgrade => "csp-upgrade",
+        }
+    }
+
+    /// The headers this upstream sends.
+    pub fn headers(self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            Upstream::Plain => vec![],
+            Upstream::Hsts => vec![("strict-transport-security", "max-age=5")],
+            Upstream::Csp => vec![("content-security-policy", "default-src 'self'")],
+            Upstream::CspUpgrade => {
+                vec![("content-security-policy", "upgrade-insecure-requests")]
+            }
+        }
+    }
+}
+
+/// What a client sees: the status and the headers the filter is responsible for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Observed {
+    /// Status code.
+    pub status: u16,
+    /// `Location`, if any.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Every `Strict-Transport-Security` value.
+    #[serde(default)]
+    pub hsts: Vec<String>,
+    /// Every `Content-Security-Policy` value, sorted.
+    #[serde(default)]
+    pub csp: Vec<String>,
+    /// Every `Content-Security-Policy-Report-Only` value.
+    #[serde(default)]
+    pub csp_report_only: Vec<String>,
+}
+
+impl Observed {
+    /// Builds an observation from a status and response headers (names lower-cased).
+    pub fn from_headers<'a>(
+        status: u16,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Observed {
+        let mut observed = Observed {
+            status,
+            ..Observed::default()
+        };
+        for (name, value) in headers {
+            let value = value.to_string();
+            match name {
+                "location" => observed.location = Some(value),
+                "strict-transport-security" => observed.hsts.push(value),
+                "content-security-policy" => observed.csp.push(value),
+                "content-security-policy-report-only" => observed.csp_report_only.push(value),
+                _ => {}
+            }
+        }
+        observed.normalise();
+        observed
+    }
+
+    /// Sorts multi-valued headers, whose order carries no meaning here.
+    pub fn normalise(&mut self) {
+        self.hsts.sort();
+        self.csp.sort();
+        self.csp_report_only.sort();
+    }
+}
+
+/// A plugin configuration the filter must reject, and a phrase its log must contain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidConfig {
+    /// Behaviour-stating name.
+    pub name: String,
+    /// The raw plugin configuration.
+    pub config: String,
+    /// A phrase the rejection log must contain.
+    pub log: String,
+}
+
+/// A policy-feed scenario: the filter starts on the `main` policy with a feed; the feed answers
+/// once; then a request shows which policy is in force.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedScenario {
+    /// Behaviour-stating name.
+    pub name: String,
+    /// The feed's answer.
+    pub answer: FeedAnswer,
+    /// The counter (without `autohttps.`) that must go up once the answer is handled.
+    pub counter: String,
+    /// The request after the answer.
+    pub request: Request,
+    /// What it must see.
+    pub expect: Observed,
+}
+
+/// How the feed answers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedAnswer {
+    /// HTTP status.
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// A named policy as the body.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// A raw body.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// An ETag header.
+    #[serde(default)]
+    pub etag: Option<String>,
+    /// The feed is unreachable.
+    #[serde(default)]
+    pub down: bool,
+}
+
+/// The feed settings both hosts use (the feed's cluster is called `feed`).
+pub const FEED_CONFIG: &str =
+    r#"{"cluster": "feed", "path": "/v1/policy", "interval_ms": 200, "timeout_ms": 500}"#;
+
+impl ScenarioFile {
+    /// Reads `tests/conformance/scenarios.json`.
+    pub fn load() -> anyhow::Result<ScenarioFile> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("conformance/scenarios.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// The policy document named `name`, as one line of JSON.
+    pub fn policy_json(&self, name: &str) -> anyhow::Result<String> {
+        let variant = self
+            .policies
+            .get(name)
+            .ok_or_else(|| anyhow!("no policy named {name:?}"))?;
+        let replacements: HashMap<&str, &Value> = variant
+            .replace_sites
+            .iter()
+            .map(|site| (site["id"].as_str().unwrap_or_default(), site))
+            .collect();
+        let sites: Vec<&Value> = self
+            .sites
+            .iter()
+            .map(|site| {
+                let id = site["id"].as_str().unwrap_or_default();
+                replacements.get(id).copied().unwrap_or(site)
+            })
+            .collect();
+        let document = serde_json::json!({
+            "schema": 1,
+            "version": name,
+            "settings": variant.settings,
+            "sites": sites,
+        });
+        let json = serde_json::to_string(&document)?;
+        if json.contains('\'') {
+            bail!("policy {name} contains a single quote, which the Envoy template cannot carry");
+        }
+        Ok(json)
+    }
+
+    /// The plugin configuration for a request scenario's policy.
+    pub fn plugin_config(&self, policy: &str) -> anyhow::Result<String> {
+        Ok(format!(r#"{{"policy": {}}}"#, self.policy_json(policy)?))
+    }
+
+    /// The plugin configuration for feed scenarios: the `main` policy plus the feed.
+    pub fn feed_plugin_config(&self) -> anyhow::Result<String> {
+        Ok(format!(
+            r#"{{"policy": {}, "feed": {FEED_CONFIG}}}"#,
+            self.policy_json("main")?
+        ))
+    }
+
+    /// The body a feed answer carries.
+    pub fn answer_body(&self, answer: &FeedAnswer) -> anyhow::Result<String> {
+        match (&answer.policy, &answer.body) {
+            (Some(policy), _) => self.policy_json(policy),
+            (None, Some(body)) => Ok(body.clone()),
+            (None, None) => Ok(String::new()),
+        }
+    }
+}

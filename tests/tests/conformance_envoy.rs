@@ -1,0 +1,269 @@
+//! Conformance, half (b): every scenario of `tests/conformance/scenarios.json` through a real
+//! Envoy (V8) running the release filter, driven with curl. Half (a), the same table in the
+//! wasmtime host, is `conformance_wasm.rs`; both compare against the same expectations.
+//!
+//! The policy feed is a small HTTP server in this test that answers what each scenario says.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use autohttps_tests::conformance::{Observed, Request, ScenarioFile, Upstream};
+use autohttps_tests::envoy::{self, Envoy, curl, free_port, render};
+
+struct Edge {
+    envoy: Envoy,
+    http: u16,
+    https: u16,
+}
+
+fn template() -> String {
+    std::fs::read_to_string(envoy::repo_root().join("tests/conformance/envoy.yaml"))
+        .expect("conformance Envoy template")
+}
+
+fn config(dir: &Path, plugin_config: &str, feed_port: u16) -> (String, u16, u16, u16) {
+    std::fs::create_dir_all(dir).expect("config dir");
+    let (cert, key) = envoy::self_signed(dir, &["conformance.test"]).expect("test certificate");
+    let (http, https, admin) = (
+        free_port().expect("port"),
+        free_port().expect("port"),
+        free_port().expect("port"),
+    );
+    let values = HashMap::from([
+        ("HTTP_PORT", http.to_string()),
+        ("HTTPS_PORT", https.to_string()),
+        ("ADMIN_PORT", admin.to_string()),
+        ("FEED_PORT", feed_port.to_string()),
+        (
+            "WASM",
+            envoy::filter_wasm()
+                .expect("filter built")
+                .display()
+                .to_string(),
+        ),
+        ("TLS_CERT", cert.display().to_string()),
+        ("TLS_KEY", key.display().to_string()),
+        ("PLUGIN_CONFIG", plugin_config.to_string()),
+    ]);
+    (
+        render(&template(), &values).expect("renders"),
+        http,
+        https,
+        admin,
+    )
+}
+
+fn start(dir: &Path, plugin_config: &str, feed_port: u16) -> Edge {
+    let (yaml, http, https, admin) = config(dir, plugin_config, feed_port);
+    let envoy = Envoy::start(&yaml, admin).expect("Envoy starts");
+    Edge { envoy, http, https }
+}
+
+fn observe(edge: &Edge, request: &Request, upstream: Upstream) -> Observed {
+    let (scheme, port) = if request.tls() {
+        ("https", edge.https)
+    } else {
+        ("http", edge.http)
+    };
+    let url = format!("{scheme}://127.0.0.1:{port}{}", request.path);
+    let mut args: Vec<String> = vec!["-k".into(), "--path-as-is".into()];
+    if request.method == "HEAD" {
+        args.push("--head".into());
+    } else {
+        args.extend(["-X".into(), request.method.clone()]);
+    }
+    args.extend(["-H".into(), format!("Host: {}", request.host)]);
+    for (name, value) in &request.headers {
+        args.extend(["-H".into(), format!("{name}: {value}")]);
+    }
+    args.extend([
+        "-H".into(),
+        format!("x-conformance-upstream: {}", upstream.name()),
+    ]);
+    args.push(url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let response = curl(&args).unwrap_or_else(|e| panic!("{e:#}\n{}", edge.envoy.log_tail(20)));
+    Observed::from_headers(
+        response.status,
+        response
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+}
+
+#[test]
+fn request_scenarios_in_envoy() {
+    let file = ScenarioFile::load().expect("scenario file");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unused_feed = free_port().expect("port");
+    let mut edges: HashMap<String, Edge> = HashMap::new();
+    let mut failures = Vec::new();
+    for scenario in &file.scenarios {
+        let edge = edges.entry(scenario.policy.clone()).or_insert_with(|| {
+            let plugin = file.plugin_config(&scenario.policy).expect("policy");
+            start(&dir.path().join(&scenario.policy), &plugin, unused_feed)
+        });
+        let mut expected = scenario.expect.clone();
+        expected.normalise();
+        let got = observe(edge, &scenario.request, scenario.upstream);
+        if got != expected {
+            failures.push(format!(
+                "{}:\n  expected {expected:?}\n  got      {got:?}",
+                scenario.name
+            ));
+        }
+    }
+    assert!(
+        file.scenarios.len() >= 50,
+        "only {} scenarios",
+        file.scenarios.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} scenarios failed:\n{}",
+        failures.len(),
+        file.scenarios.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn invalid_configurations_rejected_by_envoy() {
+    let file = ScenarioFile::load().expect("scenario file");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for case in &file.invalid_configs {
+        // The raw configuration sits in a single-quoted YAML string: double any quote.
+        let (yaml, ..) = config(dir.path(), &case.config.replace('\'', "''"), 1);
+        let path = dir.path().join(format!("{}.yaml", case.name));
+        std::fs::write(&path, yaml).expect("write");
+        let output = Command::new(envoy::envoy_binary().expect("envoy"))
+            .args(["--mode", "validate", "-l", "error", "-c"])
+            .arg(&path)
+            .output()
+            .expect("envoy runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            !output.status.success(),
+            "{}: Envoy accepted it:\n{text}",
+            case.name
+        );
+        assert!(
+            text.contains(&case.log) || text.contains(&case.log.replace('"', "\\\"")),
+            "{}: no {:?} in:\n{text}",
+            case.name,
+            case.log
+        );
+    }
+}
+
+/// A policy feed that answers every request the same way, and closes each connection.
+struct FeedServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FeedServer {
+    fn start(status: u16, etag: Option<String>, body: String) -> FeedServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind feed");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !stop_flag.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut reader = BufReader::new(&stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if line == "\r\n" {
+                        break;
+                    }
+                    line.clear();
+                }
+                let mut head = format!(
+                    "HTTP/1.1 {status} X\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+                    if status == 304 { 0 } else { body.len() }
+                );
+                if let Some(etag) = &etag {
+                    head.push_str(&format!("etag: {etag}\r\n"));
+                }
+                head.push_str("\r\n");
+                let mut out = &stream;
+                let _ = out.write_all(head.as_bytes());
+                if status != 304 {
+                    let _ = out.write_all(body.as_bytes());
+                }
+            }
+        });
+        FeedServer {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FeedServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn feed_scenarios_in_envoy() {
+    let file = ScenarioFile::load().expect("scenario file");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for scenario in &file.feed {
+        let answer = &scenario.answer;
+        let feed = (!answer.down).then(|| {
+            FeedServer::start(
+                answer.status.unwrap_or(200),
+                answer.etag.clone(),
+                file.answer_body(answer).expect("body"),
+            )
+        });
+        let feed_port = match &feed {
+            Some(server) => server.port,
+            None => free_port().expect("port"),
+        };
+        let plugin = file.feed_plugin_config().expect("config");
+        let edge = start(&dir.path().join(&scenario.name), &plugin, feed_port);
+        let counter = format!("wasmcustom.autohttps.{}", scenario.counter);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while edge.envoy.stat(&counter).expect("stats").unwrap_or(0) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{}: {counter} never went up; Envoy log:\n{}",
+                scenario.name,
+                edge.envoy.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut expected = scenario.expect.clone();
+        expected.normalise();
+        let got = observe(&edge, &scenario.request, Upstream::Plain);
+        assert_eq!(got, expected, "{}", scenario.name);
+        drop(feed);
+    }
+}
