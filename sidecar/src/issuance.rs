@@ -22,6 +22,11 @@ use crate::store::{NewCertificate, Site, Store, StoredCertificate};
 /// A site being worked on is leased for this long, so a crash mid-attempt retries later.
 const ATTEMPT_LEASE: Duration = Duration::from_secs(600);
 
+/// Renewal is never scheduled sooner than this after an attempt, so a certificate that is
+/// already inside its renewal window when it arrives (clock skew, a CA issuing very short
+/// lifetimes) cannot make the issuer order in a loop.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(600);
+
 /// The scheduler re-reads the store at least this often.
 const MAX_IDLE: Duration = Duration::from_secs(5);
 
@@ -343,7 +348,7 @@ impl Issuer {
             }
             earliest = Some(earliest.map_or(at, |e| e.min(at)));
         }
-        Ok(earliest)
+        Ok(earliest.map(|at| at.max(now + MIN_RENEWAL_INTERVAL)))
     }
 
     async fn order_chunk(&self, site: &str, names: &[Hostname]) -> Result<i64> {

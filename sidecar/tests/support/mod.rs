@@ -199,8 +199,18 @@ impl Pebble {
         }
     }
 
-    /// Makes `host` resolve (A) to `address` in the mock DNS.
+    /// Makes `host` resolve (A) to `address` only, in the mock DNS.
     pub async fn set_a(&self, host: &str, address: &str) -> anyhow::Result<()> {
+        let response = reqwest::Client::new()
+            .post(format!("{}/clear-a", self.challtestsrv_url))
+            .json(&serde_json::json!({ "host": format!("{host}.") }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "clear-a: {}",
+            response.status()
+        );
         let response = reqwest::Client::new()
             .post(format!("{}/add-a", self.challtestsrv_url))
             .json(&serde_json::json!({ "host": format!("{host}."), "addresses": [address] }))

@@ -1,0 +1,279 @@
+//! The filter's policy, projected from the store and served at `GET /v1/policy` on the internal
+//! listener, with an `ETag` so that Envoy's polls cost a 304 when nothing changed.
+//!
+//! The document is rebuilt only when the store says sites or certificates changed, checked with
+//! the filter's own validation before it is served, and never replaced by an invalid one: the
+//! edge keeps enforcing the last good policy.
+
+use std::sync::{Arc, Mutex};
+
+use autohttps_filter::policy::{
+    self as filter_policy, HstsSpec, Policy, PolicyDocument, SCHEMA_VERSION, Settings, SiteSpec,
+};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::error::Result;
+use crate::store::{HttpsMode, MixedContent, RedirectKind, Site, Store, StoredCertificate};
+
+/// The path the filter polls.
+pub const POLICY_PATH: &str = "/v1/policy";
+
+/// Edge-wide settings that go into every policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeSettings {
+    /// Proxies whose `X-Forwarded-Proto` the filter believes.
+    pub trusted_proxies: Vec<String>,
+    /// The public HTTP port (in redirects when not 80).
+    pub http_port: u16,
+    /// The public HTTPS port (in redirects when not 443).
+    pub https_port: u16,
+}
+
+impl Default for EdgeSettings {
+    fn default() -> Self {
+        EdgeSettings {
+            trusted_proxies: Vec::new(),
+            http_port: 80,
+            https_port: 443,
+        }
+    }
+}
+
+/// Builds the policy document for these sites and their current certificates. A name is
+/// `cert_ready` when an unexpired certificate of its site covers it. The version is a hash of
+/// the content, so that identical content always has the same ETag, on every sidecar of a
+/// fleet.
+pub fn build_document(
+    sites: &[Site],
+    certificates: &[StoredCertificate],
+    settings: &EdgeSettings,
+    now: OffsetDateTime,
+) -> PolicyDocument {
+    let mut specs: Vec<SiteSpec> = sites
+        .iter()
+        .map(|site| {
+            let current: Vec<&StoredCertificate> = certificates
+                .iter()
+                .filter(|c| c.site == site.name && c.not_after > now && c.not_before <= now)
+                .collect();
+            let hostnames: Vec<String> = site
+                .hostnames
+                .iter()
+                .map(|h| h.name.as_str().to_string())
+                .collect();
+            let cert_ready = site
+                .hostnames
+                .iter()
+                .filter(|h| current.iter().any(|c| c.covers(&h.name)))
+                .map(|h| h.name.as_str().to_string())
+                .collect();
+            SiteSpec {
+                id: site.name.clone(),
+                hostnames,
+                https: match site.policy.https {
+                    HttpsMode::Auto => filter_policy::HttpsMode::Auto,
+                    HttpsMode::Force => filter_policy::HttpsMode::Force,
+                    HttpsMode::Disable => filter_policy::HttpsMode::Disable,
+                },
+                redirect: match site.policy.redirect {
+                    RedirectKind::Permanent => filter_policy::RedirectKind::Permanent,
+                    RedirectKind::Temporary => filter_policy::RedirectKind::Temporary,
+                },
+                canonical_host: None,
+                hsts: HstsSpec {
+                    enabled: site.policy.hsts.enabled,
+                    max_age: site.policy.hsts.max_age,
+                    include_subdomains: false,
+                    preload: false,
+                },
+                mixed_content: match site.policy.mixed_content {
+                    MixedContent::Off => filter_policy::MixedContent::Off,
+                    MixedContent::Upgrade => filter_policy::MixedContent::Upgrade,
+                    MixedContent::Report => filter_policy::MixedContent::Report,
+                },
+                report_uri: None,
+                cert_ready,
+            }
+        })
+        .collect();
+    specs.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut document = PolicyDocument {
+        schema: SCHEMA_VERSION,
+        version: String::new(),
+        settings: Settings {
+            trusted_proxies: settings.trusted_proxies.clone(),
+            http_port: settings.http_port,
+            https_port: settings.https_port,
+        },
+        sites: specs,
+    };
+    let content = serde_json::to_vec(&document).unwrap_or_default();
+    document.version = format!("{:016x}", fnv1a64(&content));
+    document
+}
+
+/// FNV-1a, 64 bits: a stable content hash for the version (not a security boundary).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// A served policy: its JSON and ETag.
+#[derive(Debug, Clone)]
+struct Served {
+    generations: (u64, u64),
+    body: Arc<[u8]>,
+    etag: HeaderValue,
+    version: String,
+}
+
+/// Serves the policy feed.
+#[derive(Clone)]
+pub struct PolicyFeed {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    settings: EdgeSettings,
+    sites_changed: watch::Receiver<u64>,
+    certificates_changed: watch::Receiver<u64>,
+    served: Arc<Mutex<Option<Served>>>,
+}
+
+impl std::fmt::Debug for PolicyFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyFeed")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyFeed {
+    /// A feed over this store.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, settings: EdgeSettings) -> Self {
+        let sites_changed = store.sites_changed();
+        let certificates_changed = store.certificates_changed();
+        PolicyFeed {
+            store,
+            clock,
+            settings,
+            sites_changed,
+            certificates_changed,
+            served: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The router for the internal listener.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route(POLICY_PATH, get(serve_policy))
+            .with_state(self)
+    }
+
+    /// The current policy: rebuilt when the store changed, validated with the filter's rules;
+    /// on a validation failure the last good one is kept (and the problems logged).
+    pub fn current(&self) -> Result<(Arc<[u8]>, HeaderValue, String)> {
+        let generations = (
+            *self.sites_changed.borrow(),
+            *self.certificates_changed.borrow(),
+        );
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = served.as_ref()
+            && current.generations == generations
+        {
+            return Ok((
+                Arc::clone(&current.body),
+                current.etag.clone(),
+                current.version.clone(),
+            ));
+        }
+        let sites = self.store.list_sites()?;
+        let certificates = self.store.all_current_certificates()?;
+        let document = build_document(&sites, &certificates, &self.settings, self.clock.now());
+        match Policy::compile(&document) {
+            Ok(_) => {
+                let body: Arc<[u8]> = serde_json::to_vec(&document)
+                    .map_err(|e| crate::error::Error::Internal(format!("serialising the policy: {e}")))?
+                    .into();
+                let etag = HeaderValue::from_str(&format!("\"{}\"", document.version))
+                    .map_err(|e| crate::error::Error::Internal(format!("policy ETag: {e}")))?;
+                tracing::info!(
+                    version = %document.version,
+                    sites = document.sites.len(),
+                    "policy rebuilt"
+                );
+                *served = Some(Served {
+                    generations,
+                    body: Arc::clone(&body),
+                    etag: etag.clone(),
+                    version: document.version.clone(),
+                });
+                Ok((body, etag, document.version))
+            }
+            Err(error) => {
+                tracing::error!(%error, "the policy built from the store does not validate; the edge keeps the last good one");
+                match served.as_ref() {
+                    Some(current) => Ok((
+                        Arc::clone(&current.body),
+                        current.etag.clone(),
+                        current.version.clone(),
+                    )),
+                    None => Err(crate::error::Error::Internal(format!(
+                        "no valid policy yet: {error}"
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+async fn serve_policy(State(feed): State<PolicyFeed>, headers: HeaderMap) -> Response {
+    let current = tokio::task::spawn_blocking(move || feed.current()).await;
+    let (body, etag, _version) = match current {
+        Ok(Ok(current)) => current,
+        Ok(Err(error)) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the policy is not available: {error}\n"),
+            )
+                .into_response();
+        }
+        Err(join) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("building the policy failed: {join}\n"),
+            )
+                .into_response();
+        }
+    };
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|tag| tag.trim() == etag.to_str().unwrap_or_default() || tag.trim() == "*");
+    if matches {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::ETAG, etag),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+        ],
+        body.to_vec(),
+    )
+        .into_response()
+}
