@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-use wasmtime::{Engine, InstancePre, Linker, Module};
+use wasmtime::{Cache, CacheConfig, Config, Engine, InstancePre, Linker, Module};
 
 use super::error::{Result, WasmHostError};
 use super::imports;
 use super::state::HostState;
+use super::workspace_wasm;
 
 /// A proxy-wasm filter compiled and linked against this host, ready to instantiate.
 ///
@@ -46,9 +47,21 @@ impl std::fmt::Debug for FilterModule {
 }
 
 /// The engine every module and store of this process uses (modules are tied to an engine).
+///
+/// Compiled code is also cached on disk under `<target>/wasmtime-cache` (wasmtime's own cache,
+/// keyed by module bytes and compiler settings), so a fresh test process skips Cranelift for
+/// an unchanged `.wasm`. Without a usable cache directory it simply compiles.
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(Engine::default)
+    ENGINE.get_or_init(|| {
+        let mut config = Config::new();
+        let mut cache = CacheConfig::new();
+        cache.with_directory(workspace_wasm::target_dir().join("wasmtime-cache"));
+        if let Ok(cache) = Cache::new(cache) {
+            config.cache(Some(cache));
+        }
+        Engine::new(&config).unwrap_or_else(|_| Engine::default())
+    })
 }
 
 type CacheKey = (PathBuf, Option<SystemTime>, u64);

@@ -28,23 +28,8 @@ pub fn build_workspace_wasm(package: &str) -> Result<PathBuf> {
     if let Some(path) = built.get(package) {
         return Ok(path.clone());
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or_else(|| WasmHostError::Build {
-            package: package.to_owned(),
-            message: "the tests crate has no parent directory".to_owned(),
-        })?
-        .to_owned();
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|dir| {
-            if dir.is_absolute() {
-                dir
-            } else {
-                workspace.join(dir)
-            }
-        })
-        .unwrap_or_else(|| workspace.join("target"));
+    let workspace = workspace_dir();
+    let target_dir = target_dir();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
         .current_dir(&workspace)
@@ -78,4 +63,21 @@ pub fn build_workspace_wasm(package: &str) -> Result<PathBuf> {
         .join(format!("{}.wasm", package.replace('-', "_")));
     built.insert(package.to_owned(), path.clone());
     Ok(path)
+}
+
+/// The workspace root: the parent of this crate's manifest directory.
+fn workspace_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_owned()
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace when relative),
+/// else `<workspace>/target`.
+pub(crate) fn target_dir() -> PathBuf {
+    let workspace = workspace_dir();
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir,
+        Some(dir) => workspace.join(dir),
+        None => workspace.join("target"),
+    }
 }
