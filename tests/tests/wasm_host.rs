@@ -290,3 +290,31 @@ fn out_of_bounds_guest_pointer_answers_invalid_memory_access() -> anyhow::Result
     assert!(host.logs().is_empty());
     Ok(())
 }
+
+#[test]
+fn header_map_size_buffer_status_and_legacy_continue_follow_envoy() -> anyhow::Result<()> {
+    // on_vm_start: does get_buffer_status(VmConfiguration) report the size the host passed?
+    // on_request_headers: resumes the request and returns the header map's byte size.
+    let module = wat_module(
+        r#"(import "env" "proxy_get_header_map_size" (func $size (param i32 i32) (result i32)))
+           (import "env" "proxy_continue_request" (func $continue (result i32)))
+           (import "env" "proxy_get_buffer_status" (func $status (param i32 i32 i32) (result i32)))
+           (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+             (drop (call $status (i32.const 6) (i32.const 200) (i32.const 204)))
+             (i32.eq (i32.load (i32.const 200)) (local.get 1)))
+           (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (drop (call $size (i32.const 0) (i32.const 100)))
+             (drop (call $continue))
+             (i32.load (i32.const 100)))"#,
+    )?;
+    let mut host = HostBuilder::new(&module)
+        .vm_configuration("12345")
+        .build()?;
+    assert!(host.vm_started());
+    let mut stream = host.http_stream()?;
+    // Envoy's byteSize(): keys plus values, ":path" + "/abc" + "host" + "x".
+    let action = stream.request_headers(&[(":path", "/abc"), ("Host", "x")], true)?;
+    assert_eq!(action, Action::Other(14));
+    assert_eq!(stream.request_continued(), 1);
+    Ok(())
+}
