@@ -137,7 +137,7 @@ pub fn judge(platform: &PlatformConfig, answer: &DnsAnswer) -> (bool, Option<Str
         .any(|addr| platform.addresses.contains(addr));
     let by_cname = platform.cname_target.as_ref().is_some_and(|target| {
         let target = target.trim_end_matches('.').to_ascii_lowercase();
-        answer.cnames.iter().any(|c| *c == target)
+        answer.cnames.contains(&target)
     });
     if by_address || by_cname {
         return (true, None);

@@ -132,7 +132,7 @@ mod tests {
         let delays: Vec<_> = (1..=5).map(|n| retry_at(NOW, n, 0.0, None) - NOW).collect();
         assert_eq!(
             delays,
-            [60, 600, 6000, 86400, 86400].map(|s| time::Duration::seconds(s))
+            [60, 600, 6000, 86400, 86400].map(time::Duration::seconds)
         );
     }
 

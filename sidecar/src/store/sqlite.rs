@@ -994,3 +994,184 @@ impl Store for SqliteStore {
         self.sites_changed.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
+
+    fn name(n: &str) -> Hostname {
+        Hostname::parse(n).unwrap()
+    }
+
+    fn site(store: &SqliteStore, names: &[&str]) -> Site {
+        store
+            .create_site(
+                NewSite {
+                    name: "blog".into(),
+                    primary: name(names[0]),
+                    hostnames: names[1..].iter().map(|n| name(n)).collect(),
+                    policy: SitePolicy::default(),
+                },
+                NOW,
+                NOW,
+            )
+            .unwrap()
+    }
+
+    fn certificate(names: &[&str], serial: &str) -> NewCertificate {
+        NewCertificate {
+            site: "blog".into(),
+            names: names.iter().map(|n| name(n)).collect(),
+            chain_pem: format!("chain {serial}"),
+            key_pem: PrivateKeyPem::new(format!("key {serial}")),
+            not_before: NOW,
+            not_after: datetime!(2026-06-01 00:00 UTC),
+            serial: serial.into(),
+            ari_id: None,
+        }
+    }
+
+    #[test]
+    fn files_are_owner_only_and_reopen_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        create_private_dir(&data).unwrap();
+        let path = data.join("autohttps.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            site(&store, &["example.com"]);
+            store
+                .insert_order(
+                    "blog",
+                    &[name("example.com")],
+                    "https://ca/order/1",
+                    &PrivateKeyPem::new("k".into()),
+                    NOW,
+                )
+                .unwrap();
+        }
+        assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
+        for entry in std::fs::read_dir(&data).unwrap() {
+            let entry = entry.unwrap();
+            assert_eq!(
+                entry.metadata().unwrap().mode() & 0o077,
+                0,
+                "{:?} is readable by others",
+                entry.path()
+            );
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let orders = store.orders_in_flight(None).unwrap();
+        assert_eq!(orders.len(), 1);
+        assert_eq!(orders[0].order_url, "https://ca/order/1");
+        assert!(store.site("blog").unwrap().is_some());
+    }
+
+    #[test]
+    fn new_certificate_supersedes_old_only_when_it_covers_all_wanted_names() {
+        let store = SqliteStore::in_memory().unwrap();
+        site(&store, &["example.com", "www.example.com", "alias.test"]);
+        let old = store
+            .store_certificate(
+                certificate(&["alias.test", "example.com", "www.example.com"], "01"),
+                None,
+                NOW,
+            )
+            .unwrap();
+        // alias.test's DNS broke: the new certificate leaves it out; the old one keeps serving it.
+        let new = store
+            .store_certificate(
+                certificate(&["example.com", "www.example.com"], "02"),
+                None,
+                NOW,
+            )
+            .unwrap();
+        assert_eq!(
+            store
+                .certificate_for_hostname(&name("example.com"))
+                .unwrap()
+                .unwrap()
+                .id,
+            new.id
+        );
+        assert_eq!(
+            store
+                .certificate_for_hostname(&name("alias.test"))
+                .unwrap()
+                .unwrap()
+                .id,
+            old.id
+        );
+        assert_eq!(store.current_certificates("blog").unwrap().len(), 2);
+        // Once alias.test is removed from the site, the old certificate no longer serves it and
+        // a fresh full certificate supersedes it.
+        store
+            .remove_hostname("blog", &name("alias.test"), NOW, NOW)
+            .unwrap();
+        assert!(
+            store
+                .certificate_for_hostname(&name("alias.test"))
+                .unwrap()
+                .is_none()
+        );
+        store
+            .store_certificate(
+                certificate(&["example.com", "www.example.com"], "03"),
+                None,
+                NOW,
+            )
+            .unwrap();
+        let current = store.current_certificates("blog").unwrap();
+        assert_eq!(
+            current
+                .iter()
+                .map(|c| c.serial.as_str())
+                .collect::<Vec<_>>(),
+            ["03"]
+        );
+    }
+
+    #[test]
+    fn storing_certificate_completes_its_order_and_notifies() {
+        let store = SqliteStore::in_memory().unwrap();
+        site(&store, &["example.com"]);
+        let mut changes = store.certificates_changed();
+        changes.borrow_and_update();
+        let order = store
+            .insert_order(
+                "blog",
+                &[name("example.com")],
+                "https://ca/order/1",
+                &PrivateKeyPem::new("k".into()),
+                NOW,
+            )
+            .unwrap();
+        store
+            .store_certificate(certificate(&["example.com"], "01"), Some(order), NOW)
+            .unwrap();
+        assert!(store.orders_in_flight(None).unwrap().is_empty());
+        assert!(changes.has_changed().unwrap());
+        let served = store
+            .certificate_for_hostname(&name("example.com"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(served.key_pem.expose(), "key 01");
+        assert!(
+            !format!("{served:?}").contains("key 01"),
+            "keys never appear in Debug output"
+        );
+    }
+
+    #[test]
+    fn regenerate_request_is_taken_once() {
+        let store = SqliteStore::in_memory().unwrap();
+        site(&store, &["example.com"]);
+        store.request_issuance("blog", NOW, true).unwrap();
+        assert!(store.take_regenerate_request("blog").unwrap());
+        assert!(!store.take_regenerate_request("blog").unwrap());
+    }
+}

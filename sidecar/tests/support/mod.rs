@@ -238,8 +238,10 @@ impl Pebble {
 
     /// A sidecar configuration pointing at this Pebble and its DNS, data in `data_dir`.
     pub fn sidecar_config(&self, data_dir: &Path, internal_port: u16) -> Config {
-        let mut config = Config::default();
-        config.data_dir = data_dir.to_owned();
+        let mut config = Config {
+            data_dir: data_dir.to_owned(),
+            ..Config::default()
+        };
         config.listen.admin = SocketAddr::from(([127, 0, 0, 1], 0));
         config.listen.internal = SocketAddr::from(([127, 0, 0, 1], internal_port));
         config.admin.token = Some(TOKEN.into());
