@@ -11,7 +11,7 @@ use autohttps_sidecar::clock::SystemClock;
 use autohttps_sidecar::hostname::Hostname;
 use reqwest::Method;
 use serde_json::json;
-use support::{Pebble, certificate_names, free_port, start_sidecar};
+use support::{Pebble, TOKEN, certificate_names, free_port, start_sidecar, start_sidecar_with};
 use x509_parser::prelude::*;
 
 /// Checks every link of `chain` (leaf first) and that the last one is signed by `root`.
@@ -205,6 +205,76 @@ async fn name_resolving_elsewhere_is_left_out_and_diagnosed() -> anyhow::Result<
         events.iter().any(|e| e["kind"] == "dns-not-pointing"
             && e["message"].as_str().unwrap_or("").contains("127.0.0.2")),
         "{events:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_over_the_per_certificate_limit_are_split() -> anyhow::Result<()> {
+    let pebble = Pebble::start(free_port()).await?;
+    let sidecar = start_sidecar_with(&pebble, Arc::new(SystemClock), |config| {
+        config.acme.max_names_per_certificate = Some(2);
+    })
+    .await?;
+    sidecar
+        .admin
+        .call(
+            Method::POST,
+            "/v1/sites",
+            Some(json!({ "name": "big", "primary": "big.example.test", "hostnames": ["a.big.example.test", "b.big.example.test"] })),
+        )
+        .await?;
+    let status = sidecar
+        .admin
+        .wait_for("big", Duration::from_secs(60), |s| {
+            certificate_names(s).len() == 2 && !s["working"].as_bool().unwrap_or(true)
+        })
+        .await?;
+    let mut names = certificate_names(&status);
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            vec!["a.big.example.test", "b.big.example.test"],
+            vec!["big.example.test"]
+        ]
+    );
+    assert_eq!(status["uncovered"], json!([]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_site_add_waits_for_the_certificate_showing_progress() -> anyhow::Result<()> {
+    let pebble = Pebble::start(free_port()).await?;
+    let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
+    let base = sidecar.admin.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_autohttps"))
+            .args(["--admin-url", &base, "--token", TOKEN])
+            .args([
+                "site",
+                "add",
+                "cli",
+                "cli.example.test",
+                "--host",
+                "www.cli.example.test",
+                "--wait",
+                "--timeout",
+                "60",
+            ])
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("order-created") && stderr.contains("certificate-issued"),
+        "progress: {stderr}"
+    );
+    assert!(
+        stdout.contains("valid until") && stdout.contains("www.cli.example.test"),
+        "{stdout}"
     );
     Ok(())
 }

@@ -80,7 +80,21 @@ pub struct Pebble {
 
 impl Pebble {
     /// Starts challtestsrv and Pebble (PEBBLE_VA_NOSLEEP=1) validating HTTP-01 on `http_port`.
+    ///
+    /// Ports are picked free then released, so a parallel test can grab one first; a start
+    /// that does not come up is retried on fresh ports.
     pub async fn start(http_port: u16) -> anyhow::Result<Self> {
+        let mut last_error = None;
+        for _ in 0..3 {
+            match Self::start_once(http_port).await {
+                Ok(pebble) => return Ok(pebble),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    async fn start_once(http_port: u16) -> anyhow::Result<Self> {
         autohttps_sidecar::acme::install_crypto_provider();
         let dir = tempfile::tempdir()?;
         // Pebble's HTTPS listener: a throwaway CA and a leaf for localhost / 127.0.0.1.
@@ -172,7 +186,7 @@ impl Pebble {
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let pebble_up = self
                 .http
@@ -289,8 +303,18 @@ pub struct InProcess {
 
 /// Starts an in-process sidecar against `pebble`, with HTTP-01 answered on Pebble's port.
 pub async fn start_sidecar(pebble: &Pebble, clock: Arc<dyn Clock>) -> anyhow::Result<InProcess> {
+    start_sidecar_with(pebble, clock, |_| {}).await
+}
+
+/// Like [`start_sidecar`], with a chance to adjust the configuration.
+pub async fn start_sidecar_with(
+    pebble: &Pebble,
+    clock: Arc<dyn Clock>,
+    adjust: impl FnOnce(&mut Config),
+) -> anyhow::Result<InProcess> {
     let data = tempfile::tempdir()?;
-    let config = pebble.sidecar_config(&data.path().join("data"), pebble.http_port);
+    let mut config = pebble.sidecar_config(&data.path().join("data"), pebble.http_port);
+    adjust(&mut config);
     let running = Sidecar::build(config, clock)?
         .serve(axum::Router::new())
         .await?;
