@@ -1,4 +1,23 @@
 //! Configuration: a TOML file plus `AUTOHTTPS_*` environment overrides; every field has a default.
+//!
+//! The sections that face Envoy, with their defaults (environment overrides in
+//! [`ENV_OVERRIDES`]):
+//!
+//! ```toml
+//! [listen]
+//! internal = "127.0.0.1:8082"   # Envoy's `sidecar_http` cluster: HTTP-01 + GET /v1/policy
+//!
+//! [sds]
+//! # socket = "<data_dir>/sds.sock"   # Unix socket, 0600 (Envoy: cluster endpoint `pipe.path`)
+//! # tcp = "127.0.0.1:18000"          # instead of the socket; keep it on loopback
+//! # default_certificate = "/etc/autohttps/default.pem"  # for clients without SNI, with
+//! # default_key = "/etc/autohttps/default.key"          # its key; else self-signed
+//!
+//! [edge]
+//! http_port = 80        # the public ports, written into redirects when not 80/443
+//! https_port = 443
+//! trusted_proxies = []  # addresses/CIDRs whose X-Forwarded-Proto the filter believes
+//! ```
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -27,6 +46,10 @@ pub struct Config {
     pub platform: PlatformConfig,
     /// Which DNS servers the pre-check asks.
     pub dns: DnsConfig,
+    /// Where the SDS server listens and the certificate for clients without SNI.
+    pub sds: SdsSettings,
+    /// The edge's public ports and trusted proxies, as the filter sees them (policy feed).
+    pub edge: EdgeConfig,
 }
 
 /// Listener addresses; both default to loopback.
@@ -35,7 +58,8 @@ pub struct Config {
 pub struct ListenConfig {
     /// The admin API (JSON, bearer token).
     pub admin: SocketAddr,
-    /// The internal listener Envoy routes to: HTTP-01 challenges (and later the policy feed).
+    /// The internal listener Envoy routes to: HTTP-01 challenges and the policy feed
+    /// (`GET /v1/policy`).
     pub internal: SocketAddr,
 }
 
@@ -117,6 +141,56 @@ pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
 }
 
+/// The SDS server (Envoy fetches certificates here, by SNI hostname).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SdsSettings {
+    /// The Unix socket (created 0600; its directory 0700 when created). Default
+    /// `<data_dir>/sds.sock`; see [`Config::sds_socket_path`].
+    pub socket: Option<PathBuf>,
+    /// Listen on this TCP address instead of the Unix socket (e.g. Envoy in another network
+    /// namespace). Anyone who can connect gets private keys: keep it on loopback.
+    pub tcp: Option<SocketAddr>,
+    /// A PEM certificate chain served to clients that send no SNI (with `default_key`).
+    /// Unset: a self-signed certificate for `autohttps-default.invalid`, generated at start.
+    pub default_certificate: Option<PathBuf>,
+    /// The PEM private key of `default_certificate`.
+    pub default_key: Option<PathBuf>,
+}
+
+/// The edge as the filter sees it: public ports (written into redirects) and trusted proxies.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// The public plain-HTTP port; redirects to HTTP name it when it is not 80.
+    pub http_port: u16,
+    /// The public HTTPS port; redirects to HTTPS name it when it is not 443.
+    pub https_port: u16,
+    /// Peers (addresses or CIDRs) whose `X-Forwarded-Proto` the filter believes.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            http_port: 80,
+            https_port: 443,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// The settings the policy feed writes into every policy.
+    pub fn settings(&self) -> crate::policy_feed::EdgeSettings {
+        crate::policy_feed::EdgeSettings {
+            trusted_proxies: self.trusted_proxies.clone(),
+            http_port: self.http_port,
+            https_port: self.https_port,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -126,6 +200,8 @@ impl Default for Config {
             acme: AcmeConfig::default(),
             platform: PlatformConfig::default(),
             dns: DnsConfig::default(),
+            sds: SdsSettings::default(),
+            edge: EdgeConfig::default(),
         }
     }
 }
@@ -197,6 +273,19 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     (
         "AUTOHTTPS_DNS_NAMESERVERS",
         "dns.nameservers (comma-separated ip:port)",
+    ),
+    ("AUTOHTTPS_SDS_SOCKET", "sds.socket"),
+    ("AUTOHTTPS_SDS_TCP", "sds.tcp"),
+    (
+        "AUTOHTTPS_SDS_DEFAULT_CERTIFICATE",
+        "sds.default_certificate",
+    ),
+    ("AUTOHTTPS_SDS_DEFAULT_KEY", "sds.default_key"),
+    ("AUTOHTTPS_EDGE_HTTP_PORT", "edge.http_port"),
+    ("AUTOHTTPS_EDGE_HTTPS_PORT", "edge.https_port"),
+    (
+        "AUTOHTTPS_EDGE_TRUSTED_PROXIES",
+        "edge.trusted_proxies (comma-separated)",
     ),
 ];
 
@@ -275,6 +364,32 @@ impl Config {
                 .map(|item| parse_addr("AUTOHTTPS_DNS_NAMESERVERS", item.to_owned()))
                 .collect::<Result<_>>()?;
         }
+        if let Some(v) = var("AUTOHTTPS_SDS_SOCKET") {
+            self.sds.socket = Some(v.into());
+        }
+        if let Some(v) = var("AUTOHTTPS_SDS_TCP") {
+            self.sds.tcp = Some(parse_addr("AUTOHTTPS_SDS_TCP", v)?);
+        }
+        if let Some(v) = var("AUTOHTTPS_SDS_DEFAULT_CERTIFICATE") {
+            self.sds.default_certificate = Some(v.into());
+        }
+        if let Some(v) = var("AUTOHTTPS_SDS_DEFAULT_KEY") {
+            self.sds.default_key = Some(v.into());
+        }
+        let parse_port = |name: &str, value: String| -> Result<u16> {
+            value.parse().map_err(|_| {
+                Error::Config(format!("{name}={value:?} is not a port number (1-65535)"))
+            })
+        };
+        if let Some(v) = var("AUTOHTTPS_EDGE_HTTP_PORT") {
+            self.edge.http_port = parse_port("AUTOHTTPS_EDGE_HTTP_PORT", v)?;
+        }
+        if let Some(v) = var("AUTOHTTPS_EDGE_HTTPS_PORT") {
+            self.edge.https_port = parse_port("AUTOHTTPS_EDGE_HTTPS_PORT", v)?;
+        }
+        if let Some(v) = var("AUTOHTTPS_EDGE_TRUSTED_PROXIES") {
+            self.edge.trusted_proxies = split_list(&v).map(str::to_owned).collect();
+        }
         self.validate()?;
         Ok(self)
     }
@@ -304,7 +419,42 @@ impl Config {
                     .into(),
             ));
         }
+        if self.sds.default_certificate.is_some() != self.sds.default_key.is_some() {
+            return Err(Error::Config(
+                "sds.default_certificate and sds.default_key must be set together (a PEM chain and its key)"
+                    .into(),
+            ));
+        }
+        if self.sds.socket.is_some() && self.sds.tcp.is_some() {
+            return Err(Error::Config(
+                "set sds.socket or sds.tcp, not both: the SDS server listens on one of them".into(),
+            ));
+        }
+        if self.edge.http_port == 0 || self.edge.https_port == 0 {
+            return Err(Error::Config(
+                "edge.http_port and edge.https_port must be the public ports (1-65535) Envoy listens on"
+                    .into(),
+            ));
+        }
+        self.edge.settings().validate()?;
         Ok(())
+    }
+
+    /// Where the SDS server listens: `sds.tcp` if set, else the Unix socket `sds.socket`,
+    /// by default `<data_dir>/sds.sock`.
+    pub fn sds_listen(&self) -> crate::sds::SdsListen {
+        match self.sds.tcp {
+            Some(address) => crate::sds::SdsListen::Tcp(address),
+            None => crate::sds::SdsListen::Unix(self.sds_socket_path()),
+        }
+    }
+
+    /// The SDS Unix socket path: `sds.socket`, by default `<data_dir>/sds.sock`.
+    pub fn sds_socket_path(&self) -> PathBuf {
+        self.sds
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("sds.sock"))
     }
 
     /// The SQLite database file.
@@ -335,6 +485,87 @@ mod tests {
         assert!(config.listen.admin.ip().is_loopback());
         assert!(config.listen.internal.ip().is_loopback());
         assert_eq!(config.acme.names_per_certificate(), 100);
+        assert_eq!(
+            config.sds_listen(),
+            crate::sds::SdsListen::Unix(PathBuf::from("./data/sds.sock"))
+        );
+        assert_eq!((config.edge.http_port, config.edge.https_port), (80, 443));
+        assert!(config.edge.trusted_proxies.is_empty());
+        assert_eq!(config.sds.default_certificate, None);
+    }
+
+    #[test]
+    fn sds_and_edge_from_file_and_environment() {
+        let config = Config::from_toml(
+            r#"
+            data_dir = "/var/lib/autohttps"
+            [sds]
+            default_certificate = "/etc/autohttps/default.pem"
+            default_key = "/etc/autohttps/default.key"
+            [edge]
+            http_port = 8080
+            https_port = 8443
+            trusted_proxies = ["10.0.0.0/8"]
+            "#,
+        )
+        .unwrap()
+        .with_env(|_| None)
+        .unwrap();
+        assert_eq!(
+            config.sds_socket_path(),
+            PathBuf::from("/var/lib/autohttps/sds.sock")
+        );
+        assert_eq!(config.edge.settings().https_port, 8443);
+        assert_eq!(config.edge.settings().trusted_proxies, vec!["10.0.0.0/8"]);
+        let env: HashMap<&str, &str> = [
+            ("AUTOHTTPS_SDS_TCP", "127.0.0.1:18000"),
+            ("AUTOHTTPS_EDGE_HTTP_PORT", "80"),
+            (
+                "AUTOHTTPS_EDGE_TRUSTED_PROXIES",
+                "192.0.2.1, 198.51.100.0/24",
+            ),
+        ]
+        .into();
+        let config = config
+            .with_env(|name| env.get(name).map(|v| v.to_string()))
+            .unwrap();
+        assert_eq!(
+            config.sds_listen(),
+            crate::sds::SdsListen::Tcp(([127, 0, 0, 1], 18000).into())
+        );
+        assert_eq!(config.edge.http_port, 80);
+        assert_eq!(config.edge.trusted_proxies.len(), 2);
+        let config = Config::default()
+            .with_env(|name| {
+                (name == "AUTOHTTPS_SDS_SOCKET").then(|| "/run/autohttps/sds.sock".into())
+            })
+            .unwrap();
+        assert_eq!(
+            config.sds_socket_path(),
+            PathBuf::from("/run/autohttps/sds.sock")
+        );
+    }
+
+    #[test]
+    fn inconsistent_sds_and_edge_settings_are_refused_with_reason() {
+        let err = Config::from_toml("[sds]\ndefault_key = \"k.pem\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("together"), "{err}");
+        let err = Config::from_toml("[sds]\nsocket = \"/s\"\ntcp = \"127.0.0.1:1\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let err = Config::default()
+            .with_env(|name| (name == "AUTOHTTPS_EDGE_HTTPS_PORT").then(|| "70000".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+        let err = Config::default()
+            .with_env(|name| (name == "AUTOHTTPS_EDGE_TRUSTED_PROXIES").then(|| "not-an-ip".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("trusted_proxies"), "{err}");
     }
 
     #[test]

@@ -64,6 +64,48 @@ pub enum Error {
     /// A DNS lookup failed in a way that is not "the name does not point here".
     #[error("DNS: {0}")]
     Dns(String),
+    /// The configured SDS socket path is taken by something that is not a socket.
+    #[error(
+        "SDS socket path {} exists and is not a socket; remove it or configure another path (sds.socket)",
+        path.display()
+    )]
+    SdsSocketPathOccupied {
+        /// The configured socket path.
+        path: PathBuf,
+    },
+    /// Another process already accepts connections on the configured SDS socket.
+    #[error(
+        "another process is already serving on SDS socket {}; stop it or configure another path (sds.socket)",
+        path.display()
+    )]
+    SdsSocketInUse {
+        /// The configured socket path.
+        path: PathBuf,
+    },
+    /// The SDS listener (Unix socket or TCP address) could not be set up.
+    #[error(
+        "cannot listen for SDS on {address}: {source}; check the path or address and its permissions"
+    )]
+    SdsListen {
+        /// The socket path or TCP address, as text.
+        address: String,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The SDS gRPC server stopped with a transport error.
+    #[error("SDS server failed: {0}")]
+    SdsTransport(#[from] tonic::transport::Error),
+    /// The SDS server task panicked or was cancelled.
+    #[error("SDS server task ended abnormally: {0}")]
+    SdsTask(#[from] tokio::task::JoinError),
+    /// No default certificate was configured and generating a self-signed one failed.
+    #[error("cannot generate the self-signed default certificate: {0}")]
+    DefaultCertificate(#[from] rcgen::Error),
+    /// A bug: something the sidecar builds itself turned out malformed (e.g. the policy
+    /// document could not be serialised). Report it; the message says what.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -95,6 +137,13 @@ impl Error {
             },
             Self::Certificate(_) => "certificate".into(),
             Self::Dns(_) => "dns".into(),
+            Self::SdsSocketPathOccupied { .. }
+            | Self::SdsSocketInUse { .. }
+            | Self::SdsListen { .. }
+            | Self::SdsTransport(_)
+            | Self::SdsTask(_) => "sds".into(),
+            Self::DefaultCertificate(_) => "certificate".into(),
+            Self::Internal(_) => "internal".into(),
         }
     }
 }

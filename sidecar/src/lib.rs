@@ -1,7 +1,9 @@
-//! autohttps sidecar: site registry, ACME issuance and renewal, DNS pre-checks, admin API, CLI.
+//! autohttps sidecar: site registry, ACME issuance and renewal, DNS pre-checks, admin API, CLI,
+//! SDS server and policy feed.
 //!
 //! Issuance ([`issuance`]) gets certificates and writes them to the [`store`]; serving (SDS,
-//! the policy feed) reads them from the store. Time enters through [`clock::Clock`].
+//! the policy feed) reads them from the store: [`sds`] serves certificates to Envoy through
+//! [`sds::StoreCertificateSource`], [`policy_feed`] serves the filter its policy. Time enters through [`clock::Clock`].
 #![warn(missing_docs)]
 
 pub mod acme;
@@ -15,7 +17,9 @@ pub mod error;
 pub mod hostname;
 pub mod http01;
 pub mod issuance;
+pub mod policy_feed;
 pub mod renewal;
+pub mod sds;
 pub mod service;
 pub mod store;
 

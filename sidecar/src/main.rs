@@ -35,13 +35,14 @@ async fn serve(cli: &Cli) -> anyhow::Result<()> {
         .init();
     let config = Config::load(cli.config.as_deref()).context("loading configuration")?;
     let sidecar = Sidecar::build(config, Arc::new(SystemClock)).context("starting")?;
-    let running = sidecar.serve(axum::Router::new()).await?;
+    let mut running = sidecar.serve(axum::Router::new()).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        () = running.wait() => anyhow::bail!("a listener stopped unexpectedly"),
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    let outcome = tokio::select! {
+        () = running.wait() => Err(anyhow::anyhow!("a listener stopped unexpectedly")),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => Ok(()),
+    };
     tracing::info!("stopping");
-    Ok(())
+    running.shutdown().await;
+    outcome
 }

@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::{HttpsMode, MixedContent, RedirectKind, Site, Store, StoredCertificate};
 
 /// The path the filter polls.
@@ -43,6 +43,17 @@ impl Default for EdgeSettings {
             http_port: 80,
             https_port: 443,
         }
+    }
+}
+
+impl EdgeSettings {
+    /// Checks these settings with the filter's own rules (a bad trusted-proxy CIDR would make
+    /// every policy invalid), so a mistake is refused at start, not at Envoy's first poll.
+    pub fn validate(&self) -> Result<()> {
+        let document = build_document(&[], &[], self, OffsetDateTime::UNIX_EPOCH);
+        Policy::compile(&document)
+            .map(|_| ())
+            .map_err(|error| Error::Config(format!("edge settings: {error}")))
     }
 }
 
@@ -202,10 +213,10 @@ impl PolicyFeed {
         match Policy::compile(&document) {
             Ok(_) => {
                 let body: Arc<[u8]> = serde_json::to_vec(&document)
-                    .map_err(|e| crate::error::Error::Internal(format!("serialising the policy: {e}")))?
+                    .map_err(|e| Error::Internal(format!("serialising the policy: {e}")))?
                     .into();
                 let etag = HeaderValue::from_str(&format!("\"{}\"", document.version))
-                    .map_err(|e| crate::error::Error::Internal(format!("policy ETag: {e}")))?;
+                    .map_err(|e| Error::Internal(format!("policy ETag: {e}")))?;
                 tracing::info!(
                     version = %document.version,
                     sites = document.sites.len(),
@@ -227,9 +238,7 @@ impl PolicyFeed {
                         current.etag.clone(),
                         current.version.clone(),
                     )),
-                    None => Err(crate::error::Error::Internal(format!(
-                        "no valid policy yet: {error}"
-                    ))),
+                    None => Err(Error::Internal(format!("no valid policy yet: {error}"))),
                 }
             }
         }
@@ -276,4 +285,193 @@ async fn serve_policy(State(feed): State<PolicyFeed>, headers: HeaderMap) -> Res
         body.to_vec(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::hostname::Hostname;
+    use crate::store::{NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore};
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
+
+    fn name(n: &str) -> Hostname {
+        Hostname::parse(n).expect("valid hostname")
+    }
+
+    fn store_with_site(names: &[&str]) -> Arc<SqliteStore> {
+        let store = Arc::new(SqliteStore::in_memory().expect("store"));
+        store
+            .create_site(
+                NewSite {
+                    name: "shop".into(),
+                    primary: name(names[0]),
+                    hostnames: names[1..].iter().map(|n| name(n)).collect(),
+                    policy: SitePolicy::default(),
+                },
+                NOW,
+                NOW,
+            )
+            .expect("site");
+        store
+    }
+
+    fn issue(store: &SqliteStore, names: &[&str], serial: &str, not_after: OffsetDateTime) {
+        store
+            .store_certificate(
+                NewCertificate {
+                    site: "shop".into(),
+                    names: names.iter().map(|n| name(n)).collect(),
+                    chain_pem: format!("chain {serial}"),
+                    key_pem: PrivateKeyPem::new(format!("key {serial}")),
+                    not_before: NOW - time::Duration::days(1),
+                    not_after,
+                    serial: serial.into(),
+                    ari_id: None,
+                },
+                None,
+                NOW,
+            )
+            .expect("stored");
+    }
+
+    fn document(store: &SqliteStore, now: OffsetDateTime) -> PolicyDocument {
+        build_document(
+            &store.list_sites().expect("sites"),
+            &store.all_current_certificates().expect("certificates"),
+            &EdgeSettings::default(),
+            now,
+        )
+    }
+
+    #[test]
+    fn cert_ready_lists_only_names_an_unexpired_certificate_covers() {
+        let store = store_with_site(&["shop.test", "www.shop.test", "old.shop.test"]);
+        issue(
+            &store,
+            &["shop.test", "www.shop.test"],
+            "01",
+            datetime!(2026-06-01 00:00 UTC),
+        );
+        issue(
+            &store,
+            &["old.shop.test"],
+            "02",
+            datetime!(2026-03-02 00:00 UTC),
+        );
+        let fresh = document(&store, NOW);
+        assert_eq!(
+            fresh.sites[0].cert_ready,
+            vec!["shop.test", "old.shop.test", "www.shop.test"]
+        );
+        let later = document(&store, datetime!(2026-03-03 00:00 UTC));
+        assert_eq!(
+            later.sites[0].cert_ready,
+            vec!["shop.test", "www.shop.test"]
+        );
+        assert_eq!(later.sites[0].hostnames.len(), 3);
+        assert_ne!(fresh.version, later.version);
+    }
+
+    #[test]
+    fn same_content_has_the_same_version_and_a_new_certificate_a_new_one() {
+        let store = store_with_site(&["shop.test", "www.shop.test"]);
+        issue(
+            &store,
+            &["shop.test"],
+            "01",
+            datetime!(2026-06-01 00:00 UTC),
+        );
+        let first = document(&store, NOW);
+        let again = document(&store, NOW + time::Duration::hours(1));
+        assert_eq!(first.version, again.version);
+        assert_eq!(first, again);
+        issue(
+            &store,
+            &["shop.test", "www.shop.test"],
+            "02",
+            datetime!(2026-06-01 00:00 UTC),
+        );
+        let after = document(&store, NOW);
+        assert_ne!(first.version, after.version);
+        assert!(Policy::compile(&after).is_ok());
+    }
+
+    #[test]
+    fn edge_settings_with_a_bad_trusted_proxy_are_refused() {
+        let settings = EdgeSettings {
+            trusted_proxies: vec!["not-an-address".into()],
+            ..EdgeSettings::default()
+        };
+        let error = settings.validate().expect_err("refused");
+        assert!(error.to_string().contains("trusted_proxies"), "{error}");
+        assert!(EdgeSettings::default().validate().is_ok());
+    }
+
+    #[tokio::test]
+    async fn feed_answers_with_an_etag_then_304_until_the_store_changes() {
+        let store = store_with_site(&["shop.test"]);
+        let feed = PolicyFeed::new(
+            Arc::clone(&store) as Arc<dyn Store>,
+            Arc::new(ManualClock::new(NOW)),
+            EdgeSettings {
+                https_port: 8443,
+                ..EdgeSettings::default()
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bound");
+        let url = format!(
+            "http://{}{POLICY_PATH}",
+            listener.local_addr().expect("address")
+        );
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, feed.router()).await;
+        });
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+
+        let first = http.get(&url).send().await.expect("answered");
+        assert_eq!(first.status(), 200);
+        let etag = first.headers()[header::ETAG].clone();
+        let body: PolicyDocument = first.json().await.expect("a policy document");
+        assert_eq!(
+            etag.to_str().ok(),
+            Some(format!("\"{}\"", body.version).as_str())
+        );
+        assert_eq!(body.settings.https_port, 8443);
+        assert!(body.sites[0].cert_ready.is_empty());
+
+        let unchanged = http
+            .get(&url)
+            .header(header::IF_NONE_MATCH, etag.clone())
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(unchanged.status(), 304);
+        assert_eq!(unchanged.headers()[header::ETAG], etag);
+
+        issue(
+            &store,
+            &["shop.test"],
+            "01",
+            datetime!(2026-06-01 00:00 UTC),
+        );
+        let changed = http
+            .get(&url)
+            .header(header::IF_NONE_MATCH, etag.clone())
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(changed.status(), 200);
+        assert_ne!(changed.headers()[header::ETAG], etag);
+        let body: PolicyDocument = changed.json().await.expect("a policy document");
+        assert_eq!(body.sites[0].cert_ready, vec!["shop.test"]);
+        server.abort();
+    }
 }

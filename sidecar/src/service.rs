@@ -1,5 +1,6 @@
 //! Wiring for `autohttps serve`: open the store, build the issuer, bind the admin and internal
-//! listeners, run everything until stopped.
+//! listeners (the internal one serves HTTP-01 challenges and the policy feed), start the SDS
+//! server over the store, run everything until stopped.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -17,10 +18,15 @@ use crate::dns_check::DnsPrecheck;
 use crate::error::{Error, Result};
 use crate::http01::{ChallengeResponder, internal_router};
 use crate::issuance::Issuer;
+use crate::policy_feed::{POLICY_PATH, PolicyFeed};
+use crate::sds::{
+    SdsConfig, SdsListen, SdsServer, StoreCertificateSource, default_certificate_from_files,
+};
 use crate::store::{SqliteStore, Store};
 
-/// The assembled sidecar, not yet listening. Add routes to the internal listener with
-/// [`Sidecar::serve`]'s `extra_internal_routes` (e.g. the policy feed).
+/// The assembled sidecar, not yet listening. [`Sidecar::serve`] binds the admin and internal
+/// listeners and the SDS server; add routes to the internal listener with its
+/// `extra_internal_routes`.
 #[derive(Debug)]
 pub struct Sidecar {
     /// The configuration it was built from.
@@ -31,6 +37,7 @@ pub struct Sidecar {
     pub issuer: Arc<Issuer>,
     /// The HTTP-01 responder shared with the internal router.
     pub responder: ChallengeResponder,
+    clock: Arc<dyn Clock>,
     admin_token: String,
 }
 
@@ -39,12 +46,15 @@ pub struct Sidecar {
 pub struct RunningSidecar {
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
-    /// Where the internal listener (HTTP-01, policy feed) listens.
+    /// Where the internal listener (HTTP-01, policy feed at [`POLICY_PATH`]) listens.
     pub internal_addr: SocketAddr,
+    /// Where the SDS server listens (the real port when TCP port 0 was configured).
+    pub sds_listen: SdsListen,
     /// The store.
     pub store: Arc<dyn Store>,
     /// The issuer.
     pub issuer: Arc<Issuer>,
+    sds: Option<SdsServer>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -57,16 +67,30 @@ impl Drop for RunningSidecar {
 }
 
 impl RunningSidecar {
-    /// Waits until any listener or the issuer stops (normally never), then stops the rest.
-    pub async fn wait(mut self) {
-        let tasks = std::mem::take(&mut self.tasks);
-        if tasks.is_empty() {
-            return;
-        }
-        let (_finished, _index, remaining) = futures::future::select_all(tasks).await;
-        for task in remaining {
+    /// Stops everything; ends the SDS streams and removes the SDS socket file.
+    pub async fn shutdown(mut self) {
+        for task in &self.tasks {
             task.abort();
         }
+        if let Some(sds) = self.sds.take()
+            && let Err(error) = sds.shutdown().await
+        {
+            tracing::warn!(%error, "SDS server did not stop cleanly");
+        }
+    }
+
+    /// How many SDS streams Envoy holds open (one per secret name it watches).
+    pub fn sds_open_streams(&self) -> usize {
+        self.sds.as_ref().map_or(0, SdsServer::open_streams)
+    }
+
+    /// Waits until any listener, the SDS index refresh or the issuer stops (normally never).
+    /// Call [`RunningSidecar::shutdown`] afterwards.
+    pub async fn wait(&mut self) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        let _finished = futures::future::select_all(self.tasks.iter_mut()).await;
     }
 }
 
@@ -85,7 +109,7 @@ impl Sidecar {
         }
         let issuer = Issuer::new(
             Arc::clone(&store),
-            clock,
+            Arc::clone(&clock),
             config.acme.clone(),
             dns,
             responder.clone(),
@@ -95,6 +119,7 @@ impl Sidecar {
             store,
             issuer,
             responder,
+            clock,
             admin_token,
         })
     }
@@ -104,13 +129,58 @@ impl Sidecar {
         admin_router(Arc::clone(&self.issuer), &self.admin_token)
     }
 
-    /// The internal router: HTTP-01 challenges. Merge more routes into it before serving.
+    /// The internal router: HTTP-01 challenges and the policy feed. Merge more routes into it
+    /// before serving.
     pub fn internal_router(&self) -> Router {
-        internal_router(self.responder.clone())
+        let feed = PolicyFeed::new(
+            Arc::clone(&self.store),
+            Arc::clone(&self.clock),
+            self.config.edge.settings(),
+        );
+        internal_router(self.responder.clone()).merge(feed.router())
     }
 
-    /// Binds both listeners, starts serving and starts the issuer's scheduler.
-    /// `extra_internal_routes` is merged into the internal router (pass `Router::new()` for none).
+    /// Starts the SDS server over the store (see [`StoreCertificateSource`]) and the task that
+    /// keeps its index current.
+    pub async fn start_sds(&self) -> Result<(SdsServer, JoinHandle<()>)> {
+        let default = match (
+            &self.config.sds.default_certificate,
+            &self.config.sds.default_key,
+        ) {
+            (Some(chain), Some(key)) => Some(default_certificate_from_files(chain, key)?),
+            _ => None,
+        };
+        let configured_default = default.is_some();
+        let source =
+            StoreCertificateSource::new(Arc::clone(&self.store), Arc::clone(&self.clock), default)?;
+        let refresh = source.spawn_refresh();
+        let listen = self.config.sds_listen();
+        if let SdsListen::Unix(path) = &listen {
+            warn_unless_private_parent(path);
+        }
+        let server = SdsServer::start(
+            SdsConfig {
+                listen,
+                default_secret_name: SdsConfig::DEFAULT_SECRET_NAME.to_owned(),
+            },
+            source,
+        )
+        .await?;
+        tracing::info!(
+            default_secret = SdsConfig::DEFAULT_SECRET_NAME,
+            default_certificate = if configured_default {
+                "configured"
+            } else {
+                "self-signed"
+            },
+            "SDS serves the store's certificates by SNI name"
+        );
+        Ok((server, refresh))
+    }
+
+    /// Binds the admin and internal listeners and the SDS server, starts serving and starts the
+    /// issuer's scheduler. `extra_internal_routes` is merged into the internal router (pass
+    /// `Router::new()` for none).
     pub async fn serve(self, extra_internal_routes: Router) -> Result<RunningSidecar> {
         let admin = bind(self.config.listen.admin, "admin").await?;
         let internal = bind(self.config.listen.internal, "internal").await?;
@@ -120,9 +190,12 @@ impl Sidecar {
         let internal_addr = internal
             .local_addr()
             .map_err(|e| Error::io("read internal address", "", e))?;
+        let (sds, sds_refresh) = self.start_sds().await?;
+        let sds_listen = sds.local_addr().clone();
         let admin_app = self.admin_router();
         let internal_app = self.internal_router().merge(extra_internal_routes);
         let tasks = vec![
+            sds_refresh,
             tokio::spawn(async move {
                 if let Err(error) = axum::serve(admin, admin_app).await {
                     tracing::error!(%error, "admin listener stopped");
@@ -135,14 +208,45 @@ impl Sidecar {
             }),
             tokio::spawn(Arc::clone(&self.issuer).run()),
         ];
-        tracing::info!(%admin_addr, %internal_addr, directory = %self.config.acme.directory_url, "autohttps sidecar serving");
+        let sds_at = match &sds_listen {
+            SdsListen::Unix(path) => format!("unix:{}", path.display()),
+            SdsListen::Tcp(address) => format!("tcp:{address}"),
+        };
+        tracing::info!(
+            %admin_addr,
+            %internal_addr,
+            sds = %sds_at,
+            policy_feed = %format!("http://{internal_addr}{POLICY_PATH}"),
+            directory = %self.config.acme.directory_url,
+            "autohttps sidecar serving"
+        );
         Ok(RunningSidecar {
             admin_addr,
             internal_addr,
+            sds_listen,
             store: self.store,
             issuer: self.issuer,
+            sds: Some(sds),
             tasks,
         })
+    }
+}
+
+/// The SDS socket hands out private keys: its directory should let no one else in, so that no
+/// one can reach the socket in the moment between its creation and its `chmod 0600`.
+fn warn_unless_private_parent(socket: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return;
+    };
+    if let Ok(metadata) = std::fs::metadata(parent)
+        && metadata.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            directory = %parent.display(),
+            mode = format!("{:o}", metadata.permissions().mode() & 0o777),
+            "the SDS socket's directory is open to other users; make it 0700 (chmod 700)"
+        );
     }
 }
 

@@ -1,0 +1,281 @@
+//! Where served certificates come from: the [`CertificateSource`] seam and its in-memory reference.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::sync::watch;
+
+/// A certificate ready to be served to Envoy: PEM chain, PEM private key and a version.
+///
+/// The version names the contents: whoever builds a `ServedCertificate` must give a new
+/// certificate a new version (a serial number or a fingerprint does). Envoy is told about a
+/// certificate again only when its version changes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServedCertificate {
+    version: String,
+    certificate_chain_pem: String,
+    private_key_pem: String,
+}
+
+impl ServedCertificate {
+    /// A certificate from its version, its PEM chain (leaf first) and its PEM private key.
+    pub fn new(
+        version: impl Into<String>,
+        certificate_chain_pem: impl Into<String>,
+        private_key_pem: impl Into<String>,
+    ) -> Self {
+        Self {
+            version: version.into(),
+            certificate_chain_pem: certificate_chain_pem.into(),
+            private_key_pem: private_key_pem.into(),
+        }
+    }
+
+    /// The version Envoy sees for this certificate.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The PEM certificate chain, leaf first.
+    pub fn certificate_chain_pem(&self) -> &str {
+        &self.certificate_chain_pem
+    }
+
+    /// The PEM private key. Never log it.
+    pub fn private_key_pem(&self) -> &str {
+        &self.private_key_pem
+    }
+}
+
+impl fmt::Debug for ServedCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServedCertificate")
+            .field("version", &self.version)
+            .field(
+                "certificate_chain_pem_bytes",
+                &self.certificate_chain_pem.len(),
+            )
+            .field("private_key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What the SDS server asks for certificates; implemented by the store.
+///
+/// Lookups happen on every SDS request and after every change, so they must be cheap
+/// (a map lookup), never block on I/O, and never fail loudly: an unknown name is `None`.
+pub trait CertificateSource: Send + Sync + 'static {
+    /// The certificate to serve for a TLS server name.
+    ///
+    /// Resolution order: the certificate for exactly `name`, then a wildcard certificate
+    /// `*.parent` when `name` is a single-label child of `parent` (see [`wildcard_name`]),
+    /// else `None`. Implementations compare names after [`normalize_name`].
+    fn lookup(&self, name: &str) -> Option<Arc<ServedCertificate>>;
+
+    /// The certificate for clients that send no SNI, when the operator configured one.
+    ///
+    /// `None` makes the server fall back to a self-signed certificate it generates at start.
+    fn default_certificate(&self) -> Option<Arc<ServedCertificate>> {
+        None
+    }
+
+    /// A counter bumped after every change to what `lookup` or `default_certificate` return.
+    ///
+    /// Each SDS stream holds one receiver; on a change it looks its names up again and pushes
+    /// only those whose version changed.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// The form names are compared in: ASCII lower case, without a trailing dot.
+///
+/// Hostnames reach the store already validated and in punycode; this only absorbs the
+/// variations a TLS client may put in its SNI.
+pub fn normalize_name(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// The wildcard certificate name that covers `name`: `a.example.test` → `*.example.test`.
+///
+/// A wildcard covers exactly one label (RFC 6125 §6.4.3), so there is none for a name with
+/// fewer than three labels, for an empty first label, or for a name that is itself a wildcard.
+pub fn wildcard_name(name: &str) -> Option<String> {
+    let (first, parent) = name.split_once('.')?;
+    if first.is_empty() || first == "*" || parent.is_empty() || !parent.contains('.') {
+        return None;
+    }
+    Some(format!("*.{parent}"))
+}
+
+/// An in-memory [`CertificateSource`]: the reference implementation, used in tests.
+#[derive(Debug)]
+pub struct MemoryCertificateSource {
+    certificates: RwLock<Certificates>,
+    changes: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Certificates {
+    by_name: HashMap<String, Arc<ServedCertificate>>,
+    default: Option<Arc<ServedCertificate>>,
+}
+
+impl Default for MemoryCertificateSource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryCertificateSource {
+    /// An empty source.
+    pub fn new() -> Self {
+        Self {
+            certificates: RwLock::new(Certificates::default()),
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    /// Serves `certificate` for each of `names` (exact names or `*.parent` wildcards),
+    /// replacing what those names had, then announces one change.
+    pub fn insert<S: AsRef<str>>(&self, names: &[S], certificate: Arc<ServedCertificate>) {
+        {
+            let mut certificates = self.write();
+            for name in names {
+                certificates
+                    .by_name
+                    .insert(normalize_name(name.as_ref()), Arc::clone(&certificate));
+            }
+        }
+        self.announce();
+    }
+
+    /// Stops serving a certificate for `name`, then announces one change.
+    pub fn remove(&self, name: &str) {
+        self.write().by_name.remove(&normalize_name(name));
+        self.announce();
+    }
+
+    /// Sets (or with `None`, clears) the certificate for clients without SNI.
+    pub fn set_default(&self, certificate: Option<Arc<ServedCertificate>>) {
+        self.write().default = certificate;
+        self.announce();
+    }
+
+    fn announce(&self) {
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Certificates> {
+        self.certificates
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Certificates> {
+        self.certificates
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl CertificateSource for MemoryCertificateSource {
+    fn lookup(&self, name: &str) -> Option<Arc<ServedCertificate>> {
+        let name = normalize_name(name);
+        let certificates = self.read();
+        if let Some(found) = certificates.by_name.get(&name) {
+            return Some(Arc::clone(found));
+        }
+        let wildcard = wildcard_name(&name)?;
+        certificates.by_name.get(&wildcard).cloned()
+    }
+
+    fn default_certificate(&self) -> Option<Arc<ServedCertificate>> {
+        self.read().default.clone()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(version: &str) -> Arc<ServedCertificate> {
+        Arc::new(ServedCertificate::new(version, "CHAIN", "KEY"))
+    }
+
+    fn version_of(source: &MemoryCertificateSource, name: &str) -> Option<String> {
+        source.lookup(name).map(|c| c.version().to_owned())
+    }
+
+    #[test]
+    fn lookup_prefers_exact_name_over_wildcard() {
+        let source = MemoryCertificateSource::new();
+        source.insert(&["*.example.test"], cert("wild"));
+        source.insert(&["a.example.test"], cert("exact"));
+        assert_eq!(
+            version_of(&source, "a.example.test").as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            version_of(&source, "b.example.test").as_deref(),
+            Some("wild")
+        );
+    }
+
+    #[test]
+    fn wildcard_covers_one_label_only() {
+        let source = MemoryCertificateSource::new();
+        source.insert(&["*.example.test"], cert("wild"));
+        assert_eq!(version_of(&source, "x.y.example.test"), None);
+        assert_eq!(version_of(&source, "example.test"), None);
+    }
+
+    #[test]
+    fn unknown_name_is_none() {
+        let source = MemoryCertificateSource::new();
+        source.insert(&["a.example.test"], cert("1"));
+        assert_eq!(version_of(&source, "b.example.test"), None);
+    }
+
+    #[test]
+    fn lookup_ignores_case_and_trailing_dot() {
+        let source = MemoryCertificateSource::new();
+        source.insert(&["A.Example.Test"], cert("1"));
+        assert_eq!(version_of(&source, "a.example.TEST.").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn wildcard_name_needs_a_parent_with_two_labels() {
+        assert_eq!(
+            wildcard_name("a.example.test").as_deref(),
+            Some("*.example.test")
+        );
+        assert_eq!(wildcard_name("example.test"), None);
+        assert_eq!(wildcard_name(".example.test"), None);
+        assert_eq!(wildcard_name("*.example.test"), None);
+        assert_eq!(wildcard_name("localhost"), None);
+    }
+
+    #[test]
+    fn every_change_bumps_the_counter() {
+        let source = MemoryCertificateSource::new();
+        let mut changes = source.changes();
+        source.insert(&["a.example.test", "b.example.test"], cert("1"));
+        assert!(changes.has_changed().unwrap_or(false));
+        assert_eq!(*changes.borrow_and_update(), 1);
+        source.remove("a.example.test");
+        source.set_default(Some(cert("d")));
+        assert_eq!(*changes.borrow_and_update(), 3);
+    }
+
+    #[test]
+    fn debug_output_never_contains_the_private_key() {
+        let served = ServedCertificate::new("v1", "CHAIN", "-----BEGIN PRIVATE KEY-----SECRET");
+        let shown = format!("{served:?}");
+        assert!(shown.contains("v1"));
+        assert!(!shown.contains("SECRET"));
+    }
+}

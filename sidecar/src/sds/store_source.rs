@@ -1,0 +1,309 @@
+//! The store-backed [`CertificateSource`]: an in-memory index of what the store says to serve,
+//! rebuilt when certificates or sites change, so SDS lookups never touch SQLite.
+//!
+//! One rebuild reads `list_sites()` and `all_current_certificates()` once, however many SDS
+//! streams are open. A name maps to the newest servable certificate of its site that lists it
+//! as a SAN (the same rule as [`Store::certificate_for_hostname`]); a certificate is servable
+//! when it has not expired and its private key matches its leaf. Envoy NACKs a secret whose key
+//! does not match, and that name's handshakes then hang until a good version arrives, so such a
+//! certificate is never published: it is logged (site, serial, never the key) and skipped; an
+//! older good certificate of the store keeps serving, or, when the refused one superseded it,
+//! the one this process was serving for that name (until it expires or the process restarts).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::source::{CertificateSource, ServedCertificate, normalize_name, wildcard_name};
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::store::{Store, StoredCertificate};
+
+/// The longest the refresh task sleeps without a change: it also rebuilds when the earliest
+/// served certificate expires, and at least this often.
+const MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Serves the store's certificates to the SDS server from an in-memory index.
+///
+/// Build it with [`StoreCertificateSource::new`] (which indexes once), then keep it current with
+/// [`StoreCertificateSource::spawn_refresh`].
+pub struct StoreCertificateSource {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    default: Option<Arc<ServedCertificate>>,
+    index: RwLock<Arc<Index>>,
+    changes: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for StoreCertificateSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreCertificateSource")
+            .field("names", &self.read().by_name.len())
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One snapshot of what to serve.
+#[derive(Debug, Default)]
+struct Index {
+    /// Normalised name → what it is served.
+    by_name: HashMap<String, Entry>,
+    /// Every certificate considered, by store row id: `None` when it was refused (bad key), so
+    /// it is checked, and logged, once.
+    checked: HashMap<i64, Option<Arc<ServedCertificate>>>,
+    /// When the first served certificate expires (the index must be rebuilt then).
+    next_expiry: Option<OffsetDateTime>,
+}
+
+/// A name's certificate and when it stops being servable.
+#[derive(Debug, Clone)]
+struct Entry {
+    certificate: Arc<ServedCertificate>,
+    site: String,
+    not_after: OffsetDateTime,
+}
+
+impl StoreCertificateSource {
+    /// A source over `store`, indexed now. `default` is the certificate for clients without
+    /// SNI (`None`: the SDS server generates a self-signed one).
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        default: Option<ServedCertificate>,
+    ) -> Result<Arc<Self>> {
+        let source = Arc::new(Self {
+            store,
+            clock,
+            default: default.map(Arc::new),
+            index: RwLock::new(Arc::new(Index::default())),
+            changes: watch::Sender::new(0),
+        });
+        source.refresh()?;
+        Ok(source)
+    }
+
+    /// Rebuilds the index from the store; announces a change when any name's certificate
+    /// changed. On a store error the previous index stays in place.
+    pub fn refresh(&self) -> Result<()> {
+        let sites = self.store.list_sites()?;
+        let mut certificates = self.store.all_current_certificates()?;
+        let now = self.clock.now();
+        // Newest first: the first servable certificate listing a name wins.
+        certificates.sort_by(|a, b| b.not_after.cmp(&a.not_after).then(b.id.cmp(&a.id)));
+        let owner: HashMap<&str, &str> = sites
+            .iter()
+            .flat_map(|site| {
+                site.hostnames
+                    .iter()
+                    .map(|h| (h.name.as_str(), site.name.as_str()))
+            })
+            .collect();
+        let previous = self.read();
+        let mut next = Index::default();
+        let mut refused_names = Vec::new();
+        for certificate in &certificates {
+            if certificate.not_after <= now {
+                continue;
+            }
+            let served = match previous.checked.get(&certificate.id) {
+                Some(checked) => checked.clone(),
+                None => servable(certificate),
+            };
+            next.checked.insert(certificate.id, served.clone());
+            for name in &certificate.names {
+                if owner.get(name.as_str()) != Some(&certificate.site.as_str()) {
+                    continue;
+                }
+                let key = normalize_name(name.as_str());
+                match &served {
+                    Some(served) => {
+                        next.by_name.entry(key).or_insert_with(|| Entry {
+                            certificate: Arc::clone(served),
+                            site: certificate.site.clone(),
+                            not_after: certificate.not_after,
+                        });
+                    }
+                    None => refused_names.push(key),
+                }
+            }
+        }
+        // A refused certificate may have superseded the one a name was served: never make things
+        // worse, keep serving that one (in memory) while it is valid and the name still
+        // belongs to the same site.
+        for name in refused_names {
+            if next.by_name.contains_key(&name) {
+                continue;
+            }
+            if let Some(entry) = previous.by_name.get(&name)
+                && entry.not_after > now
+                && owner.get(name.as_str()) == Some(&entry.site.as_str())
+            {
+                next.by_name.insert(name, entry.clone());
+            }
+        }
+        next.next_expiry = next.by_name.values().map(|entry| entry.not_after).min();
+        let changed = previous.by_name.len() != next.by_name.len()
+            || next.by_name.iter().any(|(name, entry)| {
+                previous
+                    .by_name
+                    .get(name)
+                    .is_none_or(|old| old.certificate.version() != entry.certificate.version())
+            });
+        let names = next.by_name.len();
+        *self.index.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+        if changed {
+            self.changes.send_modify(|generation| *generation += 1);
+            tracing::info!(names, "SDS certificate index rebuilt");
+        }
+        Ok(())
+    }
+
+    /// Keeps the index current: rebuilds when the store's certificates or sites change, when
+    /// the earliest served certificate expires, and at least hourly. Stops when the store's
+    /// change senders are gone or the handle is aborted.
+    pub fn spawn_refresh(self: &Arc<Self>) -> JoinHandle<()> {
+        let source = Arc::clone(self);
+        let mut certificates = source.store.certificates_changed();
+        let mut sites = source.store.sites_changed();
+        tokio::spawn(async move {
+            loop {
+                // Subscribed before this rebuild, so a change made during it is not missed;
+                // a burst of changes (store, supersede, edit) costs one rebuild.
+                certificates.mark_unchanged();
+                sites.mark_unchanged();
+                let refreshing = Arc::clone(&source);
+                match tokio::task::spawn_blocking(move || refreshing.refresh()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::error!(
+                        %error,
+                        "could not rebuild the SDS certificate index; still serving the previous one"
+                    ),
+                    Err(error) => tracing::error!(%error, "SDS certificate index rebuild failed"),
+                }
+                let wait = source.until_next_expiry();
+                tokio::select! {
+                    changed = certificates.changed() => if changed.is_err() { return },
+                    changed = sites.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        })
+    }
+
+    fn until_next_expiry(&self) -> Duration {
+        match self.read().next_expiry {
+            Some(expiry) => {
+                let left = expiry - self.clock.now();
+                Duration::try_from(left)
+                    .unwrap_or(Duration::ZERO)
+                    .clamp(Duration::from_secs(1), MAX_REFRESH_INTERVAL)
+            }
+            None => MAX_REFRESH_INTERVAL,
+        }
+    }
+
+    fn read(&self) -> Arc<Index> {
+        Arc::clone(&self.index.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl CertificateSource for StoreCertificateSource {
+    fn lookup(&self, name: &str) -> Option<Arc<ServedCertificate>> {
+        let name = normalize_name(name);
+        let index = self.read();
+        let entry = match index.by_name.get(&name) {
+            Some(entry) => entry,
+            None => index.by_name.get(&wildcard_name(&name)?)?,
+        };
+        Some(Arc::clone(&entry.certificate))
+    }
+
+    fn default_certificate(&self) -> Option<Arc<ServedCertificate>> {
+        self.default.clone()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// The stored certificate as served, or `None` (logged) when its key does not match its leaf.
+fn servable(certificate: &StoredCertificate) -> Option<Arc<ServedCertificate>> {
+    match check_key_matches_leaf(&certificate.chain_pem, certificate.key_pem.expose()) {
+        Ok(()) => Some(Arc::new(ServedCertificate::new(
+            certificate.serial.clone(),
+            certificate.chain_pem.clone(),
+            certificate.key_pem.expose(),
+        ))),
+        Err(problem) => {
+            tracing::error!(
+                site = %certificate.site,
+                serial = %certificate.serial,
+                names = certificate.names.len(),
+                %problem,
+                "stored certificate not served to Envoy (it would reject it); an older one keeps serving if there is one"
+            );
+            None
+        }
+    }
+}
+
+/// Checks that `chain_pem` starts with a leaf whose public key is the one of `key_pem`.
+/// The error says what is wrong without quoting either.
+pub fn check_key_matches_leaf(chain_pem: &str, key_pem: &str) -> Result<(), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the certificate chain is not valid PEM ({e})"))?;
+    if chain.is_empty() {
+        return Err("the certificate chain holds no certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("the private key is not valid PEM ({e})"))?;
+    let signing_key = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("the private key cannot be loaded ({e})"))?;
+    match CertifiedKey::new(chain, signing_key).keys_match() {
+        Ok(()) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err("the private key does not belong to the leaf certificate".into())
+        }
+        Err(error) => Err(format!("the key and leaf cannot be compared ({error})")),
+    }
+}
+
+/// The operator's default certificate (for clients without SNI) from PEM files, checked.
+pub fn default_certificate_from_files(chain: &Path, key: &Path) -> Result<ServedCertificate> {
+    let chain_pem = std::fs::read_to_string(chain)
+        .map_err(|e| Error::io("read sds.default_certificate", chain, e))?;
+    let key_pem =
+        std::fs::read_to_string(key).map_err(|e| Error::io("read sds.default_key", key, e))?;
+    check_key_matches_leaf(&chain_pem, &key_pem).map_err(|problem| {
+        Error::Config(format!(
+            "sds.default_certificate {} and sds.default_key {}: {problem}",
+            chain.display(),
+            key.display()
+        ))
+    })?;
+    let version = format!("configured-{:016x}", fnv1a64(chain_pem.as_bytes()));
+    Ok(ServedCertificate::new(version, chain_pem, key_pem))
+}
+
+/// FNV-1a, 64 bits: names a configured certificate's content in its version.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests;

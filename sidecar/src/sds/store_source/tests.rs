@@ -1,0 +1,253 @@
+//! Unit tests of the store-backed certificate source, over a real (in-memory) SQLite store.
+
+use std::sync::Arc;
+
+use time::macros::datetime;
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::hostname::Hostname;
+use crate::store::{NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore};
+
+const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
+
+fn name(n: &str) -> Hostname {
+    Hostname::parse(n).expect("valid hostname")
+}
+
+struct Fixture {
+    store: Arc<SqliteStore>,
+    clock: Arc<ManualClock>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            store: Arc::new(SqliteStore::in_memory().expect("store")),
+            clock: Arc::new(ManualClock::new(NOW)),
+        }
+    }
+
+    fn site(&self, site: &str, names: &[&str]) {
+        self.store
+            .create_site(
+                NewSite {
+                    name: site.into(),
+                    primary: name(names[0]),
+                    hostnames: names[1..].iter().map(|n| name(n)).collect(),
+                    policy: SitePolicy::default(),
+                },
+                NOW,
+                NOW,
+            )
+            .expect("site created");
+    }
+
+    /// Stores a real self-signed certificate for `names`; with `mismatched_key`, the stored
+    /// key belongs to another certificate. Returns its serial.
+    fn issue(
+        &self,
+        site: &str,
+        names: &[&str],
+        not_after: OffsetDateTime,
+        mismatched_key: bool,
+    ) -> String {
+        let generated = rcgen::generate_simple_self_signed(
+            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        )
+        .expect("generated");
+        let key = if mismatched_key {
+            rcgen::KeyPair::generate()
+                .expect("other key")
+                .serialize_pem()
+        } else {
+            generated.signing_key.serialize_pem()
+        };
+        let serial = format!("{:032x}", rand::random::<u128>());
+        self.store
+            .store_certificate(
+                NewCertificate {
+                    site: site.into(),
+                    names: names.iter().map(|n| name(n)).collect(),
+                    chain_pem: generated.cert.pem(),
+                    key_pem: PrivateKeyPem::new(key),
+                    not_before: NOW,
+                    not_after,
+                    serial: serial.clone(),
+                    ari_id: None,
+                },
+                None,
+                NOW,
+            )
+            .expect("stored");
+        serial
+    }
+
+    fn source(&self) -> Arc<StoreCertificateSource> {
+        StoreCertificateSource::new(
+            Arc::clone(&self.store) as Arc<dyn Store>,
+            Arc::clone(&self.clock) as Arc<dyn Clock>,
+            None,
+        )
+        .expect("indexed")
+    }
+}
+
+const LATER: OffsetDateTime = datetime!(2026-06-01 00:00 UTC);
+
+fn version(source: &StoreCertificateSource, name: &str) -> Option<String> {
+    source.lookup(name).map(|c| c.version().to_owned())
+}
+
+#[test]
+fn every_name_of_a_site_gets_its_certificate_and_unknown_names_get_none() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test", "www.shop.example.test"]);
+    let serial = fixture.issue(
+        "shop",
+        &["shop.example.test", "www.shop.example.test"],
+        LATER,
+        false,
+    );
+    let source = fixture.source();
+    assert_eq!(version(&source, "shop.example.test"), Some(serial.clone()));
+    assert_eq!(version(&source, "WWW.shop.example.test."), Some(serial));
+    assert_eq!(version(&source, "other.example.test"), None);
+    let served = source.lookup("shop.example.test").expect("served");
+    assert!(served.certificate_chain_pem().contains("BEGIN CERTIFICATE"));
+    assert!(served.private_key_pem().contains("PRIVATE KEY"));
+}
+
+#[test]
+fn certificate_whose_key_does_not_match_its_leaf_is_never_served() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test"]);
+    fixture.issue("shop", &["shop.example.test"], LATER, true);
+    let source = fixture.source();
+    assert_eq!(version(&source, "shop.example.test"), None);
+}
+
+#[test]
+fn refused_replacement_keeps_the_previous_certificate_serving() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test"]);
+    let good = fixture.issue("shop", &["shop.example.test"], LATER, false);
+    let source = fixture.source();
+    let changes = source.changes();
+    // The bad one is newer and supersedes the good one in the store.
+    fixture.issue(
+        "shop",
+        &["shop.example.test"],
+        datetime!(2026-07-01 00:00 UTC),
+        true,
+    );
+    source.refresh().expect("refreshed");
+    assert_eq!(version(&source, "shop.example.test"), Some(good));
+    assert!(!changes.has_changed().expect("open"), "nothing new to push");
+}
+
+#[test]
+fn expired_certificate_is_not_served() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test"]);
+    fixture.issue("shop", &["shop.example.test"], LATER, false);
+    let source = fixture.source();
+    assert!(source.lookup("shop.example.test").is_some());
+    fixture.clock.set(LATER);
+    source.refresh().expect("refreshed");
+    assert_eq!(version(&source, "shop.example.test"), None);
+}
+
+#[test]
+fn name_removed_from_its_site_is_no_longer_served() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test", "old.shop.example.test"]);
+    fixture.issue(
+        "shop",
+        &["shop.example.test", "old.shop.example.test"],
+        LATER,
+        false,
+    );
+    let source = fixture.source();
+    assert!(source.lookup("old.shop.example.test").is_some());
+    fixture
+        .store
+        .remove_hostname("shop", &name("old.shop.example.test"), NOW, NOW)
+        .expect("removed");
+    source.refresh().expect("refreshed");
+    assert_eq!(version(&source, "old.shop.example.test"), None);
+    assert!(source.lookup("shop.example.test").is_some());
+}
+
+#[test]
+fn newer_certificate_is_announced_and_an_idle_rebuild_is_not() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test"]);
+    fixture.issue("shop", &["shop.example.test"], LATER, false);
+    let source = fixture.source();
+    let mut changes = source.changes();
+    source.refresh().expect("refreshed");
+    assert!(!changes.has_changed().expect("open"));
+    let renewed = fixture.issue(
+        "shop",
+        &["shop.example.test"],
+        datetime!(2026-07-01 00:00 UTC),
+        false,
+    );
+    source.refresh().expect("refreshed");
+    assert!(changes.has_changed().expect("open"));
+    changes.mark_unchanged();
+    assert_eq!(version(&source, "shop.example.test"), Some(renewed));
+}
+
+#[tokio::test]
+async fn store_change_reaches_the_index_without_a_manual_refresh() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test"]);
+    let source = fixture.source();
+    let mut changes = source.changes();
+    let task = source.spawn_refresh();
+    let serial = fixture.issue("shop", &["shop.example.test"], LATER, false);
+    tokio::time::timeout(std::time::Duration::from_secs(5), changes.changed())
+        .await
+        .expect("announced in time")
+        .expect("open");
+    assert_eq!(version(&source, "shop.example.test"), Some(serial));
+    task.abort();
+}
+
+#[test]
+fn configured_default_certificate_is_checked_against_its_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["default.example.test".to_owned()]).expect("cert");
+    let chain = dir.path().join("default.pem");
+    let key = dir.path().join("default.key");
+    let other_key = dir.path().join("other.key");
+    std::fs::write(&chain, generated.cert.pem()).expect("written");
+    std::fs::write(&key, generated.signing_key.serialize_pem()).expect("written");
+    let other = rcgen::KeyPair::generate().expect("key").serialize_pem();
+    std::fs::write(&other_key, &other).expect("written");
+
+    let served = default_certificate_from_files(&chain, &key).expect("accepted");
+    assert!(served.version().starts_with("configured-"));
+    let error = default_certificate_from_files(&chain, &other_key).expect_err("refused");
+    let message = error.to_string();
+    assert!(message.contains("does not belong"), "{message}");
+    assert!(
+        !message.contains("PRIVATE KEY") && !message.contains(other.trim()),
+        "{message}"
+    );
+}
+
+#[test]
+fn key_check_names_the_problem_without_quoting_input() {
+    assert!(
+        check_key_matches_leaf(
+            "not pem",
+            "-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n"
+        )
+        .expect_err("refused")
+        .contains("no certificate")
+    );
+}
