@@ -3,4 +3,5 @@
 
 pub mod conformance;
 pub mod envoy;
+pub mod hostile;
 pub mod wasm_host;
