@@ -198,6 +198,9 @@ pub struct FeedScenario {
     pub answer: FeedAnswer,
     /// The counter (without `autohttps.`) that must go up once the answer is handled.
     pub counter: String,
+    /// Overrides `feed.max_bytes` for this scenario (a small limit makes "huge body" cheap).
+    #[serde(default)]
+    pub max_bytes: Option<usize>,
     /// The request after the answer.
     pub request: Request,
     /// What it must see.
@@ -223,11 +226,17 @@ pub struct FeedAnswer {
     /// The feed is unreachable.
     #[serde(default)]
     pub down: bool,
+    /// The feed accepts the call and never answers: the filter's `timeout_ms` must end it.
+    #[serde(default)]
+    pub hang: bool,
 }
 
 /// The feed settings both hosts use (the feed's cluster is called `feed`).
 pub const FEED_CONFIG: &str =
     r#"{"cluster": "feed", "path": "/v1/policy", "interval_ms": 200, "timeout_ms": 500}"#;
+
+/// The feed's `timeout_ms` in [`FEED_CONFIG`].
+pub const FEED_TIMEOUT_MS: u64 = 500;
 
 impl ScenarioFile {
     /// Reads `tests/conformance/scenarios.json`.
@@ -275,10 +284,15 @@ impl ScenarioFile {
         Ok(format!(r#"{{"policy": {}}}"#, self.policy_json(policy)?))
     }
 
-    /// The plugin configuration for feed scenarios: the `main` policy plus the feed.
-    pub fn feed_plugin_config(&self) -> anyhow::Result<String> {
+    /// The plugin configuration for a feed scenario: the `main` policy plus the feed, with the
+    /// scenario's `max_bytes` when it sets one.
+    pub fn feed_plugin_config(&self, scenario: &FeedScenario) -> anyhow::Result<String> {
+        let mut feed: Value = serde_json::from_str(FEED_CONFIG)?;
+        if let Some(max_bytes) = scenario.max_bytes {
+            feed["max_bytes"] = max_bytes.into();
+        }
         Ok(format!(
-            r#"{{"policy": {}, "feed": {FEED_CONFIG}}}"#,
+            r#"{{"policy": {}, "feed": {feed}}}"#,
             self.policy_json("main")?
         ))
     }

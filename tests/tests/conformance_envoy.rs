@@ -168,7 +168,8 @@ fn invalid_configurations_rejected_by_envoy() {
     }
 }
 
-/// A policy feed that answers every request the same way, and closes each connection.
+/// A policy feed that answers every request the same way and closes each connection, or (when
+/// `hang`) reads each request and never answers, holding the connection open until dropped.
 struct FeedServer {
     port: u16,
     stop: Arc<AtomicBool>,
@@ -176,13 +177,14 @@ struct FeedServer {
 }
 
 impl FeedServer {
-    fn start(status: u16, etag: Option<String>, body: String) -> FeedServer {
+    fn start(status: u16, etag: Option<String>, body: String, hang: bool) -> FeedServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind feed");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
             while !stop_flag.load(Ordering::Relaxed) {
                 let Ok((stream, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(10));
@@ -197,6 +199,10 @@ impl FeedServer {
                         break;
                     }
                     line.clear();
+                }
+                if hang {
+                    held.push(stream);
+                    continue;
                 }
                 let mut head = format!(
                     "HTTP/1.1 {status} X\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
@@ -241,13 +247,14 @@ fn feed_scenarios_in_envoy() {
                 answer.status.unwrap_or(200),
                 answer.etag.clone(),
                 file.answer_body(answer).expect("body"),
+                answer.hang,
             )
         });
         let feed_port = match &feed {
             Some(server) => server.port,
             None => free_port().expect("port"),
         };
-        let plugin = file.feed_plugin_config().expect("config");
+        let plugin = file.feed_plugin_config(scenario).expect("config");
         let edge = start(&dir.path().join(&scenario.name), &plugin, feed_port);
         let counter = format!("wasmcustom.autohttps.{}", scenario.counter);
         let deadline = Instant::now() + Duration::from_secs(15);

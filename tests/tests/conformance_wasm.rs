@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use autohttps_tests::conformance::{Observed, Request, ScenarioFile, Upstream};
+use autohttps_tests::conformance::{FEED_TIMEOUT_MS, Observed, Request, ScenarioFile, Upstream};
 use autohttps_tests::envoy::filter_wasm;
 use autohttps_tests::wasm_host::{FilterModule, Host, HostBuilder};
 
@@ -140,7 +140,7 @@ fn feed_scenarios_in_wasmtime() {
     let file = ScenarioFile::load().expect("scenario file");
     let module = module();
     for scenario in &file.feed {
-        let mut host = host(&module, &file.feed_plugin_config().expect("config"));
+        let mut host = host(&module, &file.feed_plugin_config(scenario).expect("config"));
         assert!(
             host.configuration_accepted(),
             "{}: {:?}",
@@ -159,6 +159,17 @@ fn feed_scenarios_in_wasmtime() {
         let answer = &scenario.answer;
         if answer.down {
             host.fail_http_call(call.token).expect("fail call");
+        } else if answer.hang {
+            // Nothing answers: Envoy ends the call at its timeout, as a failed call.
+            assert_eq!(call.timeout, Duration::from_millis(FEED_TIMEOUT_MS));
+            host.advance_clock(call.timeout).expect("time passes");
+            assert_eq!(
+                host.pending_http_calls().len(),
+                1,
+                "{}: no second poll while one is in flight",
+                scenario.name
+            );
+            host.fail_http_call(call.token).expect("time out call");
         } else {
             let status = answer.status.unwrap_or(200).to_string();
             let mut headers = vec![(":status", status.as_str())];
