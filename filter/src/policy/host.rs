@@ -128,7 +128,11 @@ fn is_port(digits: &str) -> bool {
 }
 
 /// The parent a single-label child falls under for wildcard lookup: `a.example.com` →
-/// `example.com`.
+/// `example.com`. A host whose first label is empty (`.example.com`) has none: a wildcard
+/// covers one whole label, and a redirect must never name a host that is not a hostname.
 pub fn wildcard_parent(host: &str) -> Option<&str> {
-    host.split_once('.').map(|(_, parent)| parent)
+    match host.split_once('.') {
+        Some((label, parent)) if !label.is_empty() => Some(parent),
+        _ => None,
+    }
 }

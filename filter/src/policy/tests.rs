@@ -1132,3 +1132,42 @@ fn policy_document_round_trips_through_json() {
             .expect("parses");
     assert_eq!(document, again);
 }
+
+/// Found by the `decide` fuzz target: `.wild.test` matched `*.wild.test` with an empty label,
+/// and force mode redirected to `https://.wild.test/`, a host that is not a hostname.
+#[test]
+fn wildcard_never_matches_an_empty_first_label() {
+    let policy = policy();
+    for authority in [".wild.test", ".wild.test.", ".wild.test:80"] {
+        let decision = policy.decide(&RequestFacts {
+            tls: false,
+            peer: None,
+            authority,
+            path: "/",
+            forwarded_proto: None,
+        });
+        assert_eq!(decision.outcome(), Outcome::UnknownHost, "{authority}");
+    }
+    assert_eq!(policy.lookup(".wild.test"), None);
+    assert!(matches!(policy.lookup("a.wild.test"), Some((_, true))));
+}
+
+/// Found by the `normalise_authority` fuzz target: an IPv4-mapped IPv6 literal comes back in
+/// its canonical text, which can be longer than what came in (`[::ffff:7f00:1]` →
+/// `::ffff:127.0.0.1`). Harmless: no policy name is an address, so it matches no site.
+#[test]
+fn ipv6_literal_normalises_to_canonical_text_and_matches_no_site() {
+    assert_eq!(
+        normalise_authority("[::ffff:7f00:1]").as_deref(),
+        Some("::ffff:127.0.0.1")
+    );
+    assert_eq!(normalise_authority("[::1]:8080").as_deref(), Some("::1"));
+    let decision = policy().decide(&RequestFacts {
+        tls: false,
+        peer: None,
+        authority: "[::ffff:7f00:1]",
+        path: "/",
+        forwarded_proto: None,
+    });
+    assert_eq!(decision.outcome(), Outcome::UnknownHost);
+}
