@@ -14,6 +14,7 @@ RENDER := python3 tests/scripts/render.py
 VALIDATE_DIR := .run/validate
 
 export AUTOHTTPS_ENVOY := $(abspath $(ENVOY))
+export AUTOHTTPS_BIN := $(abspath target/release/autohttps)
 
 .PHONY: help tools build lint validate-envoy test run clean fuzz
 
@@ -82,9 +83,11 @@ test: tools build lint validate-envoy
 	@echo "==> running every test suite"
 	cargo test --locked --workspace
 
-## run: the local stack with a demo site.
+## run: the whole stack on loopback (Pebble, sidecar, Envoy + filter, demo backend) with a demo
+## site; Ctrl-C stops it. The launcher is built without the wasmtime host, to keep this quick.
 run: tools build
-	@bash tests/scripts/run-demo.sh
+	cargo build --locked -p autohttps-tests --no-default-features --bin autohttps-demo
+	target/debug/autohttps-demo
 
 ## fuzz: every fuzz target of fuzz/ for FUZZ_SECONDS each (libFuzzer via cargo-fuzz), then
 ## executions and findings per target. cargo-fuzz passes nightly `-Z` flags; only stable Rust
