@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod envoy;
+pub mod hostile;
 pub mod stack;
 #[cfg(feature = "wasm-host")]
 pub mod wasm_host;
