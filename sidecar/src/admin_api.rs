@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::hostname::Hostname;
 use crate::issuance::Issuer;
 use crate::store::{
-    Event, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContent, NewSite, RedirectKind, Site,
+    Event, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContent, MixedContentFinding, NewSite, RedirectKind, Site,
     SitePolicy, StoredCertificate, validate_site_name,
 };
 
@@ -52,6 +52,7 @@ pub fn admin_router(issuer: Arc<Issuer>, token: &str) -> Router {
         .route("/v1/sites/{site}/regenerate", post(regenerate))
         .route("/v1/sites/{site}/certificates", get(certificate_status))
         .route("/v1/sites/{site}/events", get(site_events))
+        .route("/v1/sites/{site}/mixed-content", get(site_mixed_content))
         .route("/v1/diagnose/{hostname}", get(diagnose_hostname))
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -382,6 +383,15 @@ async fn site_events(
     require_site(&state, &site)?;
     let limit = query.limit.unwrap_or(100).min(10_000);
     Ok(Json(state.issuer.store().events(&site, limit)?))
+}
+
+/// The `http://` resources browsers reported for a site in `report` mode, by page.
+async fn site_mixed_content(
+    State(state): State<AdminState>,
+    Path(site): Path<String>,
+) -> ApiResult<Vec<MixedContentFinding>> {
+    require_site(&state, &site)?;
+    Ok(Json(state.issuer.store().mixed_content(&site)?))
 }
 
 async fn diagnose_hostname(

@@ -87,6 +87,11 @@ pub enum SiteCommand {
         /// Site name.
         name: String,
     },
+    /// The `http://` resources browsers reported for a site's pages (mixed-content `report` mode).
+    MixedContent {
+        /// Site name.
+        name: String,
+    },
     /// Set a site's HTTPS mode.
     Https {
         /// Site name.
@@ -342,6 +347,38 @@ pub async fn run(cli: &Cli) -> Result<()> {
                 .await?;
             out(&json!({ "removed": name }), &|_| {
                 format!("removed site {name}")
+            });
+            Ok(())
+        }
+        Command::Site(SiteCommand::MixedContent { name }) => {
+            let findings = client
+                .call(Method::GET, &format!("/v1/sites/{name}/mixed-content"), None)
+                .await?;
+            out(&findings, &|v| {
+                let list = v.as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    return format!(
+                        "no mixed content reported for {name} (reports arrive while the site's mixed_content is \"report\" and browsers load its pages over HTTPS)"
+                    );
+                }
+                let mut text = format!("pages of {name} that load insecure resources:\n");
+                let mut page = "";
+                for finding in &list {
+                    let this_page = finding["page"].as_str().unwrap_or("");
+                    if this_page != page {
+                        text.push_str(&format!("  {this_page}\n"));
+                        page = this_page;
+                    }
+                    text.push_str(&format!(
+                        "    {} ({}, {} report(s), last {})\n",
+                        finding["resource"].as_str().unwrap_or(""),
+                        finding["directive"].as_str().unwrap_or(""),
+                        finding["reports"],
+                        finding["last_seen"].as_str().unwrap_or("")
+                    ));
+                }
+                text.push_str("fix: load these over https:// (or switch the site to mixed_content \"upgrade\")");
+                text
             });
             Ok(())
         }

@@ -11,6 +11,7 @@ pub mod admin_api;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod csp_reports;
 pub mod diagnose;
 pub mod dns_check;
 pub mod error;

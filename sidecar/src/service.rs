@@ -129,7 +129,7 @@ impl Sidecar {
         admin_router(Arc::clone(&self.issuer), &self.admin_token)
     }
 
-    /// The internal router: HTTP-01 challenges and the policy feed. Merge more routes into it
+    /// The internal router: HTTP-01 challenges, the policy feed and mixed-content reports. Merge more routes into it
     /// before serving.
     pub fn internal_router(&self) -> Router {
         let feed = PolicyFeed::new(
@@ -137,7 +137,12 @@ impl Sidecar {
             Arc::clone(&self.clock),
             self.config.edge.settings(),
         );
-        internal_router(self.responder.clone()).merge(feed.router())
+        internal_router(self.responder.clone())
+            .merge(feed.router())
+            .merge(crate::csp_reports::router(
+                Arc::clone(&self.store),
+                Arc::clone(&self.clock),
+            ))
     }
 
     /// Starts the SDS server over the store (see [`StoreCertificateSource`]) and the task that

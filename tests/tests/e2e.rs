@@ -288,6 +288,71 @@ fn policies_are_enforced_by_envoy_and_follow_changes() {
         "{default:?}"
     );
 
+    // report mode: the page carries a report-only policy whose reports reach the sidecar
+    // through Envoy, filed under the site and page. The report is sent by curl, standing in
+    // for the browser that would send it on loading the page.
+    let (status, body) = stack
+        .admin(
+            "POST",
+            "/v1/sites",
+            Some(&json!({
+                "name": "reported",
+                "primary": "report.e2e.test",
+                "mixed_content": "report"
+            })),
+        )
+        .expect("create site");
+    assert!((200..300).contains(&status), "{status} {body}");
+    wait_served(&stack, "report.e2e.test");
+    let page = wait_until("the report-only policy", Duration::from_secs(20), || {
+        stack
+            .https("report.e2e.test", "/shop?item=1")
+            .ok()
+            .filter(|r| r.header("content-security-policy-report-only").is_some())
+    })
+    .expect("report-only CSP");
+    let policy = page
+        .header("content-security-policy-report-only")
+        .expect("header");
+    assert!(policy.contains("report-uri /.well-known/autohttps/csp-report"), "{policy}");
+    assert!(page.body.contains("http://report.e2e.test/logo.png"), "{}", page.body);
+    let report = json!({"csp-report": {
+        "document-uri": format!("https://report.e2e.test:{}/shop?item=1", stack.ports.https),
+        "blocked-uri": "http://report.e2e.test/logo.png",
+        "effective-directive": "img-src",
+        "violated-directive": "img-src"
+    }})
+    .to_string();
+    let url = format!(
+        "https://report.e2e.test:{}/.well-known/autohttps/csp-report",
+        stack.ports.https
+    );
+    let resolve = format!("report.e2e.test:{}:127.0.0.1", stack.ports.https);
+    let ca = stack.ca_root.display().to_string();
+    let sent = autohttps_tests::envoy::curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        "-H",
+        "content-type: application/csp-report",
+        "--data",
+        &report,
+        &url,
+    ])
+    .expect("report sent");
+    assert_eq!(sent.status, 204, "{sent:?}");
+    let (status, findings) = stack
+        .admin("GET", "/v1/sites/reported/mixed-content", None)
+        .expect("findings");
+    assert_eq!(status, 200);
+    assert_eq!(findings[0]["page"], format!("https://report.e2e.test:{}/shop", stack.ports.https));
+    assert_eq!(findings[0]["resource"], "http://report.e2e.test/logo.png");
+    let listing = stack
+        .cli_ok(&["site", "mixed-content", "reported"])
+        .expect("site mixed-content");
+    assert!(listing.contains("http://report.e2e.test/logo.png"), "{listing}");
+
     // A policy change reaches Envoy without a restart: time it both ways.
     let changed = Instant::now();
     stack

@@ -16,7 +16,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
-use crate::policy::{PluginConfig, Policy};
+use crate::policy::{CompiledPluginConfig, Policy};
 
 use feed::Feed;
 use metrics::Metrics;
@@ -59,15 +59,18 @@ impl Root {
                 )]);
             }
         };
-        let config: PluginConfig = serde_json::from_slice(&raw)
+        // The policy is compiled while it is parsed, so a large one never exists as a whole
+        // document: the VM's memory only grows, so its peak during this call is what stays.
+        let config = CompiledPluginConfig::from_json(&raw)
             .map_err(|e| vec![format!("the plugin configuration is not valid: {e}")])?;
+        drop(raw);
         if config.policy.is_none() && config.feed.is_none() {
             return Err(vec![
                 "the plugin configuration needs \"policy\", \"feed\" or both".into(),
             ]);
         }
-        let policy = match &config.policy {
-            Some(document) => Policy::compile(document).map_err(|e| {
+        let policy = match config.policy {
+            Some(compiled) => compiled.map_err(|e| {
                 e.problems()
                     .iter()
                     .map(|p| format!("policy.{p}"))

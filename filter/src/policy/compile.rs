@@ -10,6 +10,7 @@ use super::cidr::Cidr;
 use super::host::{PolicyName, parse_policy_name, wildcard_parent};
 use super::schema::{
     DEFAULT_REPORT_URI, HttpsMode, MixedContent, PolicyDocument, RedirectKind, SCHEMA_VERSION,
+    Settings, SiteSpec,
 };
 
 /// One thing wrong with a policy, located by its JSON path.
@@ -77,14 +78,15 @@ impl Default for Policy {
 
 impl Policy {
     /// Parses policy JSON and validates it.
+    ///
+    /// Sites are compiled as they are parsed, so the whole document never sits in memory.
     pub fn from_json(json: &[u8]) -> Result<Policy, Error> {
-        let document: PolicyDocument = serde_json::from_slice(json).map_err(|e| {
+        super::stream::compile_json(json).map_err(|e| {
             Error::InvalidPolicy(vec![Problem {
                 path: "$".into(),
                 message: format!("not a valid policy document: {e}"),
             }])
-        })?;
-        Policy::compile(&document)
+        })?
     }
 
     /// An empty policy: every host is unknown, so every request passes untouched.
@@ -103,211 +105,11 @@ impl Policy {
     /// Validates a document and builds the lookup tables. Every problem is reported, each with
     /// its JSON path; nothing is built unless there are none.
     pub fn compile(document: &PolicyDocument) -> Result<Policy, Error> {
-        let mut problems = Vec::new();
-        let mut problem = |path: String, message: String| problems.push(Problem { path, message });
-
-        if document.schema != SCHEMA_VERSION {
-            problem(
-                "schema".into(),
-                format!(
-                    "schema {} is not supported by this filter (it reads schema {SCHEMA_VERSION}); upgrade the filter or the sidecar so they match",
-                    document.schema
-                ),
-            );
+        let mut compiler = Compiler::default();
+        for spec in &document.sites {
+            compiler.add_site(spec);
         }
-        if let Err(message) = check_token(&document.version, "version", false) {
-            problem("version".into(), message);
-        }
-        let settings = &document.settings;
-        let mut trusted_proxies = Vec::with_capacity(settings.trusted_proxies.len());
-        for (i, raw) in settings.trusted_proxies.iter().enumerate() {
-            match Cidr::parse(raw) {
-                Ok(cidr) => trusted_proxies.push(cidr),
-                Err(message) => problem(format!("settings.trusted_proxies[{i}]"), message),
-            }
-        }
-        for (field, port) in [
-            ("http_port", settings.http_port),
-            ("https_port", settings.https_port),
-        ] {
-            if port == 0 {
-                problem(
-                    format!("settings.{field}"),
-                    "the port must be 1 to 65535".into(),
-                );
-            }
-        }
-
-        let mut sites = Vec::with_capacity(document.sites.len());
-        let mut exact: HashMap<Box<str>, NameEntry> = HashMap::new();
-        let mut wildcards: HashMap<Box<str>, NameEntry> = HashMap::new();
-        // Which site path first claimed a name, for duplicate messages.
-        let mut owner: HashMap<Box<str>, usize> = HashMap::new();
-        let mut ids: HashMap<&str, usize> = HashMap::new();
-
-        for (s, spec) in document.sites.iter().enumerate() {
-            let at = |field: &str| format!("sites[{s}].{field}");
-            let Ok(site_index) = u32::try_from(s) else {
-                problem(at("id"), "too many sites".into());
-                break;
-            };
-            if let Err(message) = check_token(&spec.id, "site id", true) {
-                problem(at("id"), message);
-            } else if let Some(first) = ids.insert(&spec.id, s) {
-                problem(
-                    at("id"),
-                    format!("site id {:?} is already used by sites[{first}]", spec.id),
-                );
-            }
-            if spec.hostnames.is_empty() {
-                problem(at("hostnames"), "a site needs at least one hostname".into());
-            }
-            let mut own_exact: Vec<String> = Vec::new();
-            for (h, raw) in spec.hostnames.iter().enumerate() {
-                let path = at(&format!("hostnames[{h}]"));
-                let (table, key, shown) = match parse_policy_name(raw) {
-                    Ok(PolicyName::Exact(name)) => {
-                        own_exact.push(name.clone());
-                        (&mut exact, name.clone(), name)
-                    }
-                    Ok(PolicyName::Wildcard(parent)) => {
-                        (&mut wildcards, parent.clone(), format!("*.{parent}"))
-                    }
-                    Err(message) => {
-                        problem(path, format!("{raw:?} is not a valid hostname: {message}"));
-                        continue;
-                    }
-                };
-                let owner_key: Box<str> = shown.clone().into();
-                match owner.entry(owner_key) {
-                    Entry::Occupied(first) => {
-                        let other = *first.get();
-                        let message = if other == s {
-                            format!("{shown} is listed twice in this site")
-                        } else {
-                            format!(
-                                "{shown} already belongs to sites[{other}] ({:?}); a name can belong to one site only",
-                                document.sites[other].id
-                            )
-                        };
-                        problem(path, message);
-                        continue;
-                    }
-                    Entry::Vacant(slot) => {
-                        slot.insert(s);
-                    }
-                }
-                table.insert(
-                    key.into(),
-                    NameEntry {
-                        site: site_index,
-                        cert_ready: false,
-                    },
-                );
-            }
-            for (c, raw) in spec.cert_ready.iter().enumerate() {
-                let path = at(&format!("cert_ready[{c}]"));
-                let (table, key, shown) = match parse_policy_name(raw) {
-                    Ok(PolicyName::Exact(name)) => (&mut exact, name.clone(), name),
-                    Ok(PolicyName::Wildcard(parent)) => {
-                        (&mut wildcards, parent.clone(), format!("*.{parent}"))
-                    }
-                    Err(message) => {
-                        problem(path, format!("{raw:?} is not a valid hostname: {message}"));
-                        continue;
-                    }
-                };
-                match table.get_mut(key.as_str()) {
-                    Some(entry) if entry.site == site_index => entry.cert_ready = true,
-                    _ => problem(
-                        path,
-                        format!(
-                            "{shown} has a certificate but is not one of this site's hostnames; list it in hostnames first"
-                        ),
-                    ),
-                }
-            }
-            let canonical_host = match &spec.canonical_host {
-                None => None,
-                Some(raw) => match parse_policy_name(raw) {
-                    Ok(PolicyName::Exact(name)) if own_exact.contains(&name) => Some(name),
-                    Ok(PolicyName::Exact(name)) => {
-                        problem(
-                            at("canonical_host"),
-                            format!(
-                                "{name} is not one of this site's hostnames; the canonical host must be one of them"
-                            ),
-                        );
-                        None
-                    }
-                    Ok(PolicyName::Wildcard(_)) => {
-                        problem(
-                            at("canonical_host"),
-                            "the canonical host must be an exact name, not a wildcard".into(),
-                        );
-                        None
-                    }
-                    Err(message) => {
-                        problem(
-                            at("canonical_host"),
-                            format!("{raw:?} is not a valid hostname: {message}"),
-                        );
-                        None
-                    }
-                },
-            };
-            let hsts = spec.hsts.enabled.then(|| {
-                let mut value = format!("max-age={}", spec.hsts.max_age);
-                if spec.hsts.include_subdomains {
-                    value.push_str("; includeSubDomains");
-                }
-                if spec.hsts.preload {
-                    value.push_str("; preload");
-                }
-                value
-            });
-            if spec.hsts.preload
-                && (spec.hsts.max_age < 31_536_000 || !spec.hsts.include_subdomains)
-            {
-                problem(
-                    at("hsts.preload"),
-                    "preload needs max_age of at least 31536000 and include_subdomains".into(),
-                );
-            }
-            let report_uri = spec.report_uri.as_deref().unwrap_or(DEFAULT_REPORT_URI);
-            if let Err(message) = check_report_uri(report_uri) {
-                problem(at("report_uri"), message);
-            }
-            let report_only_csp = (spec.mixed_content == MixedContent::Report).then(|| {
-                format!(
-                    "default-src https: wss: data: blob: 'unsafe-inline' 'unsafe-eval'; form-action https:; report-uri {report_uri}"
-                )
-            });
-            sites.push(Site {
-                id: spec.id.clone(),
-                https: spec.https,
-                redirect: spec.redirect,
-                canonical_host,
-                hsts,
-                mixed_content: spec.mixed_content,
-                report_only_csp,
-            });
-        }
-
-        if !problems.is_empty() {
-            return Err(Error::InvalidPolicy(problems));
-        }
-        exact.shrink_to_fit();
-        wildcards.shrink_to_fit();
-        Ok(Policy {
-            version: document.version.clone(),
-            trusted_proxies,
-            http_port: settings.http_port,
-            https_port: settings.https_port,
-            sites,
-            exact,
-            wildcards,
-        })
+        compiler.finish(document.schema, &document.version, &document.settings)
     }
 
     /// The policy's version string.
@@ -341,6 +143,264 @@ impl Policy {
     /// Whether a served certificate covers this site's exact name.
     pub(crate) fn cert_ready(&self, site: u32, host: &str) -> bool {
         matches!(self.lookup(host), Some((s, true)) if s == site)
+    }
+}
+
+/// Builds a [`Policy`] one site at a time, so that a policy streamed from JSON never exists
+/// as a whole document in memory (see [`super::stream`]). Sites are checked in order, exactly
+/// as [`Policy::compile`] checks a document; the document-level checks run in
+/// [`Compiler::finish`] and their problems are listed first.
+#[derive(Debug, Default)]
+pub(crate) struct Compiler {
+    problems: Vec<Problem>,
+    sites: Vec<Site>,
+    exact: HashMap<Box<str>, NameEntry>,
+    wildcards: HashMap<Box<str>, NameEntry>,
+    /// Site ids seen, each with the index of the latest site that used it.
+    ids: HashMap<Box<str>, usize>,
+    /// Set when there are more sites than a `u32` counts; later sites are not read.
+    full: bool,
+}
+
+impl Compiler {
+    /// Checks one site (the next in the document) and adds its names to the tables.
+    pub(crate) fn add_site(&mut self, spec: &SiteSpec) {
+        if self.full {
+            return;
+        }
+        let s = self.sites.len();
+        let problems = &mut self.problems;
+        let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+        let at = |field: &str| format!("sites[{s}].{field}");
+        let Ok(site_index) = u32::try_from(s) else {
+            problem(at("id"), "too many sites".into());
+            self.full = true;
+            return;
+        };
+        if let Err(message) = check_token(&spec.id, "site id", true) {
+            problem(at("id"), message);
+        } else if let Some(first) = self.ids.insert(spec.id.as_str().into(), s) {
+            problem(
+                at("id"),
+                format!("site id {:?} is already used by sites[{first}]", spec.id),
+            );
+        }
+        if spec.hostnames.is_empty() {
+            problem(at("hostnames"), "a site needs at least one hostname".into());
+        }
+        // The names with a served certificate, parsed first (their problems are reported after
+        // the hostnames'), so each hostname is inserted with its flag already set: one hash per
+        // name instead of two. A `cert_ready` name is valid when this site inserted it.
+        let cert_names: Vec<Result<(bool, String), String>> = spec
+            .cert_ready
+            .iter()
+            .map(|raw| match parse_policy_name(raw) {
+                Ok(PolicyName::Exact(name)) => Ok((false, name)),
+                Ok(PolicyName::Wildcard(parent)) => Ok((true, parent)),
+                Err(message) => Err(format!("{raw:?} is not a valid hostname: {message}")),
+            })
+            .collect();
+        // Which `cert_ready` names this site owns (it listed them first).
+        let mut owned = vec![false; cert_names.len()];
+        // The site's exact names, needed only to check its canonical host.
+        let mut own_exact: Vec<String> = Vec::new();
+        for (h, raw) in spec.hostnames.iter().enumerate() {
+            let (table, key, wildcard) = match parse_policy_name(raw) {
+                Ok(PolicyName::Exact(name)) => {
+                    if spec.canonical_host.is_some() {
+                        own_exact.push(name.clone());
+                    }
+                    (&mut self.exact, name, false)
+                }
+                Ok(PolicyName::Wildcard(parent)) => (&mut self.wildcards, parent, true),
+                Err(message) => {
+                    problem(
+                        at(&format!("hostnames[{h}]")),
+                        format!("{raw:?} is not a valid hostname: {message}"),
+                    );
+                    continue;
+                }
+            };
+            // A name belongs to one site: the first that lists it.
+            match table.entry(key.into_boxed_str()) {
+                Entry::Occupied(first) => {
+                    let other = first.get().site as usize;
+                    let shown = shown_name(first.key(), wildcard);
+                    let message = if other == s {
+                        format!("{shown} is listed twice in this site")
+                    } else {
+                        format!(
+                            "{shown} already belongs to sites[{other}] ({:?}); a name can belong to one site only",
+                            self.sites.get(other).map_or("", |site| site.id.as_str())
+                        )
+                    };
+                    problem(at(&format!("hostnames[{h}]")), message);
+                }
+                Entry::Vacant(slot) => {
+                    let mut cert_ready = false;
+                    for (c, parsed) in cert_names.iter().enumerate() {
+                        if matches!(parsed, Ok((w, k)) if *w == wildcard && **k == **slot.key()) {
+                            owned[c] = true;
+                            cert_ready = true;
+                        }
+                    }
+                    slot.insert(NameEntry {
+                        site: site_index,
+                        cert_ready,
+                    });
+                }
+            }
+        }
+        for (c, parsed) in cert_names.iter().enumerate() {
+            match parsed {
+                Ok((wildcard, key)) => {
+                    if !owned[c] {
+                        problem(
+                            at(&format!("cert_ready[{c}]")),
+                            format!(
+                                "{} has a certificate but is not one of this site's hostnames; list it in hostnames first",
+                                shown_name(key, *wildcard)
+                            ),
+                        );
+                    }
+                }
+                Err(message) => problem(at(&format!("cert_ready[{c}]")), message.clone()),
+            }
+        }
+        let canonical_host = match &spec.canonical_host {
+            None => None,
+            Some(raw) => match parse_policy_name(raw) {
+                Ok(PolicyName::Exact(name)) if own_exact.contains(&name) => Some(name),
+                Ok(PolicyName::Exact(name)) => {
+                    problem(
+                        at("canonical_host"),
+                        format!(
+                            "{name} is not one of this site's hostnames; the canonical host must be one of them"
+                        ),
+                    );
+                    None
+                }
+                Ok(PolicyName::Wildcard(_)) => {
+                    problem(
+                        at("canonical_host"),
+                        "the canonical host must be an exact name, not a wildcard".into(),
+                    );
+                    None
+                }
+                Err(message) => {
+                    problem(
+                        at("canonical_host"),
+                        format!("{raw:?} is not a valid hostname: {message}"),
+                    );
+                    None
+                }
+            },
+        };
+        let hsts = spec.hsts.enabled.then(|| {
+            let mut value = format!("max-age={}", spec.hsts.max_age);
+            if spec.hsts.include_subdomains {
+                value.push_str("; includeSubDomains");
+            }
+            if spec.hsts.preload {
+                value.push_str("; preload");
+            }
+            value
+        });
+        if spec.hsts.preload && (spec.hsts.max_age < 31_536_000 || !spec.hsts.include_subdomains) {
+            problem(
+                at("hsts.preload"),
+                "preload needs max_age of at least 31536000 and include_subdomains".into(),
+            );
+        }
+        let report_uri = spec.report_uri.as_deref().unwrap_or(DEFAULT_REPORT_URI);
+        if let Err(message) = check_report_uri(report_uri) {
+            problem(at("report_uri"), message);
+        }
+        let report_only_csp = (spec.mixed_content == MixedContent::Report).then(|| {
+            format!(
+                "default-src https: wss: data: blob: 'unsafe-inline' 'unsafe-eval'; form-action https:; report-uri {report_uri}"
+            )
+        });
+        self.sites.push(Site {
+            id: spec.id.clone(),
+            https: spec.https,
+            redirect: spec.redirect,
+            canonical_host,
+            hsts,
+            mixed_content: spec.mixed_content,
+            report_only_csp,
+        });
+    }
+
+    /// Runs the document-level checks and, when nothing is wrong, hands out the policy.
+    pub(crate) fn finish(
+        self,
+        schema: u32,
+        version: &str,
+        settings: &Settings,
+    ) -> Result<Policy, Error> {
+        let mut problems = Vec::new();
+        let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+        if schema != SCHEMA_VERSION {
+            problem(
+                "schema".into(),
+                format!(
+                    "schema {schema} is not supported by this filter (it reads schema {SCHEMA_VERSION}); upgrade the filter or the sidecar so they match"
+                ),
+            );
+        }
+        if let Err(message) = check_token(version, "version", false) {
+            problem("version".into(), message);
+        }
+        let mut trusted_proxies = Vec::with_capacity(settings.trusted_proxies.len());
+        for (i, raw) in settings.trusted_proxies.iter().enumerate() {
+            match Cidr::parse(raw) {
+                Ok(cidr) => trusted_proxies.push(cidr),
+                Err(message) => problem(format!("settings.trusted_proxies[{i}]"), message),
+            }
+        }
+        for (field, port) in [
+            ("http_port", settings.http_port),
+            ("https_port", settings.https_port),
+        ] {
+            if port == 0 {
+                problem(
+                    format!("settings.{field}"),
+                    "the port must be 1 to 65535".into(),
+                );
+            }
+        }
+        problems.extend(self.problems);
+        if !problems.is_empty() {
+            return Err(Error::InvalidPolicy(problems));
+        }
+        let Compiler {
+            mut sites,
+            mut exact,
+            mut wildcards,
+            ..
+        } = self;
+        sites.shrink_to_fit();
+        exact.shrink_to_fit();
+        wildcards.shrink_to_fit();
+        Ok(Policy {
+            version: version.to_string(),
+            trusted_proxies,
+            http_port: settings.http_port,
+            https_port: settings.https_port,
+            sites,
+            exact,
+            wildcards,
+        })
+    }
+}
+
+/// A name as the policy wrote it: `*.parent` for a wildcard's table key.
+fn shown_name(key: &str, wildcard: bool) -> String {
+    if wildcard {
+        format!("*.{key}")
+    } else {
+        key.to_string()
     }
 }
 

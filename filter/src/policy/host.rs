@@ -20,8 +20,11 @@ pub enum PolicyName {
 ///
 /// Returns the reason in words when the name is not acceptable.
 pub fn parse_policy_name(raw: &str) -> Result<PolicyName, String> {
-    let lowered = raw.to_ascii_lowercase();
-    let name = lowered.strip_suffix('.').unwrap_or(&lowered);
+    // One allocation per name: lower-cased in place, then trimmed.
+    let mut name = raw.to_ascii_lowercase();
+    if name.ends_with('.') {
+        name.pop();
+    }
     if let Some(parent) = name.strip_prefix("*.") {
         if parent.contains('*') {
             return Err("a wildcard may only be the whole first label, as in *.example.com".into());
@@ -32,13 +35,14 @@ pub fn parse_policy_name(raw: &str) -> Result<PolicyName, String> {
                 "wildcard *.{parent} would cover a whole top-level domain; use *.name.{parent}"
             ));
         }
-        return Ok(PolicyName::Wildcard(parent.to_string()));
+        name.drain(..2);
+        return Ok(PolicyName::Wildcard(name));
     }
     if name.contains('*') {
         return Err("a wildcard may only be the whole first label, as in *.example.com".into());
     }
-    validate_hostname(name)?;
-    Ok(PolicyName::Exact(name.to_string()))
+    validate_hostname(&name)?;
+    Ok(PolicyName::Exact(name))
 }
 
 /// Checks a lower-case hostname against the DNS rules: ASCII letters, digits and hyphens,
@@ -72,10 +76,13 @@ pub fn validate_hostname(name: &str) -> Result<(), String> {
                 label.len()
             ));
         }
-        if let Some(bad) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        // ASCII only (checked above), so bytes are characters.
+        if let Some(&bad) = label
+            .as_bytes()
+            .iter()
+            .find(|b| !(b.is_ascii_alphanumeric() || **b == b'-'))
         {
+            let bad = char::from(bad);
             return Err(format!(
                 "the label {label:?} contains {bad:?}; only letters, digits and '-' are allowed"
             ));
@@ -85,7 +92,7 @@ pub fn validate_hostname(name: &str) -> Result<(), String> {
         }
     }
     let last = name.rsplit('.').next().unwrap_or(name);
-    if last.chars().all(|c| c.is_ascii_digit()) {
+    if last.bytes().all(|b| b.is_ascii_digit()) {
         return Err("an IP address is not a hostname; certificates are issued for names".into());
     }
     Ok(())

@@ -7,6 +7,7 @@ mod compile;
 mod decide;
 mod host;
 mod schema;
+mod stream;
 
 pub use cidr::{Cidr, parse_peer};
 pub use compile::{Policy, Problem, Site};
@@ -19,6 +20,7 @@ pub use schema::{
     DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig,
     PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,
 };
+pub use stream::CompiledPluginConfig;
 
 #[cfg(test)]
 mod tests;

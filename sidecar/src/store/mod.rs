@@ -132,6 +132,29 @@ pub struct IssuanceSchedule {
     pub regenerate_requested: bool,
 }
 
+/// The most distinct (page, resource) findings kept per site, so that reports (which anyone can
+/// send) cannot fill the disk.
+pub const MAX_MIXED_CONTENT_FINDINGS: usize = 1000;
+
+/// A resource a page of the site loads insecurely, as browsers reported it (CSP report-only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MixedContentFinding {
+    /// The page (scheme, host and path; no query).
+    pub page: String,
+    /// The resource the policy flagged, e.g. `http://cdn.example/logo.png`.
+    pub resource: String,
+    /// The CSP directive it fell under (`img-src`, `script-src`…).
+    pub directive: String,
+    /// How many reports named this pair.
+    pub reports: u64,
+    /// First report.
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    /// Latest report.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
 /// A site with its hostnames and policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Site {
@@ -435,6 +458,20 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn counts(&self) -> Result<StoreCounts>;
     /// All current certificates (for expiry metrics).
     fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>>;
+
+    /// Records one CSP report for a site: the page and the resource it was blocked from loading
+    /// (counted when seen again). Returns `false`, recording nothing, when the site already has
+    /// [`MAX_MIXED_CONTENT_FINDINGS`] distinct findings and this one is new.
+    fn record_mixed_content(
+        &self,
+        site: &str,
+        page: &str,
+        resource: &str,
+        directive: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool>;
+    /// A site's mixed-content findings, most recently seen first.
+    fn mixed_content(&self, site: &str) -> Result<Vec<MixedContentFinding>>;
 
     /// Bumped whenever the set of served certificates may have changed (SDS watches this).
     fn certificates_changed(&self) -> watch::Receiver<u64>;

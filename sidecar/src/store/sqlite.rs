@@ -9,7 +9,8 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::{
-    Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule, NewCertificate, NewSite,
+    Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule, MAX_MIXED_CONTENT_FINDINGS,
+    MixedContentFinding, NewCertificate, NewSite,
     OrderInFlight, PrivateKeyPem, Site, SiteHostname, SitePolicy, Store, StoreCounts,
     StoredCertificate,
 };
@@ -81,6 +82,17 @@ CREATE TABLE events (
     reason TEXT
 );
 CREATE INDEX events_site ON events(site, id);
+"#, r#"
+CREATE TABLE mixed_content (
+    site TEXT NOT NULL,
+    page TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    directive TEXT NOT NULL,
+    reports INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    PRIMARY KEY (site, page, resource)
+);
 "#];
 
 /// The SQLite implementation of [`Store`].
@@ -505,6 +517,7 @@ impl Store for SqliteStore {
             )));
         }
         tx.execute("DELETE FROM events WHERE site = ?1", [name])?;
+        tx.execute("DELETE FROM mixed_content WHERE site = ?1", [name])?;
         tx.commit()?;
         drop(conn);
         self.bump_sites();
@@ -912,6 +925,72 @@ impl Store for SqliteStore {
         reason: Option<&str>,
     ) -> Result<()> {
         insert_event(&self.lock(), site, at, kind, message, problem_type, reason)
+    }
+
+    fn record_mixed_content(
+        &self,
+        site: &str,
+        page: &str,
+        resource: &str,
+        directive: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let updated = tx.execute(
+            "UPDATE mixed_content SET reports = reports + 1, last_seen = ?4, directive = ?5
+             WHERE site = ?1 AND page = ?2 AND resource = ?3",
+            params![site, page, resource, ts(at), directive],
+        )?;
+        if updated == 0 {
+            let findings: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM mixed_content WHERE site = ?1",
+                [site],
+                |row| row.get(0),
+            )?;
+            if usize::try_from(findings).unwrap_or(usize::MAX) >= MAX_MIXED_CONTENT_FINDINGS {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO mixed_content (site, page, resource, directive, reports, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)",
+                params![site, page, resource, directive, ts(at)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn mixed_content(&self, site: &str) -> Result<Vec<MixedContentFinding>> {
+        let conn = self.lock();
+        let mut statement = conn.prepare(
+            "SELECT page, resource, directive, reports, first_seen, last_seen FROM mixed_content
+             WHERE site = ?1 ORDER BY last_seen DESC, page, resource",
+        )?;
+        let rows = statement
+            .query_map([site], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, i64>(5)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(page, resource, directive, reports, first, last)| {
+                Ok(MixedContentFinding {
+                    page,
+                    resource,
+                    directive,
+                    reports: u64::try_from(reports).unwrap_or(0),
+                    first_seen: from_ts(first)?,
+                    last_seen: from_ts(last)?,
+                })
+            })
+            .collect()
     }
 
     fn events(&self, site: &str, limit: usize) -> Result<Vec<Event>> {
