@@ -20,8 +20,8 @@ use crate::error::Error;
 use crate::hostname::Hostname;
 use crate::issuance::Issuer;
 use crate::store::{
-    Event, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContent, MixedContentFinding, NewSite, RedirectKind, Site,
-    SitePolicy, StoredCertificate, validate_site_name,
+    Event, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContent, MixedContentFinding, NewSite,
+    RedirectKind, Site, SitePolicy, StoredCertificate, validate_site_name,
 };
 
 /// Shared state of the admin handlers.

@@ -352,7 +352,11 @@ pub async fn run(cli: &Cli) -> Result<()> {
         }
         Command::Site(SiteCommand::MixedContent { name }) => {
             let findings = client
-                .call(Method::GET, &format!("/v1/sites/{name}/mixed-content"), None)
+                .call(
+                    Method::GET,
+                    &format!("/v1/sites/{name}/mixed-content"),
+                    None,
+                )
                 .await?;
             out(&findings, &|v| {
                 let list = v.as_array().cloned().unwrap_or_default();

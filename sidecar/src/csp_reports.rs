@@ -106,10 +106,7 @@ fn clip(text: &str) -> String {
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end]
-        .chars()
-        .filter(|c| !c.is_control())
-        .collect()
+    text[..end].chars().filter(|c| !c.is_control()).collect()
 }
 
 /// The host of an `http(s)://host[:port]/…` URL.
@@ -160,9 +157,8 @@ struct ReportRefused(StatusCode, String);
 
 /// Files a report sent to `host`; returns how many violations were recorded.
 fn file_report(reports: &Reports, host: &str, body: &[u8]) -> Result<usize, ReportRefused> {
-    let name = Hostname::parse(host).map_err(|e| {
-        ReportRefused(StatusCode::BAD_REQUEST, format!("{e}\n"))
-    })?;
+    let name = Hostname::parse(host)
+        .map_err(|e| ReportRefused(StatusCode::BAD_REQUEST, format!("{e}\n")))?;
     let site = reports
         .store
         .site_of_hostname(&name)
@@ -190,7 +186,10 @@ fn file_report(reports: &Reports, host: &str, body: &[u8]) -> Result<usize, Repo
         ) {
             Ok(true) => recorded += 1,
             Ok(false) => {
-                tracing::warn!(site, "mixed-content findings are full for this site; report dropped");
+                tracing::warn!(
+                    site,
+                    "mixed-content findings are full for this site; report dropped"
+                );
                 break;
             }
             Err(error) => {
@@ -248,7 +247,11 @@ mod tests {
             br#"[{"type": "csp-violation"}]"#,
             br#"42"#,
         ] {
-            assert!(parse_report(body).is_empty(), "{}", String::from_utf8_lossy(body));
+            assert!(
+                parse_report(body).is_empty(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -304,9 +307,15 @@ mod tests {
     #[test]
     fn reports_are_filed_per_site_and_page_and_counted() {
         let (reports, _dir) = reports_over_a_real_store();
-        let body = report("https://www.shop.example/cart?x=1", "http://cdn.example/a.png");
+        let body = report(
+            "https://www.shop.example/cart?x=1",
+            "http://cdn.example/a.png",
+        );
         for _ in 0..3 {
-            assert_eq!(file_report(&reports, "www.shop.example", &body).ok(), Some(1));
+            assert_eq!(
+                file_report(&reports, "www.shop.example", &body).ok(),
+                Some(1)
+            );
         }
         let other = report("https://shop.example/", "http://cdn.example/b.js");
         assert_eq!(file_report(&reports, "Shop.Example.", &other).ok(), Some(1));
@@ -318,7 +327,13 @@ mod tests {
             .expect("cart page");
         assert_eq!(cart.reports, 3);
         assert_eq!(cart.resource, "http://cdn.example/a.png");
-        assert!(reports.store.mixed_content("other").expect("none").is_empty());
+        assert!(
+            reports
+                .store
+                .mixed_content("other")
+                .expect("none")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -326,8 +341,20 @@ mod tests {
         let (reports, _dir) = reports_over_a_real_store();
         let body = report("https://other.example/", "http://evil.example/x.png");
         assert_eq!(file_report(&reports, "shop.example", &body).ok(), Some(0));
-        assert!(reports.store.mixed_content("shop").expect("none").is_empty());
-        assert!(reports.store.mixed_content("other").expect("none").is_empty());
+        assert!(
+            reports
+                .store
+                .mixed_content("shop")
+                .expect("none")
+                .is_empty()
+        );
+        assert!(
+            reports
+                .store
+                .mixed_content("other")
+                .expect("none")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -346,11 +373,17 @@ mod tests {
     fn findings_per_site_are_capped() {
         let (reports, _dir) = reports_over_a_real_store();
         for i in 0..crate::store::MAX_MIXED_CONTENT_FINDINGS {
-            let body = report("https://shop.example/", &format!("http://cdn.example/{i}.png"));
+            let body = report(
+                "https://shop.example/",
+                &format!("http://cdn.example/{i}.png"),
+            );
             assert_eq!(file_report(&reports, "shop.example", &body).ok(), Some(1));
         }
         let one_more = report("https://shop.example/", "http://cdn.example/overflow.png");
-        assert_eq!(file_report(&reports, "shop.example", &one_more).ok(), Some(0));
+        assert_eq!(
+            file_report(&reports, "shop.example", &one_more).ok(),
+            Some(0)
+        );
         // A pair already known is still counted.
         let known = report("https://shop.example/", "http://cdn.example/0.png");
         assert_eq!(file_report(&reports, "shop.example", &known).ok(), Some(1));
@@ -364,7 +397,13 @@ mod tests {
         let body = report("https://shop.example/", "http://cdn.example/a.png");
         assert_eq!(file_report(&reports, "shop.example", &body).ok(), Some(1));
         reports.store.delete_site("shop").expect("delete");
-        assert!(reports.store.mixed_content("shop").expect("none").is_empty());
+        assert!(
+            reports
+                .store
+                .mixed_content("shop")
+                .expect("none")
+                .is_empty()
+        );
     }
 
     #[test]

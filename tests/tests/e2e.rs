@@ -314,8 +314,15 @@ fn policies_are_enforced_by_envoy_and_follow_changes() {
     let policy = page
         .header("content-security-policy-report-only")
         .expect("header");
-    assert!(policy.contains("report-uri /.well-known/autohttps/csp-report"), "{policy}");
-    assert!(page.body.contains("http://report.e2e.test/logo.png"), "{}", page.body);
+    assert!(
+        policy.contains("report-uri /.well-known/autohttps/csp-report"),
+        "{policy}"
+    );
+    assert!(
+        page.body.contains("http://report.e2e.test/logo.png"),
+        "{}",
+        page.body
+    );
     let report = json!({"csp-report": {
         "document-uri": format!("https://report.e2e.test:{}/shop?item=1", stack.ports.https),
         "blocked-uri": "http://report.e2e.test/logo.png",
@@ -346,12 +353,18 @@ fn policies_are_enforced_by_envoy_and_follow_changes() {
         .admin("GET", "/v1/sites/reported/mixed-content", None)
         .expect("findings");
     assert_eq!(status, 200);
-    assert_eq!(findings[0]["page"], format!("https://report.e2e.test:{}/shop", stack.ports.https));
+    assert_eq!(
+        findings[0]["page"],
+        format!("https://report.e2e.test:{}/shop", stack.ports.https)
+    );
     assert_eq!(findings[0]["resource"], "http://report.e2e.test/logo.png");
     let listing = stack
         .cli_ok(&["site", "mixed-content", "reported"])
         .expect("site mixed-content");
-    assert!(listing.contains("http://report.e2e.test/logo.png"), "{listing}");
+    assert!(
+        listing.contains("http://report.e2e.test/logo.png"),
+        "{listing}"
+    );
 
     // A policy change reaches Envoy without a restart: time it both ways.
     let changed = Instant::now();

@@ -10,15 +10,15 @@ use tokio::sync::watch;
 
 use super::{
     Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule, MAX_MIXED_CONTENT_FINDINGS,
-    MixedContentFinding, NewCertificate, NewSite,
-    OrderInFlight, PrivateKeyPem, Site, SiteHostname, SitePolicy, Store, StoreCounts,
-    StoredCertificate,
+    MixedContentFinding, NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Site, SiteHostname,
+    SitePolicy, Store, StoreCounts, StoredCertificate,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sites (
     name TEXT PRIMARY KEY,
     primary_hostname TEXT NOT NULL,
@@ -82,7 +82,8 @@ CREATE TABLE events (
     reason TEXT
 );
 CREATE INDEX events_site ON events(site, id);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE mixed_content (
     site TEXT NOT NULL,
     page TEXT NOT NULL,
@@ -93,7 +94,8 @@ CREATE TABLE mixed_content (
     last_seen INTEGER NOT NULL,
     PRIMARY KEY (site, page, resource)
 );
-"#];
+"#,
+];
 
 /// The SQLite implementation of [`Store`].
 #[derive(Debug)]
