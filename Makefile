@@ -16,12 +16,13 @@ VALIDATE_DIR := .run/validate
 export AUTOHTTPS_ENVOY := $(abspath $(ENVOY))
 export AUTOHTTPS_BIN := $(abspath target/release/autohttps)
 
-.PHONY: help tools build lint validate-envoy test run clean fuzz
+.PHONY: help tools build lint validate-envoy test run clean fuzz bench
 
 help:
 	@echo "make run    build and start the whole stack locally, with a demo site"
 	@echo "make test   build and run every test suite (lint and Envoy config validation included)"
 	@echo "make build  build the filter (.wasm) and the sidecar"
+	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION) and Pebble"
 
@@ -117,6 +118,22 @@ fuzz: $(CARGO_FUZZ)
 	  summary="$$summary$$(printf '%-22s %-8s %s, %s finding(s)' $$t $$status "$${runs:-no run count}" $$findings)\n"; \
 	done; \
 	echo "==> fuzz summary (logs in .run/fuzz-<target>.log)"; printf "$$summary"; exit $$failed
+
+## bench: tests/bench/RESULTS.md (tests/src/bin/bench.rs): the filter's cost beside its baselines.
+## BENCH_ROUNDS, BENCH_SECONDS and BENCH_SIZES shorten or lengthen it (see the driver's header).
+bench: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.bench-tools
+	@echo "==> building the filter and the minimal filter (wasm32-wasip1, size-tuned release)"
+	cargo build --locked -p autohttps-filter -p autohttps-minimal-filter --target wasm32-wasip1 --profile wasm-release
+	cargo build --locked --release -p autohttps-tests --bin bench
+	target/release/bench
+
+$(TOOLS)/.bench-tools:
+	@mkdir -p $(TOOLS)
+	@if ! command -v wrk >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
+	  echo "==> installing wrk and nginx (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx >/dev/null; \
+	fi
+	@touch $@
 
 clean:
 	cargo clean
