@@ -144,6 +144,9 @@ impl Issuer {
             }
             Err(error) => tracing::error!(%error, "cannot read orders in flight"),
         }
+        if let Err(error) = self.release_stale_leases() {
+            tracing::error!(%error, "cannot release the leases of interrupted attempts");
+        }
         loop {
             self.start_due_attempts();
             let now = self.clock.now();
@@ -159,6 +162,50 @@ impl Issuer {
                 () = tokio::time::sleep(idle) => {}
             }
         }
+    }
+
+    /// Makes due now every site whose attempt a previous process started and never finished
+    /// (killed or stopped mid-attempt, e.g. during the DNS pre-check): its lease would
+    /// otherwise hold the site for [`ATTEMPT_LEASE`]. A lease is recognised as a next attempt
+    /// exactly `ATTEMPT_LEASE` after the site's last `attempt-started` event, with no outcome
+    /// recorded since. (With one process per store no live attempt can hold it.)
+    fn release_stale_leases(&self) -> Result<()> {
+        let now = self.clock.now();
+        for name in self.store.due_sites(now + ATTEMPT_LEASE)? {
+            let Some(site) = self.store.site(&name)? else {
+                continue;
+            };
+            let Some(next) = site.issuance.next_attempt_at.filter(|next| *next > now) else {
+                continue;
+            };
+            let interrupted = self
+                .store
+                .events(&name, 50)?
+                .into_iter()
+                .take_while(|e| e.kind != "attempt-failed" && e.kind != "certificate-issued")
+                .find(|e| e.kind == "attempt-started")
+                .is_some_and(|started| {
+                    (started.at + ATTEMPT_LEASE).unix_timestamp() == next.unix_timestamp()
+                });
+            if interrupted {
+                tracing::info!(site = %name, "retrying an attempt a previous process did not finish");
+                self.store.add_event(
+                    &name,
+                    now,
+                    "attempt-interrupted",
+                    "the previous attempt was interrupted (the sidecar stopped); retrying now",
+                    None,
+                    None,
+                )?;
+                self.store.schedule(
+                    &name,
+                    Some(now),
+                    site.issuance.failures,
+                    site.issuance.last_problem.as_deref(),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Starts an attempt (on its own task) for every due site not already being worked on.
@@ -188,6 +235,10 @@ impl Issuer {
     /// One attempt at a site: resume its orders in flight, pre-check DNS, order what is
     /// missing or due for renewal, store results, and schedule the next attempt.
     pub async fn attempt(&self, site_name: &str) -> Result<AttemptReport> {
+        crate::acme::http::with_retry_after_capture(self.attempt_capturing(site_name)).await
+    }
+
+    async fn attempt_capturing(&self, site_name: &str) -> Result<AttemptReport> {
         let now = self.clock.now();
         let Some(site) = self.store.site(site_name)? else {
             return Ok(AttemptReport::default());
@@ -283,6 +334,9 @@ impl Issuer {
                 }
                 _ => None,
             };
+            // instant-acme's errors drop the CA's Retry-After; our transport kept it.
+            retry_after = retry_after
+                .or_else(|| crate::acme::http::retry_after_seen().map(|seen| seen.resolve(now)));
             self.store.add_event(
                 site_name,
                 now,

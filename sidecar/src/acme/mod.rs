@@ -1,6 +1,7 @@
 //! The ACME client side (RFC 8555): the account, and driving one order from newOrder to chain.
 
 pub mod certificate;
+pub mod http;
 pub mod progress;
 
 use std::time::Duration;
@@ -71,14 +72,10 @@ impl AcmeClient {
         now: OffsetDateTime,
     ) -> Result<Self> {
         install_crypto_provider();
-        let builder = || match &config.extra_root_ca {
-            Some(root) => Account::builder_with_root(root).map_err(|e| {
-                Error::Config(format!(
-                    "acme.extra_root_ca {}: {e} (it must be a PEM file with one CA certificate)",
-                    root.display()
-                ))
-            }),
-            None => Account::builder().map_err(Error::from),
+        // Our own transport, so that the CA's Retry-After survives its error answers.
+        let builder = || -> Result<instant_acme::AccountBuilder> {
+            let http = http::AcmeHttp::new(config.extra_root_ca.as_deref())?;
+            Ok(Account::builder_with_http(Box::new(http)))
         };
         let account = match store.account(&config.directory_url)? {
             Some(json) => {

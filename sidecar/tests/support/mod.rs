@@ -2,6 +2,8 @@
 //! or as the real `autohttps` binary, and a TCP gate that can hold Pebble's HTTP-01 requests.
 #![allow(dead_code)]
 
+pub mod ca_proxy;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,9 +86,15 @@ impl Pebble {
     /// Ports are picked free then released, so a parallel test can grab one first; a start
     /// that does not come up is retried on fresh ports.
     pub async fn start(http_port: u16) -> anyhow::Result<Self> {
+        Self::start_with_env(http_port, &[]).await
+    }
+
+    /// Like [`Pebble::start`], with extra environment for Pebble (e.g.
+    /// `PEBBLE_WFE_NONCEREJECT=50` to reject half of the nonces).
+    pub async fn start_with_env(http_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::start_once(http_port).await {
+            match Self::start_once(http_port, env).await {
                 Ok(pebble) => return Ok(pebble),
                 Err(error) => last_error = Some(error),
             }
@@ -94,7 +102,7 @@ impl Pebble {
         Err(last_error.expect("at least one attempt"))
     }
 
-    async fn start_once(http_port: u16) -> anyhow::Result<Self> {
+    async fn start_once(http_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         autohttps_sidecar::acme::install_crypto_provider();
         let dir = tempfile::tempdir()?;
         // Pebble's HTTPS listener: a throwaway CA and a leaf for localhost / 127.0.0.1.
@@ -161,6 +169,7 @@ impl Pebble {
                 .arg("-dnsserver")
                 .arg(format!("127.0.0.1:{dns_port}"))
                 .env("PEBBLE_VA_NOSLEEP", "1")
+                .envs(env.iter().copied())
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
@@ -211,6 +220,25 @@ impl Pebble {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Pebble's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+
+    /// Orders Pebble created so far (its "Added order" log lines): what the CA saw, including
+    /// any order the sidecar never recorded.
+    pub fn orders_created(&self) -> usize {
+        self.log().matches("Added order").count()
+    }
+
+    /// The certificate and key of Pebble's own HTTPS listener (for a proxy posing as Pebble).
+    pub fn listener_identity(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("cert.pem"),
+            self.dir.path().join("key.pem"),
+        )
     }
 
     /// Makes `host` resolve (A) to `address` only, in the mock DNS.
@@ -516,6 +544,16 @@ impl Gate {
     /// Lets held and future requests through.
     pub fn open(&self) {
         let _ = self.open.send(true);
+    }
+
+    /// Holds requests again (from the next connection on).
+    pub fn close(&self) {
+        let _ = self.open.send(false);
+    }
+
+    /// Forgets the paths seen so far.
+    pub fn clear_held_paths(&self) {
+        self.held_paths.lock().expect("paths").clear();
     }
 }
 
