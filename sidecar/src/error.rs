@@ -40,8 +40,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The SQLite store failed.
-    #[error("store: {0}")]
+    /// The SQLite store failed; when it is locked, read-only or full the message says so.
+    #[error("store: {0}{hint}", hint = store_hint(.0))]
     Store(#[from] rusqlite::Error),
     /// Stored data could not be decoded (a corrupt row or a schema from a newer version).
     #[error("store: corrupt data: {0}")]
@@ -108,7 +108,34 @@ pub enum Error {
     Internal(String),
 }
 
+/// What to do about a store failure that is not the request's fault.
+fn store_hint(error: &rusqlite::Error) -> &'static str {
+    use rusqlite::ErrorCode;
+    match error.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            " (another process holds a lock on the database, e.g. a sqlite3 shell or a backup; \
+             end it, then retry; certificates keep being served meanwhile)"
+        }
+        Some(ErrorCode::ReadOnly) => {
+            " (the database cannot be written: make data_dir and its autohttps.db* files \
+             writable by the sidecar's user and the filesystem read-write, then retry; \
+             certificates keep being served meanwhile)"
+        }
+        Some(ErrorCode::DiskFull) => " (the disk holding data_dir is full: free space, then retry)",
+        _ => "",
+    }
+}
+
 impl Error {
+    /// Whether the store refused for a reason outside the request (locked, read-only, full):
+    /// the same request may succeed once the operator fixes it, so the API answers 503.
+    pub fn is_store_unavailable(&self) -> bool {
+        match self {
+            Self::Store(error) => !store_hint(error).is_empty(),
+            _ => false,
+        }
+    }
+
     /// Wraps an I/O error with what was being done and to which path.
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
