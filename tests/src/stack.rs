@@ -553,6 +553,22 @@ impl Stack {
             .join("\n")
     }
 
+    /// Stops Envoy and starts it again with the same configuration: it fetches every
+    /// certificate anew from the sidecar's SDS.
+    pub fn restart_envoy(&mut self) -> anyhow::Result<()> {
+        if let Some(mut envoy) = self.envoy.take() {
+            envoy.stop();
+        }
+        let yaml = std::fs::read_to_string(self.dir.join("envoy.yaml"))?;
+        self.envoy = Some(Envoy::start(&yaml, self.ports.envoy_admin)?);
+        Ok(())
+    }
+
+    /// The sidecar's SQLite database file.
+    pub fn database(&self) -> PathBuf {
+        self.dir.join("data").join("autohttps.db")
+    }
+
     /// Envoy.
     pub fn envoy(&self) -> &Envoy {
         self.envoy
