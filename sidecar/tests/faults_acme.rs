@@ -435,6 +435,7 @@ async fn ca_5xx_answers_are_retried_on_schedule_and_the_order_is_not_duplicated(
         retry_after: None,
         body: "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>".into(),
         times: 1,
+        after: 0,
     });
     rig.proxy().inject(Fault::problem(
         "POST",
@@ -571,5 +572,44 @@ async fn attempt_killed_during_dns_precheck_is_retried_at_restart_with_one_order
     );
     assert_eq!(pebble.orders_created(), 1);
     second.kill();
+    Ok(())
+}
+
+/// Regression (found by the 50% nonce test, about one run in five): an error answer to a poll
+/// of the order (badNonce three times over, a 5xx, a 429) was taken for a dead order, so the
+/// order was dropped and a second one placed. The order now lives on and is resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_error_while_polling_an_order_keeps_and_resumes_it() -> anyhow::Result<()> {
+    let rig = Rig::start(&[], true, false).await?;
+    // MOCK: the first fetch of the order passes, the first poll of it gets a 500.
+    let mut fault = Fault::problem("POST", "/my-order/", 500, "serverInternal", None, 1);
+    fault.after = 1;
+    rig.proxy().inject(fault);
+    rig.create_site("polled", &["polled.example.test"]).await?;
+    let site = rig.next_attempt("polled").await?;
+    assert_eq!(rig.proxy().injected().len(), 1, "the poll was refused");
+    assert_eq!(
+        site.issuance.failures, 1,
+        "{:?}",
+        site.issuance.last_problem
+    );
+    assert_eq!(
+        rig.store().orders_in_flight(Some("polled"))?.len(),
+        1,
+        "order kept"
+    );
+    assert_documented_retry(
+        1,
+        seconds_until(site.issuance.next_attempt_at, rig.clock.now()),
+    );
+    let site = rig.next_attempt("polled").await?;
+    assert_eq!(
+        site.issuance.failures, 0,
+        "{:?}",
+        site.issuance.last_problem
+    );
+    assert!(covered(rig.store(), "polled", &["polled.example.test"])?);
+    assert_eq!(rig.events("polled", "order-created")?, 1);
+    assert_eq!(rig.pebble.orders_created(), 1);
     Ok(())
 }

@@ -217,9 +217,12 @@ impl AcmeClient {
                     answer_authorizations(&mut order, responder, tokens).await?;
                     match order.poll_ready(&POLL).await {
                         Ok(_) => progress.next(observed(&mut order)),
-                        Err(instant_acme::Error::Api(problem)) => {
+                        // The order itself carries the problem: it is dead.
+                        Err(instant_acme::Error::Api(problem)) if order.state().error.is_some() => {
                             OrderProgress::Failed(problem.to_string())
                         }
+                        // The CA refused the poll (badNonce, 5xx, 429…): the order lives on
+                        // and is resumed; treating this as dead placed a second order.
                         Err(other) => return Err(Transient(other.into())),
                     }
                 }

@@ -38,6 +38,8 @@ pub struct Fault {
     pub body: String,
     /// How many matching requests get this answer (then it is used up).
     pub times: usize,
+    /// How many matching requests are let through first.
+    pub after: usize,
 }
 
 impl Fault {
@@ -62,6 +64,7 @@ impl Fault {
             })
             .to_string(),
             times,
+            after: 0,
         }
     }
 }
@@ -210,9 +213,13 @@ async fn forward(State(inner): State<Arc<Inner>>, request: Request) -> Response 
                     && f.method.is_none_or(|m| m == method)
                     && path.starts_with(f.path_prefix)
             })
-            .map(|f| {
+            .and_then(|f| {
+                if f.after > 0 {
+                    f.after -= 1;
+                    return None;
+                }
                 f.times -= 1;
-                f.clone()
+                Some(f.clone())
             })
     };
     if let Some(fault) = fault {
