@@ -60,3 +60,31 @@ impl Clock for ManualClock {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
+
+/// A time as operators read it in messages: `2031-11-29 03:22:01 UTC` (UTC, whole seconds).
+pub fn human_time(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
+}
+
+#[cfg(test)]
+mod human_time_tests {
+    use super::human_time;
+
+    #[test]
+    fn human_time_is_utc_to_the_second() {
+        let at = time::OffsetDateTime::from_unix_timestamp(1_953_688_921)
+            .expect("time")
+            .to_offset(time::UtcOffset::from_hms(2, 0, 0).expect("offset"))
+            + std::time::Duration::from_millis(333);
+        assert_eq!(human_time(at), "2031-11-29 03:22:01 UTC");
+    }
+}

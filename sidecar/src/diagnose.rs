@@ -3,6 +3,7 @@
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::clock::human_time;
 use crate::dns_check::{DnsAnswer, platform_description};
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
@@ -106,8 +107,10 @@ pub fn decide(facts: &Facts<'_>) -> (Verdict, String) {
         return (
             Verdict::Ok,
             format!(
-                "Nothing to do: certificate {} covers {name} until {}; it renews automatically around {renews}.",
-                certificate.serial, certificate.not_after
+                "Nothing to do: certificate {} covers {name} until {}; it renews automatically around {}.",
+                certificate.serial,
+                human_time(certificate.not_after),
+                human_time(renews)
             ),
         );
     }
@@ -116,7 +119,7 @@ pub fn decide(facts: &Facts<'_>) -> (Verdict, String) {
         let next = facts
             .schedule
             .next_attempt_at
-            .map_or_else(|| "not scheduled".to_owned(), |t| t.to_string());
+            .map_or_else(|| "not scheduled".to_owned(), human_time);
         return (
             Verdict::Failing,
             format!(

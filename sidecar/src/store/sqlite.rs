@@ -801,7 +801,7 @@ impl Store for SqliteStore {
                     .map(Hostname::as_str)
                     .collect::<Vec<_>>()
                     .join(", "),
-                certificate.not_after
+                crate::clock::human_time(certificate.not_after)
             ),
             None,
             None,
