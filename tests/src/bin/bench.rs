@@ -6,8 +6,9 @@
 //! real servers (each under `timeout`, so they stop by themselves): Envoy (`--concurrency 1`)
 //! with our filter at four policy sizes, Envoy with the baselines (native `https_redirect`, the
 //! minimal proxy-wasm filter, no filter) and nginx, then drives them with wrk on loopback in
-//! interleaved rounds. Figures are medians over rounds; ratios are taken within each round and
-//! their median reported. The table is printed and written to `tests/bench/RESULTS.md`.
+//! interleaved rounds (rotated, every other round reversed, a second's pause between runs).
+//! Figures are medians over rounds; ratios are taken within each round and their median
+//! reported. The table is printed and written to `tests/bench/RESULTS.md`.
 //!
 //! Knobs (environment): `BENCH_ROUNDS` (default 5), `BENCH_SECONDS` per wrk run (default 5),
 //! `BENCH_SIZES` (default `10,1000,10000,100000`), `BENCH_OUT` (default
@@ -89,7 +90,14 @@ fn main() -> anyhow::Result<()> {
     for round in 0..settings.rounds {
         let load = load_average();
         for k in 0..setups.len() {
-            let i = (k + round) % setups.len();
+            // Rotated each round and reversed every other round, so that no setup always
+            // follows the same one (a TLS proxy run leaves the machine busier for a moment).
+            let i = if round % 2 == 0 {
+                (k + round) % setups.len()
+            } else {
+                (setups.len() - 1 - k + round) % setups.len()
+            };
+            std::thread::sleep(Duration::from_secs(1));
             let run = wrk(&setups[i], settings.seconds)?;
             eprintln!(
                 "    round {} {:<34} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us{}",
