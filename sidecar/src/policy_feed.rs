@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use autohttps_filter::policy::{
-    self as filter_policy, HstsSpec, Policy, PolicyDocument, SCHEMA_VERSION, Settings, SiteSpec,
+    HstsSpec, Policy, PolicyDocument, SCHEMA_VERSION, Settings, SiteSpec,
 };
 use axum::Router;
 use axum::extract::State;
@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::store::{HttpsMode, MixedContent, RedirectKind, Site, Store, StoredCertificate};
+use crate::store::{Site, Store, StoredCertificate};
 
 /// The path the filter polls.
 pub const POLICY_PATH: &str = "/v1/policy";
@@ -88,15 +88,8 @@ pub fn build_document(
             SiteSpec {
                 id: site.name.clone(),
                 hostnames,
-                https: match site.policy.https {
-                    HttpsMode::Auto => filter_policy::HttpsMode::Auto,
-                    HttpsMode::Force => filter_policy::HttpsMode::Force,
-                    HttpsMode::Disable => filter_policy::HttpsMode::Disable,
-                },
-                redirect: match site.policy.redirect {
-                    RedirectKind::Permanent => filter_policy::RedirectKind::Permanent,
-                    RedirectKind::Temporary => filter_policy::RedirectKind::Temporary,
-                },
+                https: site.policy.https,
+                redirect: site.policy.redirect,
                 canonical_host: None,
                 hsts: HstsSpec {
                     enabled: site.policy.hsts.enabled,
@@ -104,11 +97,7 @@ pub fn build_document(
                     include_subdomains: false,
                     preload: false,
                 },
-                mixed_content: match site.policy.mixed_content {
-                    MixedContent::Off => filter_policy::MixedContent::Off,
-                    MixedContent::Upgrade => filter_policy::MixedContent::Upgrade,
-                    MixedContent::Report => filter_policy::MixedContent::Report,
-                },
+                mixed_content: site.policy.mixed_content,
                 report_uri: None,
                 cert_ready,
             }

@@ -16,42 +16,8 @@ pub use sqlite::{SqliteStore, create_private_dir};
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 
-/// A site's HTTPS mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum HttpsMode {
-    /// HTTP and HTTPS both served (the default).
-    #[default]
-    Auto,
-    /// Plain HTTP is redirected to HTTPS.
-    Force,
-    /// HTTPS is redirected to HTTP, with `Strict-Transport-Security: max-age=0`.
-    Disable,
-}
-
-/// Whether redirects are permanent (301/308) or temporary (302/307).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum RedirectKind {
-    /// 301 for GET/HEAD, 308 otherwise.
-    #[default]
-    Permanent,
-    /// 302 for GET/HEAD, 307 otherwise.
-    Temporary,
-}
-
-/// Mixed-content protection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MixedContent {
-    /// No header added.
-    #[default]
-    Off,
-    /// `Content-Security-Policy: upgrade-insecure-requests`.
-    Upgrade,
-    /// A report-only policy whose reports the sidecar collects.
-    Report,
-}
+// The policy vocabulary is the filter's own: the store keeps what the filter enforces.
+pub use autohttps_filter::policy::{HttpsMode, MixedContent, RedirectKind};
 
 /// HSTS settings (RFC 6797).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
