@@ -64,7 +64,7 @@ build: $(TOOLS)/.wasm-target
 lint: $(TOOLS)/.wasm-target
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
-	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter -p autohttps-host-probe-filter --target wasm32-wasip1 -- -D warnings
 
 ## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env and checked by Envoy.
 validate-envoy: $(ENVOY) build
