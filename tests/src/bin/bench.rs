@@ -13,7 +13,15 @@
 //! Knobs (environment): `BENCH_ROUNDS` (default 5), `BENCH_SECONDS` per wrk run (default 5),
 //! `BENCH_SIZES` (default `10,1000,10000,100000`), `BENCH_OUT` (default
 //! `tests/bench/RESULTS.md`; `-` prints only), `BENCH_WASM_DIR` (default the `make build`
-//! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter).
+//! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter),
+//! `BENCH_ONLY=issuance` (part 4 only: its rows and section of the existing results file are
+//! replaced, the rest kept), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
+//! 100) and `BENCH_STORE_CERTIFICATES` (default 10000).
+//!
+//! Part 4 runs the whole stack of `tests/src/stack.rs` (Pebble, its mock DNS, the release
+//! sidecar, Envoy with the filter) after the wrk rounds, so it never loads the machine during
+//! them; it brings the sidecar's release build up to date first unless `AUTOHTTPS_BIN` names
+//! another binary.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -26,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use autohttps_tests::envoy::{envoy_binary, free_port, http_get, render, repo_root, self_signed};
+use autohttps_tests::stack::{Ports as StackPorts, Stack, StackOptions, wait_until};
 use autohttps_tests::wasm_host::{FilterModule, Host, HostBuilder};
 
 /// The longest any server started here may live.
@@ -37,7 +46,11 @@ const NAMES_PER_SITE: usize = 3;
 
 fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
+    let issuance_settings = IssuanceSettings::from_env()?;
     let started = Instant::now();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("issuance") {
+        return issuance_only(&settings, &issuance_settings);
+    }
     let machine = Machine::describe();
     eprintln!("==> bench: {}", machine.summary());
 
@@ -117,6 +130,11 @@ fn main() -> anyhow::Result<()> {
         eprintln!("    (load average before round {}: {load})", round + 1);
     }
     drop(servers);
+    let issuance = if std::env::var("BENCH_ISSUANCE").as_deref() == Ok("0") {
+        IssuanceOutcome::NotMeasured("not measured: skipped (`BENCH_ISSUANCE=0`)".into())
+    } else {
+        issuance(&issuance_settings)
+    };
 
     let results = Results {
         machine,
@@ -126,6 +144,7 @@ fn main() -> anyhow::Result<()> {
         setups,
         runs,
         artefacts: wasm,
+        issuance,
         elapsed: started.elapsed(),
         load_end: load_average(),
     };
@@ -137,6 +156,25 @@ fn main() -> anyhow::Result<()> {
         eprintln!("==> written to {}", results.settings.out.display());
     }
     Ok(())
+}
+
+/// `BENCH_ONLY=issuance`: part 4 alone, written into the existing results file.
+fn issuance_only(settings: &Settings, issuance_settings: &IssuanceSettings) -> anyhow::Result<()> {
+    eprintln!("==> bench, part 4 only: {}", Machine::describe().summary());
+    let outcome = issuance(issuance_settings);
+    if settings.out == Path::new("-") {
+        println!("{}\n{}", outcome.rows(), outcome.section());
+    } else {
+        let existing = std::fs::read_to_string(&settings.out)
+            .with_context(|| format!("reading {}", settings.out.display()))?;
+        std::fs::write(&settings.out, patch_results(&existing, &outcome)?)
+            .with_context(|| format!("writing {}", settings.out.display()))?;
+        eprintln!("==> part 4 written into {}", settings.out.display());
+    }
+    match outcome {
+        IssuanceOutcome::Measured(_) => Ok(()),
+        IssuanceOutcome::NotMeasured(why) => bail!("part 4 was {why}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -696,6 +734,18 @@ impl Server {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The server's own pid: the child of `timeout`.
+    fn program_pid(&self) -> Option<u32> {
+        let output = Command::new("pgrep")
+            .args(["-P", &self.child.id().to_string()])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
     }
 
     fn exited(&mut self) -> anyhow::Result<()> {
@@ -1298,6 +1348,883 @@ fn wrk(setup: &Setup, seconds: u64) -> anyhow::Result<WrkRun> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Part 4: issuance, the whole stack (tests/src/stack.rs) against Pebble
+
+/// Sites created one at a time for the creation → first handshake figure (after a warm-up
+/// site, which also creates the ACME account).
+const SINGLE_SITES: usize = 7;
+/// The longest one measurement waits for names to be served before it gives up.
+const SERVE_LIMIT: Duration = Duration::from_secs(180);
+/// Threads creating the burst's sites through the admin API.
+const CREATORS: usize = 4;
+/// Threads polling handshakes (each handshake is one curl).
+const POLLERS: usize = 3;
+
+struct IssuanceSettings {
+    burst_sites: usize,
+    stored_certificates: usize,
+}
+
+impl IssuanceSettings {
+    fn from_env() -> anyhow::Result<IssuanceSettings> {
+        let number = |name: &str, default: usize| -> anyhow::Result<usize> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name}={v:?} is not a number")),
+                Err(_) => Ok(default),
+            }
+        };
+        Ok(IssuanceSettings {
+            burst_sites: number("BENCH_ISSUANCE_SITES", 100)?.max(1),
+            stored_certificates: number("BENCH_STORE_CERTIFICATES", 10_000)?,
+        })
+    }
+}
+
+/// Part 4's figures, or why they were not taken.
+enum IssuanceOutcome {
+    Measured(Box<Issuance>),
+    NotMeasured(String),
+}
+
+struct Issuance {
+    date: String,
+    commit: String,
+    load_start: String,
+    load_end: String,
+    elapsed: Duration,
+    /// The sidecar's effective `acme.orders_in_flight` and `acme.debounce_ms`.
+    orders_in_flight: usize,
+    debounce_ms: u64,
+    precheck: bool,
+    single: Vec<SingleSite>,
+    burst: Burst,
+    memory: Vec<MemoryRow>,
+}
+
+/// One site created alone: when its primary name first completed a verified handshake, and
+/// when the sidecar logged its certificate stored (both from the creation request).
+struct SingleSite {
+    served: Duration,
+    stored: Option<Duration>,
+}
+
+struct Burst {
+    sites: usize,
+    names: usize,
+    /// When the last creation request was answered.
+    created: Duration,
+    /// Per name, when it first completed a verified handshake (`None`: not within the limit).
+    served: Vec<Option<Duration>>,
+    /// "certificate stored" log lines of the burst's sites, from the first creation request.
+    stored: Vec<Duration>,
+    /// Handshakes tried while polling.
+    handshakes: usize,
+    /// The sidecar's WARN and ERROR lines during the burst.
+    problems: Vec<String>,
+}
+
+struct MemoryRow {
+    certificates: usize,
+    seed: Duration,
+    database_bytes: u64,
+    /// From the process start to "SDS serves the store's certificates" (index built).
+    ready: Duration,
+    rss_kib: u64,
+    rss_after_feed_kib: u64,
+    peak_kib: u64,
+    policy_bytes: usize,
+}
+
+fn median_duration(values: &[Duration]) -> Duration {
+    let mut seconds: Vec<f64> = values.iter().map(Duration::as_secs_f64).collect();
+    Duration::from_secs_f64(median(&mut seconds).max(0.0))
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// The sidecar binary part 4 measures. `AUTOHTTPS_BIN` outside this repository's
+/// `target/release/` is used as it is; otherwise the release build is brought up to date
+/// first (a no-op when it is), so the figures are those of the code checked out.
+fn sidecar_for_bench() -> anyhow::Result<PathBuf> {
+    let release = repo_root().join("target/release/autohttps");
+    if let Some(given) = std::env::var_os("AUTOHTTPS_BIN").map(PathBuf::from)
+        && given != release
+    {
+        if !given.is_file() {
+            bail!("AUTOHTTPS_BIN={} does not exist", given.display());
+        }
+        return Ok(given);
+    }
+    eprintln!("    building the sidecar (release)");
+    let status = Command::new("cargo")
+        .args([
+            "build",
+            "--locked",
+            "--release",
+            "-p",
+            "autohttps-sidecar",
+            "--bin",
+            "autohttps",
+        ])
+        .current_dir(repo_root())
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .context("running cargo to build the sidecar")?;
+    if !status.success() {
+        bail!("building the sidecar failed ({status})");
+    }
+    Ok(release)
+}
+
+fn issuance(settings: &IssuanceSettings) -> IssuanceOutcome {
+    for tool in ["pebble", "pebble-challtestsrv", "curl", "openssl"] {
+        if which(tool).is_err() {
+            return IssuanceOutcome::NotMeasured(format!(
+                "not measured: {tool} is not installed (`make tools` installs Pebble)"
+            ));
+        }
+    }
+    match measure_issuance(settings) {
+        Ok(measured) => IssuanceOutcome::Measured(Box::new(measured)),
+        Err(error) => {
+            eprintln!("    part 4 failed: {error:#}");
+            let first = format!("{error:#}");
+            let first = first.lines().next().unwrap_or_default().replace('|', "/");
+            IssuanceOutcome::NotMeasured(format!("not measured, it failed: {first}"))
+        }
+    }
+}
+
+fn measure_issuance(settings: &IssuanceSettings) -> anyhow::Result<Issuance> {
+    let started = Instant::now();
+    let load_start = load_average();
+    let binary = sidecar_for_bench()?;
+    let dir = tempfile::Builder::new()
+        .prefix("autohttps-bench-issuance-")
+        .tempdir()?;
+    eprintln!(
+        "==> part 4: the whole stack (Pebble with PEBBLE_VA_NOSLEEP=1, {}) in {}",
+        binary.display(),
+        dir.path().display()
+    );
+    // The stack runs `sidecar_binary()`: AUTOHTTPS_BIN, else target/release/autohttps, which
+    // is what `sidecar_for_bench` returned.
+    let stack = Stack::start(StackOptions {
+        dir: dir.path().to_path_buf(),
+        ports: StackPorts::free()?,
+        verbose: false,
+    })?;
+    let outcome = issuance_on_stack(&stack, settings);
+    if outcome.is_err() {
+        eprintln!("    sidecar log tail:\n{}", tail(&stack.sidecar_logs(), 30));
+        drop(stack);
+        let kept = dir.keep();
+        eprintln!("    the stack's files are kept in {}", kept.display());
+    }
+    let (orders_in_flight, debounce_ms, precheck, single, burst) = outcome?;
+
+    let mut memory = Vec::new();
+    for certificates in [0, settings.stored_certificates] {
+        let row = sidecar_memory(&binary, certificates)?;
+        eprintln!(
+            "    {} certificates: seeded in {:.1} s, ready in {:.1} s, VmRSS {:.1} MiB, after the policy feed {:.1} MiB, peak {:.1} MiB",
+            row.certificates,
+            row.seed.as_secs_f64(),
+            row.ready.as_secs_f64(),
+            row.rss_kib as f64 / 1024.0,
+            row.rss_after_feed_kib as f64 / 1024.0,
+            row.peak_kib as f64 / 1024.0
+        );
+        memory.push(row);
+    }
+    Ok(Issuance {
+        date: command_text("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        commit: command_text(
+            "git",
+            &[
+                "-C",
+                &repo_root().to_string_lossy(),
+                "describe",
+                "--always",
+                "--dirty",
+            ],
+        ),
+        load_start,
+        load_end: load_average(),
+        elapsed: started.elapsed(),
+        orders_in_flight,
+        debounce_ms,
+        precheck,
+        single,
+        burst,
+        memory,
+    })
+}
+
+type StackFigures = (usize, u64, bool, Vec<SingleSite>, Burst);
+
+fn issuance_on_stack(stack: &Stack, settings: &IssuanceSettings) -> anyhow::Result<StackFigures> {
+    let config = autohttps_sidecar::config::Config::load(Some(&stack.dir.join("autohttps.toml")))
+        .context("reading the stack's sidecar configuration")?;
+    eprintln!(
+        "    sidecar settings: acme.orders_in_flight = {}, acme.debounce_ms = {}, DNS pre-check {}",
+        config.acme.orders_in_flight,
+        config.acme.debounce_ms,
+        if config.platform.precheck_enabled() {
+            "on"
+        } else {
+            "off"
+        }
+    );
+
+    // Warm-up: the first order also registers the ACME account.
+    create_site(stack, "warm-up", &["warm.issuance.test"])?;
+    wait_served(stack, "warm.issuance.test", SERVE_LIMIT)?;
+
+    eprintln!("    creation → first verified handshake, {SINGLE_SITES} sites one at a time");
+    let mut single = Vec::new();
+    for i in 0..SINGLE_SITES {
+        let site = format!("one-{i}");
+        let primary = format!("one{i}.issuance.test");
+        let www = format!("www.{primary}");
+        let wall = SystemTime::now();
+        let start = Instant::now();
+        create_site(stack, &site, &[&primary, &www])?;
+        wait_served(stack, &primary, SERVE_LIMIT)?;
+        let served = start.elapsed();
+        let stored = stored_times(&stack.sidecar_logs(), wall, |s| s == site)
+            .into_iter()
+            .next();
+        eprintln!(
+            "    {site}: served after {} (certificate stored after {})",
+            secs(served),
+            stored.map_or("?".into(), secs)
+        );
+        single.push(SingleSite { served, stored });
+    }
+
+    let burst = burst(stack, settings.burst_sites)?;
+    Ok((
+        config.acme.orders_in_flight,
+        config.acme.debounce_ms,
+        config.platform.precheck_enabled(),
+        single,
+        burst,
+    ))
+}
+
+/// The names of burst site `i`: its primary, `www.` and, for every other site, `shop.`.
+fn burst_names(i: usize) -> Vec<String> {
+    let primary = format!("b{i}.issuance.test");
+    let mut names = vec![primary.clone(), format!("www.{primary}")];
+    if i.is_multiple_of(2) {
+        names.push(format!("shop.{primary}"));
+    }
+    names
+}
+
+fn burst(stack: &Stack, sites: usize) -> anyhow::Result<Burst> {
+    let names: Vec<String> = (0..sites).flat_map(burst_names).collect();
+    eprintln!(
+        "    {sites} sites ({} names) created at once ({CREATORS} threads), handshakes polled by {POLLERS} threads",
+        names.len()
+    );
+    let wall = SystemTime::now();
+    let start = Instant::now();
+    let log_before = stack.sidecar_logs().lines().count();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let creators: Vec<_> = (0..CREATORS)
+            .map(|t| {
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for i in (t..sites).step_by(CREATORS) {
+                        let names = burst_names(i);
+                        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                        create_site(stack, &format!("b-{i}"), &refs)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for creator in creators {
+            creator
+                .join()
+                .map_err(|_| anyhow!("a site-creating thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let created = start.elapsed();
+    eprintln!("    all {sites} sites created after {}", secs(created));
+
+    // Every name not yet served waits in one queue; each poller takes the next, tries one
+    // handshake and puts it back at the end when it failed.
+    let queue: Mutex<std::collections::VecDeque<usize>> = Mutex::new((0..names.len()).collect());
+    let served: Mutex<Vec<Option<Duration>>> = Mutex::new(vec![None; names.len()]);
+    let handshakes = std::sync::atomic::AtomicUsize::new(0);
+    let deadline = start + SERVE_LIMIT;
+    std::thread::scope(|scope| {
+        for _ in 0..POLLERS {
+            scope.spawn(|| {
+                loop {
+                    let Some(index) = queue.lock().map(|mut q| q.pop_front()).ok().flatten() else {
+                        return;
+                    };
+                    if Instant::now() > deadline {
+                        return;
+                    }
+                    handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let ok = stack
+                        .https(&names[index], "/")
+                        .is_ok_and(|r| r.status == 200);
+                    if ok {
+                        if let Ok(mut served) = served.lock() {
+                            served[index] = Some(start.elapsed());
+                        }
+                    } else if let Ok(mut q) = queue.lock() {
+                        q.push_back(index);
+                    }
+                }
+            });
+        }
+    });
+    let served = served.into_inner().unwrap_or_default();
+    let logs = stack.sidecar_logs();
+    let stored = stored_times(&logs, wall, |site| {
+        site.strip_prefix("b-")
+            .is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n < sites))
+    });
+    let problems: Vec<String> = logs
+        .lines()
+        .skip(log_before)
+        .map(strip_ansi)
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    let burst = Burst {
+        sites,
+        names: names.len(),
+        created,
+        served,
+        stored,
+        handshakes: handshakes.into_inner(),
+        problems,
+    };
+    match burst.all_served() {
+        Some(all) => eprintln!(
+            "    all {} names served after {} ({} certificates stored, {} handshakes tried, {} warnings or errors)",
+            burst.names,
+            secs(all),
+            burst.stored.len(),
+            burst.handshakes,
+            burst.problems.len()
+        ),
+        None => eprintln!(
+            "    {} of {} names served within {:?}",
+            burst.served.iter().flatten().count(),
+            burst.names,
+            SERVE_LIMIT
+        ),
+    }
+    for line in burst.problems.iter().take(5) {
+        eprintln!("      {line}");
+    }
+    Ok(burst)
+}
+
+impl Burst {
+    /// When the last name was served, if every name was.
+    fn all_served(&self) -> Option<Duration> {
+        self.served
+            .iter()
+            .copied()
+            .collect::<Option<Vec<_>>>()
+            .and_then(|all| all.into_iter().max())
+    }
+
+    /// Certificates stored per second, from the first creation request to the last one stored.
+    fn orders_per_second(&self) -> f64 {
+        self.stored
+            .last()
+            .map_or(0.0, |last| self.stored.len() as f64 / last.as_secs_f64())
+    }
+
+    fn half_served(&self) -> Option<Duration> {
+        let mut times: Vec<Duration> = self.served.iter().flatten().copied().collect();
+        times.sort();
+        times.get(self.names / 2).copied()
+    }
+}
+
+fn create_site(stack: &Stack, site: &str, names: &[&str]) -> anyhow::Result<()> {
+    let body = serde_json::json!({
+        "name": site,
+        "primary": names[0],
+        "hostnames": &names[1..],
+    });
+    let (status, answer) = stack.admin("POST", "/v1/sites", Some(&body))?;
+    if status != 201 {
+        bail!("creating site {site} answered {status}: {answer}");
+    }
+    Ok(())
+}
+
+/// Waits until `host` answers 200 over HTTPS through Envoy, verified against Pebble's root.
+fn wait_served(stack: &Stack, host: &str, limit: Duration) -> anyhow::Result<()> {
+    wait_until(&format!("HTTPS for {host}"), limit, || {
+        stack.https(host, "/").ok().filter(|r| r.status == 200)
+    })
+    .map(|_| ())
+    .map_err(|e| {
+        anyhow!(
+            "{e:#}\nsidecar log tail:\n{}",
+            tail(&stack.sidecar_logs(), 20)
+        )
+    })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Removes the terminal colour codes tracing writes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Seconds since midnight UTC of a tracing line stamped `2026-11-29T03:21:14.187541Z`.
+fn tracing_seconds(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let clock = stamp.split_once('T')?.1.trim_end_matches('Z');
+    log_seconds(&format!("[{clock}]"))
+}
+
+/// When the sidecar logged "certificate stored" for sites matching `site`, from `since`.
+fn stored_times(logs: &str, since: SystemTime, site: impl Fn(&str) -> bool) -> Vec<Duration> {
+    let origin = day_seconds(since);
+    let mut times: Vec<Duration> = logs
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains("certificate stored"))
+        .filter(|l| {
+            l.split_whitespace()
+                .find_map(|field| field.strip_prefix("site="))
+                .is_some_and(&site)
+        })
+        .filter_map(|l| tracing_seconds(&l))
+        .map(|at| {
+            let mut offset = at - origin;
+            if offset < -43_200.0 {
+                offset += 86_400.0;
+            }
+            offset
+        })
+        .filter(|offset| *offset >= 0.0)
+        .map(Duration::from_secs_f64)
+        .collect();
+    times.sort();
+    times
+}
+
+/// Fills a fresh store with `n` sites of two names each, each with a current self-signed
+/// certificate (P-256, 90 days) and its key, through the sidecar's own store code. Nothing is
+/// due for issuance, so the sidecar started on it never calls a CA.
+fn seed_store(database: &Path, n: usize) -> anyhow::Result<()> {
+    use autohttps_sidecar::hostname::Hostname;
+    use autohttps_sidecar::store::{
+        NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore, Store as _,
+    };
+    let store = SqliteStore::open(database)?;
+    let now = time::OffsetDateTime::now_utc();
+    let not_before = now - time::Duration::days(1);
+    let not_after = now + time::Duration::days(89);
+    for i in 0..n {
+        let site = format!("m-{i}");
+        let primary = Hostname::parse(&format!("m{i}.memory.test"))?;
+        let www = Hostname::parse(&format!("www.m{i}.memory.test"))?;
+        store.create_site(
+            NewSite {
+                name: site.clone(),
+                primary: primary.clone(),
+                hostnames: vec![www.clone()],
+                policy: SitePolicy::default(),
+            },
+            now,
+            now + time::Duration::days(30),
+        )?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec![primary.to_string(), www.to_string()])?;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let serial = u64::try_from(i)? + 1;
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let certificate = params.self_signed(&key)?;
+        store.store_certificate(
+            NewCertificate {
+                site,
+                names: vec![primary, www],
+                chain_pem: certificate.pem(),
+                key_pem: PrivateKeyPem::new(key.serialize_pem()),
+                not_before,
+                not_after,
+                serial: format!("{serial:x}"),
+                ari_id: None,
+            },
+            None,
+            now,
+        )?;
+    }
+    Ok(())
+}
+
+/// VmRSS and VmHWM of a process, in KiB.
+fn resident_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Starts the real sidecar alone on a store seeded with `certificates` certificates and reads
+/// its resident memory once SDS has built its index, then again after it served the policy
+/// feed once (as it does to every Envoy that connects).
+fn sidecar_memory(binary: &Path, certificates: usize) -> anyhow::Result<MemoryRow> {
+    let dir = tempfile::Builder::new()
+        .prefix("autohttps-bench-memory-")
+        .tempdir()?;
+    let data = dir.path().join("data");
+    let database = data.join("autohttps.db");
+    eprintln!("    seeding a store with {certificates} certificates");
+    let seeding = Instant::now();
+    seed_store(&database, certificates)?;
+    let seed = seeding.elapsed();
+    let database_bytes = ["autohttps.db", "autohttps.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(data.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let (admin, internal) = (free_port()?, free_port()?);
+    // The CA and DNS addresses are never used: nothing is due for issuance.
+    let config = dir.path().join("autohttps.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "{data}"
+
+[listen]
+admin = "127.0.0.1:{admin}"
+internal = "127.0.0.1:{internal}"
+
+[admin]
+token = "autohttps-bench-memory-admin-token"
+
+[acme]
+directory_url = "https://127.0.0.1:{unused}/dir"
+
+[platform]
+addresses = ["127.0.0.1"]
+
+[dns]
+nameservers = ["127.0.0.1:{unused}"]
+"#,
+            data = data.display(),
+            unused = free_port()?,
+        ),
+    )?;
+    let started = Instant::now();
+    let config_arg = config.display().to_string();
+    let mut sidecar = Server::spawn(
+        "the sidecar",
+        binary,
+        &["--config".into(), config_arg, "serve".into()],
+        dir.path().join("sidecar.log"),
+    )?;
+    loop {
+        sidecar.exited()?;
+        let log = strip_ansi(&sidecar.log());
+        if log.contains("SDS serves the store's certificates")
+            && TcpStream::connect(("127.0.0.1", internal)).is_ok()
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the sidecar did not start within 120 s:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ready = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = sidecar
+        .program_pid()
+        .ok_or_else(|| anyhow!("cannot find the sidecar's pid under timeout"))?;
+    let (rss_kib, _) = resident_kib(pid)?;
+    let (status, policy) = http_get(internal, autohttps_sidecar::policy_feed::POLICY_PATH)?;
+    if status != 200 {
+        bail!("the policy feed answered {status}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (rss_after_feed_kib, peak_kib) = resident_kib(pid)?;
+    sidecar.exited()?;
+    Ok(MemoryRow {
+        certificates,
+        seed,
+        database_bytes,
+        ready,
+        rss_kib,
+        rss_after_feed_kib,
+        peak_kib,
+        policy_bytes: policy.len(),
+    })
+}
+
+// The part 4 rows of the table and their own section.
+
+const ISSUANCE_MEASURES: [(&str, &str); 3] = [
+    (
+        "median time from site creation to first valid handshake through Envoy",
+        "",
+    ),
+    (
+        "wall time until 100 new sites (2–3 names each) are all served",
+        "≤ 60 s",
+    ),
+    (
+        "sidecar resident memory with 10,000 certificates in the store",
+        "",
+    ),
+];
+
+fn mib_kib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+impl IssuanceOutcome {
+    fn rows(&self) -> String {
+        let mut out = String::new();
+        let issuance = match self {
+            IssuanceOutcome::NotMeasured(why) => {
+                for (what, target) in ISSUANCE_MEASURES {
+                    let _ = writeln!(
+                        out,
+                        "| 4 issuance | {what} | {why} | | {target} | not measured |"
+                    );
+                }
+                return out;
+            }
+            IssuanceOutcome::Measured(issuance) => issuance,
+        };
+        let served: Vec<Duration> = issuance.single.iter().map(|s| s.served).collect();
+        let stored: Vec<Duration> = issuance.single.iter().filter_map(|s| s.stored).collect();
+        let _ = writeln!(
+            out,
+            "| 4 issuance | {} | {} ({} sites of 2 names, one at a time; {} to {}) | certificate stored after {} (median) | | |",
+            ISSUANCE_MEASURES[0].0,
+            secs(median_duration(&served)),
+            served.len(),
+            secs(served.iter().min().copied().unwrap_or_default()),
+            secs(served.iter().max().copied().unwrap_or_default()),
+            secs(median_duration(&stored)),
+        );
+        let b = &issuance.burst;
+        let what = format!(
+            "wall time until {} new sites (2–3 names each) are all served",
+            b.sites
+        );
+        let (result, status) = match b.all_served() {
+            Some(all) => (
+                format!(
+                    "{} ({} names; created in {}, half the names served by {})",
+                    secs(all),
+                    b.names,
+                    secs(b.created),
+                    b.half_served().map_or("?".into(), secs)
+                ),
+                verdict(b.sites < 100 || all <= Duration::from_secs(60)).to_string(),
+            ),
+            None => (
+                format!(
+                    "{} of {} names served within {} s",
+                    b.served.iter().flatten().count(),
+                    b.names,
+                    SERVE_LIMIT.as_secs()
+                ),
+                verdict(false).to_string(),
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "| 4 issuance | {what} | {result} | {} certificates stored, the last after {} ({:.1} orders/s, {} in flight) | {} | {status} |",
+            b.stored.len(),
+            b.stored.last().map_or("?".into(), |d| secs(*d)),
+            b.orders_per_second(),
+            issuance.orders_in_flight,
+            ISSUANCE_MEASURES[1].1,
+        );
+        let (empty, full) = (issuance.memory.first(), issuance.memory.last());
+        if let (Some(empty), Some(full)) = (empty, full) {
+            let _ = writeln!(
+                out,
+                "| 4 issuance | sidecar resident memory with {} certificates in the store | {} (VmRSS, SDS index built) · {} after serving the policy feed · peak {} | 0 certificates: {} | | |",
+                thousands(full.certificates as f64),
+                mib_kib(full.rss_kib),
+                mib_kib(full.rss_after_feed_kib),
+                mib_kib(full.peak_kib),
+                mib_kib(empty.rss_after_feed_kib),
+            );
+        }
+        out
+    }
+
+    fn section(&self) -> String {
+        let mut out = String::from("## Issuance (part 4)\n\n");
+        let issuance = match self {
+            IssuanceOutcome::NotMeasured(why) => {
+                let _ = writeln!(out, "In this run part 4 was {why}.");
+                return out;
+            }
+            IssuanceOutcome::Measured(issuance) => issuance,
+        };
+        let b = &issuance.burst;
+        let single_order = median_duration(
+            &issuance
+                .single
+                .iter()
+                .filter_map(|s| s.stored)
+                .collect::<Vec<_>>(),
+        );
+        let _ = writeln!(
+            out,
+            "Measured on {}, commit `{}`, in {:.0} s; load average {} at the start, {} at the end.\n",
+            issuance.date,
+            issuance.commit,
+            issuance.elapsed.as_secs_f64(),
+            issuance.load_start,
+            issuance.load_end
+        );
+        let _ = writeln!(
+            out,
+            "- **Stack.** `tests/src/stack.rs`, as the end-to-end suite runs it: pebble-challtestsrv (mock DNS, every name 127.0.0.1), Pebble with `PEBBLE_VA_NOSLEEP=1` validating HTTP-01 through Envoy's plain listener, the release `autohttps` sidecar, Envoy (`--concurrency 1`) with `envoy/edge.yaml` and the release filter fetching certificates over SDS, and the demo backend. Sidecar settings: `acme.orders_in_flight = {}`, `acme.debounce_ms = {}`, DNS pre-check {} (against the mock DNS). A warm-up site (which also registers the ACME account) is served before anything is timed.\n\
+- **A handshake** is `curl --cacert <Pebble's root> --resolve <name>:<port>:127.0.0.1 https://<name>/` through Envoy answering 200: the chain verified against Pebble's root, for that SNI.\n\
+- **Creation → first handshake.** {} sites of two names (`one<i>.issuance.test`, `www.`), each created with `POST /v1/sites` once the previous one is served; its primary name is tried every ≈ 50 ms. Each: {}. The \"certificate stored\" line of the sidecar's log came after {} (median): the rest is SDS delivery to Envoy and the polling step.\n\
+- **{} new sites.** `b<i>.issuance.test` and `www.` each, plus `shop.` for even *i* ({} names), created by {CREATORS} threads as fast as the admin API answers (all created after {}), then every name not yet served tried in turn by {POLLERS} threads ({} handshakes in all; a name is retried once per pass over the names still waiting, so the figure is late by up to one pass). Certificates stored (sidecar log, from the first creation): first after {}, last after {}; the last name served after {}. Warnings or errors in the sidecar's log meanwhile: {}.\n\
+- **What bounds it.** One order alone takes {} from creation to stored certificate; with `orders_in_flight = {}` that allows {:.1} orders/s, and the burst ran at {:.1} orders/s: the orders in flight, not Pebble, Envoy or the DNS pre-check, set the pace ({} sites ≈ sites × one order ÷ orders in flight). Nearly all of one order is waiting: the ACME polling policy (`POLL` in `sidecar/src/acme/mod.rs`, instant-acme's `RetryPolicy`) sleeps its initial 200 ms before the first readiness check and again before the first certificate download, and Pebble with `PEBBLE_VA_NOSLEEP=1` has validated and issued by then. A shorter first delay or more orders in flight would shorten both figures against Pebble; against a public CA, validation itself takes seconds. The store keeps schedule times in whole seconds, so a debounce under a second ends at the next whole second or at once.\n\
+- **Resident memory.** A store seeded through the sidecar's own store code (`SqliteStore::create_site` + `store_certificate`) with N sites of two names, each with a current self-signed P-256 certificate made with rcgen and nothing due for issuance; the release sidecar is started on it alone and `VmRSS` read from `/proc/<pid>/status` 2 s after SDS built its index (every current certificate parsed into memory), then again after one `GET /v1/policy` (what every Envoy fetches); peak is `VmHWM`.\n",
+            issuance.orders_in_flight,
+            issuance.debounce_ms,
+            if issuance.precheck { "on" } else { "off" },
+            issuance.single.len(),
+            issuance
+                .single
+                .iter()
+                .map(|s| secs(s.served))
+                .collect::<Vec<_>>()
+                .join(" · "),
+            secs(median_duration(
+                &issuance
+                    .single
+                    .iter()
+                    .filter_map(|s| s.stored)
+                    .collect::<Vec<_>>()
+            )),
+            b.sites,
+            b.names,
+            secs(b.created),
+            b.handshakes,
+            b.stored.first().map_or("?".into(), |d| secs(*d)),
+            b.stored.last().map_or("?".into(), |d| secs(*d)),
+            b.all_served().map_or("— (not all)".into(), secs),
+            b.problems.len(),
+            secs(single_order),
+            issuance.orders_in_flight,
+            issuance.orders_in_flight as f64 / single_order.as_secs_f64().max(1e-3),
+            b.orders_per_second(),
+            b.sites,
+        );
+        let _ = writeln!(
+            out,
+            "| certificates in the store | store seeded in | database | sidecar ready in | VmRSS, index built | VmRSS after the policy feed (its size) | VmHWM |\n| --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for row in &issuance.memory {
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} s | {:.1} MB | {:.2} s | {} | {} ({} bytes) | {} |",
+                thousands(row.certificates as f64),
+                row.seed.as_secs_f64(),
+                row.database_bytes as f64 / 1e6,
+                row.ready.as_secs_f64(),
+                mib_kib(row.rss_kib),
+                mib_kib(row.rss_after_feed_kib),
+                thousands(row.policy_bytes as f64),
+                mib_kib(row.peak_kib),
+            );
+        }
+        out
+    }
+}
+
+/// Replaces the part 4 rows and the "Issuance (part 4)" section of an existing results file
+/// (`BENCH_ONLY=issuance`), keeping everything else as it was measured.
+fn patch_results(existing: &str, outcome: &IssuanceOutcome) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut rows_written = false;
+    let mut in_old_section = false;
+    for line in existing.lines() {
+        if line.starts_with("## ") {
+            in_old_section = line.starts_with("## Issuance");
+            if line.starts_with("## Host calls per request") {
+                out.push_str(&outcome.section());
+                out.push('\n');
+            }
+        }
+        if in_old_section {
+            continue;
+        }
+        if line.starts_with("| 4 issuance |") {
+            if !rows_written {
+                out.push_str(&outcome.rows());
+                rows_written = true;
+            }
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if !rows_written {
+        bail!(
+            "the results file has no `| 4 issuance |` rows to replace; run the whole `make bench`"
+        );
+    }
+    if !out.contains("## Issuance") {
+        out.push('\n');
+        out.push_str(&outcome.section());
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
 // The table
 
 struct Results {
@@ -1308,6 +2235,7 @@ struct Results {
     setups: Vec<Setup>,
     runs: Vec<Vec<WrkRun>>,
     artefacts: Artefacts,
+    issuance: IssuanceOutcome,
     elapsed: Duration,
     load_end: String,
 }
@@ -1561,26 +2489,8 @@ impl Results {
                 }
             );
         }
-        // Part 4: issuance, not wired yet.
-        for (what, target) in [
-            (
-                "median time from site creation to first valid handshake through Envoy",
-                "",
-            ),
-            (
-                "wall time until 100 new sites (2–3 names each) are all served",
-                "≤ 60 s",
-            ),
-            (
-                "sidecar resident memory with 10,000 certificates in the store",
-                "",
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "| 4 issuance | {what} | not measured yet: needs the sidecar's SDS and policy feed wired to Envoy | | {target} | pending |"
-            );
-        }
+        // Part 4: issuance.
+        out.push_str(&self.issuance.rows());
         // Part 5: the artefact.
         let kib = self.artefacts.filter_bytes as f64 / 1024.0;
         let _ = writeln!(
@@ -1600,6 +2510,7 @@ impl Results {
 - **Policy** (generated): site *i* has `s<i>.bench.test`, `www.s<i>.bench.test` and `alias-<i>.example.net`, every name's certificate ready; even sites force HTTPS with HSTS, odd sites are auto with `mixed_content: upgrade`. Requests go to a site in the middle of the table.\n\
 - **Noise.** On 2 cores wrk, Envoy's worker and (for pass-through) nginx share the CPUs with anything else running; compare ratios (taken within a round) rather than absolute figures, and check the load average above."
         );
+        let _ = writeln!(out, "\n{}", self.issuance.section().trim_end());
         let _ = writeln!(out, "\n## Host calls per request, by kind\n");
         let _ = writeln!(
             out,
