@@ -122,9 +122,8 @@ fuzz: $(CARGO_FUZZ)
 
 ## bench: tests/bench/RESULTS.md (tests/src/bin/bench.rs): the filter's cost beside its baselines.
 ## BENCH_ROUNDS, BENCH_SECONDS and BENCH_SIZES shorten or lengthen it (see the driver's header).
-bench: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.bench-tools
-	@echo "==> building the filter and the minimal filter (wasm32-wasip1, size-tuned release)"
-	cargo build --locked -p autohttps-filter -p autohttps-minimal-filter --target wasm32-wasip1 --profile wasm-release
+## Part 4 (issuance) runs the whole stack, so Pebble and the release sidecar come first.
+bench: tools build $(TOOLS)/.bench-tools
 	cargo build --locked --release -p autohttps-tests --bin bench
 	target/release/bench
 
