@@ -240,17 +240,12 @@ impl Issuer {
 
     async fn attempt_capturing(&self, site_name: &str) -> Result<AttemptReport> {
         let now = self.clock.now();
-        let Some(site) = self.store.site(site_name)? else {
+        let lease_until = now + ATTEMPT_LEASE;
+        // Read and lease in one step: a change made after the read is seen at the end.
+        let Some(site) = self.store.begin_attempt(site_name, lease_until)? else {
             return Ok(AttemptReport::default());
         };
         let failures_before = site.issuance.failures;
-        let lease_until = now + ATTEMPT_LEASE;
-        self.store.schedule(
-            site_name,
-            Some(lease_until),
-            failures_before,
-            site.issuance.last_problem.as_deref(),
-        )?;
         let regenerate = self.store.take_regenerate_request(site_name)?;
         self.store.add_event(
             site_name,
@@ -375,16 +370,16 @@ impl Issuer {
                 )
             });
         }
-        // A change made while we worked (anything but our lease) keeps its earlier schedule.
-        if let Some(site) = self.store.site(site_name)? {
-            if let Some(requested) = site.issuance.next_attempt_at
-                && requested.unix_timestamp() != lease_until.unix_timestamp()
-            {
-                next = Some(next.map_or(requested, |n| n.min(requested)));
-            }
-            self.store
-                .schedule(site_name, next, failures, last_problem.as_deref())?;
-        }
+        // A change made while we worked (anything but our lease) keeps its earlier schedule;
+        // the store decides in one step (reading here, then writing, lost a change that landed
+        // in between: a hostname added as an attempt ended waited for the renewal date).
+        self.store.finish_attempt(
+            site_name,
+            lease_until,
+            next,
+            failures,
+            last_problem.as_deref(),
+        )?;
         Ok(report)
     }
 

@@ -357,7 +357,23 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn request_issuance(&self, site: &str, at: OffsetDateTime, regenerate: bool) -> Result<()>;
     /// Reads and clears a site's pending regenerate request.
     fn take_regenerate_request(&self, site: &str) -> Result<bool>;
-    /// Records an attempt's outcome: the next attempt time, failure count and last problem.
+    /// Starts an attempt: reads the site and leases it until `lease_until` (its next attempt
+    /// time) in one step, so that a change made after the read is never overwritten by the
+    /// lease. `None` when there is no such site.
+    fn begin_attempt(&self, site: &str, lease_until: OffsetDateTime) -> Result<Option<Site>>;
+    /// Ends an attempt begun with [`Store::begin_attempt`]: records its failure count and last
+    /// problem and schedules the next attempt at `next`, unless a change made meanwhile (the
+    /// next attempt time is no longer `lease_until`) asked for an earlier one, which is kept.
+    /// Deciding in one step means a change that lands while the attempt finishes is not lost.
+    fn finish_attempt(
+        &self,
+        site: &str,
+        lease_until: OffsetDateTime,
+        next: Option<OffsetDateTime>,
+        failures: u32,
+        last_problem: Option<&str>,
+    ) -> Result<()>;
+    /// Sets a site's next attempt time, failure count and last problem.
     fn schedule(
         &self,
         site: &str,

@@ -668,6 +668,41 @@ impl Store for SqliteStore {
         Ok(requested.unwrap_or(false))
     }
 
+    fn begin_attempt(&self, site: &str, lease_until: OffsetDateTime) -> Result<Option<Site>> {
+        let conn = self.lock();
+        let Some(current) = load_site(&conn, site)? else {
+            return Ok(None);
+        };
+        conn.execute(
+            "UPDATE sites SET next_attempt_at = ?2 WHERE name = ?1",
+            params![site, ts(lease_until)],
+        )?;
+        Ok(Some(current))
+    }
+
+    fn finish_attempt(
+        &self,
+        site: &str,
+        lease_until: OffsetDateTime,
+        next: Option<OffsetDateTime>,
+        failures: u32,
+        last_problem: Option<&str>,
+    ) -> Result<()> {
+        self.lock().execute(
+            "UPDATE sites SET
+                 next_attempt_at = CASE
+                     WHEN next_attempt_at IS NULL OR next_attempt_at = ?2 THEN ?3
+                     WHEN ?3 IS NULL THEN next_attempt_at
+                     ELSE MIN(next_attempt_at, ?3)
+                 END,
+                 failures = ?4,
+                 last_problem = ?5
+             WHERE name = ?1",
+            params![site, ts(lease_until), next.map(ts), failures, last_problem],
+        )?;
+        Ok(())
+    }
+
     fn schedule(
         &self,
         site: &str,
@@ -1080,6 +1115,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
     use time::macros::datetime;
 
     const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
@@ -1114,6 +1150,62 @@ mod tests {
             serial: serial.into(),
             ari_id: None,
         }
+    }
+
+    /// Regression: the issuer read the site, then wrote its schedule; a hostname added between
+    /// the two had its attempt overwritten by the renewal date and waited months for it.
+    #[test]
+    fn a_change_during_an_attempt_keeps_its_earlier_schedule() {
+        let store = SqliteStore::in_memory().unwrap();
+        site(&store, &["example.com"]);
+        let lease = NOW + Duration::from_secs(600);
+        let renewal = datetime!(2026-05-01 00:00 UTC);
+        let next = |store: &SqliteStore| {
+            store
+                .site("blog")
+                .unwrap()
+                .unwrap()
+                .issuance
+                .next_attempt_at
+        };
+
+        let read = store.begin_attempt("blog", lease).unwrap().unwrap();
+        assert_eq!(read.names(), vec![name("example.com")]);
+        assert_eq!(next(&store), Some(lease));
+        let change_at = NOW + Duration::from_secs(1);
+        store
+            .add_hostname("blog", &name("www.example.com"), NOW, change_at)
+            .unwrap();
+        store
+            .finish_attempt("blog", lease, Some(renewal), 0, None)
+            .unwrap();
+        assert_eq!(
+            next(&store),
+            Some(change_at),
+            "the change's attempt was lost"
+        );
+
+        // Without a change the attempt's own schedule applies, earlier or later, or none.
+        store.begin_attempt("blog", lease).unwrap();
+        store
+            .finish_attempt("blog", lease, Some(renewal), 0, None)
+            .unwrap();
+        assert_eq!(next(&store), Some(renewal));
+        store.begin_attempt("blog", lease).unwrap();
+        store
+            .finish_attempt("blog", lease, None, 1, Some("x"))
+            .unwrap();
+        assert_eq!(next(&store), None);
+        // A change asking for a later time than a failed attempt's retry gets the retry.
+        store.begin_attempt("blog", lease).unwrap();
+        store
+            .request_issuance("blog", NOW + Duration::from_secs(60), false)
+            .unwrap();
+        store
+            .finish_attempt("blog", lease, Some(NOW + Duration::from_secs(30)), 1, None)
+            .unwrap();
+        assert_eq!(next(&store), Some(NOW + Duration::from_secs(30)));
+        assert!(store.begin_attempt("gone", lease).unwrap().is_none());
     }
 
     #[test]
