@@ -274,6 +274,8 @@ pub async fn run(cli: &Cli) -> Result<()> {
             https,
             wait,
         }) => {
+            // A new site has no earlier events: everything in its log follows this request.
+            let since = 0;
             let site = client
                 .call(
                     Method::POST,
@@ -284,7 +286,7 @@ pub async fn run(cli: &Cli) -> Result<()> {
             out(&site, &|s| {
                 format!("created site {}\n{}", name, describe_site(s))
             });
-            wait_if_asked(&client, name, wait, cli.json).await
+            wait_if_asked(&client, name, wait, since, cli.json).await
         }
         Command::Site(SiteCommand::List) => {
             let sites = client.call(Method::GET, "/v1/sites", None).await?;
@@ -402,6 +404,7 @@ pub async fn run(cli: &Cli) -> Result<()> {
             hostname,
             wait,
         }) => {
+            let since = newest_event_if_waiting(&client, site, wait).await?;
             let updated = client
                 .call(
                     Method::POST,
@@ -412,7 +415,7 @@ pub async fn run(cli: &Cli) -> Result<()> {
             out(&updated, &|s| {
                 format!("added {hostname} to {site}\n{}", describe_site(s))
             });
-            wait_if_asked(&client, site, wait, cli.json).await
+            wait_if_asked(&client, site, wait, since, cli.json).await
         }
         Command::Host(HostCommand::Remove { site, hostname }) => {
             let updated = client
@@ -428,11 +431,12 @@ pub async fn run(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Command::Cert(CertCommand::Regenerate { site, wait }) => {
+            let since = newest_event_if_waiting(&client, site, wait).await?;
             let answer = client
                 .call(Method::POST, &format!("/v1/sites/{site}/regenerate"), None)
                 .await?;
             out(&answer, &|_| format!("regeneration of {site} scheduled"));
-            wait_if_asked(&client, site, wait, cli.json).await
+            wait_if_asked(&client, site, wait, since, cli.json).await
         }
         Command::Diagnose { hostname } => {
             let diagnosis = client
@@ -536,11 +540,36 @@ fn describe_diagnosis(d: &Value) -> String {
     text
 }
 
-/// With `--wait`: polls until an attempt that started after now has finished, printing progress.
+/// With `--wait`, the id of the site's newest event before the change is requested (0 when
+/// the site has none, or does not exist: the request itself will say so). Taken after the
+/// request it would race the issuer, which may already have started, and even finished, the
+/// attempt by the time the CLI looks (debounce is 100 ms in tests, a busy machine is slower).
+async fn newest_event_if_waiting(client: &AdminClient, site: &str, wait: &WaitArgs) -> Result<i64> {
+    if !wait.wait {
+        return Ok(0);
+    }
+    match client
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/sites/{site}/events?limit=1"),
+            None,
+        )
+        .await
+    {
+        Ok(events) => Ok(events[0]["id"].as_i64().unwrap_or(0)),
+        Err(Error::NotFound(_)) => Ok(0),
+        Err(error) => Err(error),
+    }
+}
+
+/// With `--wait`: polls until an attempt that started after event `since` (the newest event
+/// before the change was requested, see [`newest_event_if_waiting`]) has finished, printing
+/// every later event as progress.
 async fn wait_if_asked(
     client: &AdminClient,
     site: &str,
     wait: &WaitArgs,
+    since: i64,
     json: bool,
 ) -> Result<()> {
     use reqwest::Method;
@@ -548,17 +577,7 @@ async fn wait_if_asked(
         return Ok(());
     }
     let started = Instant::now();
-    let newest_event = |events: &Value| events[0]["id"].as_i64().unwrap_or(0);
-    let before = client
-        .call(
-            Method::GET,
-            &format!("/v1/sites/{site}/events?limit=1"),
-            None,
-        )
-        .await?;
-    // Events already recorded by the request itself (site-created, hostname-added…) are older
-    // than the attempt we wait for; remember where the log stood.
-    let mut seen = newest_event(&before) - 1;
+    let mut seen = since;
     let mut attempt_started = false;
     let mut last_line = String::new();
     loop {

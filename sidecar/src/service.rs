@@ -189,6 +189,19 @@ impl Sidecar {
     pub async fn serve(self, extra_internal_routes: Router) -> Result<RunningSidecar> {
         let admin = bind(self.config.listen.admin, "admin").await?;
         let internal = bind(self.config.listen.internal, "internal").await?;
+        self.serve_on(admin, internal, extra_internal_routes).await
+    }
+
+    /// Like [`Sidecar::serve`], on admin and internal listeners the caller has bound
+    /// (`listen.admin` and `listen.internal` are not used): for a caller that must name a port
+    /// before the sidecar starts and cannot leave it unbound meanwhile, such as a test that
+    /// tells its CA which port to validate HTTP-01 on.
+    pub async fn serve_on(
+        self,
+        admin: TcpListener,
+        internal: TcpListener,
+        extra_internal_routes: Router,
+    ) -> Result<RunningSidecar> {
         let admin_addr = admin
             .local_addr()
             .map_err(|e| Error::io("read admin address", "", e))?;

@@ -11,7 +11,7 @@ use autohttps_sidecar::renewal::renew_at;
 use autohttps_sidecar::store::{Site, Store};
 use reqwest::Method;
 use serde_json::json;
-use support::{Pebble, free_port, start_sidecar};
+use support::{Pebble, start_sidecar};
 use time::OffsetDateTime;
 
 async fn site_until(
@@ -50,7 +50,7 @@ fn seconds_until(at: Option<OffsetDateTime>, now: OffsetDateTime) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_comes_due_when_a_third_of_the_lifetime_is_left() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
     let sidecar = start_sidecar(&pebble, clock.clone()).await?;
     let store = Arc::clone(&sidecar.running.store);
@@ -121,7 +121,7 @@ async fn renewal_comes_due_when_a_third_of_the_lifetime_is_left() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_name_is_retried_after_one_then_ten_minutes_and_recovers() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     pebble.set_a("late.example.test", "127.0.0.2").await?;
     let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
     let sidecar = start_sidecar(&pebble, clock.clone()).await?;

@@ -49,18 +49,9 @@ impl Rig {
             )
             .with_test_writer()
             .try_init();
-        let http_port = free_port();
-        let pebble = Pebble::start_with_env(http_port, env).await?;
+        let pebble = Pebble::start_with_env(env).await?;
         let proxy = if with_proxy {
             Some(CaProxy::start(&pebble).await?)
-        } else {
-            None
-        };
-        let internal_port = if with_gate { free_port() } else { http_port };
-        let gate = if with_gate {
-            let gate = Gate::start(http_port, internal_port).await?;
-            gate.open();
-            Some(gate)
         } else {
             None
         };
@@ -69,12 +60,25 @@ impl Rig {
         let sidecar = start_sidecar_with(&pebble, clock.clone(), |config| {
             // Changes come due only when the test moves the clock (by more than this).
             config.acme.debounce_ms = DEBOUNCE.as_millis() as u64;
-            config.listen.internal = ([127, 0, 0, 1], internal_port).into();
+            if with_gate {
+                // Behind the gate, which takes Pebble's HTTP-01 port.
+                config.listen.internal = ([127, 0, 0, 1], 0).into();
+            }
             if let Some(directory) = directory {
                 config.acme.directory_url = directory;
             }
         })
         .await?;
+        let gate = if with_gate {
+            let listener = pebble
+                .take_http_listener()
+                .expect("Pebble's HTTP-01 listener");
+            let gate = Gate::start_on_std(listener, sidecar.running.internal_addr.port())?;
+            gate.open();
+            Some(gate)
+        } else {
+            None
+        };
         Ok(Self {
             pebble,
             proxy,
@@ -497,7 +501,7 @@ async fn attempt_killed_during_dns_precheck_is_retried_at_restart_with_one_order
 -> anyhow::Result<()> {
     let internal_port = free_port();
     let admin_port = free_port();
-    let pebble = Pebble::start(internal_port).await?;
+    let pebble = Pebble::start_on(internal_port).await?;
     let work = tempfile::tempdir()?;
     let config = work.path().join("autohttps.toml");
     let good = pebble.sidecar_toml(&work.path().join("data"), admin_port, internal_port);

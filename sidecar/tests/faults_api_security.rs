@@ -10,7 +10,7 @@ use std::sync::Arc;
 use autohttps_sidecar::clock::SystemClock;
 use reqwest::Method;
 use serde_json::json;
-use support::{Pebble, TOKEN, free_port, start_sidecar_with};
+use support::{Pebble, TOKEN, start_sidecar_with};
 
 /// Every `(method, path)` the admin router declares, read from `admin_api.rs` itself.
 fn declared_routes() -> Vec<(Method, String)> {
@@ -66,7 +66,7 @@ fn concrete(path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_admin_route_refuses_a_missing_or_wrong_token() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar_with(&pebble, Arc::new(SystemClock), |_| {}).await?;
     let (code, _) = sidecar
         .admin
@@ -233,7 +233,7 @@ async fn send(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_hostnames_and_payloads_each_get_a_4xx_that_says_what_is_wrong() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar_with(&pebble, Arc::new(SystemClock), |_| {}).await?;
     let http = reqwest::Client::builder().no_proxy().build()?;
     let base = sidecar.admin.base.clone();
@@ -382,7 +382,7 @@ async fn bad_hostnames_and_payloads_each_get_a_4xx_that_says_what_is_wrong() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_bearing_files_and_the_sds_socket_are_owner_only() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar_with(&pebble, Arc::new(SystemClock), |config| {
         config.admin.token = None;
     })

@@ -19,7 +19,7 @@ use autohttps_sidecar::sds::SdsListen;
 use envoy_support::{Envoy, fixture, verified_handshake};
 use reqwest::Method;
 use serde_json::json;
-use support::{Pebble, certificate_names, free_port, start_sidecar};
+use support::{Pebble, certificate_names, start_sidecar};
 
 /// Everything the sidecar logs in this test binary.
 #[derive(Clone, Default)]
@@ -60,7 +60,7 @@ async fn locked_store_answers_503_with_the_fix_while_serving_continues() -> anyh
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .try_init();
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
     let SdsListen::Unix(socket) = sidecar.running.sds_listen.clone() else {
         anyhow::bail!("SDS is not on a Unix socket");

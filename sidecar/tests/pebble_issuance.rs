@@ -1,17 +1,20 @@
 //! Issuance against a real Pebble: one certificate for a site's names, verified against Pebble's
-//! root; re-issue on a new alias while the old certificate keeps serving; DNS pre-check.
+//! root; re-issue on a new alias while the old certificate keeps serving; DNS pre-check; the
+//! CLI's `--wait`.
 
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use autohttps_sidecar::acme::certificate::chain_der;
 use autohttps_sidecar::clock::SystemClock;
 use autohttps_sidecar::hostname::Hostname;
+use autohttps_sidecar::store::Store;
 use reqwest::Method;
 use serde_json::json;
-use support::{Pebble, TOKEN, certificate_names, free_port, start_sidecar, start_sidecar_with};
+use support::{Pebble, TOKEN, certificate_names, start_sidecar, start_sidecar_with};
 use x509_parser::prelude::*;
 
 /// Checks every link of `chain` (leaf first) and that the last one is signed by `root`.
@@ -51,7 +54,7 @@ fn verify_chain(chain_pem: &str, root_pem: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_with_three_names_gets_one_certificate_verified_against_pebble_root()
 -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
     let created_at = Instant::now();
     let (status, body) = sidecar
@@ -96,7 +99,7 @@ async fn site_with_three_names_gets_one_certificate_verified_against_pebble_root
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_alias_reissues_and_old_certificate_serves_until_then() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
     let admin = &sidecar.admin;
     admin
@@ -160,7 +163,7 @@ async fn adding_alias_reissues_and_old_certificate_serves_until_then() -> anyhow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn name_resolving_elsewhere_is_left_out_and_diagnosed() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     pebble.set_a("elsewhere.example.test", "127.0.0.2").await?;
     let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
     let admin = &sidecar.admin;
@@ -211,7 +214,7 @@ async fn name_resolving_elsewhere_is_left_out_and_diagnosed() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_over_the_per_certificate_limit_are_split() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar_with(&pebble, Arc::new(SystemClock), |config| {
         config.acme.max_names_per_certificate = Some(2);
     })
@@ -245,7 +248,7 @@ async fn names_over_the_per_certificate_limit_are_split() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_site_add_waits_for_the_certificate_showing_progress() -> anyhow::Result<()> {
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
     let base = sidecar.admin.base.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -276,5 +279,119 @@ async fn cli_site_add_waits_for_the_certificate_showing_progress() -> anyhow::Re
         stdout.contains("valid until") && stdout.contains("www.cli.example.test"),
         "{stdout}"
     );
+    Ok(())
+}
+
+/// An admin API proxy that, once a site has been created through it, holds every later
+/// request until the store holds a certificate for that site: the CLI then looks at the site
+/// only after the issuer has started and finished the attempt, as on a busy machine.
+struct LateLookingProxy {
+    base: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LateLookingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LateLookingProxy {
+    async fn start(admin_base: &str, store: Arc<dyn Store>, site: &str) -> anyhow::Result<Self> {
+        #[derive(Clone)]
+        struct Upstream {
+            base: String,
+            store: Arc<dyn Store>,
+            site: String,
+            created: Arc<AtomicBool>,
+            http: reqwest::Client,
+        }
+        async fn forward(
+            axum::extract::State(upstream): axum::extract::State<Upstream>,
+            request: axum::extract::Request,
+        ) -> axum::response::Response {
+            use axum::response::IntoResponse as _;
+            if upstream.created.load(Ordering::SeqCst) {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while upstream
+                    .store
+                    .current_certificates(&upstream.site)
+                    .is_ok_and(|c| c.is_empty())
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            let (parts, body) = request.into_parts();
+            let creates_site = parts.method == Method::POST && parts.uri.path() == "/v1/sites";
+            let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+                return axum::http::StatusCode::BAD_REQUEST.into_response();
+            };
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let answer = upstream
+                .http
+                .request(parts.method, format!("{}{path}", upstream.base))
+                .headers(parts.headers)
+                .body(body)
+                .send()
+                .await;
+            let Ok(answer) = answer else {
+                return axum::http::StatusCode::BAD_GATEWAY.into_response();
+            };
+            let status = answer.status();
+            let headers = answer.headers().clone();
+            let body = answer.bytes().await.unwrap_or_default();
+            if creates_site && status.is_success() {
+                upstream.created.store(true, Ordering::SeqCst);
+            }
+            (status, headers, body).into_response()
+        }
+        let upstream = Upstream {
+            base: admin_base.to_owned(),
+            store,
+            site: site.to_owned(),
+            created: Arc::new(AtomicBool::new(false)),
+            http: reqwest::Client::builder().no_proxy().build()?,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let app = axum::Router::new().fallback(forward).with_state(upstream);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { base, task })
+    }
+}
+
+/// Regression: `--wait` took its place in the site's event log after the change was made, so
+/// when the issuer had already started the attempt (debounce 100 ms, a loaded machine) the
+/// CLI never saw `attempt-started` and waited out its timeout beside an issued certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_wait_follows_an_attempt_that_finished_before_it_looked() -> anyhow::Result<()> {
+    let pebble = Pebble::start().await?;
+    let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
+    let proxy = LateLookingProxy::start(
+        &sidecar.admin.base,
+        Arc::clone(&sidecar.running.store),
+        "late",
+    )
+    .await?;
+    let base = proxy.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_autohttps"))
+            .args(["--admin-url", &base, "--token", TOKEN])
+            .args(["site", "add", "late", "late.example.test", "--wait"])
+            .args(["--timeout", "30"])
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("attempt-started") && stderr.contains("certificate-issued"),
+        "progress: {stderr}"
+    );
+    assert!(stdout.contains("valid until"), "{stdout}");
     Ok(())
 }

@@ -14,7 +14,7 @@ async fn killed_sidecar_resumes_its_order_without_a_second_one() -> anyhow::Resu
     let gate_port = free_port();
     let internal_port = free_port();
     let admin_port = free_port();
-    let pebble = Pebble::start(gate_port).await?;
+    let pebble = Pebble::start_on(gate_port).await?;
     // Pebble's HTTP-01 requests go through a gate that holds them until we let them pass.
     let gate = Gate::start(gate_port, internal_port).await?;
     let work = tempfile::tempdir()?;

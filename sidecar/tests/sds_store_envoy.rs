@@ -17,7 +17,7 @@ use autohttps_sidecar::sds::SdsListen;
 use envoy_support::{Envoy, Handshake, fixture, handshake, verified_handshake};
 use reqwest::Method;
 use serde_json::json;
-use support::{Pebble, free_port, start_sidecar};
+use support::{Pebble, start_sidecar};
 
 /// Handshakes (verifying against `root`) until one succeeds; returns it and how long that took.
 async fn wait_for_verified(
@@ -44,7 +44,7 @@ async fn wait_for_verified(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issued_certificate_is_served_by_sni_and_unknown_names_fail_fast() -> anyhow::Result<()> {
     envoy_support::init_logging();
-    let pebble = Pebble::start(free_port()).await?;
+    let pebble = Pebble::start().await?;
     let sidecar = start_sidecar(&pebble, Arc::new(SystemClock)).await?;
     let SdsListen::Unix(socket) = sidecar.running.sds_listen.clone() else {
         anyhow::bail!("SDS does not listen on a Unix socket by default");

@@ -505,16 +505,25 @@ impl Stack {
                 .map(|d| d.count())
                 .unwrap_or_default()
         );
+        let log = self.dir.join(log_name);
         let mut process = Process::spawn(
             "autohttps",
             &binary,
             &["--config", &config, "serve"],
             &[("RUST_LOG", "info")],
-            self.dir.join(log_name),
+            log.clone(),
         )?;
         let admin = self.ports.sidecar_admin;
+        // The ports were picked free and released: something else may listen on one by now
+        // (another test's Pebble answered the CLI once). Only the sidecar's own word that it
+        // bound its listeners counts, not a connection to the port.
         let ready = wait_until("the sidecar", Duration::from_secs(20), || {
             if process.exited() {
+                return None;
+            }
+            let serving = std::fs::read_to_string(&log)
+                .is_ok_and(|text| text.contains("autohttps sidecar serving"));
+            if !serving {
                 return None;
             }
             TcpStream::connect(("127.0.0.1", admin)).ok()

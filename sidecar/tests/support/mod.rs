@@ -6,7 +6,7 @@ pub mod ca_proxy;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,9 @@ use tokio::sync::watch;
 /// The admin token every test sidecar uses.
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
-/// A free loopback TCP port (bind :0, read, release).
+/// A free loopback TCP port (bind :0, read, release). Another process or a parallel test can
+/// take it before it is used; where the port's user is ours, prefer a listener bound once and
+/// handed over (see [`Pebble::take_http_listener`]).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -75,23 +77,42 @@ pub struct Pebble {
     pub listener_ca: PathBuf,
     /// The port Pebble validates HTTP-01 on.
     pub http_port: u16,
+    /// The listener on `http_port`, bound before Pebble learnt the port and held until a
+    /// sidecar or gate takes it, so that no one else can take the port meanwhile.
+    http_listener: Mutex<Option<std::net::TcpListener>>,
     http: reqwest::Client,
     dir: TempDir,
     processes: Processes,
 }
 
 impl Pebble {
-    /// Starts challtestsrv and Pebble (PEBBLE_VA_NOSLEEP=1) validating HTTP-01 on `http_port`.
+    /// Starts challtestsrv and Pebble (PEBBLE_VA_NOSLEEP=1) validating HTTP-01 on a loopback
+    /// port bound here and held: [`start_sidecar`] serves the sidecar's internal listener on it
+    /// (or a [`Gate`] takes it with [`Pebble::take_http_listener`]).
     ///
-    /// Ports are picked free then released, so a parallel test can grab one first; a start
-    /// that does not come up is retried on fresh ports.
-    pub async fn start(http_port: u16) -> anyhow::Result<Self> {
-        Self::start_with_env(http_port, &[]).await
+    /// Pebble's and challtestsrv's own ports are picked free then released (they are other
+    /// processes), so a parallel test or another process can take one first; a start that
+    /// does not come up is retried on fresh ports.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_env(&[]).await
     }
 
     /// Like [`Pebble::start`], with extra environment for Pebble (e.g.
     /// `PEBBLE_WFE_NONCEREJECT=50` to reject half of the nonces).
-    pub async fn start_with_env(http_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub async fn start_with_env(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let mut pebble = Self::start_on_with_env(listener.local_addr()?.port(), env).await?;
+        pebble.http_listener = Mutex::new(Some(listener));
+        Ok(pebble)
+    }
+
+    /// Like [`Pebble::start`], validating HTTP-01 on `http_port`, which the caller binds (the
+    /// `autohttps` binary as a child process, which cannot be handed a listener).
+    pub async fn start_on(http_port: u16) -> anyhow::Result<Self> {
+        Self::start_on_with_env(http_port, &[]).await
+    }
+
+    async fn start_on_with_env(http_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut last_error = None;
         for _ in 0..3 {
             match Self::start_once(http_port, env).await {
@@ -100,6 +121,11 @@ impl Pebble {
             }
         }
         Err(last_error.expect("at least one attempt"))
+    }
+
+    /// The held listener on [`Pebble::http_port`], once (`None` for [`Pebble::start_on`]).
+    pub fn take_http_listener(&self) -> Option<std::net::TcpListener> {
+        self.http_listener.lock().expect("listener").take()
     }
 
     async fn start_once(http_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
@@ -124,6 +150,7 @@ impl Pebble {
         let acme_port = free_port();
         let management_port = free_port();
         let mut processes = Processes::default();
+        let challtestsrv_log = std::fs::File::create(dir.path().join("challtestsrv.log"))?;
         processes.push(
             Command::new("pebble-challtestsrv")
                 .args([
@@ -142,8 +169,8 @@ impl Pebble {
                     "-defaultIPv6",
                     "",
                 ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdout(challtestsrv_log.try_clone()?)
+                .stderr(challtestsrv_log)
                 .spawn()
                 .context("starting pebble-challtestsrv (apt-get install pebble)")?,
         );
@@ -186,6 +213,7 @@ impl Pebble {
             dns: SocketAddr::from(([127, 0, 0, 1], dns_port)),
             listener_ca,
             http_port,
+            http_listener: Mutex::new(None),
             http,
             dir,
             processes,
@@ -209,13 +237,21 @@ impl Pebble {
                 .send()
                 .await
                 .is_ok();
+            // challtestsrv only logs a server it could not start (its DNS port, picked free and
+            // released, may have been taken meanwhile) and answers its management API anyway.
+            let challtestsrv_log =
+                std::fs::read_to_string(self.dir.path().join("challtestsrv.log"))
+                    .unwrap_or_default();
+            if challtestsrv_log.contains("address already in use") {
+                bail!("pebble-challtestsrv lost a port; its log: {challtestsrv_log}");
+            }
             if pebble_up && dns_up {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "pebble did not come up; its log: {}",
-                    std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+                    "pebble did not come up; its log: {}\nchalltestsrv's log: {challtestsrv_log}",
+                    self.log()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -335,6 +371,9 @@ pub async fn start_sidecar(pebble: &Pebble, clock: Arc<dyn Clock>) -> anyhow::Re
 }
 
 /// Like [`start_sidecar`], with a chance to adjust the configuration.
+///
+/// When the internal listener stays on Pebble's HTTP-01 port, the sidecar serves on the
+/// listener Pebble's harness has held since it picked the port.
 pub async fn start_sidecar_with(
     pebble: &Pebble,
     clock: Arc<dyn Clock>,
@@ -343,9 +382,20 @@ pub async fn start_sidecar_with(
     let data = tempfile::tempdir()?;
     let mut config = pebble.sidecar_config(&data.path().join("data"), pebble.http_port);
     adjust(&mut config);
-    let running = Sidecar::build(config, clock)?
-        .serve(axum::Router::new())
-        .await?;
+    let held = (config.listen.internal.port() == pebble.http_port)
+        .then(|| pebble.take_http_listener())
+        .flatten();
+    let sidecar = Sidecar::build(config, clock)?;
+    let running = match held {
+        Some(internal) => {
+            internal.set_nonblocking(true)?;
+            let admin = TcpListener::bind(sidecar.config.listen.admin).await?;
+            sidecar
+                .serve_on(admin, TcpListener::from_std(internal)?, axum::Router::new())
+                .await?
+        }
+        None => sidecar.serve(axum::Router::new()).await?,
+    };
     let admin = Admin::new(&format!("http://{}", running.admin_addr));
     Ok(InProcess {
         running,
@@ -491,6 +541,16 @@ impl Drop for Gate {
 impl Gate {
     pub async fn start(listen_port: u16, target_port: u16) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", listen_port)).await?;
+        Self::start_on(listener, target_port)
+    }
+
+    /// A gate on a listener already bound (e.g. [`Pebble::take_http_listener`]).
+    pub fn start_on_std(listener: std::net::TcpListener, target_port: u16) -> anyhow::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Self::start_on(TcpListener::from_std(listener)?, target_port)
+    }
+
+    fn start_on(listener: TcpListener, target_port: u16) -> anyhow::Result<Self> {
         let (open, opened) = watch::channel(false);
         let held_paths = Arc::new(Mutex::new(Vec::new()));
         let paths = Arc::clone(&held_paths);
