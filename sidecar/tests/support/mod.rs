@@ -86,9 +86,10 @@ pub struct Pebble {
 }
 
 impl Pebble {
-    /// Starts challtestsrv and Pebble (PEBBLE_VA_NOSLEEP=1) validating HTTP-01 on a loopback
-    /// port bound here and held: [`start_sidecar`] serves the sidecar's internal listener on it
-    /// (or a [`Gate`] takes it with [`Pebble::take_http_listener`]).
+    /// Starts challtestsrv and Pebble (PEBBLE_VA_NOSLEEP=1, PEBBLE_WFE_NONCEREJECT=0)
+    /// validating HTTP-01 on a loopback port bound here and held: [`start_sidecar`] serves the
+    /// sidecar's internal listener on it (or a [`Gate`] takes it with
+    /// [`Pebble::take_http_listener`]).
     ///
     /// Pebble's and challtestsrv's own ports are picked free then released (they are other
     /// processes), so a parallel test or another process can take one first; a start that
@@ -196,6 +197,11 @@ impl Pebble {
                 .arg("-dnsserver")
                 .arg(format!("127.0.0.1:{dns_port}"))
                 .env("PEBBLE_VA_NOSLEEP", "1")
+                // Pebble rejects 5% of nonces by design; instant-acme retries a badNonce twice,
+                // so about one order in a hundred failed its attempt and waited a minute for
+                // the retry (a flaky adding_alias test). Nonce faults have their own tests
+                // (`PEBBLE_WFE_NONCEREJECT=50` through `env`, which overrides this).
+                .env("PEBBLE_WFE_NONCEREJECT", "0")
                 .envs(env.iter().copied())
                 .stdout(log.try_clone()?)
                 .stderr(log)
