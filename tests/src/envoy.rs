@@ -101,6 +101,23 @@ pub fn render_file(name: &str, values: &HashMap<&str, String>) -> anyhow::Result
     render(&template, values).with_context(|| format!("rendering {}", path.display()))
 }
 
+/// Runs `envoy --mode validate` on this configuration (written to `path`): whether Envoy
+/// accepted it, and everything it printed.
+pub fn validate(config_yaml: &str, path: &Path) -> anyhow::Result<(bool, String)> {
+    std::fs::write(path, config_yaml).with_context(|| format!("writing {}", path.display()))?;
+    let output = Command::new(envoy_binary()?)
+        .args(["--mode", "validate", "-l", "error", "-c"])
+        .arg(path)
+        .output()
+        .context("running envoy --mode validate")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok((output.status.success(), text))
+}
+
 /// A running Envoy.
 #[derive(Debug)]
 pub struct Envoy {

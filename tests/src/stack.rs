@@ -337,6 +337,20 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// A stack on free ports in a fresh temporary folder named after `name`, quiet: what each
+    /// whole-stack test starts. Keep the folder alive as long as the stack.
+    pub fn start_in_temp_dir(name: &str) -> anyhow::Result<(Stack, tempfile::TempDir)> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("autohttps-{name}-"))
+            .tempdir()?;
+        let stack = Stack::start(StackOptions {
+            dir: dir.path().to_path_buf(),
+            ports: Ports::free()?,
+            verbose: false,
+        })?;
+        Ok((stack, dir))
+    }
+
     /// Starts everything and waits until each part answers.
     pub fn start(options: StackOptions) -> anyhow::Result<Stack> {
         let StackOptions {

@@ -6,21 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use autohttps_tests::stack::{Ports, Stack, StackOptions, wait_until};
+use autohttps_tests::stack::{Stack, wait_until};
 use serde_json::json;
 
 fn stack(name: &str) -> (Stack, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("autohttps-e2e-{name}-"))
-        .tempdir()
-        .expect("tempdir");
-    let stack = Stack::start(StackOptions {
-        dir: dir.path().to_path_buf(),
-        ports: Ports::free().expect("ports"),
-        verbose: false,
-    })
-    .unwrap_or_else(|e| panic!("the stack starts: {e:#}"));
-    (stack, dir)
+    Stack::start_in_temp_dir(&format!("e2e-{name}"))
+        .unwrap_or_else(|e| panic!("the stack starts: {e:#}"))
 }
 
 /// Waits until `host` answers 200 over HTTPS with a certificate that verifies against

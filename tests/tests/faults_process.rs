@@ -12,21 +12,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use autohttps_tests::envoy::curl;
-use autohttps_tests::stack::{ADMIN_TOKEN, Ports, Stack, StackOptions, wait_until};
+use autohttps_tests::stack::{ADMIN_TOKEN, Stack, wait_until};
 use serde_json::json;
 
 fn stack(name: &str) -> (Stack, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("autohttps-faults-{name}-"))
-        .tempdir()
-        .expect("tempdir");
-    let stack = Stack::start(StackOptions {
-        dir: dir.path().to_path_buf(),
-        ports: Ports::free().expect("ports"),
-        verbose: false,
-    })
-    .unwrap_or_else(|e| panic!("the stack starts: {e:#}"));
-    (stack, dir)
+    Stack::start_in_temp_dir(&format!("faults-{name}"))
+        .unwrap_or_else(|e| panic!("the stack starts: {e:#}"))
 }
 
 /// xorshift64*: small, seeded, reproducible.

@@ -2,7 +2,6 @@
 //! path exemption, HSTS and CSP, stats, and a bad configuration rejected.
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use autohttps_tests::envoy::{self, CurlResponse, Envoy, curl, free_port, render_file};
 
@@ -207,22 +206,9 @@ fn envoy_rejects_an_invalid_policy_naming_each_problem() {
         &values(18080, 18443, 19901, &cert, &key, bad.to_string()).expect("values"),
     )
     .expect("renders");
-    let path = dir.path().join("bad.yaml");
-    std::fs::write(&path, config).expect("write config");
-    let output = Command::new(envoy::envoy_binary().expect("envoy installed"))
-        .args(["--mode", "validate", "-l", "error", "-c"])
-        .arg(&path)
-        .output()
-        .expect("envoy runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        !output.status.success(),
-        "Envoy accepted a bad policy:\n{text}"
-    );
+    let (accepted, text) =
+        envoy::validate(&config, &dir.path().join("bad.yaml")).expect("envoy runs");
+    assert!(!accepted, "Envoy accepted a bad policy:\n{text}");
     assert!(
         text.contains(
             "policy.sites[0].hostnames[0]: \\\"bad host.test\\\" is not a valid hostname"

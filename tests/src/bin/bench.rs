@@ -180,6 +180,17 @@ fn issuance_only(settings: &Settings, issuance_settings: &IssuanceSettings) -> a
 // ---------------------------------------------------------------------------------------------
 // Settings and machine
 
+/// A number from the environment variable `name`, or `default` when it is unset.
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
 struct Settings {
     rounds: usize,
     seconds: u64,
@@ -189,15 +200,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> anyhow::Result<Settings> {
-        let number = |name: &str, default: u64| -> anyhow::Result<u64> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("{name}={v:?} is not a number")),
-                Err(_) => Ok(default),
-            }
-        };
+        let number = |name: &str, default: u64| env_number(name, default);
         let sizes = match std::env::var("BENCH_SIZES") {
             Ok(v) => v
                 .split(',')
@@ -1367,15 +1370,7 @@ struct IssuanceSettings {
 
 impl IssuanceSettings {
     fn from_env() -> anyhow::Result<IssuanceSettings> {
-        let number = |name: &str, default: usize| -> anyhow::Result<usize> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("{name}={v:?} is not a number")),
-                Err(_) => Ok(default),
-            }
-        };
+        let number = |name: &str, default: usize| env_number(name, default);
         Ok(IssuanceSettings {
             burst_sites: number("BENCH_ISSUANCE_SITES", 100)?.max(1),
             stored_certificates: number("BENCH_STORE_CERTIFICATES", 10_000)?,
