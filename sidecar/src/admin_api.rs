@@ -183,6 +183,12 @@ fn check_hsts(hsts: &HstsPolicy) -> Result<(), Error> {
             hsts.max_age
         )));
     }
+    // The filter refuses a policy breaking this rule (hstspreload.org's), so it is refused here.
+    if hsts.preload && (hsts.max_age < 31_536_000 || !hsts.include_subdomains) {
+        return Err(Error::InvalidInput(
+            "hsts preload needs include_subdomains and a max_age of at least 31536000 (one year); set both, or leave preload off".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -224,7 +230,14 @@ async fn create_site(
     Ok((StatusCode::CREATED, Json(site)))
 }
 
+/// A site id from the path (percent-decoded): refused with 400 unless it is a valid site id,
+/// so `demo/hostnames/x` or `demo?x=1` never reaches the store as something else.
+fn valid_site_id(name: &str) -> Result<(), ApiError> {
+    validate_site_name(name).map_err(ApiError::from)
+}
+
 fn require_site(state: &AdminState, name: &str) -> Result<Site, ApiError> {
+    valid_site_id(name)?;
     state.issuer.store().site(name)?.ok_or_else(|| {
         Error::NotFound(format!(
             "no site named {name:?}; list sites with `autohttps site list`"
@@ -264,6 +277,7 @@ async fn remove_site(
     State(state): State<AdminState>,
     Path(site): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    valid_site_id(&site)?;
     state.issuer.store().delete_site(&site)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -273,6 +287,7 @@ async fn add_hostname(
     Path(site): Path<String>,
     body: Result<Json<AddHostname>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Site>), ApiError> {
+    valid_site_id(&site)?;
     let Json(body) = body?;
     let name = Hostname::parse(&body.hostname)?;
     let issuer = &state.issuer;
@@ -288,6 +303,7 @@ async fn remove_hostname(
     State(state): State<AdminState>,
     Path((site, hostname)): Path<(String, String)>,
 ) -> ApiResult<Site> {
+    valid_site_id(&site)?;
     let name = Hostname::parse(&hostname)?;
     let issuer = &state.issuer;
     let site =

@@ -1,7 +1,10 @@
 //! Configuration: a TOML file plus `AUTOHTTPS_*` environment overrides; every field has a default.
 //!
-//! The sections that face Envoy, with their defaults (environment overrides in
-//! [`ENV_OVERRIDES`]):
+//! Every key can be overridden by an environment variable named after its path: `AUTOHTTPS_`,
+//! then the path in upper case with `_` for `.` (`acme.orders_in_flight` ↔
+//! `AUTOHTTPS_ACME_ORDERS_IN_FLIGHT`); [`keys`] lists them, found from the defaults.
+//!
+//! The sections that face Envoy, with their defaults:
 //!
 //! ```toml
 //! [listen]
@@ -23,7 +26,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -31,7 +34,7 @@ use crate::error::{Error, Result};
 pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
 
 /// Everything `autohttps serve` needs. `Config::default()` is a working loopback setup.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where the SQLite database and generated files live (created 0700).
@@ -50,10 +53,31 @@ pub struct Config {
     pub sds: SdsSettings,
     /// The edge's public ports and trusted proxies, as the filter sees them (policy feed).
     pub edge: EdgeConfig,
+    /// How `serve` writes its log.
+    pub log: LogConfig,
+}
+
+/// How `serve` writes its log (the level comes from `RUST_LOG`, default `info`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (human-readable lines; colour only on a terminal) or `json` (one object a line).
+    pub format: LogFormat,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
 }
 
 /// Listener addresses; both default to loopback.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
     /// The admin API (JSON, bearer token).
@@ -64,7 +88,7 @@ pub struct ListenConfig {
 }
 
 /// Admin API access.
-#[derive(Clone, Default, Deserialize, PartialEq)]
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// The bearer token. When unset (and `AUTOHTTPS_ADMIN_TOKEN` is unset) one is generated on
@@ -81,7 +105,7 @@ impl std::fmt::Debug for AdminConfig {
 }
 
 /// The ACME CA and how to talk to it.
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AcmeConfig {
     /// The directory URL (RFC 8555 §7.1.1).
@@ -124,7 +148,7 @@ impl std::fmt::Debug for AcmeConfig {
 }
 
 /// What "points at the platform" means. With neither field set the DNS pre-check is off.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PlatformConfig {
     /// The platform's public addresses: a name passes if it resolves to one of them.
@@ -134,7 +158,7 @@ pub struct PlatformConfig {
 }
 
 /// Which DNS servers the pre-check asks.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DnsConfig {
     /// `ip:port` of recursive resolvers (UDP and TCP); empty means the system's resolv.conf.
@@ -142,7 +166,7 @@ pub struct DnsConfig {
 }
 
 /// The SDS server (Envoy fetches certificates here, by SNI hostname).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SdsSettings {
     /// The Unix socket (created 0600; its directory 0700 when created). Default
@@ -159,7 +183,7 @@ pub struct SdsSettings {
 }
 
 /// The edge as the filter sees it: public ports (written into redirects) and trusted proxies.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EdgeConfig {
     /// The public plain-HTTP port; redirects to HTTP name it when it is not 80.
@@ -202,6 +226,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             sds: SdsSettings::default(),
             edge: EdgeConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -254,50 +279,196 @@ impl PlatformConfig {
     }
 }
 
-/// The environment variables that override the file, and the field each one sets.
-pub const ENV_OVERRIDES: &[(&str, &str)] = &[
-    ("AUTOHTTPS_DATA_DIR", "data_dir"),
+/// The file read when `--config` (and `AUTOHTTPS_CONFIG`) is not given, if it exists; else
+/// [`LOCAL_CONFIG_PATH`] in the current directory; else no file (the defaults).
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/autohttps/autohttps.toml";
+
+/// The configuration file looked for in the current directory when there is no system one.
+pub const LOCAL_CONFIG_PATH: &str = "autohttps.toml";
+
+/// The prefix of every environment variable that overrides a configuration key.
+pub const ENV_PREFIX: &str = "AUTOHTTPS_";
+
+/// Environment variable names from before every key had its generic name; still read, each
+/// one a second name for the key it used to set (the generic name wins when both are set).
+const LEGACY_ENV_NAMES: &[(&str, &str)] = &[
     ("AUTOHTTPS_ADMIN_LISTEN", "listen.admin"),
     ("AUTOHTTPS_INTERNAL_LISTEN", "listen.internal"),
-    ("AUTOHTTPS_ADMIN_TOKEN", "admin.token"),
     ("AUTOHTTPS_ACME_DIRECTORY", "acme.directory_url"),
-    ("AUTOHTTPS_ACME_PROFILE", "acme.profile"),
     ("AUTOHTTPS_ACME_ROOT_CA", "acme.extra_root_ca"),
-    ("AUTOHTTPS_ACME_EAB_KID", "acme.eab_kid"),
-    ("AUTOHTTPS_ACME_EAB_HMAC_KEY", "acme.eab_hmac_key"),
-    (
-        "AUTOHTTPS_PLATFORM_ADDRESSES",
-        "platform.addresses (comma-separated)",
-    ),
     ("AUTOHTTPS_PLATFORM_CNAME", "platform.cname_target"),
-    (
-        "AUTOHTTPS_DNS_NAMESERVERS",
-        "dns.nameservers (comma-separated ip:port)",
-    ),
-    ("AUTOHTTPS_SDS_SOCKET", "sds.socket"),
-    ("AUTOHTTPS_SDS_TCP", "sds.tcp"),
-    (
-        "AUTOHTTPS_SDS_DEFAULT_CERTIFICATE",
-        "sds.default_certificate",
-    ),
-    ("AUTOHTTPS_SDS_DEFAULT_KEY", "sds.default_key"),
-    ("AUTOHTTPS_EDGE_HTTP_PORT", "edge.http_port"),
-    ("AUTOHTTPS_EDGE_HTTPS_PORT", "edge.https_port"),
-    (
-        "AUTOHTTPS_EDGE_TRUSTED_PROXIES",
-        "edge.trusted_proxies (comma-separated)",
-    ),
 ];
 
+/// The kind of value a key holds, as its default shows it; it decides how an environment
+/// variable's text becomes a TOML value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyShape {
+    Text,
+    Integer,
+    Boolean,
+    List,
+    /// An optional key that is unset by default: its type is not visible, so the text is
+    /// tried as a string, then as a TOML literal (a number, a boolean), then as a list.
+    Unset,
+}
+
+/// One configuration key: its dotted path in the TOML file and the environment variable that
+/// overrides it (`acme.contact` ↔ `AUTOHTTPS_ACME_CONTACT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigKey {
+    /// The dotted path, e.g. `acme.orders_in_flight`.
+    pub path: String,
+    /// `AUTOHTTPS_` and the path in upper case with `.` as `_`, e.g. `AUTOHTTPS_ACME_ORDERS_IN_FLIGHT`.
+    pub env: String,
+    shape: KeyShape,
+}
+
+impl ConfigKey {
+    /// The TOML values to try for `raw`, most likely first.
+    fn candidates(&self, raw: &str) -> Result<Vec<toml::Value>> {
+        let text = || toml::Value::String(raw.to_owned());
+        let items = || {
+            toml::Value::Array(
+                split_list(raw)
+                    .map(|item| toml::Value::String(item.to_owned()))
+                    .collect(),
+            )
+        };
+        let literal_items = || {
+            split_list(raw)
+                .map(toml_literal)
+                .collect::<Option<Vec<_>>>()
+                .map(toml::Value::Array)
+        };
+        Ok(match self.shape {
+            KeyShape::Text => vec![text()],
+            KeyShape::Integer => vec![toml::Value::Integer(raw.trim().parse().map_err(|_| {
+                Error::Config(format!(
+                    "{}={raw:?} ({}) is not a whole number",
+                    self.env, self.path
+                ))
+            })?)],
+            KeyShape::Boolean => vec![toml::Value::Boolean(
+                match raw.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => true,
+                    "false" | "0" | "no" | "off" => false,
+                    _ => {
+                        return Err(Error::Config(format!(
+                            "{}={raw:?} ({}) is not a boolean: use true or false",
+                            self.env, self.path
+                        )));
+                    }
+                },
+            )],
+            KeyShape::List if raw.trim_start().starts_with('[') => {
+                vec![toml_literal(raw).ok_or_else(|| {
+                    Error::Config(format!(
+                        "{}={raw:?} ({}) starts with '[' but is not a TOML array",
+                        self.env, self.path
+                    ))
+                })?]
+            }
+            KeyShape::List => [Some(items()), literal_items()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            KeyShape::Unset => [Some(text()), toml_literal(raw), Some(items())]
+                .into_iter()
+                .flatten()
+                .collect(),
+        })
+    }
+}
+
+/// `raw` read as a TOML value (`25`, `true`, `["a", "b"]`, `[{ url = "…" }]`), if it is one.
+fn toml_literal(raw: &str) -> Option<toml::Value> {
+    toml::from_str::<toml::Table>(&format!("value = {raw}"))
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+}
+
+/// Every configuration key, found by walking the defaults (so a key added to any section is
+/// here, with its environment variable, without being listed anywhere). A list (`[..]`) is a
+/// single key; an optional key unset by default is a key too.
+pub fn keys() -> Vec<ConfigKey> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<ConfigKey>) {
+        let serde_json::Value::Object(fields) = value else {
+            return;
+        };
+        for (name, value) in fields {
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            let shape = match value {
+                serde_json::Value::Object(_) => {
+                    walk(&path, value, out);
+                    continue;
+                }
+                serde_json::Value::String(_) => KeyShape::Text,
+                serde_json::Value::Number(_) => KeyShape::Integer,
+                serde_json::Value::Bool(_) => KeyShape::Boolean,
+                serde_json::Value::Array(_) => KeyShape::List,
+                serde_json::Value::Null => KeyShape::Unset,
+            };
+            let env = format!(
+                "{ENV_PREFIX}{}",
+                path.replace('.', "_").to_ascii_uppercase()
+            );
+            out.push(ConfigKey { path, env, shape });
+        }
+    }
+    let mut out = Vec::new();
+    // Serialising the defaults cannot fail: every field is a plain value.
+    if let Ok(defaults) = serde_json::to_value(Config::default()) {
+        walk("", &defaults, &mut out);
+    }
+    out
+}
+
+/// Sets `path` (dotted) in `table` to `value`, creating the sections on the way.
+fn set_path(table: &mut toml::Table, path: &str, value: toml::Value) {
+    let mut sections: Vec<&str> = path.split('.').collect();
+    let Some(leaf) = sections.pop() else { return };
+    let mut current = table;
+    for section in sections {
+        let entry = current
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else {
+            return;
+        };
+        current = next;
+    }
+    current.insert(leaf.to_owned(), value);
+}
+
 impl Config {
-    /// Reads `path` (if given) and applies the process environment's overrides.
+    /// The file the CLI and `serve` read when none is named: [`SYSTEM_CONFIG_PATH`] when it
+    /// exists, else [`LOCAL_CONFIG_PATH`] when it exists in the current directory, else none.
+    pub fn default_path() -> Option<PathBuf> {
+        [SYSTEM_CONFIG_PATH, LOCAL_CONFIG_PATH]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|path| path.is_file())
+    }
+
+    /// Reads `path` (if given; else [`Config::default_path`]) and applies the process
+    /// environment's overrides.
     pub fn load(path: Option<&Path>) -> Result<Self> {
-        let config = match path {
+        let path = path.map(Path::to_path_buf).or_else(Self::default_path);
+        let config = match &path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
-                    .map_err(|source| Error::io("read config file", path, source))?;
-                Self::from_toml(&text)
-                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+                    .map_err(|source| Error::io("read configuration file", path, source))?;
+                toml::from_str(&text).map_err(|e| Error::ConfigFile {
+                    path: path.clone(),
+                    message: e.to_string().trim_end().to_owned(),
+                })?
             }
             None => Self::default(),
         };
@@ -306,92 +477,73 @@ impl Config {
 
     /// Parses a TOML document; missing fields take their defaults.
     pub fn from_toml(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string().trim_end().to_owned()))
     }
 
-    /// Applies `AUTOHTTPS_*` overrides read through `var` (the environment, or a map in tests).
-    pub fn with_env(mut self, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let parse_addr = |name: &str, value: String| -> Result<SocketAddr> {
-            value.parse().map_err(|_| {
-                Error::Config(format!(
-                    "{name}={value:?} is not an ip:port such as 127.0.0.1:8081"
-                ))
-            })
+    /// Applies the `AUTOHTTPS_*` overrides read through `var` (the environment, or a map in
+    /// tests), then checks the result ([`Config::validate`]).
+    pub fn with_env(self, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let config = self.apply_env(var)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies the overrides without checking combinations: each key of [`keys`] whose
+    /// variable is set replaces the value here. A list is comma-separated (`a, b`) or a TOML
+    /// array (`["a", "b"]`).
+    pub fn apply_env(self, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let keys = keys();
+        let mut overrides: Vec<(&ConfigKey, String, String)> = Vec::new();
+        for key in &keys {
+            let legacy = LEGACY_ENV_NAMES
+                .iter()
+                .find(|(_, path)| *path == key.path)
+                .map(|(name, _)| *name);
+            let set = var(&key.env)
+                .map(|raw| (key.env.clone(), raw))
+                .or_else(|| legacy.and_then(|name| var(name).map(|raw| (name.to_owned(), raw))));
+            if let Some((name, raw)) = set {
+                overrides.push((key, name, raw));
+            }
+        }
+        if overrides.is_empty() {
+            return Ok(self);
+        }
+        let toml::Value::Table(mut table) = toml::Value::try_from(&self)
+            .map_err(|e| Error::Internal(format!("the configuration does not serialise: {e}")))?
+        else {
+            return Err(Error::Internal(
+                "the configuration did not serialise to a table".into(),
+            ));
         };
-        if let Some(v) = var("AUTOHTTPS_DATA_DIR") {
-            self.data_dir = v.into();
+        for (key, name, raw) in overrides {
+            let mut first_error = None;
+            let mut accepted = false;
+            for candidate in key.candidates(&raw)? {
+                let mut trial = table.clone();
+                set_path(&mut trial, &key.path, candidate);
+                match Config::deserialize(toml::Value::Table(trial.clone())) {
+                    Ok(_) => {
+                        table = trial;
+                        accepted = true;
+                        break;
+                    }
+                    Err(error) => {
+                        first_error.get_or_insert(error);
+                    }
+                }
+            }
+            if !accepted {
+                let reason = first_error
+                    .map_or_else(String::new, |e| format!(": {}", e.to_string().trim_end()));
+                return Err(Error::Config(format!(
+                    "environment variable {name}={raw:?} is not a valid {}{reason}",
+                    key.path
+                )));
+            }
         }
-        if let Some(v) = var("AUTOHTTPS_ADMIN_LISTEN") {
-            self.listen.admin = parse_addr("AUTOHTTPS_ADMIN_LISTEN", v)?;
-        }
-        if let Some(v) = var("AUTOHTTPS_INTERNAL_LISTEN") {
-            self.listen.internal = parse_addr("AUTOHTTPS_INTERNAL_LISTEN", v)?;
-        }
-        if let Some(v) = var("AUTOHTTPS_ADMIN_TOKEN") {
-            self.admin.token = Some(v);
-        }
-        if let Some(v) = var("AUTOHTTPS_ACME_DIRECTORY") {
-            self.acme.directory_url = v;
-        }
-        if let Some(v) = var("AUTOHTTPS_ACME_PROFILE") {
-            self.acme.profile = Some(v);
-        }
-        if let Some(v) = var("AUTOHTTPS_ACME_ROOT_CA") {
-            self.acme.extra_root_ca = Some(v.into());
-        }
-        if let Some(v) = var("AUTOHTTPS_ACME_EAB_KID") {
-            self.acme.eab_kid = Some(v);
-        }
-        if let Some(v) = var("AUTOHTTPS_ACME_EAB_HMAC_KEY") {
-            self.acme.eab_hmac_key = Some(v);
-        }
-        if let Some(v) = var("AUTOHTTPS_PLATFORM_ADDRESSES") {
-            self.platform.addresses = split_list(&v)
-                .map(|item| {
-                    item.parse().map_err(|_| {
-                        Error::Config(format!(
-                            "AUTOHTTPS_PLATFORM_ADDRESSES: {item:?} is not an IP address"
-                        ))
-                    })
-                })
-                .collect::<Result<_>>()?;
-        }
-        if let Some(v) = var("AUTOHTTPS_PLATFORM_CNAME") {
-            self.platform.cname_target = Some(v);
-        }
-        if let Some(v) = var("AUTOHTTPS_DNS_NAMESERVERS") {
-            self.dns.nameservers = split_list(&v)
-                .map(|item| parse_addr("AUTOHTTPS_DNS_NAMESERVERS", item.to_owned()))
-                .collect::<Result<_>>()?;
-        }
-        if let Some(v) = var("AUTOHTTPS_SDS_SOCKET") {
-            self.sds.socket = Some(v.into());
-        }
-        if let Some(v) = var("AUTOHTTPS_SDS_TCP") {
-            self.sds.tcp = Some(parse_addr("AUTOHTTPS_SDS_TCP", v)?);
-        }
-        if let Some(v) = var("AUTOHTTPS_SDS_DEFAULT_CERTIFICATE") {
-            self.sds.default_certificate = Some(v.into());
-        }
-        if let Some(v) = var("AUTOHTTPS_SDS_DEFAULT_KEY") {
-            self.sds.default_key = Some(v.into());
-        }
-        let parse_port = |name: &str, value: String| -> Result<u16> {
-            value.parse().map_err(|_| {
-                Error::Config(format!("{name}={value:?} is not a port number (1-65535)"))
-            })
-        };
-        if let Some(v) = var("AUTOHTTPS_EDGE_HTTP_PORT") {
-            self.edge.http_port = parse_port("AUTOHTTPS_EDGE_HTTP_PORT", v)?;
-        }
-        if let Some(v) = var("AUTOHTTPS_EDGE_HTTPS_PORT") {
-            self.edge.https_port = parse_port("AUTOHTTPS_EDGE_HTTPS_PORT", v)?;
-        }
-        if let Some(v) = var("AUTOHTTPS_EDGE_TRUSTED_PROXIES") {
-            self.edge.trusted_proxies = split_list(&v).map(str::to_owned).collect();
-        }
-        self.validate()?;
-        Ok(self)
+        Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| Error::Config(format!("after environment overrides: {e}")))
     }
 
     /// Checks the combinations a TOML schema cannot express.
@@ -603,11 +755,145 @@ mod tests {
         let err = Config::default()
             .with_env(|name| (name == "AUTOHTTPS_ADMIN_LISTEN").then(|| "nope".into()))
             .unwrap_err();
-        assert!(err.to_string().contains("ip:port"), "{err}");
+        assert!(
+            err.to_string().contains("AUTOHTTPS_ADMIN_LISTEN")
+                && err.to_string().contains("listen.admin"),
+            "{err}"
+        );
         let err = Config::default()
             .with_env(|name| (name == "AUTOHTTPS_ACME_EAB_KID").then(|| "kid".into()))
             .unwrap_err();
         assert!(err.to_string().contains("together"), "{err}");
+    }
+
+    /// The value at a dotted path of the config, as JSON (`null` for an unset option).
+    fn value_at(config: &Config, path: &str) -> serde_json::Value {
+        let mut value = serde_json::to_value(config).unwrap();
+        for part in path.split('.') {
+            value = value[part].take();
+        }
+        value
+    }
+
+    #[test]
+    fn every_key_is_settable_from_its_environment_variable() {
+        let keys = keys();
+        // The keys the hand-written list used to miss are among them, with generic names.
+        for (path, env) in [
+            ("acme.contact", "AUTOHTTPS_ACME_CONTACT"),
+            ("acme.orders_in_flight", "AUTOHTTPS_ACME_ORDERS_IN_FLIGHT"),
+            ("acme.debounce_ms", "AUTOHTTPS_ACME_DEBOUNCE_MS"),
+            (
+                "acme.max_names_per_certificate",
+                "AUTOHTTPS_ACME_MAX_NAMES_PER_CERTIFICATE",
+            ),
+            ("log.format", "AUTOHTTPS_LOG_FORMAT"),
+        ] {
+            assert!(
+                keys.iter().any(|k| k.path == path && k.env == env),
+                "{path} ({env}) missing from {keys:?}"
+            );
+        }
+        let mut names: Vec<&str> = keys.iter().map(|k| k.env.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), keys.len(), "two keys share a variable name");
+
+        // Texts that some key of each kind accepts; every key must take one of them (a key of
+        // a new kind with none fails here: add a sample for it).
+        let samples = [
+            "7",
+            "true",
+            "false",
+            "json",
+            "127.0.0.1:9",
+            "127.0.0.2, ::1",
+            "127.0.0.1:53, 127.0.0.2:53",
+            "https://127.0.0.1:14000/dir",
+            "mailto:ops@example.com, mailto:oncall@example.com",
+            "/srv/autohttps-env-test",
+            "[]",
+        ];
+        let defaults = Config::default();
+        for key in &keys {
+            let changed = samples.iter().find_map(|sample| {
+                let config = Config::default()
+                    .apply_env(|name| (name == key.env).then(|| sample.to_string()))
+                    .ok()?;
+                (value_at(&config, &key.path) != value_at(&defaults, &key.path))
+                    .then_some((sample, config))
+            });
+            let Some((sample, config)) = changed else {
+                panic!("no sample value set {} through {}", key.path, key.env);
+            };
+            for other in keys.iter().filter(|k| k.path != key.path) {
+                assert_eq!(
+                    value_at(&config, &other.path),
+                    value_at(&defaults, &other.path),
+                    "{}={sample:?} changed {} too",
+                    key.env,
+                    other.path
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn environment_overrides_take_typed_values_and_refuse_bad_ones() {
+        let env: HashMap<&str, &str> = [
+            ("AUTOHTTPS_ACME_ORDERS_IN_FLIGHT", "9"),
+            ("AUTOHTTPS_ACME_DEBOUNCE_MS", "250"),
+            (
+                "AUTOHTTPS_ACME_CONTACT",
+                "mailto:a@example.com, mailto:b@example.com",
+            ),
+            ("AUTOHTTPS_ACME_MAX_NAMES_PER_CERTIFICATE", "25"),
+            ("AUTOHTTPS_ACME_EAB_KID", "12345"),
+            ("AUTOHTTPS_ACME_EAB_HMAC_KEY", "c2VjcmV0"),
+            ("AUTOHTTPS_LOG_FORMAT", "json"),
+            ("AUTOHTTPS_ACME_DIRECTORY", "https://127.0.0.1:14000/dir"),
+        ]
+        .into();
+        let config = Config::default()
+            .with_env(|name| env.get(name).map(|v| v.to_string()))
+            .unwrap();
+        assert_eq!(config.acme.orders_in_flight, 9);
+        assert_eq!(config.acme.debounce(), Duration::from_millis(250));
+        assert_eq!(config.acme.contact.len(), 2);
+        assert_eq!(config.acme.names_per_certificate(), 25);
+        assert_eq!(
+            config.acme.eab_kid.as_deref(),
+            Some("12345"),
+            "digits stay text"
+        );
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            config.acme.directory_url, "https://127.0.0.1:14000/dir",
+            "the older variable names are still read"
+        );
+        let err = Config::default()
+            .with_env(|name| (name == "AUTOHTTPS_ACME_ORDERS_IN_FLIGHT").then(|| "many".into()))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("AUTOHTTPS_ACME_ORDERS_IN_FLIGHT")
+                && err.to_string().contains("whole number"),
+            "{err}"
+        );
+        let err = Config::default()
+            .with_env(|name| (name == "AUTOHTTPS_LOG_FORMAT").then(|| "xml".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("log.format"), "{err}");
+    }
+
+    #[test]
+    fn a_file_error_names_the_file_once_with_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("autohttps.toml");
+        std::fs::write(&path, "[acme]\norders_in_flight = \"four\"\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert_eq!(err.matches("autohttps.toml").count(), 1, "{err}");
+        assert_eq!(err.matches("configuration").count(), 1, "{err}");
+        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]

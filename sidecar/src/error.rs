@@ -26,9 +26,17 @@ pub enum Error {
     /// The change conflicts with existing state (duplicate site, hostname owned by another site).
     #[error("{0}")]
     Conflict(String),
-    /// The configuration file or an environment override is invalid.
+    /// An environment override or a combination of settings is invalid.
     #[error("configuration: {0}")]
     Config(String),
+    /// The configuration file is not valid TOML or has a wrong key or value.
+    #[error("configuration file {}: {message}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line and column.
+        message: String,
+    },
     /// A file or directory could not be read, written or created.
     #[error("{action} {path}: {source}")]
     Io {
@@ -151,7 +159,7 @@ impl Error {
             Self::InvalidHostname { .. } | Self::InvalidInput(_) => "invalid-input".into(),
             Self::NotFound(_) => "not-found".into(),
             Self::Conflict(_) => "conflict".into(),
-            Self::Config(_) => "config".into(),
+            Self::Config(_) | Self::ConfigFile { .. } => "config".into(),
             Self::Io { .. } => "io".into(),
             Self::Store(_) | Self::CorruptStore(_) => "store".into(),
             Self::Acme { problem_type, .. } => match problem_type {

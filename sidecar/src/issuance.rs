@@ -247,6 +247,7 @@ impl Issuer {
         };
         let failures_before = site.issuance.failures;
         let regenerate = self.store.take_regenerate_request(site_name)?;
+        tracing::debug!(site = %site_name, names = site.names().len(), regenerate, "issuance attempt started");
         self.store.add_event(
             site_name,
             now,
@@ -287,6 +288,7 @@ impl Issuer {
                 let why = answer
                     .problem
                     .unwrap_or_else(|| format!("{name} does not point at the platform"));
+                tracing::warn!(site = %site_name, name = %name, problem = %why, "left out of the order: DNS does not point at the platform");
                 self.store.add_event(
                     site_name,
                     self.clock.now(),
@@ -342,6 +344,7 @@ impl Issuer {
             )?;
             report.failure = Some(error.to_string());
         } else if !report.dns_failures.is_empty() && passing.is_empty() {
+            tracing::warn!(site = %site_name, "issuance attempt failed: no hostname of the site points at the platform");
             self.store.add_event(
                 site_name,
                 now,
@@ -380,6 +383,23 @@ impl Issuer {
             failures,
             last_problem.as_deref(),
         )?;
+        if let Some(error) = &order_failure {
+            let names = site
+                .names()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let next_attempt = next.map(|at| at.to_string()).unwrap_or_default();
+            // Repeated failures of one site are an error: a retry alone will not fix them.
+            if failures >= 3 {
+                tracing::error!(site = %site_name, names = %names, reason = %error.reason(), failures, next_attempt = %next_attempt, %error, "issuance attempt failed");
+            } else {
+                tracing::warn!(site = %site_name, names = %names, reason = %error.reason(), failures, next_attempt = %next_attempt, %error, "issuance attempt failed");
+            }
+        } else if !failed {
+            tracing::debug!(site = %site_name, issued = report.issued.len(), "issuance attempt finished");
+        }
         Ok(report)
     }
 

@@ -94,8 +94,8 @@ pub fn build_document(
                 hsts: HstsSpec {
                     enabled: site.policy.hsts.enabled,
                     max_age: site.policy.hsts.max_age,
-                    include_subdomains: false,
-                    preload: false,
+                    include_subdomains: site.policy.hsts.include_subdomains,
+                    preload: site.policy.hsts.preload,
                 },
                 mixed_content: site.policy.mixed_content,
                 report_uri: None,

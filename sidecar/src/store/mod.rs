@@ -21,11 +21,18 @@ pub use autohttps_filter::policy::{HttpsMode, MixedContent, RedirectKind};
 
 /// HSTS settings (RFC 6797).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HstsPolicy {
     /// Whether `Strict-Transport-Security` is added over HTTPS.
     pub enabled: bool,
     /// Its `max-age`, in seconds.
     pub max_age: u64,
+    /// Whether it carries `includeSubDomains`.
+    #[serde(default)]
+    pub include_subdomains: bool,
+    /// Whether it carries `preload` (which needs `includeSubDomains` and a year's max-age).
+    #[serde(default)]
+    pub preload: bool,
 }
 
 impl Default for HstsPolicy {
@@ -33,6 +40,8 @@ impl Default for HstsPolicy {
         Self {
             enabled: false,
             max_age: 31_536_000,
+            include_subdomains: false,
+            preload: false,
         }
     }
 }

@@ -95,6 +95,10 @@ CREATE TABLE mixed_content (
     PRIMARY KEY (site, page, resource)
 );
 "#,
+    r#"
+ALTER TABLE sites ADD COLUMN hsts_include_subdomains INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sites ADD COLUMN hsts_preload INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The SQLite implementation of [`Store`].
@@ -274,7 +278,8 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
     let row = conn
         .query_row(
             "SELECT name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
-                    mixed_content, created_at, next_attempt_at, failures, last_problem, regenerate
+                    mixed_content, created_at, next_attempt_at, failures, last_problem, regenerate,
+                    hsts_include_subdomains, hsts_preload
              FROM sites WHERE name = ?1",
             [name],
             |row| {
@@ -291,6 +296,7 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
                     row.get::<_, u32>(9)?,
                     row.get::<_, Option<String>>(10)?,
                     row.get::<_, bool>(11)?,
+                    (row.get::<_, bool>(12)?, row.get::<_, bool>(13)?),
                 ))
             },
         )
@@ -308,6 +314,7 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
         failures,
         last_problem,
         regenerate_requested,
+        (include_subdomains, preload),
     )) = row
     else {
         return Ok(None);
@@ -337,6 +344,8 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
             hsts: HstsPolicy {
                 enabled: hsts_enabled,
                 max_age: u64::try_from(max_age).unwrap_or_default(),
+                include_subdomains,
+                preload,
             },
             mixed_content: enum_from(&mixed)?,
         },
@@ -446,8 +455,9 @@ impl Store for SqliteStore {
         }
         tx.execute(
             "INSERT INTO sites (name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
-                                mixed_content, created_at, next_attempt_at, failures)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0)",
+                                mixed_content, created_at, next_attempt_at, failures,
+                                hsts_include_subdomains, hsts_preload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?11)",
             params![
                 site.name,
                 site.primary.as_str(),
@@ -458,6 +468,8 @@ impl Store for SqliteStore {
                 enum_text(&site.policy.mixed_content),
                 ts(now),
                 ts(issue_at),
+                site.policy.hsts.include_subdomains,
+                site.policy.hsts.preload,
             ],
         )?;
         insert_hostname(&tx, &site.name, &site.primary, HostnameKind::Primary, now)?;
@@ -530,7 +542,8 @@ impl Store for SqliteStore {
     fn set_policy(&self, name: &str, policy: SitePolicy) -> Result<Site> {
         let conn = self.lock();
         let changed = conn.execute(
-            "UPDATE sites SET https_mode = ?2, redirect = ?3, hsts_enabled = ?4, hsts_max_age = ?5, mixed_content = ?6
+            "UPDATE sites SET https_mode = ?2, redirect = ?3, hsts_enabled = ?4, hsts_max_age = ?5, mixed_content = ?6,
+                              hsts_include_subdomains = ?7, hsts_preload = ?8
              WHERE name = ?1",
             params![
                 name,
@@ -539,6 +552,8 @@ impl Store for SqliteStore {
                 policy.hsts.enabled,
                 i64::try_from(policy.hsts.max_age).unwrap_or(i64::MAX),
                 enum_text(&policy.mixed_content),
+                policy.hsts.include_subdomains,
+                policy.hsts.preload,
             ],
         )?;
         if changed == 0 {

@@ -1,0 +1,751 @@
+//! The `autohttps` command line: `serve`, the subcommands that talk to the admin API, shell
+//! completions and the man page (both generated from these clap definitions).
+
+mod client;
+mod failure;
+mod render;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+
+pub use client::{AdminClient, parse_admin_url};
+pub use failure::{CliError, EXIT_CODES, chain_once, exit_codes_help};
+
+use crate::config::LogFormat;
+use crate::hostname::Hostname;
+use crate::store::validate_site_name;
+
+/// Free, automatic HTTPS for every site: the autohttps sidecar and its admin CLI.
+#[derive(Debug, Parser)]
+#[command(name = "autohttps", version)]
+pub struct Cli {
+    /// The configuration file (TOML); also tells the CLI where the admin API and token are.
+    /// Default: /etc/autohttps/autohttps.toml if it exists, else ./autohttps.toml if it
+    /// exists, else built-in defaults.
+    #[arg(long, global = true, env = "AUTOHTTPS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Admin API base URL, e.g. http://127.0.0.1:8081 (default: http://<listen.admin>).
+    #[arg(long, global = true, env = "AUTOHTTPS_ADMIN_URL")]
+    pub admin_url: Option<String>,
+    /// Admin bearer token (default: admin.token, or <data_dir>/admin-token).
+    #[arg(
+        long,
+        global = true,
+        env = "AUTOHTTPS_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Print JSON on stdout instead of text; failures too, as {"error": {"code", "message", "exit_code"}}.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar (admin API, HTTP-01 responder, issuance and renewal, SDS, policy feed).
+    Serve {
+        /// Log line format (overrides log.format); colour only when writing to a terminal.
+        #[arg(long, value_enum, ignore_case = true)]
+        log_format: Option<LogFormat>,
+    },
+    /// Manage sites.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Add or remove a site's subdomains and aliases.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Explain why a hostname has (or has no) working HTTPS, and how to fix it.
+    Diagnose {
+        /// The hostname.
+        hostname: String,
+    },
+    /// Print a shell completion script, e.g. `autohttps completions bash > /etc/bash_completion.d/autohttps`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum, ignore_case = true)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `autohttps man > /usr/local/share/man/man1/autohttps.1`.
+    Man,
+}
+
+/// `site …`.
+#[derive(Debug, Subcommand)]
+pub enum SiteCommand {
+    /// Create a site; its certificate is ordered automatically.
+    Add {
+        /// Site id (lower-case letters, digits, '-').
+        name: String,
+        /// Primary domain.
+        primary: String,
+        /// More hostnames (subdomains or aliases); repeatable.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// The site's HTTPS policy (unset flags take the defaults: auto, permanent, no HSTS, mixed content off).
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Waiting for the resulting issuance.
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Change a site's HTTPS policy; only the flags given change.
+    Set {
+        /// Site id.
+        name: String,
+        /// The changes.
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// List sites with their certificate state and soonest expiry.
+    List,
+    /// Show a site: policy, certificates and recent events.
+    Show {
+        /// Site id.
+        name: String,
+    },
+    /// Remove a site and its certificates.
+    Remove {
+        /// Site id.
+        name: String,
+    },
+    /// The `http://` resources browsers reported for a site's pages (mixed-content `report` mode).
+    MixedContent {
+        /// Site id.
+        name: String,
+    },
+    /// Set a site's HTTPS mode (the same as `site set NAME --https MODE`).
+    Https {
+        /// Site id.
+        name: String,
+        /// auto, force or disable.
+        #[arg(value_enum, ignore_case = true)]
+        mode: Mode,
+    },
+}
+
+/// `host …`.
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Add a subdomain or alias; the certificate is re-issued to include it.
+    Add {
+        /// Site id.
+        site: String,
+        /// Hostname.
+        hostname: String,
+        /// Waiting for the resulting issuance.
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove a subdomain or alias.
+    Remove {
+        /// Site id.
+        site: String,
+        /// Hostname.
+        hostname: String,
+    },
+}
+
+/// `cert …`.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Order new certificates for a site now.
+    Regenerate {
+        /// Site id.
+        site: String,
+        /// Waiting for the resulting issuance.
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+/// A site's HTTPS policy as flags; each one left out keeps its current (or default) value.
+#[derive(Debug, Clone, Default, Args)]
+pub struct PolicyArgs {
+    /// HTTPS mode: auto (both served), force (HTTP → HTTPS), disable (HTTPS → HTTP).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub https: Option<Mode>,
+    /// Redirect kind: permanent (301/308) or temporary (302/307).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub redirect: Option<Redirect>,
+    /// Strict-Transport-Security over HTTPS: on or off.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub hsts: Option<Switch>,
+    /// HSTS max-age in seconds (at most 63072000, two years).
+    #[arg(long, value_name = "SECONDS")]
+    pub hsts_max_age: Option<u64>,
+    /// HSTS includeSubDomains: on or off.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub hsts_include_subdomains: Option<Switch>,
+    /// HSTS preload: on or off.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub hsts_preload: Option<Switch>,
+    /// Mixed-content protection: off, upgrade (CSP upgrade-insecure-requests) or report.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub mixed_content: Option<MixedContentMode>,
+}
+
+impl PolicyArgs {
+    fn is_empty(&self) -> bool {
+        self.https.is_none()
+            && self.redirect.is_none()
+            && self.hsts.is_none()
+            && self.hsts_max_age.is_none()
+            && self.hsts_include_subdomains.is_none()
+            && self.hsts_preload.is_none()
+            && self.mixed_content.is_none()
+    }
+
+    fn touches_hsts(&self) -> bool {
+        self.hsts.is_some()
+            || self.hsts_max_age.is_some()
+            || self.hsts_include_subdomains.is_some()
+            || self.hsts_preload.is_some()
+    }
+
+    /// The API fields these flags set, the HSTS object merged over `current_hsts` (the API
+    /// replaces it whole).
+    fn to_fields(&self, current_hsts: Option<&Value>) -> Map<String, Value> {
+        let mut fields = Map::new();
+        if let Some(mode) = self.https {
+            fields.insert("https".into(), mode.as_str().into());
+        }
+        if let Some(kind) = self.redirect {
+            fields.insert("redirect".into(), kind.as_str().into());
+        }
+        if let Some(mode) = self.mixed_content {
+            fields.insert("mixed_content".into(), mode.as_str().into());
+        }
+        if self.touches_hsts() {
+            let mut hsts = current_hsts
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            // Giving any HSTS detail without --hsts turns it on only if it was on.
+            hsts.entry("enabled").or_insert(Value::Bool(false));
+            hsts.entry("max_age").or_insert(Value::from(31_536_000u64));
+            if let Some(switch) = self.hsts {
+                hsts.insert("enabled".into(), switch.on().into());
+            }
+            if let Some(max_age) = self.hsts_max_age {
+                hsts.insert("max_age".into(), max_age.into());
+            }
+            if let Some(switch) = self.hsts_include_subdomains {
+                hsts.insert("include_subdomains".into(), switch.on().into());
+            }
+            if let Some(switch) = self.hsts_preload {
+                hsts.insert("preload".into(), switch.on().into());
+            }
+            fields.insert("hsts".into(), Value::Object(hsts));
+        }
+        fields
+    }
+}
+
+/// Waiting for issuance.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Wait until the resulting issuance attempt finishes, showing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    pub timeout: u64,
+}
+
+/// HTTPS modes.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Mode {
+    /// HTTP and HTTPS both served.
+    Auto,
+    /// Redirect HTTP to HTTPS.
+    Force,
+    /// Redirect HTTPS to HTTP.
+    Disable,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Force => "force",
+            Self::Disable => "disable",
+        }
+    }
+}
+
+/// Redirect kinds.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Redirect {
+    /// 301 for GET/HEAD, 308 otherwise.
+    Permanent,
+    /// 302 for GET/HEAD, 307 otherwise.
+    Temporary,
+}
+
+impl Redirect {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Permanent => "permanent",
+            Self::Temporary => "temporary",
+        }
+    }
+}
+
+/// Mixed-content modes.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MixedContentMode {
+    /// No header.
+    Off,
+    /// `Content-Security-Policy: upgrade-insecure-requests`.
+    Upgrade,
+    /// A report-only policy; browsers' reports are collected per page.
+    Report,
+}
+
+impl MixedContentMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Upgrade => "upgrade",
+            Self::Report => "report",
+        }
+    }
+}
+
+/// On or off.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl Switch {
+    fn on(self) -> bool {
+        matches!(self, Self::On)
+    }
+}
+
+/// The clap command with the exit-code table in its long help (and so in the man page).
+pub fn command() -> clap::Command {
+    Cli::command().after_long_help(exit_codes_help())
+}
+
+/// Prints a completion script for `shell` to stdout.
+pub fn print_completions(shell: clap_complete::Shell) {
+    let mut command = command();
+    clap_complete::generate(shell, &mut command, "autohttps", &mut std::io::stdout());
+}
+
+/// Prints the man page (roff) to stdout.
+pub fn print_man_page() -> std::io::Result<()> {
+    clap_mangen::Man::new(command()).render(&mut std::io::stdout())
+}
+
+fn site_id(name: &str) -> Result<(), CliError> {
+    validate_site_name(name).map_err(CliError::from)
+}
+
+fn hostname(name: &str) -> Result<(), CliError> {
+    Hostname::parse(name).map(|_| ()).map_err(CliError::from)
+}
+
+/// Runs an admin subcommand (anything but `serve`, `completions`, `man`), printing to stdout;
+/// progress goes to stderr.
+pub async fn run(cli: &Cli) -> Result<(), CliError> {
+    // Identifiers are checked before anything is sent (the server checks them again).
+    match &cli.command {
+        Command::Site(
+            SiteCommand::Set { name, .. }
+            | SiteCommand::Show { name }
+            | SiteCommand::Remove { name }
+            | SiteCommand::MixedContent { name }
+            | SiteCommand::Https { name, .. },
+        )
+        | Command::Cert(CertCommand::Regenerate { site: name, .. }) => site_id(name)?,
+        Command::Site(SiteCommand::Add {
+            name,
+            primary,
+            hosts,
+            ..
+        }) => {
+            site_id(name)?;
+            hostname(primary)?;
+            for host in hosts {
+                hostname(host)?;
+            }
+        }
+        Command::Host(
+            HostCommand::Add {
+                site, hostname: h, ..
+            }
+            | HostCommand::Remove { site, hostname: h },
+        ) => {
+            site_id(site)?;
+            hostname(h)?;
+        }
+        Command::Diagnose { hostname: h } => hostname(h)?,
+        Command::Site(SiteCommand::List)
+        | Command::Serve { .. }
+        | Command::Completions { .. }
+        | Command::Man => {}
+    }
+    if let Command::Site(SiteCommand::Set { policy, .. }) = &cli.command
+        && policy.is_empty()
+    {
+        return Err(CliError::Usage(
+            "site set changes nothing without a flag: give at least one of --https, --redirect, --hsts, --hsts-max-age, --hsts-include-subdomains, --hsts-preload, --mixed-content".into(),
+        ));
+    }
+    let client = AdminClient::from_cli(cli)?;
+    let out = |value: &Value, human: &dyn Fn(&Value) -> String| {
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            );
+        } else {
+            println!("{}", human(value));
+        }
+    };
+    match &cli.command {
+        Command::Serve { .. } | Command::Completions { .. } | Command::Man => Err(CliError::Usage(
+            "`serve`, `completions` and `man` are not admin commands".into(),
+        )),
+        Command::Site(SiteCommand::Add {
+            name,
+            primary,
+            hosts,
+            policy,
+            wait,
+        }) => {
+            // A new site has no earlier events: everything in its log follows this request.
+            let since = 0;
+            let mut body = policy.to_fields(None);
+            body.insert("name".into(), name.as_str().into());
+            body.insert("primary".into(), primary.as_str().into());
+            body.insert("hostnames".into(), json!(hosts));
+            let site = client
+                .call(
+                    Method::POST,
+                    &["v1", "sites"],
+                    &[],
+                    Some(&Value::Object(body)),
+                )
+                .await?;
+            out(&site, &|s| {
+                format!("created site {name}\n{}", render::site(s))
+            });
+            wait_if_asked(&client, name, wait, since, cli.json).await
+        }
+        Command::Site(SiteCommand::Set { name, policy }) => {
+            let current = if policy.touches_hsts() {
+                let site = client
+                    .call(Method::GET, &["v1", "sites", name], &[], None)
+                    .await?;
+                site["policy"].get("hsts").cloned()
+            } else {
+                None
+            };
+            let body = Value::Object(policy.to_fields(current.as_ref()));
+            let site = client
+                .call(Method::PATCH, &["v1", "sites", name], &[], Some(&body))
+                .await?;
+            out(&site, &|s| {
+                format!("updated site {name}\n{}", render::site(s))
+            });
+            Ok(())
+        }
+        Command::Site(SiteCommand::List) => {
+            let sites = client
+                .call(Method::GET, &["v1", "sites"], &[], None)
+                .await?;
+            let mut listed = Vec::new();
+            for site in sites.as_array().into_iter().flatten() {
+                let name = site["name"].as_str().unwrap_or_default();
+                let status = client
+                    .call(
+                        Method::GET,
+                        &["v1", "sites", name, "certificates"],
+                        &[],
+                        None,
+                    )
+                    .await?;
+                let mut site = site.clone();
+                site["certificate"] = render::certificate_summary(&status);
+                listed.push(site);
+            }
+            out(&Value::Array(listed), &render::site_list);
+            Ok(())
+        }
+        Command::Site(SiteCommand::Show { name }) => {
+            let site = client
+                .call(Method::GET, &["v1", "sites", name], &[], None)
+                .await?;
+            let certificates = client
+                .call(
+                    Method::GET,
+                    &["v1", "sites", name, "certificates"],
+                    &[],
+                    None,
+                )
+                .await?;
+            let events = client
+                .call(
+                    Method::GET,
+                    &["v1", "sites", name, "events"],
+                    &[("limit", "10")],
+                    None,
+                )
+                .await?;
+            let all = json!({ "site": site, "certificates": certificates, "events": events });
+            out(&all, &render::site_details);
+            Ok(())
+        }
+        Command::Site(SiteCommand::Remove { name }) => {
+            client
+                .call(Method::DELETE, &["v1", "sites", name], &[], None)
+                .await?;
+            out(&json!({ "removed": name }), &|_| {
+                format!("removed site {name}")
+            });
+            Ok(())
+        }
+        Command::Site(SiteCommand::MixedContent { name }) => {
+            let findings = client
+                .call(
+                    Method::GET,
+                    &["v1", "sites", name, "mixed-content"],
+                    &[],
+                    None,
+                )
+                .await?;
+            out(&findings, &|v| render::mixed_content(name, v));
+            Ok(())
+        }
+        Command::Site(SiteCommand::Https { name, mode }) => {
+            let site = client
+                .call(
+                    Method::PATCH,
+                    &["v1", "sites", name],
+                    &[],
+                    Some(&json!({ "https": mode.as_str() })),
+                )
+                .await?;
+            out(&site, &|_| format!("site {name}: https {}", mode.as_str()));
+            Ok(())
+        }
+        Command::Host(HostCommand::Add {
+            site,
+            hostname,
+            wait,
+        }) => {
+            let since = newest_event_if_waiting(&client, site, wait).await?;
+            let updated = client
+                .call(
+                    Method::POST,
+                    &["v1", "sites", site, "hostnames"],
+                    &[],
+                    Some(&json!({ "hostname": hostname })),
+                )
+                .await?;
+            out(&updated, &|s| {
+                format!("added {hostname} to {site}\n{}", render::site(s))
+            });
+            wait_if_asked(&client, site, wait, since, cli.json).await
+        }
+        Command::Host(HostCommand::Remove { site, hostname }) => {
+            let updated = client
+                .call(
+                    Method::DELETE,
+                    &["v1", "sites", site, "hostnames", hostname],
+                    &[],
+                    None,
+                )
+                .await?;
+            out(&updated, &|s| {
+                format!("removed {hostname} from {site}\n{}", render::site(s))
+            });
+            Ok(())
+        }
+        Command::Cert(CertCommand::Regenerate { site, wait }) => {
+            let since = newest_event_if_waiting(&client, site, wait).await?;
+            let answer = client
+                .call(
+                    Method::POST,
+                    &["v1", "sites", site, "regenerate"],
+                    &[],
+                    None,
+                )
+                .await?;
+            out(&answer, &|_| format!("regeneration of {site} scheduled"));
+            wait_if_asked(&client, site, wait, since, cli.json).await
+        }
+        Command::Diagnose { hostname } => {
+            let diagnosis = client
+                .call(Method::GET, &["v1", "diagnose", hostname], &[], None)
+                .await?;
+            out(&diagnosis, &render::diagnosis);
+            Ok(())
+        }
+    }
+}
+
+/// With `--wait`, the id of the site's newest event before the change is requested (0 when
+/// the site has none, or does not exist: the request itself will say so). Taken after the
+/// request it would race the issuer, which may already have started, and even finished, the
+/// attempt by the time the CLI looks (debounce is 100 ms in tests, a busy machine is slower).
+async fn newest_event_if_waiting(
+    client: &AdminClient,
+    site: &str,
+    wait: &WaitArgs,
+) -> Result<i64, CliError> {
+    if !wait.wait {
+        return Ok(0);
+    }
+    match client
+        .call(
+            Method::GET,
+            &["v1", "sites", site, "events"],
+            &[("limit", "1")],
+            None,
+        )
+        .await
+    {
+        Ok(events) => Ok(events[0]["id"].as_i64().unwrap_or(0)),
+        Err(CliError::NotFound(_)) => Ok(0),
+        Err(error) => Err(error),
+    }
+}
+
+/// With `--wait`: polls until an attempt that started after event `since` (the newest event
+/// before the change was requested, see [`newest_event_if_waiting`]) has finished, printing
+/// every later event as progress.
+async fn wait_if_asked(
+    client: &AdminClient,
+    site: &str,
+    wait: &WaitArgs,
+    since: i64,
+    json: bool,
+) -> Result<(), CliError> {
+    if !wait.wait {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut seen = since;
+    let mut attempt_started = false;
+    let mut last_line = String::new();
+    loop {
+        if started.elapsed() > Duration::from_secs(wait.timeout) {
+            return Err(CliError::WaitTimedOut(format!(
+                "gave up waiting after {} s; check `autohttps site show {site}`",
+                wait.timeout
+            )));
+        }
+        let events = client
+            .call(
+                Method::GET,
+                &["v1", "sites", site, "events"],
+                &[("limit", "50")],
+                None,
+            )
+            .await?;
+        let mut fresh: Vec<&Value> = events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["id"].as_i64().unwrap_or(0) > seen)
+            .collect();
+        fresh.reverse();
+        for event in &fresh {
+            seen = seen.max(event["id"].as_i64().unwrap_or(0));
+            let kind = event["kind"].as_str().unwrap_or("");
+            attempt_started |= kind == "attempt-started";
+            if !json {
+                eprintln!(
+                    "  [{:>5.1}s] {kind}: {}",
+                    started.elapsed().as_secs_f64(),
+                    event["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+        let status = client
+            .call(
+                Method::GET,
+                &["v1", "sites", site, "certificates"],
+                &[],
+                None,
+            )
+            .await?;
+        let busy = status["working"].as_bool().unwrap_or(false)
+            || status["orders_in_flight"]
+                .as_array()
+                .is_some_and(|o| !o.is_empty());
+        if attempt_started && !busy {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", render::certificates(&status));
+            }
+            return match status["issuance"]["failures"].as_u64() {
+                Some(n) if n > 0 => Err(CliError::IssuanceFailed(format!(
+                    "issuance for {site} is failing: {}",
+                    status["issuance"]["last_problem"]
+                        .as_str()
+                        .unwrap_or("see `autohttps site show`")
+                ))),
+                _ => Ok(()),
+            };
+        }
+        let line = if attempt_started {
+            "ordering…"
+        } else {
+            "waiting for the attempt to start…"
+        };
+        if !json && line != last_line {
+            eprintln!("  [{:>5.1}s] {line}", started.elapsed().as_secs_f64());
+            last_line = line.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn hsts_details_merge_over_the_current_policy() {
+        let args = PolicyArgs {
+            hsts_max_age: Some(600),
+            ..PolicyArgs::default()
+        };
+        let current = json!({ "enabled": true, "max_age": 300, "include_subdomains": true, "preload": false });
+        let fields = args.to_fields(Some(&current));
+        assert_eq!(
+            fields["hsts"],
+            json!({ "enabled": true, "max_age": 600, "include_subdomains": true, "preload": false })
+        );
+        assert!(!fields.contains_key("https"));
+    }
+}
