@@ -147,7 +147,7 @@ async fn api_refuses_bad_input_saying_what_is_wrong() -> anyhow::Result<()> {
     assert_eq!(code, 200, "{site}");
     assert_eq!(
         site["policy"],
-        json!({ "https": "force", "redirect": "temporary", "hsts": { "enabled": true, "max_age": 300 }, "mixed_content": "report" })
+        json!({ "https": "force", "redirect": "temporary", "hsts": { "enabled": true, "max_age": 300, "include_subdomains": false, "preload": false }, "mixed_content": "report" })
     );
 
     let (code, metrics) = admin.call(Method::GET, "/metrics", None).await?;
@@ -166,12 +166,44 @@ async fn api_refuses_bad_input_saying_what_is_wrong() -> anyhow::Result<()> {
 
 /// Runs the real CLI binary against the admin API.
 fn cli(admin: &Admin, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--admin-url", &admin.base, "--token", TOKEN];
+    all.extend_from_slice(args);
+    autohttps(&all)
+}
+
+/// Runs the real binary with exactly `args`: no AUTOHTTPS_* variable from the test's
+/// environment, in a folder with no autohttps.toml.
+fn autohttps(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_autohttps"))
-        .args(["--admin-url", &admin.base, "--token", TOKEN])
         .args(args)
         .env_remove("AUTOHTTPS_CONFIG")
+        .env_remove("AUTOHTTPS_ADMIN_TOKEN")
+        .env_remove("AUTOHTTPS_ADMIN_URL")
+        .current_dir(std::env::temp_dir())
         .output()
         .expect("run autohttps")
+}
+
+/// [`autohttps`] on a blocking thread, with owned arguments.
+async fn autohttps_async(args: Vec<String>) -> anyhow::Result<std::process::Output> {
+    Ok(tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        autohttps(&args)
+    })
+    .await?)
+}
+
+/// Owned arguments: the admin URL and token, then `args`.
+fn with_admin(admin: &Admin, args: &[&str]) -> Vec<String> {
+    ["--admin-url", &admin.base, "--token", TOKEN]
+        .iter()
+        .chain(args)
+        .map(|a| a.to_string())
+        .collect()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +230,11 @@ async fn cli_reports_validation_errors_and_exits_non_zero() -> anyhow::Result<()
     assert!(String::from_utf8_lossy(&out.stdout).contains("www.blog.example.com (subdomain)"));
 
     let out = run(&["host", "add", "blog", "bad_name.example.com"]).await?;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "usage: refused before it is sent"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("'_'") && stderr.contains("only letters, digits and '-'"),
@@ -206,7 +242,7 @@ async fn cli_reports_validation_errors_and_exits_non_zero() -> anyhow::Result<()
     );
 
     let out = run(&["site", "https", "nope", "force"]).await?;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "not found");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no site named \"nope\""));
 
     let out = run(&["site", "https", "blog", "sometimes"]).await?;
@@ -234,7 +270,341 @@ async fn cli_reports_validation_errors_and_exits_non_zero() -> anyhow::Result<()
         }
     })
     .await??;
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("bearer token"));
+    assert_eq!(out.status.code(), Some(7), "unauthorized");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refused the token") && !stderr.contains("configuration:"),
+        "{stderr}"
+    );
     Ok(())
+}
+
+/// Bug: `site remove demo/hostnames/www…` removed the hostname www… from site demo, and
+/// `site show 'demo?x=1'` showed demo. Identifiers are checked by the CLI, encoded one path
+/// segment each, and checked again by the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifiers_never_reach_another_route() -> anyhow::Result<()> {
+    let (_running, admin, _data) = sidecar().await?;
+    let out = autohttps_async(with_admin(
+        &admin,
+        &[
+            "site",
+            "add",
+            "demo",
+            "demo.example.com",
+            "--host",
+            "www.demo.example.com",
+        ],
+    ))
+    .await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    for args in [
+        &["site", "remove", "demo/hostnames/www.demo.example.com"][..],
+        &["site", "show", "demo?x=1"][..],
+        &["site", "show", "../sites/demo"][..],
+        &["host", "remove", "demo", "www.demo.example.com/../x"][..],
+    ] {
+        let out = autohttps_async(with_admin(&admin, args)).await?;
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains("invalid"), "{args:?}: {stderr}");
+    }
+    // The server refuses the same identifiers when another client encodes them.
+    for (method, path) in [
+        (
+            Method::DELETE,
+            "/v1/sites/demo%2Fhostnames%2Fwww.demo.example.com",
+        ),
+        (Method::GET, "/v1/sites/demo%3Fx=1"),
+        (Method::POST, "/v1/sites/DEMO/regenerate"),
+        (
+            Method::DELETE,
+            "/v1/sites/demo%2F/hostnames/www.demo.example.com",
+        ),
+    ] {
+        let (code, body) = admin.call(method.clone(), path, None).await?;
+        assert_eq!(code, 400, "{method} {path}: {body}");
+        assert!(error_of(&body).contains("invalid site name"), "{body}");
+    }
+    let (code, site) = admin.call(Method::GET, "/v1/sites/demo", None).await?;
+    assert_eq!(code, 200);
+    assert_eq!(
+        site["hostnames"].as_array().map(Vec::len),
+        Some(2),
+        "nothing was removed: {site}"
+    );
+    Ok(())
+}
+
+/// Bug: `--admin-url` at the internal port printed `autohttps: null`, one without a scheme
+/// "builder error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_admin_url_is_named_with_the_fix() -> anyhow::Result<()> {
+    let (running, _admin, _data) = sidecar().await?;
+    let internal = format!("http://{}", running.internal_addr);
+    let out = autohttps_async(vec![
+        "--admin-url".into(),
+        internal,
+        "--token".into(),
+        TOKEN.into(),
+        "site".into(),
+        "list".into(),
+    ])
+    .await?;
+    assert_eq!(out.status.code(), Some(5), "unreachable");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("not as the autohttps admin API") && stderr.contains("listen.admin"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("null"), "{stderr}");
+
+    let bare = running.admin_addr.to_string();
+    let out = autohttps_async(vec![
+        "--admin-url".into(),
+        bare.clone(),
+        "site".into(),
+        "list".into(),
+    ])
+    .await?;
+    assert_eq!(out.status.code(), Some(2), "usage");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("has no scheme") && stderr.contains(&format!("http://{bare}")),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// Bug: messages repeated themselves, a wrong token read "configuration: …401", and with no
+/// service running the first complaint was a missing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_say_what_happened_once_with_their_own_exit_code() -> anyhow::Result<()> {
+    let (_running, admin, _data) = sidecar().await?;
+    let dir = tempfile::tempdir()?;
+
+    // Nothing listens: the service is down, whatever the token.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let out = autohttps_async(vec![
+        "--admin-url".into(),
+        format!("http://{closed}"),
+        "site".into(),
+        "list".into(),
+    ])
+    .await?;
+    assert_eq!(out.status.code(), Some(5));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach the admin API") && !stderr.contains("token"),
+        "{stderr}"
+    );
+
+    // Running, but no token given anywhere.
+    let out = autohttps_async(vec![
+        "--admin-url".into(),
+        admin.base.clone(),
+        "--config".into(),
+        dir.path().join("none.toml").display().to_string(),
+        "site".into(),
+        "list".into(),
+    ])
+    .await?;
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "a named config file that is missing"
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(
+        &empty,
+        format!("data_dir = {:?}\n", dir.path().join("data")),
+    )?;
+    let out = autohttps_async(vec![
+        "--admin-url".into(),
+        admin.base.clone(),
+        "--config".into(),
+        empty.display().to_string(),
+        "site".into(),
+        "list".into(),
+    ])
+    .await?;
+    assert_eq!(out.status.code(), Some(7));
+    assert!(
+        text(&out.stderr).contains("no admin token"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A broken file: named once, "configuration" once, with the line.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[acme]\norders_in_flight = \"four\"\n")?;
+    let out = autohttps_async(vec![
+        "--config".into(),
+        broken.display().to_string(),
+        "site".into(),
+        "list".into(),
+    ])
+    .await?;
+    assert_eq!(out.status.code(), Some(8));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.matches("configuration").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("broken.toml").count(), 1, "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+
+    // --json: the failure is JSON on stdout with a stable code, nothing on stderr.
+    let out = autohttps_async(with_admin(&admin, &["--json", "site", "show", "nope"])).await?;
+    assert_eq!(out.status.code(), Some(3));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(answer["error"]["code"], "not-found");
+    assert_eq!(answer["error"]["exit_code"], 3);
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    let out = autohttps_async(with_admin(
+        &admin,
+        &["--json", "site", "add", "dup", "dup.example.com"],
+    ))
+    .await?;
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let out = autohttps_async(with_admin(
+        &admin,
+        &["--json", "site", "add", "dup", "dup2.example.com"],
+    ))
+    .await?;
+    assert_eq!(out.status.code(), Some(4));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(answer["error"]["code"], "conflict");
+    let out = autohttps_async(with_admin(&admin, &["--json", "site", "frobnicate"])).await?;
+    assert_eq!(out.status.code(), Some(2));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(answer["error"]["code"], "usage");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_and_shows_the_whole_policy() -> anyhow::Result<()> {
+    let (_running, admin, _data) = sidecar().await?;
+    let out = autohttps_async(with_admin(
+        &admin,
+        &[
+            "site",
+            "add",
+            "shop",
+            "shop.example.com",
+            "--https",
+            "FORCE",
+            "--redirect",
+            "temporary",
+            "--hsts",
+            "on",
+            "--hsts-max-age",
+            "600",
+            "--mixed-content",
+            "Report",
+        ],
+    ))
+    .await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (_, site) = admin.call(Method::GET, "/v1/sites/shop", None).await?;
+    assert_eq!(
+        site["policy"],
+        json!({
+            "https": "force", "redirect": "temporary", "mixed_content": "report",
+            "hsts": { "enabled": true, "max_age": 600, "include_subdomains": false, "preload": false }
+        })
+    );
+
+    // Preload without its prerequisites is refused (the filter would refuse the policy).
+    let out = autohttps_async(with_admin(
+        &admin,
+        &["site", "set", "shop", "--hsts-preload", "on"],
+    ))
+    .await?;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("include_subdomains"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = autohttps_async(with_admin(
+        &admin,
+        &[
+            "site",
+            "set",
+            "shop",
+            "--hsts-max-age",
+            "31536000",
+            "--hsts-include-subdomains",
+            "on",
+            "--hsts-preload",
+            "on",
+            "--mixed-content",
+            "off",
+        ],
+    ))
+    .await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = autohttps_async(with_admin(&admin, &["site", "show", "shop"])).await?;
+    let shown = text(&out.stdout);
+    for expected in [
+        "https:         force (redirects temporary)",
+        "hsts:          on, max-age 31536000, includeSubDomains, preload",
+        "mixed content: off",
+    ] {
+        assert!(shown.contains(expected), "{expected:?} in\n{shown}");
+    }
+
+    let out = autohttps_async(with_admin(&admin, &["site", "list"])).await?;
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains("CERT") && listed.contains("pending"),
+        "{listed}"
+    );
+    let out = autohttps_async(with_admin(&admin, &["--json", "site", "list"])).await?;
+    let sites: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(sites[0]["certificate"]["state"], "pending");
+    assert_eq!(sites[0]["certificate"]["soonest_expiry"], json!(null));
+
+    let out = autohttps_async(with_admin(&admin, &["site", "set", "shop"])).await?;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "nothing to change is a usage error"
+    );
+    Ok(())
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_command_definitions() {
+    let out = autohttps(&["completions", "bash"]);
+    assert!(out.status.success());
+    let script = text(&out.stdout);
+    assert!(
+        script.contains("autohttps") && script.contains("--hsts-max-age"),
+        "{script}"
+    );
+    let out = autohttps(&["completions", "ZSH"]);
+    assert!(out.status.success(), "shell names are case-insensitive");
+    let out = autohttps(&["man"]);
+    assert!(out.status.success());
+    let page = text(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH autohttps"),
+        "{page}"
+    );
+    assert!(
+        page.contains("Exit codes"),
+        "the exit-code table is in the man page"
+    );
 }

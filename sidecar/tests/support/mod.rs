@@ -648,6 +648,12 @@ pub struct SidecarProcess {
 
 impl SidecarProcess {
     pub fn spawn(config: &Path, log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(config, log, &[])
+    }
+
+    /// `autohttps serve --config CONFIG ARGS…`, its output (stdout and stderr, not a
+    /// terminal) appended to `log`.
+    pub fn spawn_with(config: &Path, log: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -656,6 +662,7 @@ impl SidecarProcess {
             .arg("serve")
             .arg("--config")
             .arg(config)
+            .args(args)
             .env("RUST_LOG", "info")
             .env_remove("AUTOHTTPS_ADMIN_TOKEN")
             .stdout(out.try_clone()?)
