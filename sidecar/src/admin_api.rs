@@ -154,6 +154,8 @@ struct CreateSite {
     hsts: Option<HstsPolicy>,
     #[serde(default)]
     mixed_content: MixedContent,
+    #[serde(default)]
+    canonical_host: Option<String>,
 }
 
 /// `PATCH /v1/sites/{site}`: only the fields given change.
@@ -164,6 +166,32 @@ struct UpdateSite {
     redirect: Option<RedirectKind>,
     hsts: Option<HstsPolicy>,
     mixed_content: Option<MixedContent>,
+    /// Absent: unchanged; `null`: none; a name: that one.
+    #[serde(default, deserialize_with = "present")]
+    canonical_host: Option<Option<String>>,
+}
+
+/// A field that is present, even as `null` (`Some(None)`), as opposed to absent (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Some)
+}
+
+/// A canonical host: one of the site's exact names (the filter refuses any other).
+fn check_canonical(name: &str, names: &[Hostname]) -> Result<Hostname, Error> {
+    let canonical = Hostname::parse(name)?;
+    if canonical.as_str().starts_with("*.") || !names.contains(&canonical) {
+        return Err(Error::InvalidInput(format!(
+            "canonical host {canonical} is not one of the site's exact hostnames ({}); add it first, or pick one of them",
+            names
+                .iter()
+                .map(Hostname::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(canonical)
 }
 
 /// `POST /v1/sites/{site}/hostnames`.
@@ -210,6 +238,13 @@ async fn create_site(
         .collect::<Result<Vec<_>, _>>()?;
     let hsts = body.hsts.unwrap_or_default();
     check_hsts(&hsts)?;
+    let mut names = hostnames.clone();
+    names.push(primary.clone());
+    let canonical_host = body
+        .canonical_host
+        .as_deref()
+        .map(|c| check_canonical(c, &names))
+        .transpose()?;
     let issuer = &state.issuer;
     let site = issuer.store().create_site(
         NewSite {
@@ -221,6 +256,7 @@ async fn create_site(
                 redirect: body.redirect,
                 hsts,
                 mixed_content: body.mixed_content,
+                canonical_host,
             },
         },
         issuer.clock().now(),
@@ -256,7 +292,15 @@ async fn update_site(
     body: Result<Json<UpdateSite>, JsonRejection>,
 ) -> ApiResult<Site> {
     let Json(body) = body?;
-    let mut policy = require_site(&state, &site)?.policy;
+    let record = require_site(&state, &site)?;
+    let names = record.names();
+    let mut policy = record.policy;
+    if let Some(canonical) = body.canonical_host {
+        policy.canonical_host = canonical
+            .as_deref()
+            .map(|c| check_canonical(c, &names))
+            .transpose()?;
+    }
     if let Some(https) = body.https {
         policy.https = https;
     }

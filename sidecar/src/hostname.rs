@@ -13,9 +13,26 @@ const MAX_LABEL_LEN: usize = 63;
 ///
 /// Always lower-case ASCII, without a trailing dot; internationalised names are stored as their
 /// punycode A-labels (RFC 5891 §4.4), exactly as they appear in the certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(transparent)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(into = "String", try_from = "String")]
 pub struct Hostname(String);
+
+impl TryFrom<String> for Hostname {
+    type Error = crate::Error;
+
+    /// Validates and normalises, as [`Hostname::parse`].
+    fn try_from(input: String) -> Result<Self> {
+        Hostname::parse(&input)
+    }
+}
+
+impl From<Hostname> for String {
+    fn from(name: Hostname) -> String {
+        name.0
+    }
+}
 
 impl Hostname {
     /// Validates and normalises `input`, saying precisely what is wrong when it is refused.

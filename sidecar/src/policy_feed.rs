@@ -90,7 +90,17 @@ pub fn build_document(
                 hostnames,
                 https: site.policy.https,
                 redirect: site.policy.redirect,
-                canonical_host: None,
+                // Only one of the site's names: anything else would make the filter refuse
+                // the whole document.
+                canonical_host: site
+                    .policy
+                    .canonical_host
+                    .as_ref()
+                    .filter(|c| {
+                        !c.as_str().starts_with("*.")
+                            && site.hostnames.iter().any(|h| &h.name == *c)
+                    })
+                    .map(|c| c.as_str().to_string()),
                 hsts: HstsSpec {
                     enabled: site.policy.hsts.enabled,
                     max_age: site.policy.hsts.max_age,

@@ -147,7 +147,7 @@ async fn api_refuses_bad_input_saying_what_is_wrong() -> anyhow::Result<()> {
     assert_eq!(code, 200, "{site}");
     assert_eq!(
         site["policy"],
-        json!({ "https": "force", "redirect": "temporary", "hsts": { "enabled": true, "max_age": 300, "include_subdomains": false, "preload": false }, "mixed_content": "report" })
+        json!({ "https": "force", "redirect": "temporary", "hsts": { "enabled": true, "max_age": 300, "include_subdomains": false, "preload": false }, "mixed_content": "report", "canonical_host": null })
     );
 
     let (code, metrics) = admin.call(Method::GET, "/metrics", None).await?;
@@ -493,7 +493,7 @@ async fn failures_say_what_happened_once_with_their_own_exit_code() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sets_and_shows_the_whole_policy() -> anyhow::Result<()> {
-    let (_running, admin, _data) = sidecar().await?;
+    let (running, admin, _data) = sidecar().await?;
     let out = autohttps_async(with_admin(
         &admin,
         &[
@@ -520,7 +520,8 @@ async fn the_cli_sets_and_shows_the_whole_policy() -> anyhow::Result<()> {
         site["policy"],
         json!({
             "https": "force", "redirect": "temporary", "mixed_content": "report",
-            "hsts": { "enabled": true, "max_age": 600, "include_subdomains": false, "preload": false }
+            "hsts": { "enabled": true, "max_age": 600, "include_subdomains": false, "preload": false },
+            "canonical_host": null
         })
     );
 
@@ -582,6 +583,71 @@ async fn the_cli_sets_and_shows_the_whole_policy() -> anyhow::Result<()> {
         Some(2),
         "nothing to change is a usage error"
     );
+
+    // The canonical host: one of the site's names, in the policy Envoy gets, cleared with
+    // the name.
+    let out = autohttps_async(with_admin(
+        &admin,
+        &[
+            "site",
+            "set",
+            "shop",
+            "--canonical-host",
+            "www.shop.example.com",
+        ],
+    ))
+    .await?;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not one of the site's exact hostnames"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = autohttps_async(with_admin(
+        &admin,
+        &["host", "add", "shop", "www.shop.example.com"],
+    ))
+    .await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = autohttps_async(with_admin(
+        &admin,
+        &[
+            "site",
+            "set",
+            "shop",
+            "--canonical-host",
+            "WWW.Shop.Example.com",
+        ],
+    ))
+    .await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("canonical:     www.shop.example.com"),
+        "{}",
+        text(&out.stdout)
+    );
+    let policy: serde_json::Value = reqwest::Client::builder()
+        .no_proxy()
+        .build()?
+        .get(format!("http://{}/v1/policy", running.internal_addr))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let shop = policy["sites"]
+        .as_array()
+        .and_then(|sites| sites.iter().find(|s| s["id"] == "shop"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(shop["canonical_host"], "www.shop.example.com", "{policy}");
+    let out = autohttps_async(with_admin(
+        &admin,
+        &["host", "remove", "shop", "www.shop.example.com"],
+    ))
+    .await?;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (_, site) = admin.call(Method::GET, "/v1/sites/shop", None).await?;
+    assert_eq!(site["policy"]["canonical_host"], json!(null), "{site}");
     Ok(())
 }
 

@@ -193,6 +193,9 @@ pub struct PolicyArgs {
     /// Mixed-content protection: off, upgrade (CSP upgrade-insecure-requests) or report.
     #[arg(long, value_enum, ignore_case = true)]
     pub mixed_content: Option<MixedContentMode>,
+    /// The name redirects go to (one of the site's hostnames), or `none`.
+    #[arg(long, value_name = "HOSTNAME|none")]
+    pub canonical_host: Option<String>,
 }
 
 impl PolicyArgs {
@@ -204,6 +207,7 @@ impl PolicyArgs {
             && self.hsts_include_subdomains.is_none()
             && self.hsts_preload.is_none()
             && self.mixed_content.is_none()
+            && self.canonical_host.is_none()
     }
 
     fn touches_hsts(&self) -> bool {
@@ -225,6 +229,14 @@ impl PolicyArgs {
         }
         if let Some(mode) = self.mixed_content {
             fields.insert("mixed_content".into(), mode.as_str().into());
+        }
+        if let Some(host) = &self.canonical_host {
+            let value = if host.eq_ignore_ascii_case("none") {
+                Value::Null
+            } else {
+                Value::from(host.as_str())
+            };
+            fields.insert("canonical_host".into(), value);
         }
         if self.touches_hsts() {
             let mut hsts = current_hsts
@@ -402,11 +414,18 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         | Command::Completions { .. }
         | Command::Man => {}
     }
+    if let Command::Site(SiteCommand::Add { policy, .. } | SiteCommand::Set { policy, .. }) =
+        &cli.command
+        && let Some(host) = &policy.canonical_host
+        && !host.eq_ignore_ascii_case("none")
+    {
+        hostname(host)?;
+    }
     if let Command::Site(SiteCommand::Set { policy, .. }) = &cli.command
         && policy.is_empty()
     {
         return Err(CliError::Usage(
-            "site set changes nothing without a flag: give at least one of --https, --redirect, --hsts, --hsts-max-age, --hsts-include-subdomains, --hsts-preload, --mixed-content".into(),
+            "site set changes nothing without a flag: give at least one of --https, --redirect, --hsts, --hsts-max-age, --hsts-include-subdomains, --hsts-preload, --mixed-content, --canonical-host".into(),
         ));
     }
     let client = AdminClient::from_cli(cli)?;

@@ -34,11 +34,12 @@ pub fn site(site: &Value) -> String {
         "off".into()
     };
     format!(
-        "site {}\n  hostnames:     {}\n  https:         {} (redirects {})\n  hsts:          {hsts_text}\n  mixed content: {}",
+        "site {}\n  hostnames:     {}\n  https:         {} (redirects {})\n  canonical:     {}\n  hsts:          {hsts_text}\n  mixed content: {}",
         text(&site["name"]),
         hostnames(site).join(", "),
         text(&policy["https"]),
         text(&policy["redirect"]),
+        policy["canonical_host"].as_str().unwrap_or("none"),
         text(&policy["mixed_content"]),
     )
 }

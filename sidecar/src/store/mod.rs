@@ -47,7 +47,7 @@ impl Default for HstsPolicy {
 }
 
 /// Everything the filter needs to decide for a site.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct SitePolicy {
     /// auto, force or disable.
     pub https: HttpsMode,
@@ -57,6 +57,10 @@ pub struct SitePolicy {
     pub hsts: HstsPolicy,
     /// Mixed-content protection.
     pub mixed_content: MixedContent,
+    /// The name every redirect goes to (one of the site's exact names), if any: with force,
+    /// `http://alias/x` goes straight to `https://canonical/x`.
+    #[serde(default)]
+    pub canonical_host: Option<Hostname>,
 }
 
 /// How a hostname relates to its site.

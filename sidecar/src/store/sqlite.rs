@@ -98,6 +98,7 @@ CREATE TABLE mixed_content (
     r#"
 ALTER TABLE sites ADD COLUMN hsts_include_subdomains INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sites ADD COLUMN hsts_preload INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sites ADD COLUMN canonical_host TEXT;
 "#,
 ];
 
@@ -279,7 +280,7 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
         .query_row(
             "SELECT name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
                     mixed_content, created_at, next_attempt_at, failures, last_problem, regenerate,
-                    hsts_include_subdomains, hsts_preload
+                    hsts_include_subdomains, hsts_preload, canonical_host
              FROM sites WHERE name = ?1",
             [name],
             |row| {
@@ -297,6 +298,7 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
                     row.get::<_, Option<String>>(10)?,
                     row.get::<_, bool>(11)?,
                     (row.get::<_, bool>(12)?, row.get::<_, bool>(13)?),
+                    row.get::<_, Option<String>>(14)?,
                 ))
             },
         )
@@ -315,6 +317,7 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
         last_problem,
         regenerate_requested,
         (include_subdomains, preload),
+        canonical_host,
     )) = row
     else {
         return Ok(None);
@@ -348,6 +351,7 @@ fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
                 preload,
             },
             mixed_content: enum_from(&mixed)?,
+            canonical_host: canonical_host.as_deref().map(hostname_from).transpose()?,
         },
         created_at: from_ts(created)?,
         issuance: IssuanceSchedule {
@@ -456,8 +460,8 @@ impl Store for SqliteStore {
         tx.execute(
             "INSERT INTO sites (name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
                                 mixed_content, created_at, next_attempt_at, failures,
-                                hsts_include_subdomains, hsts_preload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?11)",
+                                hsts_include_subdomains, hsts_preload, canonical_host)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?11, ?12)",
             params![
                 site.name,
                 site.primary.as_str(),
@@ -470,6 +474,7 @@ impl Store for SqliteStore {
                 ts(issue_at),
                 site.policy.hsts.include_subdomains,
                 site.policy.hsts.preload,
+                site.policy.canonical_host.as_ref().map(Hostname::as_str),
             ],
         )?;
         insert_hostname(&tx, &site.name, &site.primary, HostnameKind::Primary, now)?;
@@ -543,7 +548,7 @@ impl Store for SqliteStore {
         let conn = self.lock();
         let changed = conn.execute(
             "UPDATE sites SET https_mode = ?2, redirect = ?3, hsts_enabled = ?4, hsts_max_age = ?5, mixed_content = ?6,
-                              hsts_include_subdomains = ?7, hsts_preload = ?8
+                              hsts_include_subdomains = ?7, hsts_preload = ?8, canonical_host = ?9
              WHERE name = ?1",
             params![
                 name,
@@ -554,6 +559,7 @@ impl Store for SqliteStore {
                 enum_text(&policy.mixed_content),
                 policy.hsts.include_subdomains,
                 policy.hsts.preload,
+                policy.canonical_host.as_ref().map(Hostname::as_str),
             ],
         )?;
         if changed == 0 {
@@ -626,6 +632,11 @@ impl Store for SqliteStore {
         tx.execute(
             "UPDATE sites SET next_attempt_at = ?2, failures = 0 WHERE name = ?1",
             params![site, ts(issue_at)],
+        )?;
+        // A canonical host must be one of the site's names: removing it clears it.
+        tx.execute(
+            "UPDATE sites SET canonical_host = NULL WHERE name = ?1 AND canonical_host = ?2",
+            params![site, name.as_str()],
         )?;
         insert_event(
             &tx,
