@@ -71,6 +71,11 @@ pub struct Request {
     /// Extra request headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// The HTTP version of the request line: `1.1` when absent, or `1.0` (sent by curl
+    /// `--http1.0` in Envoy; the wasm host has no request line, and the filter's decision does
+    /// not depend on the version).
+    #[serde(default)]
+    pub http_version: Option<String>,
 }
 
 fn get() -> String {

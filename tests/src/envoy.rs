@@ -1,6 +1,6 @@
 //! A real Envoy for tests: renders a template from `envoy/`, starts Envoy on loopback ports,
-//! waits until it is ready, and stops it when dropped. Envoy runs under `timeout`, so it also
-//! stops by itself if the test process dies.
+//! waits until it is ready, and stops it when dropped. A test's Envoy runs under `timeout`, so
+//! it also stops by itself if the test process dies ([`Lifetime`]).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -12,7 +12,27 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 
 /// The longest an Envoy started by a test may live.
-const ENVOY_LIFETIME_SECS: u64 = 900;
+const ENVOY_TEST_LIFETIME: Duration = Duration::from_secs(900);
+
+/// How long a process started by the harness may live. Either way it runs under `timeout`,
+/// in its own process group, and is stopped (TERM, then KILL) when its handle is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// At most this long: a test that dies without cleaning up leaves nothing running.
+    Limited(Duration),
+    /// Until stopped: `make run` runs until Ctrl-C.
+    UntilStopped,
+}
+
+impl Lifetime {
+    /// The duration argument of `timeout` (0 disables its time limit).
+    pub fn timeout_arg(self) -> String {
+        match self {
+            Lifetime::Limited(limit) => limit.as_secs().max(1).to_string(),
+            Lifetime::UntilStopped => "0".into(),
+        }
+    }
+}
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -123,22 +143,47 @@ pub fn validate(config_yaml: &str, path: &Path) -> anyhow::Result<(bool, String)
 pub struct Envoy {
     child: Child,
     admin_port: u16,
-    dir: tempfile::TempDir,
+    /// Where its configuration and `envoy.log` are.
+    dir: PathBuf,
+    /// The temporary folder `dir` is in, when Envoy was not given one.
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl Envoy {
     /// Starts Envoy with this configuration (one worker) and waits until its admin interface
     /// says it is ready.
     pub fn start(config_yaml: &str, admin_port: u16) -> anyhow::Result<Envoy> {
+        Envoy::start_in(
+            config_yaml,
+            admin_port,
+            None,
+            Lifetime::Limited(ENVOY_TEST_LIFETIME),
+        )
+    }
+
+    /// [`Envoy::start`] with its configuration and `envoy.log` in `dir` (a temporary folder
+    /// when `None`), living for `lifetime`.
+    pub fn start_in(
+        config_yaml: &str,
+        admin_port: u16,
+        dir: Option<&Path>,
+        lifetime: Lifetime,
+    ) -> anyhow::Result<Envoy> {
         let binary = envoy_binary()?;
-        let dir = tempfile::tempdir()?;
-        let config = dir.path().join("envoy.yaml");
+        let (dir, temp) = match dir {
+            Some(dir) => (dir.to_path_buf(), None),
+            None => {
+                let temp = tempfile::tempdir()?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+        let config = dir.join("envoy.yaml");
         std::fs::write(&config, config_yaml)?;
-        let log = dir.path().join("envoy.log");
+        let log = dir.join("envoy.log");
         let child = Command::new("timeout")
             .arg("--signal=TERM")
             .arg("--kill-after=5")
-            .arg(ENVOY_LIFETIME_SECS.to_string())
+            .arg(lifetime.timeout_arg())
             .arg(&binary)
             .arg("-c")
             .arg(&config)
@@ -154,6 +199,7 @@ impl Envoy {
             child,
             admin_port,
             dir,
+            _temp: temp,
         };
         envoy.wait_ready(Duration::from_secs(30))?;
         Ok(envoy)
@@ -188,9 +234,14 @@ impl Envoy {
         self.admin_port
     }
 
+    /// Where Envoy writes its log.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("envoy.log")
+    }
+
     /// Envoy's whole log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// The last `lines` lines of Envoy's log.
@@ -242,7 +293,7 @@ impl Drop for Envoy {
     }
 }
 
-/// A plain HTTP/1.1 GET (Envoy refuses HTTP/1.0) to `127.0.0.1:port`: (status, body).
+/// A plain HTTP/1.1 GET to `127.0.0.1:port`: (status, body).
 pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -2,8 +2,9 @@
 //! mock DNS), the `autohttps` sidecar binary, Envoy with `envoy/edge.yaml` and the filter, and
 //! a small demo backend. `make run` and the end-to-end suite both start it through [`Stack`].
 //!
-//! Every process runs under `timeout`, so it stops by itself if whoever started it dies, and
-//! is stopped when the [`Stack`] is dropped.
+//! Every process runs under `timeout` and is stopped when the [`Stack`] is dropped; a test's
+//! stack also stops by itself after an hour if whoever started it dies ([`Lifetime`]), while
+//! `make run`'s lives until Ctrl-C.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 
+pub use crate::envoy::Lifetime;
 use crate::envoy::{self, CurlResponse, Envoy, curl, free_port, render_file};
 
-/// The longest a process started by the stack may live, in seconds.
-const LIFETIME_SECS: u64 = 3600;
+/// The longest a process of a test's stack may live.
+const TEST_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// The admin token of stacks started here.
 pub const ADMIN_TOKEN: &str = "autohttps-local-admin-token";
@@ -138,15 +140,12 @@ impl Process {
         args: &[&str],
         envs: &[(&str, &str)],
         log: PathBuf,
+        lifetime: Lifetime,
     ) -> anyhow::Result<Process> {
         let out =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new("timeout")
-            .args([
-                "--signal=TERM",
-                "--kill-after=5",
-                &LIFETIME_SECS.to_string(),
-            ])
+            .args(["--signal=TERM", "--kill-after=5", &lifetime.timeout_arg()])
             .arg(program)
             .args(args)
             .envs(envs.iter().copied())
@@ -315,6 +314,20 @@ pub struct StackOptions {
     pub ports: Ports,
     /// Print what is being done.
     pub verbose: bool,
+    /// How long its processes may live.
+    pub lifetime: Lifetime,
+}
+
+impl StackOptions {
+    /// A test's stack: quiet, its processes limited to an hour.
+    pub fn for_test(dir: PathBuf, ports: Ports) -> StackOptions {
+        StackOptions {
+            dir,
+            ports,
+            verbose: false,
+            lifetime: Lifetime::Limited(TEST_LIFETIME),
+        }
+    }
 }
 
 /// A running stack.
@@ -334,6 +347,7 @@ pub struct Stack {
     _challtestsrv: Process,
     _backend: DemoBackend,
     verbose: bool,
+    lifetime: Lifetime,
 }
 
 impl Stack {
@@ -343,11 +357,10 @@ impl Stack {
         let dir = tempfile::Builder::new()
             .prefix(&format!("autohttps-{name}-"))
             .tempdir()?;
-        let stack = Stack::start(StackOptions {
-            dir: dir.path().to_path_buf(),
-            ports: Ports::free()?,
-            verbose: false,
-        })?;
+        let stack = Stack::start(StackOptions::for_test(
+            dir.path().to_path_buf(),
+            Ports::free()?,
+        ))?;
         Ok((stack, dir))
     }
 
@@ -357,6 +370,7 @@ impl Stack {
             dir,
             ports,
             verbose,
+            lifetime,
         } = options;
         std::fs::create_dir_all(&dir)?;
         let say = |message: &str| {
@@ -403,6 +417,7 @@ impl Stack {
             ],
             &[],
             dir.join("challtestsrv.log"),
+            lifetime,
         )?;
 
         say(&format!(
@@ -433,6 +448,7 @@ impl Stack {
             // fails an attempt, whose retry a minute later outlasts a test's wait.
             &[("PEBBLE_VA_NOSLEEP", "1"), ("PEBBLE_WFE_NONCEREJECT", "0")],
             dir.join("pebble.log"),
+            lifetime,
         )?;
         let ca_root = dir.join("ca-root.pem");
         let listener_ca_arg = listener_ca.display().to_string();
@@ -475,6 +491,7 @@ impl Stack {
             _challtestsrv: challtestsrv,
             _backend: backend,
             verbose,
+            lifetime,
         };
         stack.start_sidecar()?;
 
@@ -498,8 +515,13 @@ impl Stack {
             ("WASM", envoy::filter_wasm()?.display().to_string()),
         ]);
         let yaml = render_file("edge.yaml", &values)?;
-        std::fs::write(dir.join("envoy.yaml"), &yaml)?;
-        stack.envoy = Some(Envoy::start(&yaml, ports.envoy_admin)?);
+        // Envoy's configuration and log sit beside the other parts' (envoy.yaml, envoy.log).
+        stack.envoy = Some(Envoy::start_in(
+            &yaml,
+            ports.envoy_admin,
+            Some(&dir),
+            lifetime,
+        )?);
         Ok(stack)
     }
 
@@ -528,6 +550,7 @@ impl Stack {
             &["--config", &config, "serve"],
             &[("RUST_LOG", "info")],
             log.clone(),
+            self.lifetime,
         )?;
         let admin = self.ports.sidecar_admin;
         // The ports were picked free and released: something else may listen on one by now
@@ -556,6 +579,19 @@ impl Stack {
         if let Some(mut process) = self.sidecar.take() {
             process.kill_hard();
         }
+    }
+
+    /// Every part's log file (Envoy, each sidecar run, Pebble, challtestsrv), sorted.
+    pub fn log_files(&self) -> Vec<PathBuf> {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+            .collect();
+        logs.sort();
+        logs
     }
 
     /// The sidecar's log(s) so far, every run concatenated.

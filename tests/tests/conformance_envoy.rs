@@ -73,6 +73,11 @@ fn observe(edge: &Edge, request: &Request, upstream: Upstream) -> Observed {
     };
     let url = format!("{scheme}://127.0.0.1:{port}{}", request.path);
     let mut args: Vec<String> = vec!["-k".into(), "--path-as-is".into()];
+    match request.http_version.as_deref() {
+        None | Some("1.1") => {}
+        Some("1.0") => args.push("--http1.0".into()),
+        Some(other) => panic!("http_version {other:?}: the scenarios speak \"1.0\" or \"1.1\""),
+    }
     if request.method == "HEAD" {
         args.push("--head".into());
     } else {

@@ -1509,11 +1509,10 @@ fn measure_issuance(settings: &IssuanceSettings) -> anyhow::Result<Issuance> {
     );
     // The stack runs `sidecar_binary()`: AUTOHTTPS_BIN, else target/release/autohttps, which
     // is what `sidecar_for_bench` returned.
-    let stack = Stack::start(StackOptions {
-        dir: dir.path().to_path_buf(),
-        ports: StackPorts::free()?,
-        verbose: false,
-    })?;
+    let stack = Stack::start(StackOptions::for_test(
+        dir.path().to_path_buf(),
+        StackPorts::free()?,
+    ))?;
     let outcome = issuance_on_stack(&stack, settings);
     if outcome.is_err() {
         eprintln!("    sidecar log tail:\n{}", tail(&stack.sidecar_logs(), 30));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use autohttps_tests::envoy::repo_root;
-use autohttps_tests::stack::{Ports, Stack, StackOptions, wait_until};
+use autohttps_tests::stack::{Lifetime, Ports, Stack, StackOptions, wait_until};
 use serde_json::json;
 
 const DEMO_SITE: &str = "demo";
@@ -27,10 +27,12 @@ fn main() -> anyhow::Result<()> {
     .context("installing the Ctrl-C handler")?;
 
     let ports = Ports::local_defaults();
+    // Everything lives until Ctrl-C (no time limit), its logs in `dir`.
     let stack = Stack::start(StackOptions {
         dir: dir.clone(),
         ports,
         verbose: true,
+        lifetime: Lifetime::UntilStopped,
     })?;
 
     println!(
@@ -91,17 +93,24 @@ Try, in another terminal:
   # add a name and watch it get a certificate
   {bin} --config {config} host add {DEMO_SITE} blog.demo.autohttps.test --wait
   # change the policy: it reaches Envoy within about a second
-  {bin} --config {config} site https {DEMO_SITE} disable
+  {bin} --config {config} site set {DEMO_SITE} --https disable
   # the filter's stats
   curl -s http://127.0.0.1:{admin}/stats | grep autohttps
 
-Logs are in {logs}. Ctrl-C stops everything."#,
+Logs (each part's own file):
+{logs}
+Ctrl-C stops everything."#,
         http = ports.http,
         https = ports.https,
         admin = ports.envoy_admin,
         bin = bin.display(),
         config = config.display(),
-        logs = stack.dir.display(),
+        logs = stack
+            .log_files()
+            .iter()
+            .map(|path| format!("  {}", path.display()))
+            .collect::<Vec<_>>()
+            .join("\n"),
     );
     let _ = stop_rx.recv();
     println!("\n==> stopping Envoy, the sidecar, Pebble and the demo backend");
