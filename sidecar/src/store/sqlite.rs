@@ -1165,6 +1165,36 @@ mod tests {
             .unwrap()
     }
 
+    #[test]
+    fn a_database_of_the_first_schema_upgrades_keeping_its_sites() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("autohttps.db");
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection.execute_batch(MIGRATIONS[0]).unwrap();
+            connection.pragma_update(None, "user_version", 1).unwrap();
+            connection
+                .execute(
+                    "INSERT INTO sites (name, primary_hostname, https_mode, redirect, hsts_enabled,
+                                        hsts_max_age, mixed_content, created_at)
+                     VALUES ('old', 'old.example.com', 'force', 'permanent', 1, 300, 'off', 0)",
+                    [],
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let site = store.site("old").unwrap().expect("the site survives");
+        assert!(site.policy.hsts.enabled);
+        assert_eq!(site.policy.hsts.max_age, 300);
+        assert!(!site.policy.hsts.include_subdomains && !site.policy.hsts.preload);
+        assert_eq!(site.policy.canonical_host, None);
+        let mut policy = site.policy.clone();
+        policy.hsts.include_subdomains = true;
+        policy.canonical_host = Some(name("old.example.com"));
+        let updated = store.set_policy("old", policy.clone()).unwrap();
+        assert_eq!(updated.policy, policy);
+    }
+
     fn certificate(names: &[&str], serial: &str) -> NewCertificate {
         NewCertificate {
             site: "blog".into(),
