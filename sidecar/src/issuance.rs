@@ -390,7 +390,12 @@ impl Issuer {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(",");
-            let next_attempt = next.map(|at| at.to_string()).unwrap_or_default();
+            let next_attempt = next
+                .and_then(|at| {
+                    at.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default();
             // Repeated failures of one site are an error: a retry alone will not fix them.
             if failures >= 3 {
                 tracing::error!(site = %site_name, names = %names, reason = %error.reason(), failures, next_attempt = %next_attempt, %error, "issuance attempt failed");
