@@ -93,6 +93,29 @@ pub fn render(template: &str, values: &HashMap<&str, String>) -> anyhow::Result<
     Ok(out)
 }
 
+/// `TRUSTED_PROXY_RANGES` for `envoy/edge.yaml` and `tests/conformance/envoy.yaml`: the
+/// trusted-proxy list (the sidecar's `edge.trusted_proxies`, the policy's
+/// `settings.trusted_proxies`: CIDRs or bare addresses) as Envoy `CidrRange`s, so Envoy's
+/// filter-chain choice and the filter's trust come from one list. An empty list becomes
+/// `0.0.0.0/32`, an address no TCP peer has: an empty `direct_source_prefix_ranges` would
+/// match every peer.
+pub fn trusted_proxy_ranges<S: AsRef<str>>(proxies: &[S]) -> anyhow::Result<String> {
+    let mut ranges = Vec::with_capacity(proxies.len().max(1));
+    for raw in proxies {
+        let cidr = autohttps_filter::policy::Cidr::parse(raw.as_ref())
+            .map_err(|message| anyhow!("trusted proxy {message}"))?;
+        ranges.push(format!(
+            r#"{{address_prefix: "{}", prefix_len: {}}}"#,
+            cidr.network(),
+            cidr.prefix_len()
+        ));
+    }
+    if ranges.is_empty() {
+        ranges.push(r#"{address_prefix: "0.0.0.0", prefix_len: 32}"#.to_string());
+    }
+    Ok(format!("[{}]", ranges.join(", ")))
+}
+
 /// Renders `envoy/<name>` with these values.
 pub fn render_file(name: &str, values: &HashMap<&str, String>) -> anyhow::Result<String> {
     let path = repo_root().join("envoy").join(name);

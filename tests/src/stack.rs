@@ -315,6 +315,10 @@ pub struct StackOptions {
     pub ports: Ports,
     /// Print what is being done.
     pub verbose: bool,
+    /// The TLS-terminating proxies in front of Envoy (CIDRs or bare addresses): written once,
+    /// into the sidecar's `edge.trusted_proxies` (so the filter's policy) and into Envoy's
+    /// trusted-proxy filter chains (`TRUSTED_PROXY_RANGES`).
+    pub trusted_proxies: Vec<String>,
 }
 
 /// A running stack.
@@ -347,6 +351,7 @@ impl Stack {
             dir: dir.path().to_path_buf(),
             ports: Ports::free()?,
             verbose: false,
+            trusted_proxies: Vec::new(),
         })?;
         Ok((stack, dir))
     }
@@ -357,6 +362,7 @@ impl Stack {
             dir,
             ports,
             verbose,
+            trusted_proxies,
         } = options;
         std::fs::create_dir_all(&dir)?;
         let say = |message: &str| {
@@ -462,7 +468,7 @@ impl Stack {
         let sidecar_config = dir.join("autohttps.toml");
         std::fs::write(
             &sidecar_config,
-            sidecar_toml(&ports, &data_dir, &listener_ca),
+            sidecar_toml(&ports, &data_dir, &listener_ca, &trusted_proxies)?,
         )?;
         let mut stack = Stack {
             ports,
@@ -496,6 +502,10 @@ impl Stack {
             ("BACKEND_ADDRESS", "127.0.0.1".to_string()),
             ("BACKEND_PORT", ports.backend.to_string()),
             ("WASM", envoy::filter_wasm()?.display().to_string()),
+            (
+                "TRUSTED_PROXY_RANGES",
+                envoy::trusted_proxy_ranges(&trusted_proxies)?,
+            ),
         ]);
         let yaml = render_file("edge.yaml", &values)?;
         std::fs::write(dir.join("envoy.yaml"), &yaml)?;
@@ -853,8 +863,13 @@ fn write_pebble_listener_certificate(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(ca)
 }
 
-fn sidecar_toml(ports: &Ports, data_dir: &Path, listener_ca: &Path) -> String {
-    format!(
+fn sidecar_toml(
+    ports: &Ports,
+    data_dir: &Path,
+    listener_ca: &Path,
+    trusted_proxies: &[String],
+) -> anyhow::Result<String> {
+    Ok(format!(
         r#"# autohttps sidecar configuration for a local stack (written by autohttps_tests::stack).
 data_dir = "{data}"
 
@@ -883,6 +898,7 @@ socket = "{data}/sds.sock"
 [edge]
 http_port = {http}
 https_port = {https}
+trusted_proxies = {trusted_proxies}
 "#,
         data = data_dir.display(),
         admin = ports.sidecar_admin,
@@ -892,5 +908,6 @@ https_port = {https}
         dns = ports.dns,
         http = ports.http,
         https = ports.https,
-    )
+        trusted_proxies = serde_json::to_string(trusted_proxies)?,
+    ))
 }

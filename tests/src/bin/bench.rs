@@ -1513,6 +1513,7 @@ fn measure_issuance(settings: &IssuanceSettings) -> anyhow::Result<Issuance> {
         dir: dir.path().to_path_buf(),
         ports: StackPorts::free()?,
         verbose: false,
+        trusted_proxies: Vec::new(),
     })?;
     let outcome = issuance_on_stack(&stack, settings);
     if outcome.is_err() {

@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         dir: dir.clone(),
         ports,
         verbose: true,
+        trusted_proxies: Vec::new(),
     })?;
 
     println!(
