@@ -215,6 +215,91 @@ impl Drop for Process {
     }
 }
 
+/// nginx (Debian's) as a TLS-terminating proxy in front of a stack's Envoy
+/// (`tests/trusted-proxy/nginx.conf`): it listens on its own loopback address, connects to
+/// Envoy's plain listener from that address, and forwards `X-Forwarded-Proto: $scheme` and
+/// the client appended to `X-Forwarded-For`. Stopped when dropped.
+#[derive(Debug)]
+pub struct FrontProxy {
+    /// The address it listens on and connects to Envoy from.
+    pub address: String,
+    /// Its plain-HTTP port.
+    pub http_port: u16,
+    /// Its TLS port (a self-signed certificate for the names it was started with).
+    pub https_port: u16,
+    _process: Process,
+}
+
+impl FrontProxy {
+    /// Starts nginx on `address` in front of the Envoy plain listener on 127.0.0.1:`envoy_http`,
+    /// with a certificate for `names`, keeping its files in `dir`; waits until it answers.
+    pub fn start(
+        dir: &Path,
+        address: &str,
+        envoy_http: u16,
+        names: &[&str],
+    ) -> anyhow::Result<FrontProxy> {
+        let dir = dir.join(format!("nginx-{address}"));
+        std::fs::create_dir_all(&dir)?;
+        let (cert, key) = envoy::self_signed(&dir, names)?;
+        let (http_port, https_port) = (free_port()?, free_port()?);
+        let template_path = envoy::repo_root().join("tests/trusted-proxy/nginx.conf");
+        let template = std::fs::read_to_string(&template_path)
+            .with_context(|| format!("reading {}", template_path.display()))?;
+        let conf = envoy::render(
+            &template,
+            &HashMap::from([
+                ("DIR", dir.display().to_string()),
+                ("PROXY_ADDRESS", address.to_string()),
+                ("HTTP_PORT", http_port.to_string()),
+                ("HTTPS_PORT", https_port.to_string()),
+                ("TLS_CERT", cert.display().to_string()),
+                ("TLS_KEY", key.display().to_string()),
+                ("ENVOY_HTTP_PORT", envoy_http.to_string()),
+            ]),
+        )?;
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                anyhow!("nginx is not installed; run `make test` (or apt-get install -y nginx)")
+            })?;
+        let dir_arg = dir.display().to_string();
+        let conf_arg = conf_path.display().to_string();
+        let mut process = Process::spawn(
+            "nginx",
+            nginx,
+            &["-p", &dir_arg, "-c", &conf_arg],
+            &[],
+            dir.join("nginx.log"),
+        )?;
+        for port in [http_port, https_port] {
+            let ready = wait_until("nginx", Duration::from_secs(10), || {
+                if process.exited() {
+                    return Some(false);
+                }
+                TcpStream::connect((address, port)).is_ok().then_some(true)
+            });
+            if !matches!(ready, Ok(true)) {
+                let error_log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+                bail!(
+                    "nginx did not listen on {address}:{port}\n{}\n{error_log}",
+                    process.log_tail(20)
+                );
+            }
+        }
+        Ok(FrontProxy {
+            address: address.to_string(),
+            http_port,
+            https_port,
+            _process: process,
+        })
+    }
+}
+
 /// A tiny HTTP/1.1 backend: answers every request with a small page that names the host and
 /// loads one `http://` image (so that mixed-content modes have something to act on).
 #[derive(Debug)]
@@ -344,6 +429,15 @@ impl Stack {
     /// A stack on free ports in a fresh temporary folder named after `name`, quiet: what each
     /// whole-stack test starts. Keep the folder alive as long as the stack.
     pub fn start_in_temp_dir(name: &str) -> anyhow::Result<(Stack, tempfile::TempDir)> {
+        Stack::start_in_temp_dir_behind(name, &[])
+    }
+
+    /// As [`Stack::start_in_temp_dir`], with these TLS-terminating proxies trusted in front of
+    /// Envoy (see [`StackOptions::trusted_proxies`]).
+    pub fn start_in_temp_dir_behind(
+        name: &str,
+        trusted_proxies: &[&str],
+    ) -> anyhow::Result<(Stack, tempfile::TempDir)> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("autohttps-{name}-"))
             .tempdir()?;
@@ -351,7 +445,7 @@ impl Stack {
             dir: dir.path().to_path_buf(),
             ports: Ports::free()?,
             verbose: false,
-            trusted_proxies: Vec::new(),
+            trusted_proxies: trusted_proxies.iter().map(|p| p.to_string()).collect(),
         })?;
         Ok((stack, dir))
     }
