@@ -80,8 +80,8 @@ validate-envoy: $(ENVOY) build
 	  else cat $(VALIDATE_DIR)/$$(basename $$f).log; echo "envoy --mode validate $$f: FAILED"; exit 1; fi; \
 	done
 
-## test: everything CI runs.
-test: tools build lint validate-envoy
+## test: everything CI runs (nginx: the real TLS-terminating proxy of tests/tests/trusted_proxy.rs).
+test: tools build lint validate-envoy $(TOOLS)/.nginx
 	@echo "==> running every test suite"
 	cargo test --locked --workspace
 
@@ -127,11 +127,20 @@ bench: tools build $(TOOLS)/.bench-tools
 	cargo build --locked --release -p autohttps-tests --bin bench
 	target/release/bench
 
-$(TOOLS)/.bench-tools:
+$(TOOLS)/.bench-tools: $(TOOLS)/.nginx
 	@mkdir -p $(TOOLS)
-	@if ! command -v wrk >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
-	  echo "==> installing wrk and nginx (Debian packages)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx >/dev/null; \
+	@if ! command -v wrk >/dev/null; then \
+	  echo "==> installing wrk (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	fi
+	@touch $@
+
+## nginx (Debian): the benchmark's comparison server and the tests' TLS-terminating proxy.
+$(TOOLS)/.nginx:
+	@mkdir -p $(TOOLS)
+	@if ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
+	  echo "==> installing nginx (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
 	fi
 	@touch $@
 
