@@ -102,7 +102,9 @@ fn behind_a_real_proxy_no_loop_and_no_spoofing() {
         .cli_ok(&["site", "add", "shop", FORCE, "--https", "force", "--wait"])
         .expect("force site issued");
     stack
-        .cli_ok(&["site", "add", "plain", DISABLE, "--https", "disable", "--wait"])
+        .cli_ok(&[
+            "site", "add", "plain", DISABLE, "--https", "disable", "--wait",
+        ])
         .expect("disable site issued");
     let proxy =
         FrontProxy::start(dir.path(), PROXY, stack.ports.http, &[FORCE, DISABLE]).expect("nginx");
@@ -113,16 +115,23 @@ fn behind_a_real_proxy_no_loop_and_no_spoofing() {
         (response.status == 301).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.sidecar_logs()));
-    wait_until("the disable policy in Envoy", Duration::from_secs(20), || {
-        let response = via_proxy(&proxy, true, DISABLE, &[]);
-        (response.status == 301).then_some(())
-    })
+    wait_until(
+        "the disable policy in Envoy",
+        Duration::from_secs(20),
+        || {
+            let response = via_proxy(&proxy, true, DISABLE, &[]);
+            (response.status == 301).then_some(())
+        },
+    )
     .expect("disable policy applied");
 
     // The proxy: HTTPS to a force site is served by the backend, not redirected (no loop).
     let served = via_proxy(&proxy, true, FORCE, &[]);
     assert_eq!(verdict(&served), (200, None), "{served:?}");
-    assert!(served.body.contains(&format!("Hello from {FORCE}")), "{served:?}");
+    assert!(
+        served.body.contains(&format!("Hello from {FORCE}")),
+        "{served:?}"
+    );
     // Its plain HTTP to a force site is redirected to HTTPS, path and query kept.
     let redirected = via_proxy(&proxy, false, FORCE, &[]);
     assert_eq!(redirected.status, 301, "{redirected:?}");
@@ -137,8 +146,14 @@ fn behind_a_real_proxy_no_loop_and_no_spoofing() {
         to_http.header("location"),
         Some(format!("http://{DISABLE}:{}/x?y", stack.ports.http).as_str())
     );
-    assert_eq!(to_http.header("strict-transport-security"), Some("max-age=0"));
-    assert_eq!(verdict(&via_proxy(&proxy, false, DISABLE, &[])), (200, None));
+    assert_eq!(
+        to_http.header("strict-transport-security"),
+        Some("max-age=0")
+    );
+    assert_eq!(
+        verdict(&via_proxy(&proxy, false, DISABLE, &[])),
+        (200, None)
+    );
     // A client of the proxy cannot forge the scheme either: nginx replaces X-Forwarded-Proto.
     let forged_through_proxy = via_proxy(
         &proxy,
@@ -162,7 +177,8 @@ fn behind_a_real_proxy_no_loop_and_no_spoofing() {
         for forged in forgeries(claimed) {
             let got = verdict(&from_attacker(&stack, tls, host, &forged));
             assert_eq!(
-                got, honest,
+                got,
+                honest,
                 "{host} over {} with {forged:?} was answered differently",
                 if tls { "TLS" } else { "HTTP" }
             );
@@ -170,5 +186,7 @@ fn behind_a_real_proxy_no_loop_and_no_spoofing() {
         }
     }
     assert_eq!(checked, 20);
-    println!("trusted proxy {PROXY}: HTTPS served, HTTP redirected; attacker {ATTACKER}: {checked} forged requests answered as honest ones");
+    println!(
+        "trusted proxy {PROXY}: HTTPS served, HTTP redirected; attacker {ATTACKER}: {checked} forged requests answered as honest ones"
+    );
 }
