@@ -417,3 +417,31 @@ pub fn self_signed(dir: &Path, names: &[&str]) -> anyhow::Result<(PathBuf, PathB
     }
     Ok((cert, key))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::trusted_proxy_ranges;
+
+    #[test]
+    fn trusted_proxy_ranges_follow_the_policy_list() {
+        assert_eq!(
+            trusted_proxy_ranges(&["10.0.0.0/8", "127.0.0.5", "::1"]).expect("valid"),
+            r#"[{address_prefix: "10.0.0.0", prefix_len: 8}, {address_prefix: "127.0.0.5", prefix_len: 32}, {address_prefix: "::1", prefix_len: 128}]"#
+        );
+    }
+
+    #[test]
+    fn no_trusted_proxy_matches_no_peer() {
+        let none: [&str; 0] = [];
+        assert_eq!(
+            trusted_proxy_ranges(&none).expect("valid"),
+            r#"[{address_prefix: "0.0.0.0", prefix_len: 32}]"#
+        );
+    }
+
+    #[test]
+    fn a_bad_trusted_proxy_is_named() {
+        let error = trusted_proxy_ranges(&["proxy.local"]).expect_err("not an address");
+        assert!(error.to_string().contains("proxy.local"), "{error}");
+    }
+}

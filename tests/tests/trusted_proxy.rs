@@ -163,6 +163,27 @@ fn behind_a_real_proxy_no_loop_and_no_spoofing() {
     );
     assert_eq!(forged_through_proxy.status, 301, "{forged_through_proxy:?}");
 
+    // A trusted proxy that re-encrypts to Envoy's TLS listener (its trusted filter chain,
+    // certificates over SDS as for any client) is believed when it says the client used HTTP.
+    let ca = stack.ca_root.display().to_string();
+    let resolve = format!("{FORCE}:{}:127.0.0.1", stack.ports.https);
+    let url = format!("https://{FORCE}:{}/x?y", stack.ports.https);
+    let reencrypted = curl(&[
+        "--interface",
+        PROXY,
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        "-H",
+        "X-Forwarded-Proto: http",
+        "-H",
+        "X-Forwarded-For: 203.0.113.9",
+        &url,
+    ])
+    .expect("curl");
+    assert_eq!(reencrypted.status, 301, "{reencrypted:?}");
+
     // The attacker: every forgery is answered as the plain request from the same address.
     let mut checked = 0;
     for (tls, host, claimed, expected_status) in [
