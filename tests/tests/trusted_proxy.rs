@@ -108,6 +108,15 @@ fn behind_a_real_proxy_no_loop_and_no_spoofing() {
         .expect("disable site issued");
     let proxy =
         FrontProxy::start(dir.path(), PROXY, stack.ports.http, &[FORCE, DISABLE]).expect("nginx");
+    // Envoy serves both certificates (over SDS) before anyone talks TLS to it.
+    for host in [FORCE, DISABLE] {
+        wait_until(
+            &format!("HTTPS for {host}"),
+            Duration::from_secs(20),
+            || stack.https(host, "/").ok(),
+        )
+        .expect("certificate served");
+    }
 
     // The policy reaches the filter within about a second of the sites being saved.
     wait_until("the force policy in Envoy", Duration::from_secs(20), || {
