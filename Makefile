@@ -66,7 +66,8 @@ lint: $(TOOLS)/.wasm-target
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter -p autohttps-host-probe-filter --target wasm32-wasip1 -- -D warnings
 
-## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env and checked by Envoy.
+## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env (and the trusted proxies of
+## the sidecar configuration envoy/validate.toml) and checked by Envoy.
 validate-envoy: $(ENVOY) build
 	@mkdir -p $(VALIDATE_DIR)
 	@test -s $(VALIDATE_DIR)/cert.pem || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
@@ -74,7 +75,7 @@ validate-envoy: $(ENVOY) build
 	  -addext "subjectAltName=DNS:force.demo.test" 2>/dev/null
 	@chmod 600 $(VALIDATE_DIR)/key.pem
 	@for f in envoy/*.yaml; do \
-	  $(RENDER) $$f envoy/validate.env "POLICY_JSON=$$(cat envoy/demo-policy.json)" > $(VALIDATE_DIR)/$$(basename $$f); \
+	  $(RENDER) $$f envoy/validate.env envoy/validate.toml "POLICY_JSON=$$(cat envoy/demo-policy.json)" > $(VALIDATE_DIR)/$$(basename $$f); \
 	  if $(ENVOY) --mode validate -l error -c $(VALIDATE_DIR)/$$(basename $$f) >$(VALIDATE_DIR)/$$(basename $$f).log 2>&1; then \
 	    echo "    envoy --mode validate $$f: OK"; \
 	  else cat $(VALIDATE_DIR)/$$(basename $$f).log; echo "envoy --mode validate $$f: FAILED"; exit 1; fi; \
