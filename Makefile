@@ -66,7 +66,8 @@ lint: $(TOOLS)/.wasm-target
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter -p autohttps-host-probe-filter --target wasm32-wasip1 -- -D warnings
 
-## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env and checked by Envoy.
+## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env (and the trusted proxies of
+## the sidecar configuration envoy/validate.toml) and checked by Envoy.
 validate-envoy: $(ENVOY) build
 	@mkdir -p $(VALIDATE_DIR)
 	@test -s $(VALIDATE_DIR)/cert.pem || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
@@ -74,14 +75,14 @@ validate-envoy: $(ENVOY) build
 	  -addext "subjectAltName=DNS:force.demo.test" 2>/dev/null
 	@chmod 600 $(VALIDATE_DIR)/key.pem
 	@for f in envoy/*.yaml; do \
-	  $(RENDER) $$f envoy/validate.env "POLICY_JSON=$$(cat envoy/demo-policy.json)" > $(VALIDATE_DIR)/$$(basename $$f); \
+	  $(RENDER) $$f envoy/validate.env envoy/validate.toml "POLICY_JSON=$$(cat envoy/demo-policy.json)" > $(VALIDATE_DIR)/$$(basename $$f); \
 	  if $(ENVOY) --mode validate -l error -c $(VALIDATE_DIR)/$$(basename $$f) >$(VALIDATE_DIR)/$$(basename $$f).log 2>&1; then \
 	    echo "    envoy --mode validate $$f: OK"; \
 	  else cat $(VALIDATE_DIR)/$$(basename $$f).log; echo "envoy --mode validate $$f: FAILED"; exit 1; fi; \
 	done
 
-## test: everything CI runs.
-test: tools build lint validate-envoy
+## test: everything CI runs (nginx: the real TLS-terminating proxy of tests/tests/trusted_proxy.rs).
+test: tools build lint validate-envoy $(TOOLS)/.nginx
 	@echo "==> running every test suite"
 	cargo test --locked --workspace
 
@@ -127,11 +128,20 @@ bench: tools build $(TOOLS)/.bench-tools
 	cargo build --locked --release -p autohttps-tests --bin bench
 	target/release/bench
 
-$(TOOLS)/.bench-tools:
+$(TOOLS)/.bench-tools: $(TOOLS)/.nginx
 	@mkdir -p $(TOOLS)
-	@if ! command -v wrk >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
-	  echo "==> installing wrk and nginx (Debian packages)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx >/dev/null; \
+	@if ! command -v wrk >/dev/null; then \
+	  echo "==> installing wrk (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	fi
+	@touch $@
+
+## nginx (Debian): the benchmark's comparison server and the tests' TLS-terminating proxy.
+$(TOOLS)/.nginx:
+	@mkdir -p $(TOOLS)
+	@if ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
+	  echo "==> installing nginx (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
 	fi
 	@touch $@
 

@@ -76,10 +76,21 @@ pub struct Request {
     /// not depend on the version).
     #[serde(default)]
     pub http_version: Option<String>,
+    /// The TCP peer Envoy sees: the loopback address the client binds. [`CLIENT_PEER`] when
+    /// absent; a scenario names another to play a trusted proxy or an attacker beside it.
+    #[serde(default = "client_peer")]
+    pub peer: String,
 }
+
+/// The peer of a scenario that names none: a loopback client of Envoy.
+pub const CLIENT_PEER: &str = "127.0.0.1";
 
 fn get() -> String {
     "GET".to_string()
+}
+
+fn client_peer() -> String {
+    CLIENT_PEER.to_string()
 }
 
 impl Request {
@@ -282,6 +293,20 @@ impl ScenarioFile {
             bail!("policy {name} contains a single quote, which the Envoy template cannot carry");
         }
         Ok(json)
+    }
+
+    /// The policy's `settings.trusted_proxies`: the conformance Envoy's trusted-proxy filter
+    /// chains are rendered from the same list.
+    pub fn trusted_proxies(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        let variant = self
+            .policies
+            .get(name)
+            .ok_or_else(|| anyhow!("no policy named {name:?}"))?;
+        match variant.settings.get("trusted_proxies") {
+            None => Ok(Vec::new()),
+            Some(list) => serde_json::from_value(list.clone())
+                .with_context(|| format!("policy {name}: settings.trusted_proxies")),
+        }
     }
 
     /// The plugin configuration for a request scenario's policy.

@@ -113,6 +113,29 @@ pub fn render(template: &str, values: &HashMap<&str, String>) -> anyhow::Result<
     Ok(out)
 }
 
+/// `TRUSTED_PROXY_RANGES` for `envoy/edge.yaml` and `tests/conformance/envoy.yaml`: the
+/// trusted-proxy list (the sidecar's `edge.trusted_proxies`, the policy's
+/// `settings.trusted_proxies`: CIDRs or bare addresses) as Envoy `CidrRange`s, so Envoy's
+/// filter-chain choice and the filter's trust come from one list. An empty list becomes
+/// `0.0.0.0/32`, an address no TCP peer has: an empty `direct_source_prefix_ranges` would
+/// match every peer.
+pub fn trusted_proxy_ranges<S: AsRef<str>>(proxies: &[S]) -> anyhow::Result<String> {
+    let mut ranges = Vec::with_capacity(proxies.len().max(1));
+    for raw in proxies {
+        let cidr = autohttps_filter::policy::Cidr::parse(raw.as_ref())
+            .map_err(|message| anyhow!("trusted proxy {message}"))?;
+        ranges.push(format!(
+            r#"{{address_prefix: "{}", prefix_len: {}}}"#,
+            cidr.network(),
+            cidr.prefix_len()
+        ));
+    }
+    if ranges.is_empty() {
+        ranges.push(r#"{address_prefix: "0.0.0.0", prefix_len: 32}"#.to_string());
+    }
+    Ok(format!("[{}]", ranges.join(", ")))
+}
+
 /// Renders `envoy/<name>` with these values.
 pub fn render_file(name: &str, values: &HashMap<&str, String>) -> anyhow::Result<String> {
     let path = repo_root().join("envoy").join(name);
@@ -444,4 +467,32 @@ pub fn self_signed(dir: &Path, names: &[&str]) -> anyhow::Result<(PathBuf, PathB
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok((cert, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trusted_proxy_ranges;
+
+    #[test]
+    fn trusted_proxy_ranges_follow_the_policy_list() {
+        assert_eq!(
+            trusted_proxy_ranges(&["10.0.0.0/8", "127.0.0.5", "::1"]).expect("valid"),
+            r#"[{address_prefix: "10.0.0.0", prefix_len: 8}, {address_prefix: "127.0.0.5", prefix_len: 32}, {address_prefix: "::1", prefix_len: 128}]"#
+        );
+    }
+
+    #[test]
+    fn no_trusted_proxy_matches_no_peer() {
+        let none: [&str; 0] = [];
+        assert_eq!(
+            trusted_proxy_ranges(&none).expect("valid"),
+            r#"[{address_prefix: "0.0.0.0", prefix_len: 32}]"#
+        );
+    }
+
+    #[test]
+    fn a_bad_trusted_proxy_is_named() {
+        let error = trusted_proxy_ranges(&["proxy.local"]).expect_err("not an address");
+        assert!(error.to_string().contains("proxy.local"), "{error}");
+    }
 }

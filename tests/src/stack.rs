@@ -214,6 +214,93 @@ impl Drop for Process {
     }
 }
 
+/// nginx (Debian's) as a TLS-terminating proxy in front of a stack's Envoy
+/// (`tests/trusted-proxy/nginx.conf`): it listens on its own loopback address, connects to
+/// Envoy's plain listener from that address, and forwards `X-Forwarded-Proto: $scheme` and
+/// the client appended to `X-Forwarded-For`. Stopped when dropped.
+#[derive(Debug)]
+pub struct FrontProxy {
+    /// The address it listens on and connects to Envoy from.
+    pub address: String,
+    /// Its plain-HTTP port.
+    pub http_port: u16,
+    /// Its TLS port (a self-signed certificate for the names it was started with).
+    pub https_port: u16,
+    _process: Process,
+}
+
+impl FrontProxy {
+    /// Starts nginx on `address` in front of the Envoy plain listener on 127.0.0.1:`envoy_http`,
+    /// with a certificate for `names`, keeping its files in `dir`; waits until it answers.
+    pub fn start(
+        dir: &Path,
+        address: &str,
+        envoy_http: u16,
+        names: &[&str],
+    ) -> anyhow::Result<FrontProxy> {
+        let dir = dir.join(format!("nginx-{address}"));
+        std::fs::create_dir_all(&dir)?;
+        let (cert, key) = envoy::self_signed(&dir, names)?;
+        let (http_port, https_port) = (free_port()?, free_port()?);
+        let template_path = envoy::repo_root().join("tests/trusted-proxy/nginx.conf");
+        let template = std::fs::read_to_string(&template_path)
+            .with_context(|| format!("reading {}", template_path.display()))?;
+        let conf = envoy::render(
+            &template,
+            &HashMap::from([
+                ("DIR", dir.display().to_string()),
+                ("PROXY_ADDRESS", address.to_string()),
+                ("HTTP_PORT", http_port.to_string()),
+                ("HTTPS_PORT", https_port.to_string()),
+                ("TLS_CERT", cert.display().to_string()),
+                ("TLS_KEY", key.display().to_string()),
+                ("ENVOY_HTTP_PORT", envoy_http.to_string()),
+            ]),
+        )?;
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                anyhow!("nginx is not installed; run `make test` (or apt-get install -y nginx)")
+            })?;
+        let dir_arg = dir.display().to_string();
+        let conf_arg = conf_path.display().to_string();
+        let mut process = Process::spawn(
+            "nginx",
+            nginx,
+            &["-p", &dir_arg, "-c", &conf_arg],
+            &[],
+            dir.join("nginx.log"),
+            // Only tests put a proxy in front: it stops by itself if the test dies.
+            Lifetime::Limited(TEST_LIFETIME),
+        )?;
+        for port in [http_port, https_port] {
+            let ready = wait_until("nginx", Duration::from_secs(10), || {
+                if process.exited() {
+                    return Some(false);
+                }
+                TcpStream::connect((address, port)).is_ok().then_some(true)
+            });
+            if !matches!(ready, Ok(true)) {
+                let error_log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+                bail!(
+                    "nginx did not listen on {address}:{port}\n{}\n{error_log}",
+                    process.log_tail(20)
+                );
+            }
+        }
+        Ok(FrontProxy {
+            address: address.to_string(),
+            http_port,
+            https_port,
+            _process: process,
+        })
+    }
+}
+
 /// A tiny HTTP/1.1 backend: answers every request with a small page that names the host and
 /// loads one `http://` image (so that mixed-content modes have something to act on).
 #[derive(Debug)]
@@ -316,16 +403,21 @@ pub struct StackOptions {
     pub verbose: bool,
     /// How long its processes may live.
     pub lifetime: Lifetime,
+    /// The TLS-terminating proxies in front of Envoy (CIDRs or bare addresses): written once,
+    /// into the sidecar's `edge.trusted_proxies` (so the filter's policy) and into Envoy's
+    /// trusted-proxy filter chains (`TRUSTED_PROXY_RANGES`).
+    pub trusted_proxies: Vec<String>,
 }
 
 impl StackOptions {
-    /// A test's stack: quiet, its processes limited to an hour.
+    /// A test's stack: quiet, its processes limited to an hour, no trusted proxy in front.
     pub fn for_test(dir: PathBuf, ports: Ports) -> StackOptions {
         StackOptions {
             dir,
             ports,
             verbose: false,
             lifetime: Lifetime::Limited(TEST_LIFETIME),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -354,13 +446,22 @@ impl Stack {
     /// A stack on free ports in a fresh temporary folder named after `name`, quiet: what each
     /// whole-stack test starts. Keep the folder alive as long as the stack.
     pub fn start_in_temp_dir(name: &str) -> anyhow::Result<(Stack, tempfile::TempDir)> {
+        Stack::start_in_temp_dir_behind(name, &[])
+    }
+
+    /// As [`Stack::start_in_temp_dir`], with these TLS-terminating proxies trusted in front of
+    /// Envoy (see [`StackOptions::trusted_proxies`]).
+    pub fn start_in_temp_dir_behind(
+        name: &str,
+        trusted_proxies: &[&str],
+    ) -> anyhow::Result<(Stack, tempfile::TempDir)> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("autohttps-{name}-"))
             .tempdir()?;
-        let stack = Stack::start(StackOptions::for_test(
-            dir.path().to_path_buf(),
-            Ports::free()?,
-        ))?;
+        let stack = Stack::start(StackOptions {
+            trusted_proxies: trusted_proxies.iter().map(|p| p.to_string()).collect(),
+            ..StackOptions::for_test(dir.path().to_path_buf(), Ports::free()?)
+        })?;
         Ok((stack, dir))
     }
 
@@ -371,6 +472,7 @@ impl Stack {
             ports,
             verbose,
             lifetime,
+            trusted_proxies,
         } = options;
         std::fs::create_dir_all(&dir)?;
         let say = |message: &str| {
@@ -478,7 +580,7 @@ impl Stack {
         let sidecar_config = dir.join("autohttps.toml");
         std::fs::write(
             &sidecar_config,
-            sidecar_toml(&ports, &data_dir, &listener_ca),
+            sidecar_toml(&ports, &data_dir, &listener_ca, &trusted_proxies)?,
         )?;
         let mut stack = Stack {
             ports,
@@ -513,6 +615,10 @@ impl Stack {
             ("BACKEND_ADDRESS", "127.0.0.1".to_string()),
             ("BACKEND_PORT", ports.backend.to_string()),
             ("WASM", envoy::filter_wasm()?.display().to_string()),
+            (
+                "TRUSTED_PROXY_RANGES",
+                envoy::trusted_proxy_ranges(&trusted_proxies)?,
+            ),
         ]);
         let yaml = render_file("edge.yaml", &values)?;
         // Envoy's configuration and log sit beside the other parts' (envoy.yaml, envoy.log).
@@ -889,8 +995,13 @@ fn write_pebble_listener_certificate(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(ca)
 }
 
-fn sidecar_toml(ports: &Ports, data_dir: &Path, listener_ca: &Path) -> String {
-    format!(
+fn sidecar_toml(
+    ports: &Ports,
+    data_dir: &Path,
+    listener_ca: &Path,
+    trusted_proxies: &[String],
+) -> anyhow::Result<String> {
+    Ok(format!(
         r#"# autohttps sidecar configuration for a local stack (written by autohttps_tests::stack).
 data_dir = "{data}"
 
@@ -919,6 +1030,7 @@ socket = "{data}/sds.sock"
 [edge]
 http_port = {http}
 https_port = {https}
+trusted_proxies = {trusted_proxies}
 "#,
         data = data_dir.display(),
         admin = ports.sidecar_admin,
@@ -928,5 +1040,6 @@ https_port = {https}
         dns = ports.dns,
         http = ports.http,
         https = ports.https,
-    )
+        trusted_proxies = serde_json::to_string(trusted_proxies)?,
+    ))
 }

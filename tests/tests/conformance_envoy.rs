@@ -27,7 +27,12 @@ fn template() -> String {
         .expect("conformance Envoy template")
 }
 
-fn config(dir: &Path, plugin_config: &str, feed_port: u16) -> (String, u16, u16, u16) {
+fn config(
+    dir: &Path,
+    plugin_config: &str,
+    trusted_proxies: &[String],
+    feed_port: u16,
+) -> (String, u16, u16, u16) {
     std::fs::create_dir_all(dir).expect("config dir");
     let (cert, key) = envoy::self_signed(dir, &["conformance.test"]).expect("test certificate");
     let (http, https, admin) = (
@@ -50,6 +55,10 @@ fn config(dir: &Path, plugin_config: &str, feed_port: u16) -> (String, u16, u16,
         ("TLS_CERT", cert.display().to_string()),
         ("TLS_KEY", key.display().to_string()),
         ("PLUGIN_CONFIG", plugin_config.to_string()),
+        (
+            "TRUSTED_PROXY_RANGES",
+            envoy::trusted_proxy_ranges(trusted_proxies).expect("trusted proxies"),
+        ),
     ]);
     (
         render(&template(), &values).expect("renders"),
@@ -59,8 +68,8 @@ fn config(dir: &Path, plugin_config: &str, feed_port: u16) -> (String, u16, u16,
     )
 }
 
-fn start(dir: &Path, plugin_config: &str, feed_port: u16) -> Edge {
-    let (yaml, http, https, admin) = config(dir, plugin_config, feed_port);
+fn start(dir: &Path, plugin_config: &str, trusted_proxies: &[String], feed_port: u16) -> Edge {
+    let (yaml, http, https, admin) = config(dir, plugin_config, trusted_proxies, feed_port);
     let envoy = Envoy::start(&yaml, admin).expect("Envoy starts");
     Edge { envoy, http, https }
 }
@@ -72,7 +81,13 @@ fn observe(edge: &Edge, request: &Request, upstream: Upstream) -> Observed {
         ("http", edge.http)
     };
     let url = format!("{scheme}://127.0.0.1:{port}{}", request.path);
-    let mut args: Vec<String> = vec!["-k".into(), "--path-as-is".into()];
+    // The client binds the scenario's peer address: Envoy sees it as the TCP peer.
+    let mut args: Vec<String> = vec![
+        "-k".into(),
+        "--path-as-is".into(),
+        "--interface".into(),
+        request.peer.clone(),
+    ];
     match request.http_version.as_deref() {
         None | Some("1.1") => {}
         Some("1.0") => args.push("--http1.0".into()),
@@ -113,7 +128,13 @@ fn request_scenarios_in_envoy() {
     for scenario in &file.scenarios {
         let edge = edges.entry(scenario.policy.clone()).or_insert_with(|| {
             let plugin = file.plugin_config(&scenario.policy).expect("policy");
-            start(&dir.path().join(&scenario.policy), &plugin, unused_feed)
+            let trusted = file.trusted_proxies(&scenario.policy).expect("policy");
+            start(
+                &dir.path().join(&scenario.policy),
+                &plugin,
+                &trusted,
+                unused_feed,
+            )
         });
         let mut expected = scenario.expect.clone();
         expected.normalise();
@@ -145,7 +166,7 @@ fn invalid_configurations_rejected_by_envoy() {
     let dir = tempfile::tempdir().expect("tempdir");
     for case in &file.invalid_configs {
         // The raw configuration sits in a single-quoted YAML string: double any quote.
-        let (yaml, ..) = config(dir.path(), &case.config.replace('\'', "''"), 1);
+        let (yaml, ..) = config(dir.path(), &case.config.replace('\'', "''"), &[], 1);
         let path = dir.path().join(format!("{}.yaml", case.name));
         let (accepted, text) = envoy::validate(&yaml, &path).expect("envoy runs");
         assert!(!accepted, "{}: Envoy accepted it:\n{text}", case.name);
@@ -245,7 +266,13 @@ fn feed_scenarios_in_envoy() {
             None => free_port().expect("port"),
         };
         let plugin = file.feed_plugin_config(scenario).expect("config");
-        let edge = start(&dir.path().join(&scenario.name), &plugin, feed_port);
+        let trusted = file.trusted_proxies("main").expect("main policy");
+        let edge = start(
+            &dir.path().join(&scenario.name),
+            &plugin,
+            &trusted,
+            feed_port,
+        );
         let counter = format!("wasmcustom.autohttps.{}", scenario.counter);
         let deadline = Instant::now() + Duration::from_secs(15);
         while edge.envoy.stat(&counter).expect("stats").unwrap_or(0) == 0 {

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use autohttps_filter::policy::DIRECT_PEER_FILTER_STATE;
 use autohttps_tests::conformance::{FEED_TIMEOUT_MS, Observed, Request, ScenarioFile, Upstream};
 use autohttps_tests::envoy::filter_wasm;
 use autohttps_tests::wasm_host::{FilterModule, Host, HostBuilder};
@@ -21,11 +22,17 @@ fn host(module: &FilterModule, config: &str) -> Host {
         .expect("the VM starts")
 }
 
-/// Sends a request as Envoy would present it (peer 127.0.0.1, TLS property on HTTPS) and
-/// returns what the client would see.
+/// Sends a request as Envoy would present it (the TCP peer in the filter state the Envoy
+/// configuration records it in, the TLS property on HTTPS) and returns what the client would
+/// see. `source.address` is what Envoy derives from a trusted proxy's `X-Forwarded-For`: set
+/// to an address the policy trusts, so a filter that read it would be caught believing it.
 fn observe(host: &mut Host, request: &Request, upstream: Upstream) -> Observed {
     let mut stream = host.http_stream().expect("stream");
-    stream.set_property(&["source", "address"], "127.0.0.1:40000");
+    stream.set_property(
+        &["filter_state", DIRECT_PEER_FILTER_STATE],
+        request.peer.as_str(),
+    );
+    stream.set_property(&["source", "address"], "10.0.0.1:0");
     if request.tls() {
         stream.set_property(&["connection", "tls_version"], "TLSv1.3");
     }

@@ -1,8 +1,16 @@
 //! One HTTP stream: gather the request facts, decide, redirect or decorate the response.
 //!
 //! Host calls are kept to what the decision needs: `:path`, `:authority` and the TLS property
-//! always; the peer and `X-Forwarded-Proto` only when the policy trusts some proxy; `:method`
-//! only when redirecting; response headers only when something is to be added.
+//! always; the directly connected peer and `X-Forwarded-Proto` only when the policy trusts some
+//! proxy; `:method` only when redirecting; response headers only when something is to be added.
+//!
+//! The peer is the TCP connection's remote address, which Envoy does not offer a wasm filter as
+//! a property: `source.address` is the address the connection manager *derived*, from
+//! `X-Forwarded-For` once `xff_num_trusted_hops` is set, so a client could name any address
+//! there. The Envoy configuration records the connection's own address in the filter state
+//! [`DIRECT_PEER_FILTER_STATE`] (`envoy.filters.network.set_filter_state` with
+//! `%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%`, see `envoy/edge.yaml`); without it no
+//! peer is known and no proxy is trusted.
 
 use std::rc::Rc;
 
@@ -10,7 +18,10 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
 
-use crate::policy::{Decision, Policy, RequestFacts, ResponsePlan, UpstreamHeaders, parse_peer};
+use crate::policy::{
+    DIRECT_PEER_FILTER_STATE, Decision, Policy, RequestFacts, ResponsePlan, UpstreamHeaders,
+    parse_peer,
+};
 
 use super::log;
 use super::metrics::Metrics;
@@ -59,7 +70,7 @@ impl HttpContext for Stream {
         let authority = header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
         let tls = downstream_tls();
         let (peer, forwarded_proto) = if self.policy.trusts_any_proxy() {
-            let peer = property(vec!["source", "address"])
+            let peer = property(vec!["filter_state", DIRECT_PEER_FILTER_STATE])
                 .and_then(|raw| parse_peer(&String::from_utf8_lossy(&raw)));
             let forwarded = match peer {
                 Some(address) if self.policy.trusts(address) => {

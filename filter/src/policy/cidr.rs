@@ -32,6 +32,16 @@ impl Cidr {
         Ok(Cidr { network, prefix })
     }
 
+    /// The network address as written (host bits are not cleared).
+    pub fn network(&self) -> IpAddr {
+        self.network
+    }
+
+    /// The prefix length: 32 or 128 for a bare address.
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix
+    }
+
     /// Whether `address` is inside this network. IPv4-mapped IPv6 addresses match IPv4 ranges.
     pub fn contains(&self, address: IpAddr) -> bool {
         let address = match address {
@@ -59,8 +69,14 @@ fn prefix_match(network: &[u8], address: &[u8], prefix: u8) -> bool {
     network[full] & mask == address[full] & mask
 }
 
-/// Parses the peer address Envoy reports (`source.address`): `1.2.3.4:5678`, `[::1]:5678`, or a
-/// bare address.
+/// The Envoy filter-state key under which the Envoy configuration stores the directly connected
+/// peer's address (`%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%`, set by
+/// `envoy.filters.network.set_filter_state` on each new connection). The filter reads the peer
+/// from here, never from `source.address`, which Envoy derives from `X-Forwarded-For` once
+/// `xff_num_trusted_hops` is set.
+pub const DIRECT_PEER_FILTER_STATE: &str = "autohttps.direct_peer";
+
+/// Parses a peer address as Envoy formats one: `1.2.3.4:5678`, `[::1]:5678`, or a bare address.
 pub fn parse_peer(raw: &str) -> Option<IpAddr> {
     if let Ok(address) = raw.parse::<IpAddr>() {
         return Some(address);

@@ -16,13 +16,16 @@ pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 pub struct RequestFacts<'a> {
     /// Whether the downstream connection is TLS.
     pub tls: bool,
-    /// The peer that sent the request, when known.
+    /// The directly connected peer (the TCP connection's remote address), when known. Never an
+    /// address derived from a header the client sends (`X-Forwarded-For`, `Forwarded`): trust
+    /// in `forwarded_proto` is decided on this address alone.
     pub peer: Option<IpAddr>,
     /// `:authority` (or `Host`).
     pub authority: &'a str,
     /// `:path`, raw, with its query.
     pub path: &'a str,
-    /// `X-Forwarded-Proto`, believed only from a trusted proxy.
+    /// `X-Forwarded-Proto`, believed only when `peer` is a trusted proxy. `Forwarded`
+    /// (RFC 7239) is never consulted, from any peer.
     pub forwarded_proto: Option<&'a str>,
 }
 

@@ -9,7 +9,7 @@ mod host;
 mod schema;
 mod stream;
 
-pub use cidr::{Cidr, parse_peer};
+pub use cidr::{Cidr, DIRECT_PEER_FILTER_STATE, parse_peer};
 pub use compile::{Policy, Problem, Site};
 pub use decide::{
     ACME_CHALLENGE_PREFIX, Decision, Outcome, Redirect, RequestFacts, ResponseHeaders,

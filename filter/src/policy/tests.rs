@@ -623,6 +623,59 @@ fn cases() -> Vec<Case> {
             "10.0.0.1",
             "https",
         ),
+        // Behind a TLS-terminating proxy (10.0.0.0/8), with an attacker (192.0.2.0/24) that
+        // reaches the edge directly: the peer here is the TCP peer, so whatever the attacker
+        // claims in headers it stays an untrusted peer and its X-Forwarded-Proto is ignored.
+        forwarded(
+            http(
+                "proxy_http_to_force_site_redirects",
+                "force.test",
+                "/a?b",
+                Redir(301, "https://force.test/a?b", false),
+            ),
+            "10.0.0.5",
+            "http",
+        ),
+        forwarded(
+            http(
+                "proxy_http_to_disable_site_passes",
+                "off.test",
+                "/",
+                Pass(Pass_, false, Off),
+            ),
+            "10.0.0.5",
+            "http",
+        ),
+        forwarded(
+            http(
+                "attacker_xfp_https_to_disable_site_passes",
+                "off.test",
+                "/",
+                Pass(Pass_, false, Off),
+            ),
+            "192.0.2.66",
+            "https",
+        ),
+        forwarded(
+            https(
+                "attacker_xfp_http_over_tls_to_disable_site_redirects",
+                "off.test",
+                "/p",
+                Redir(301, "http://off.test/p", true),
+            ),
+            "192.0.2.66",
+            "http",
+        ),
+        forwarded(
+            https(
+                "attacker_xfp_https_over_tls_to_disable_site_redirects",
+                "off.test",
+                "/p",
+                Redir(301, "http://off.test/p", true),
+            ),
+            "192.0.2.66",
+            "https",
+        ),
         forwarded(
             http(
                 "xfp_from_unknown_peer_ignored",

@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         ports,
         verbose: true,
         lifetime: Lifetime::UntilStopped,
+        trusted_proxies: Vec::new(),
     })?;
 
     println!(
