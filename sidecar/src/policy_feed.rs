@@ -99,6 +99,7 @@ pub fn build_document(
                 },
                 mixed_content: site.policy.mixed_content,
                 report_uri: None,
+                report_token: None,
                 cert_ready,
             }
         })
