@@ -9,6 +9,7 @@
 pub mod acme;
 pub mod admin_api;
 pub mod cli;
+pub mod client_events;
 pub mod clock;
 pub mod config;
 pub mod csp_reports;

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::admin_api::admin_router;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::csp_reports::{ReportLimits, ReportTokens};
 use crate::dns_check::DnsPrecheck;
 use crate::error::{Error, Result};
 use crate::http01::{ChallengeResponder, internal_router};
@@ -39,6 +40,7 @@ pub struct Sidecar {
     pub responder: ChallengeResponder,
     clock: Arc<dyn Clock>,
     admin_token: String,
+    report_tokens: ReportTokens,
 }
 
 /// A running sidecar. Dropping it stops its listeners and the issuer.
@@ -100,6 +102,7 @@ impl Sidecar {
         crate::store::create_private_dir(&config.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path())?);
         let admin_token = admin_token(&config)?;
+        let report_tokens = ReportTokens::load_or_create(&config.data_dir)?;
         let responder = ChallengeResponder::default();
         let dns = DnsPrecheck::new(&config.dns, &config.platform)?;
         if !config.platform.precheck_enabled() {
@@ -121,6 +124,7 @@ impl Sidecar {
             responder,
             clock,
             admin_token,
+            report_tokens,
         })
     }
 
@@ -136,12 +140,15 @@ impl Sidecar {
             Arc::clone(&self.store),
             Arc::clone(&self.clock),
             self.config.edge.settings(),
+            self.report_tokens.clone(),
         );
         internal_router(self.responder.clone())
             .merge(feed.router())
             .merge(crate::csp_reports::router(
                 Arc::clone(&self.store),
                 Arc::clone(&self.clock),
+                self.report_tokens.clone(),
+                ReportLimits::default(),
             ))
     }
 
