@@ -16,8 +16,10 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::dns_check::DnsPrecheck;
 use crate::error::{Error, Result};
+use crate::hooks::{HookWorkers, Hooks, watch_expiry};
 use crate::http01::{ChallengeResponder, internal_router};
 use crate::issuance::Issuer;
+use crate::metrics::ops_router;
 use crate::policy_feed::{POLICY_PATH, PolicyFeed};
 use crate::sds::{
     SdsConfig, SdsListen, SdsServer, StoreCertificateSource, default_certificate_from_files,
@@ -39,6 +41,7 @@ pub struct Sidecar {
     pub responder: ChallengeResponder,
     clock: Arc<dyn Clock>,
     admin_token: String,
+    hook_workers: HookWorkers,
 }
 
 /// A running sidecar. Dropping it stops its listeners and the issuer.
@@ -50,17 +53,22 @@ pub struct RunningSidecar {
     pub internal_addr: SocketAddr,
     /// Where the SDS server listens (the real port when TCP port 0 was configured).
     pub sds_listen: SdsListen,
+    /// Where the operations listener (`/metrics`, `/readyz`, `/healthz`) listens.
+    pub metrics_addr: SocketAddr,
     /// The store.
     pub store: Arc<dyn Store>,
     /// The issuer.
     pub issuer: Arc<Issuer>,
     sds: Option<SdsServer>,
     tasks: Vec<JoinHandle<()>>,
+    /// Hook delivery and the expiry watch: stopped with the rest, but their end (a webhook
+    /// whose client cannot be built) does not stop the sidecar.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Drop for RunningSidecar {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(&self.background) {
             task.abort();
         }
     }
@@ -69,7 +77,7 @@ impl Drop for RunningSidecar {
 impl RunningSidecar {
     /// Stops everything; ends the SDS streams and removes the SDS socket file.
     pub async fn shutdown(mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(&self.background) {
             task.abort();
         }
         if let Some(sds) = self.sds.take()
@@ -107,12 +115,14 @@ impl Sidecar {
                 "platform.addresses and platform.cname_target are unset: the DNS pre-check is off"
             );
         }
+        let (hooks, hook_workers) = Hooks::new(&config.hooks)?;
         let issuer = Issuer::new(
             Arc::clone(&store),
             Arc::clone(&clock),
             config.acme.clone(),
             dns,
             responder.clone(),
+            hooks,
         );
         Ok(Self {
             config,
@@ -121,6 +131,7 @@ impl Sidecar {
             responder,
             clock,
             admin_token,
+            hook_workers,
         })
     }
 
@@ -193,7 +204,7 @@ impl Sidecar {
     }
 
     /// Like [`Sidecar::serve`], on admin and internal listeners the caller has bound
-    /// (`listen.admin` and `listen.internal` are not used): for a caller that must name a port
+    /// (`listen.admin` and `listen.internal` are not used; `listen.metrics` is bound here): for a caller that must name a port
     /// before the sidecar starts and cannot leave it unbound meanwhile, such as a test that
     /// tells its CA which port to validate HTTP-01 on.
     pub async fn serve_on(
@@ -208,10 +219,28 @@ impl Sidecar {
         let internal_addr = internal
             .local_addr()
             .map_err(|e| Error::io("read internal address", "", e))?;
+        let metrics = bind(self.config.listen.metrics, "metrics").await?;
+        let metrics_addr = metrics
+            .local_addr()
+            .map_err(|e| Error::io("read metrics address", "", e))?;
         let (sds, sds_refresh) = self.start_sds().await?;
         let sds_listen = sds.local_addr().clone();
+        let ops_app = ops_router(
+            Arc::clone(&self.issuer),
+            sds_listen.clone(),
+            self.config.metrics.clone(),
+        );
         let admin_app = self.admin_router();
         let internal_app = self.internal_router().merge(extra_internal_routes);
+        let mut background = self.hook_workers.spawn();
+        if !self.issuer.hooks().is_empty() {
+            background.push(tokio::spawn(watch_expiry(
+                self.issuer.hooks().clone(),
+                Arc::clone(&self.store),
+                Arc::clone(&self.clock),
+                self.config.hooks.expiring_within(),
+            )));
+        }
         let tasks = vec![
             sds_refresh,
             tokio::spawn(async move {
@@ -224,6 +253,11 @@ impl Sidecar {
                     tracing::error!(%error, "internal listener stopped");
                 }
             }),
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(metrics, ops_app).await {
+                    tracing::error!(%error, "metrics listener stopped");
+                }
+            }),
             tokio::spawn(Arc::clone(&self.issuer).run()),
         ];
         let sds_at = match &sds_listen {
@@ -233,6 +267,7 @@ impl Sidecar {
         tracing::info!(
             %admin_addr,
             %internal_addr,
+            %metrics_addr,
             sds = %sds_at,
             policy_feed = %format!("http://{internal_addr}{POLICY_PATH}"),
             directory = %self.config.acme.directory_url,
@@ -242,10 +277,12 @@ impl Sidecar {
             admin_addr,
             internal_addr,
             sds_listen,
+            metrics_addr,
             store: self.store,
             issuer: self.issuer,
             sds: Some(sds),
             tasks,
+            background,
         })
     }
 }

@@ -97,6 +97,9 @@ CREATE TABLE mixed_content (
 "#,
 ];
 
+/// How long a statement waits for another connection's lock before failing "database is locked".
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The SQLite implementation of [`Store`].
 #[derive(Debug)]
 pub struct SqliteStore {
@@ -132,7 +135,7 @@ impl SqliteStore {
     }
 
     fn from_connection(mut connection: Connection) -> Result<Self> {
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
@@ -1065,6 +1068,14 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    fn check_writable(&self, patience: std::time::Duration) -> Result<()> {
+        let conn = self.lock();
+        conn.busy_timeout(patience)?;
+        let probe = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;");
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(probe?)
     }
 
     fn counts(&self) -> Result<StoreCounts> {
