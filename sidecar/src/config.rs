@@ -50,6 +50,10 @@ pub struct Config {
     pub sds: SdsSettings,
     /// The edge's public ports and trusted proxies, as the filter sees them (policy feed).
     pub edge: EdgeConfig,
+    /// What the metrics endpoint exposes.
+    pub metrics: crate::metrics::MetricsConfig,
+    /// Event hooks (webhooks, commands).
+    pub hooks: crate::hooks::HooksConfig,
 }
 
 /// Listener addresses; both default to loopback.
@@ -61,6 +65,10 @@ pub struct ListenConfig {
     /// The internal listener Envoy routes to: HTTP-01 challenges and the policy feed
     /// (`GET /v1/policy`).
     pub internal: SocketAddr,
+    /// The operations listener: Prometheus `/metrics`, `/readyz`, `/healthz`; no token, so
+    /// keep it on loopback or a monitoring network. Default `127.0.0.1:9402` (cert-manager's
+    /// metrics port; Prometheus itself takes 9090).
+    pub metrics: SocketAddr,
 }
 
 /// Admin API access.
@@ -202,6 +210,8 @@ impl Default for Config {
             dns: DnsConfig::default(),
             sds: SdsSettings::default(),
             edge: EdgeConfig::default(),
+            metrics: crate::metrics::MetricsConfig::default(),
+            hooks: crate::hooks::HooksConfig::default(),
         }
     }
 }
@@ -211,6 +221,7 @@ impl Default for ListenConfig {
         Self {
             admin: SocketAddr::from(([127, 0, 0, 1], 8081)),
             internal: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 9402)),
         }
     }
 }
@@ -259,6 +270,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("AUTOHTTPS_DATA_DIR", "data_dir"),
     ("AUTOHTTPS_ADMIN_LISTEN", "listen.admin"),
     ("AUTOHTTPS_INTERNAL_LISTEN", "listen.internal"),
+    ("AUTOHTTPS_METRICS_LISTEN", "listen.metrics"),
     ("AUTOHTTPS_ADMIN_TOKEN", "admin.token"),
     ("AUTOHTTPS_ACME_DIRECTORY", "acme.directory_url"),
     ("AUTOHTTPS_ACME_PROFILE", "acme.profile"),
@@ -326,6 +338,9 @@ impl Config {
         }
         if let Some(v) = var("AUTOHTTPS_INTERNAL_LISTEN") {
             self.listen.internal = parse_addr("AUTOHTTPS_INTERNAL_LISTEN", v)?;
+        }
+        if let Some(v) = var("AUTOHTTPS_METRICS_LISTEN") {
+            self.listen.metrics = parse_addr("AUTOHTTPS_METRICS_LISTEN", v)?;
         }
         if let Some(v) = var("AUTOHTTPS_ADMIN_TOKEN") {
             self.admin.token = Some(v);
@@ -437,6 +452,7 @@ impl Config {
             ));
         }
         self.edge.settings().validate()?;
+        self.hooks.validate()?;
         Ok(())
     }
 

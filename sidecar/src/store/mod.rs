@@ -458,6 +458,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn counts(&self) -> Result<StoreCounts>;
     /// All current certificates (for expiry metrics).
     fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>>;
+    /// Checks that a change could be written now (the write lock can be taken), waiting at
+    /// most `patience`; writes nothing. For readiness probes.
+    fn check_writable(&self, patience: std::time::Duration) -> Result<()>;
 
     /// Records one CSP violation for a site: the page and the resource it was blocked from
     /// loading, counted when the pair is seen again. A new pair is always added; when the

@@ -105,6 +105,9 @@ CREATE INDEX mixed_content_eviction ON mixed_content(site, reports, last_seen);
 "#,
 ];
 
+/// How long a statement waits for another connection's lock before failing "database is locked".
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The SQLite implementation of [`Store`].
 #[derive(Debug)]
 pub struct SqliteStore {
@@ -140,7 +143,7 @@ impl SqliteStore {
     }
 
     fn from_connection(mut connection: Connection) -> Result<Self> {
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
@@ -1102,6 +1105,14 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    fn check_writable(&self, patience: std::time::Duration) -> Result<()> {
+        let conn = self.lock();
+        conn.busy_timeout(patience)?;
+        let probe = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;");
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(probe?)
     }
 
     fn counts(&self) -> Result<StoreCounts> {
