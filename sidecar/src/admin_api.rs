@@ -533,6 +533,7 @@ async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> 
             .unwrap_or_default();
         let _ = writeln!(text, "autohttps_sites{{https_mode=\"{mode}\"}} {n}");
     }
+    crate::client_events::COUNTERS.write_prometheus(&mut text);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -55,6 +55,10 @@ pub struct Config {
     pub edge: EdgeConfig,
     /// How `serve` writes its log.
     pub log: LogConfig,
+    /// What the metrics endpoint exposes.
+    pub metrics: crate::metrics::MetricsConfig,
+    /// Event hooks (webhooks, commands).
+    pub hooks: crate::hooks::HooksConfig,
 }
 
 /// How `serve` writes its log (the level comes from `RUST_LOG`, default `info`).
@@ -85,6 +89,10 @@ pub struct ListenConfig {
     /// The internal listener Envoy routes to: HTTP-01 challenges and the policy feed
     /// (`GET /v1/policy`).
     pub internal: SocketAddr,
+    /// The operations listener: Prometheus `/metrics`, `/readyz`, `/healthz`; no token, so
+    /// keep it on loopback or a monitoring network. Default `127.0.0.1:9402` (cert-manager's
+    /// metrics port; Prometheus itself takes 9090).
+    pub metrics: SocketAddr,
 }
 
 /// Admin API access.
@@ -227,6 +235,8 @@ impl Default for Config {
             sds: SdsSettings::default(),
             edge: EdgeConfig::default(),
             log: LogConfig::default(),
+            metrics: crate::metrics::MetricsConfig::default(),
+            hooks: crate::hooks::HooksConfig::default(),
         }
     }
 }
@@ -236,6 +246,7 @@ impl Default for ListenConfig {
         Self {
             admin: SocketAddr::from(([127, 0, 0, 1], 8081)),
             internal: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 9402)),
         }
     }
 }
@@ -294,6 +305,7 @@ pub const ENV_PREFIX: &str = "AUTOHTTPS_";
 const LEGACY_ENV_NAMES: &[(&str, &str)] = &[
     ("AUTOHTTPS_ADMIN_LISTEN", "listen.admin"),
     ("AUTOHTTPS_INTERNAL_LISTEN", "listen.internal"),
+    ("AUTOHTTPS_METRICS_LISTEN", "listen.metrics"),
     ("AUTOHTTPS_ACME_DIRECTORY", "acme.directory_url"),
     ("AUTOHTTPS_ACME_ROOT_CA", "acme.extra_root_ca"),
     ("AUTOHTTPS_PLATFORM_CNAME", "platform.cname_target"),
@@ -589,6 +601,7 @@ impl Config {
             ));
         }
         self.edge.settings().validate()?;
+        self.hooks.validate()?;
         Ok(())
     }
 

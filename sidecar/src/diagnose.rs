@@ -88,18 +88,29 @@ pub struct Facts<'a> {
     pub now: OffsetDateTime,
 }
 
+/// The fix for a name whose DNS does not point at `platform` (as
+/// [`crate::dns_check::platform_description`]
+/// words it).
+pub fn dns_fix(name: &Hostname, platform: &str, site: &str) -> String {
+    format!(
+        "Verify the DNS records of {name}: point it at the platform ({platform}) with an A/AAAA record or a CNAME. It is left out of the certificate until then; the next check runs automatically, or run `autohttps cert regenerate {site}` after fixing DNS."
+    )
+}
+
+/// The fix for a site whose last attempt failed with `problem`, retried at `next`.
+pub fn failing_fix(problem: &str, next: Option<OffsetDateTime>, site: &str) -> String {
+    let next = next.map_or_else(|| "not scheduled".to_owned(), human_time);
+    format!(
+        "The last attempt failed ({problem}). It is retried at {next}; fix the cause, then run `autohttps cert regenerate {site}` to retry now."
+    )
+}
+
 /// Decides the verdict and the fix. Pure.
 pub fn decide(facts: &Facts<'_>) -> (Verdict, String) {
     let name = facts.hostname;
     let site = facts.site;
     if !facts.dns_points_here {
-        return (
-            Verdict::DnsNotPointing,
-            format!(
-                "Verify the DNS records of {name}: point it at the platform ({}) with an A/AAAA record or a CNAME. It is left out of the certificate until then; the next check runs automatically, or run `autohttps cert regenerate {site}` after fixing DNS.",
-                facts.platform
-            ),
-        );
+        return (Verdict::DnsNotPointing, dns_fix(name, facts.platform, site));
     }
     let valid = facts.covering.filter(|c| c.not_after > facts.now);
     if let Some(certificate) = valid {
@@ -116,15 +127,9 @@ pub fn decide(facts: &Facts<'_>) -> (Verdict, String) {
     }
     if facts.schedule.failures > 0 {
         let problem = facts.schedule.last_problem.as_deref().unwrap_or("unknown");
-        let next = facts
-            .schedule
-            .next_attempt_at
-            .map_or_else(|| "not scheduled".to_owned(), human_time);
         return (
             Verdict::Failing,
-            format!(
-                "The last attempt failed ({problem}). It is retried at {next}; fix the cause, then run `autohttps cert regenerate {site}` to retry now."
-            ),
+            failing_fix(problem, facts.schedule.next_attempt_at, site),
         );
     }
     let scheduled_soon = facts

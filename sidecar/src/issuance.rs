@@ -14,8 +14,10 @@ use crate::clock::Clock;
 use crate::config::AcmeConfig;
 use crate::dns_check::DnsPrecheck;
 use crate::error::{Error, Result};
+use crate::hooks::{EventKind, HookEvent, Hooks};
 use crate::hostname::Hostname;
 use crate::http01::ChallengeResponder;
+use crate::metrics::AcmeRequestMetrics;
 use crate::renewal::{ari_renew_at, renew_at, retry_at};
 use crate::store::{NewCertificate, Site, Store, StoredCertificate};
 
@@ -42,6 +44,8 @@ pub struct Issuer {
     wake: Notify,
     working: Mutex<HashSet<String>>,
     orders: Semaphore,
+    acme_requests: AcmeRequestMetrics,
+    hooks: Hooks,
 }
 
 /// What one attempt at a site achieved.
@@ -63,6 +67,7 @@ impl Issuer {
         config: AcmeConfig,
         dns: DnsPrecheck,
         responder: ChallengeResponder,
+        hooks: Hooks,
     ) -> Arc<Self> {
         let orders = Semaphore::new(config.orders_in_flight);
         Arc::new(Self {
@@ -75,6 +80,8 @@ impl Issuer {
             wake: Notify::new(),
             working: Mutex::new(HashSet::new()),
             orders,
+            acme_requests: AcmeRequestMetrics::default(),
+            hooks,
         })
     }
 
@@ -86,6 +93,16 @@ impl Issuer {
     /// The clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+
+    /// Where events go (webhooks, commands).
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
+    }
+
+    /// The ACME client's request counts and timings.
+    pub fn acme_requests(&self) -> &AcmeRequestMetrics {
+        &self.acme_requests
     }
 
     /// The DNS pre-check.
@@ -117,7 +134,12 @@ impl Issuer {
     async fn acme(&self) -> Result<&AcmeClient> {
         self.acme
             .get_or_try_init(|| {
-                AcmeClient::connect(&self.config, self.store.as_ref(), self.clock.now())
+                AcmeClient::connect(
+                    &self.config,
+                    self.store.as_ref(),
+                    self.clock.now(),
+                    &self.acme_requests,
+                )
             })
             .await
     }
@@ -297,6 +319,15 @@ impl Issuer {
                     None,
                     Some("dns"),
                 )?;
+                let mut event = HookEvent::new(EventKind::DnsExcluded, site_name, self.clock.now());
+                event.fix = Some(crate::diagnose::dns_fix(
+                    &name,
+                    &crate::dns_check::platform_description(self.dns.platform()),
+                    site_name,
+                ));
+                event.reason = Some(why.clone());
+                event.hostname = Some(name.to_string());
+                self.hooks.emit(&event);
                 report.dns_failures.push((name, why));
             }
         }
@@ -383,6 +414,17 @@ impl Issuer {
             failures,
             last_problem.as_deref(),
         )?;
+        let attempt_failed = order_failure.is_some() || (passing.is_empty() && failed);
+        if let (true, Some(problem)) = (attempt_failed, &last_problem) {
+            let scheduled = self
+                .store
+                .site(site_name)?
+                .and_then(|s| s.issuance.next_attempt_at);
+            let mut event = HookEvent::new(EventKind::CertificateFailed, site_name, now);
+            event.fix = Some(crate::diagnose::failing_fix(problem, scheduled, site_name));
+            event.reason = Some(problem.clone());
+            self.hooks.emit(&event);
+        }
         if let Some(error) = &order_failure {
             let names = site
                 .names()
@@ -454,6 +496,7 @@ impl Issuer {
                 "the CA's certificate lacks {missing:?}; it was not stored"
             )));
         }
+        let renewal = !self.store.current_certificates(&row.site)?.is_empty();
         let stored = self.store.store_certificate(
             NewCertificate {
                 site: row.site.clone(),
@@ -469,6 +512,16 @@ impl Issuer {
             self.clock.now(),
         )?;
         tracing::info!(site = %row.site, serial = %stored.serial, names = stored.names.len(), "certificate stored");
+        let kind = if renewal {
+            EventKind::CertificateRenewed
+        } else {
+            EventKind::CertificateIssued
+        };
+        let mut event = HookEvent::new(kind, &row.site, self.clock.now());
+        event.names = stored.names.iter().map(ToString::to_string).collect();
+        event.serial = Some(stored.serial.clone());
+        event.not_after = Some(stored.not_after);
+        self.hooks.emit(&event);
         Ok(stored.id)
     }
 }

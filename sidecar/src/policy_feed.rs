@@ -19,8 +19,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
+use crate::csp_reports::ReportTokens;
 use crate::error::{Error, Result};
-use crate::store::{Site, Store, StoredCertificate};
+use crate::store::{MixedContent, Site, Store, StoredCertificate};
 
 /// The path the filter polls.
 pub const POLICY_PATH: &str = "/v1/policy";
@@ -50,7 +51,7 @@ impl EdgeSettings {
     /// Checks these settings with the filter's own rules (a bad trusted-proxy CIDR would make
     /// every policy invalid), so a mistake is refused at start, not at Envoy's first poll.
     pub fn validate(&self) -> Result<()> {
-        let document = build_document(&[], &[], self, OffsetDateTime::UNIX_EPOCH);
+        let document = build_document(&[], &[], self, None, OffsetDateTime::UNIX_EPOCH);
         Policy::compile(&document)
             .map(|_| ())
             .map_err(|error| Error::Config(format!("edge settings: {error}")))
@@ -58,15 +59,18 @@ impl EdgeSettings {
 }
 
 /// Builds the policy document for these sites and their current certificates. A name is
-/// `cert_ready` when an unexpired certificate of its site covers it. The version is a hash of
-/// the content, so that identical content always has the same ETag, on every sidecar of a
-/// fleet.
+/// `cert_ready` when an unexpired certificate of its site covers it; a site in `report` mode
+/// carries its report token for the epoch of `now`, when `tokens` are given. The version is a
+/// hash of the content, so that identical content always has the same ETag, on every sidecar
+/// of a fleet (sharing the token key).
 pub fn build_document(
     sites: &[Site],
     certificates: &[StoredCertificate],
     settings: &EdgeSettings,
+    tokens: Option<&ReportTokens>,
     now: OffsetDateTime,
 ) -> PolicyDocument {
+    let epoch = ReportTokens::epoch(now);
     let mut specs: Vec<SiteSpec> = sites
         .iter()
         .map(|site| {
@@ -109,6 +113,9 @@ pub fn build_document(
                 },
                 mixed_content: site.policy.mixed_content,
                 report_uri: None,
+                report_token: tokens
+                    .filter(|_| site.policy.mixed_content == MixedContent::Report)
+                    .map(|tokens| tokens.token(&site.name, epoch)),
                 cert_ready,
             }
         })
@@ -142,7 +149,8 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 /// A served policy: its JSON and ETag.
 #[derive(Debug, Clone)]
 struct Served {
-    generations: (u64, u64),
+    /// The store's change generations (sites, certificates) and the report token epoch.
+    generations: (u64, u64, i64),
     body: Arc<[u8]>,
     etag: HeaderValue,
     version: String,
@@ -154,6 +162,7 @@ pub struct PolicyFeed {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     settings: EdgeSettings,
+    tokens: ReportTokens,
     sites_changed: watch::Receiver<u64>,
     certificates_changed: watch::Receiver<u64>,
     served: Arc<Mutex<Option<Served>>>,
@@ -168,14 +177,20 @@ impl std::fmt::Debug for PolicyFeed {
 }
 
 impl PolicyFeed {
-    /// A feed over this store.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, settings: EdgeSettings) -> Self {
+    /// A feed over this store; `tokens` make the report-mode sites' report tokens.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        settings: EdgeSettings,
+        tokens: ReportTokens,
+    ) -> Self {
         let sites_changed = store.sites_changed();
         let certificates_changed = store.certificates_changed();
         PolicyFeed {
             store,
             clock,
             settings,
+            tokens,
             sites_changed,
             certificates_changed,
             served: Arc::new(Mutex::new(None)),
@@ -192,9 +207,11 @@ impl PolicyFeed {
     /// The current policy: rebuilt when the store changed, validated with the filter's rules;
     /// on a validation failure the last good one is kept (and the problems logged).
     pub fn current(&self) -> Result<(Arc<[u8]>, HeaderValue, String)> {
+        let now = self.clock.now();
         let generations = (
             *self.sites_changed.borrow(),
             *self.certificates_changed.borrow(),
+            ReportTokens::epoch(now),
         );
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(current) = served.as_ref()
@@ -208,7 +225,13 @@ impl PolicyFeed {
         }
         let sites = self.store.list_sites()?;
         let certificates = self.store.all_current_certificates()?;
-        let document = build_document(&sites, &certificates, &self.settings, self.clock.now());
+        let document = build_document(
+            &sites,
+            &certificates,
+            &self.settings,
+            Some(&self.tokens),
+            now,
+        );
         match Policy::compile(&document) {
             Ok(_) => {
                 let body: Arc<[u8]> = serde_json::to_vec(&document)
@@ -290,6 +313,7 @@ async fn serve_policy(State(feed): State<PolicyFeed>, headers: HeaderMap) -> Res
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::csp_reports::TOKEN_EPOCH_SECS;
     use crate::hostname::Hostname;
     use crate::store::{NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore};
     use time::macros::datetime;
@@ -341,8 +365,13 @@ mod tests {
             &store.list_sites().expect("sites"),
             &store.all_current_certificates().expect("certificates"),
             &EdgeSettings::default(),
+            Some(&test_tokens()),
             now,
         )
+    }
+
+    fn test_tokens() -> ReportTokens {
+        ReportTokens::from_key(b"a key for the policy feed's tests")
     }
 
     #[test]
@@ -419,6 +448,7 @@ mod tests {
                 https_port: 8443,
                 ..EdgeSettings::default()
             },
+            test_tokens(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -472,5 +502,49 @@ mod tests {
         let body: PolicyDocument = changed.json().await.expect("a policy document");
         assert_eq!(body.sites[0].cert_ready, vec!["shop.test"]);
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_report_mode_site_carries_a_token_that_rotates_with_the_epoch() {
+        let store = store_with_site(&["shop.test"]);
+        assert_eq!(document(&store, NOW).sites[0].report_token, None);
+        store
+            .set_policy(
+                "shop",
+                SitePolicy {
+                    mixed_content: MixedContent::Report,
+                    ..SitePolicy::default()
+                },
+            )
+            .expect("policy set");
+        let clock = Arc::new(ManualClock::new(NOW));
+        let feed = PolicyFeed::new(
+            Arc::clone(&store) as Arc<dyn Store>,
+            Arc::clone(&clock) as Arc<dyn Clock>,
+            EdgeSettings::default(),
+            test_tokens(),
+        );
+        let token_in = |body: &[u8]| {
+            let document: PolicyDocument = serde_json::from_slice(body).expect("a document");
+            assert!(Policy::compile(&document).is_ok());
+            document.sites[0].report_token.clone().expect("a token")
+        };
+        let (body, etag, _) = feed.current().expect("policy");
+        let token = token_in(&body);
+        assert!(test_tokens().verify("shop", &token, NOW));
+        assert!(!test_tokens().verify("other", &token, NOW));
+
+        // A day later the feed serves the next epoch's token; the old one is still accepted for
+        // pages served before, and not after another day.
+        clock.advance(std::time::Duration::from_secs(TOKEN_EPOCH_SECS as u64));
+        let (body, rotated_etag, _) = feed.current().expect("policy");
+        let rotated = token_in(&body);
+        assert_ne!(rotated, token);
+        assert_ne!(rotated_etag, etag);
+        let later = NOW + time::Duration::seconds(TOKEN_EPOCH_SECS);
+        assert!(test_tokens().verify("shop", &token, later));
+        assert!(test_tokens().verify("shop", &rotated, later));
+        let much_later = later + time::Duration::seconds(TOKEN_EPOCH_SECS);
+        assert!(!test_tokens().verify("shop", &token, much_later));
     }
 }

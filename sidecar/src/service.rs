@@ -14,10 +14,13 @@ use tokio::task::JoinHandle;
 use crate::admin_api::admin_router;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::csp_reports::{ReportLimits, ReportTokens};
 use crate::dns_check::DnsPrecheck;
 use crate::error::{Error, Result};
+use crate::hooks::{HookWorkers, Hooks, watch_expiry};
 use crate::http01::{ChallengeResponder, internal_router};
 use crate::issuance::Issuer;
+use crate::metrics::ops_router;
 use crate::policy_feed::{POLICY_PATH, PolicyFeed};
 use crate::sds::{
     SdsConfig, SdsListen, SdsServer, StoreCertificateSource, default_certificate_from_files,
@@ -39,6 +42,8 @@ pub struct Sidecar {
     pub responder: ChallengeResponder,
     clock: Arc<dyn Clock>,
     admin_token: String,
+    report_tokens: ReportTokens,
+    hook_workers: HookWorkers,
 }
 
 /// A running sidecar. Dropping it stops its listeners and the issuer.
@@ -50,17 +55,22 @@ pub struct RunningSidecar {
     pub internal_addr: SocketAddr,
     /// Where the SDS server listens (the real port when TCP port 0 was configured).
     pub sds_listen: SdsListen,
+    /// Where the operations listener (`/metrics`, `/readyz`, `/healthz`) listens.
+    pub metrics_addr: SocketAddr,
     /// The store.
     pub store: Arc<dyn Store>,
     /// The issuer.
     pub issuer: Arc<Issuer>,
     sds: Option<SdsServer>,
     tasks: Vec<JoinHandle<()>>,
+    /// Hook delivery and the expiry watch: stopped with the rest, but their end (a webhook
+    /// whose client cannot be built) does not stop the sidecar.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Drop for RunningSidecar {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(&self.background) {
             task.abort();
         }
     }
@@ -69,7 +79,7 @@ impl Drop for RunningSidecar {
 impl RunningSidecar {
     /// Stops everything; ends the SDS streams and removes the SDS socket file.
     pub async fn shutdown(mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(&self.background) {
             task.abort();
         }
         if let Some(sds) = self.sds.take()
@@ -100,6 +110,7 @@ impl Sidecar {
         crate::store::create_private_dir(&config.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path())?);
         let admin_token = admin_token(&config)?;
+        let report_tokens = ReportTokens::load_or_create(&config.data_dir)?;
         let responder = ChallengeResponder::default();
         let dns = DnsPrecheck::new(&config.dns, &config.platform)?;
         if !config.platform.precheck_enabled() {
@@ -107,12 +118,14 @@ impl Sidecar {
                 "platform.addresses and platform.cname_target are unset: the DNS pre-check is off"
             );
         }
+        let (hooks, hook_workers) = Hooks::new(&config.hooks)?;
         let issuer = Issuer::new(
             Arc::clone(&store),
             Arc::clone(&clock),
             config.acme.clone(),
             dns,
             responder.clone(),
+            hooks,
         );
         Ok(Self {
             config,
@@ -121,6 +134,8 @@ impl Sidecar {
             responder,
             clock,
             admin_token,
+            report_tokens,
+            hook_workers,
         })
     }
 
@@ -136,12 +151,15 @@ impl Sidecar {
             Arc::clone(&self.store),
             Arc::clone(&self.clock),
             self.config.edge.settings(),
+            self.report_tokens.clone(),
         );
         internal_router(self.responder.clone())
             .merge(feed.router())
             .merge(crate::csp_reports::router(
                 Arc::clone(&self.store),
                 Arc::clone(&self.clock),
+                self.report_tokens.clone(),
+                ReportLimits::default(),
             ))
     }
 
@@ -193,7 +211,7 @@ impl Sidecar {
     }
 
     /// Like [`Sidecar::serve`], on admin and internal listeners the caller has bound
-    /// (`listen.admin` and `listen.internal` are not used): for a caller that must name a port
+    /// (`listen.admin` and `listen.internal` are not used; `listen.metrics` is bound here): for a caller that must name a port
     /// before the sidecar starts and cannot leave it unbound meanwhile, such as a test that
     /// tells its CA which port to validate HTTP-01 on.
     pub async fn serve_on(
@@ -208,10 +226,28 @@ impl Sidecar {
         let internal_addr = internal
             .local_addr()
             .map_err(|e| Error::io("read internal address", "", e))?;
+        let metrics = bind(self.config.listen.metrics, "metrics").await?;
+        let metrics_addr = metrics
+            .local_addr()
+            .map_err(|e| Error::io("read metrics address", "", e))?;
         let (sds, sds_refresh) = self.start_sds().await?;
         let sds_listen = sds.local_addr().clone();
+        let ops_app = ops_router(
+            Arc::clone(&self.issuer),
+            sds_listen.clone(),
+            self.config.metrics.clone(),
+        );
         let admin_app = self.admin_router();
         let internal_app = self.internal_router().merge(extra_internal_routes);
+        let mut background = self.hook_workers.spawn();
+        if !self.issuer.hooks().is_empty() {
+            background.push(tokio::spawn(watch_expiry(
+                self.issuer.hooks().clone(),
+                Arc::clone(&self.store),
+                Arc::clone(&self.clock),
+                self.config.hooks.expiring_within(),
+            )));
+        }
         let tasks = vec![
             sds_refresh,
             tokio::spawn(async move {
@@ -224,6 +260,11 @@ impl Sidecar {
                     tracing::error!(%error, "internal listener stopped");
                 }
             }),
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(metrics, ops_app).await {
+                    tracing::error!(%error, "metrics listener stopped");
+                }
+            }),
             tokio::spawn(Arc::clone(&self.issuer).run()),
         ];
         let sds_at = match &sds_listen {
@@ -233,6 +274,7 @@ impl Sidecar {
         tracing::info!(
             %admin_addr,
             %internal_addr,
+            %metrics_addr,
             sds = %sds_at,
             policy_feed = %format!("http://{internal_addr}{POLICY_PATH}"),
             directory = %self.config.acme.directory_url,
@@ -242,10 +284,12 @@ impl Sidecar {
             admin_addr,
             internal_addr,
             sds_listen,
+            metrics_addr,
             store: self.store,
             issuer: self.issuer,
             sds: Some(sds),
             tasks,
+            background,
         })
     }
 }

@@ -21,6 +21,7 @@ async fn sidecar() -> anyhow::Result<(RunningSidecar, Admin, tempfile::TempDir)>
     };
     config.listen.admin = "127.0.0.1:0".parse()?;
     config.listen.internal = "127.0.0.1:0".parse()?;
+    config.listen.metrics = "127.0.0.1:0".parse()?;
     config.admin.token = Some(TOKEN.into());
     config.acme.directory_url = "https://127.0.0.1:9/dir".into();
     config.acme.debounce_ms = 3_600_000;

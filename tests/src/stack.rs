@@ -1008,6 +1008,7 @@ data_dir = "{data}"
 [listen]
 admin = "127.0.0.1:{admin}"
 internal = "127.0.0.1:{internal}"
+metrics = "127.0.0.1:0"  # any free port: stacks run side by side in tests
 
 [admin]
 token = "{ADMIN_TOKEN}"

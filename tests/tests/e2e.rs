@@ -280,8 +280,9 @@ fn policies_are_enforced_by_envoy_and_follow_changes() {
     );
 
     // report mode: the page carries a report-only policy whose reports reach the sidecar
-    // through Envoy, filed under the site and page. The report is sent by curl, standing in
-    // for the browser that would send it on loading the page.
+    // through Envoy, filed under the site and page. The report is sent by curl to the page's
+    // report-uri (with the site's token), standing in for the browser; tests/tests/csp_reports.rs
+    // has a real browser send it.
     let (status, body) = stack
         .admin(
             "POST",
@@ -305,8 +306,14 @@ fn policies_are_enforced_by_envoy_and_follow_changes() {
     let policy = page
         .header("content-security-policy-report-only")
         .expect("header");
+    let report_uri = policy
+        .split("report-uri ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .expect("a report-uri")
+        .trim();
     assert!(
-        policy.contains("report-uri /.well-known/autohttps/csp-report"),
+        report_uri.starts_with("/.well-known/autohttps/csp-report?site=reported&token="),
         "{policy}"
     );
     assert!(
@@ -321,10 +328,7 @@ fn policies_are_enforced_by_envoy_and_follow_changes() {
         "violated-directive": "img-src"
     }})
     .to_string();
-    let url = format!(
-        "https://report.e2e.test:{}/.well-known/autohttps/csp-report",
-        stack.ports.https
-    );
+    let url = format!("https://report.e2e.test:{}{report_uri}", stack.ports.https);
     let resolve = format!("report.e2e.test:{}:127.0.0.1", stack.ports.https);
     let ca = stack.ca_root.display().to_string();
     let sent = autohttps_tests::envoy::curl(&[

@@ -186,13 +186,16 @@ fn filter_in_envoy_applies_each_mode() {
     assert_eq!(r.header("location"), None);
 
     // Every outcome was counted.
-    assert_eq!(edge.counter("redirect_to_https"), 3);
-    assert_eq!(edge.counter("redirect_to_http"), 1);
-    assert_eq!(edge.counter("acme_challenge"), 1);
-    assert_eq!(edge.counter("force_skipped_no_cert"), 1);
-    assert_eq!(edge.counter("unknown_host"), 1);
-    assert_eq!(edge.counter("hsts_added"), 2);
-    assert_eq!(edge.counter("csp_added"), 4);
+    assert_eq!(edge.counter("requests_total.outcome.redirect_to_https"), 3);
+    assert_eq!(edge.counter("requests_total.outcome.redirect_to_http"), 1);
+    assert_eq!(edge.counter("requests_total.outcome.acme_challenge"), 1);
+    assert_eq!(
+        edge.counter("requests_total.outcome.force_skipped_no_cert"),
+        1
+    );
+    assert_eq!(edge.counter("requests_total.outcome.unknown_host"), 1);
+    assert_eq!(edge.counter("headers_added_total.header.hsts"), 2);
+    assert_eq!(edge.counter("headers_added_total.header.csp"), 4);
     assert_eq!(edge.counter("policy_sites"), 4);
 }
 

@@ -1,4 +1,10 @@
 //! The filter's Envoy stats (shown under `wasmcustom.autohttps.*`).
+//!
+//! Counters of one kind share a name and differ by a trailing `.<tag>.<value>`
+//! (`autohttps.requests_total.outcome.redirect_to_https`), so that the `stats_tags` rules in the
+//! shipped Envoy configs turn them into one Prometheus counter with a label
+//! (`autohttps_requests_total{outcome="redirect_to_https"}`); Envoy strips the `wasmcustom`
+//! namespace in its Prometheus output. Gauges keep plain names.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MetricType};
@@ -55,18 +61,36 @@ impl Metrics {
     pub(crate) fn define() -> Metrics {
         use MetricType::{Counter, Gauge};
         Metrics {
-            redirect_to_https: define(Counter, "autohttps.redirect_to_https"),
-            redirect_to_http: define(Counter, "autohttps.redirect_to_http"),
-            redirect_to_canonical: define(Counter, "autohttps.redirect_to_canonical"),
-            force_skipped_no_cert: define(Counter, "autohttps.force_skipped_no_cert"),
-            unknown_host: define(Counter, "autohttps.unknown_host"),
-            acme_challenge: define(Counter, "autohttps.acme_challenge"),
-            hsts_added: define(Counter, "autohttps.hsts_added"),
-            csp_added: define(Counter, "autohttps.csp_added"),
-            policy_updates_applied: define(Counter, "autohttps.policy_updates_applied"),
-            policy_updates_rejected: define(Counter, "autohttps.policy_updates_rejected"),
-            policy_not_modified: define(Counter, "autohttps.policy_not_modified"),
-            policy_feed_errors: define(Counter, "autohttps.policy_feed_errors"),
+            redirect_to_https: define(
+                Counter,
+                "autohttps.requests_total.outcome.redirect_to_https",
+            ),
+            redirect_to_http: define(Counter, "autohttps.requests_total.outcome.redirect_to_http"),
+            redirect_to_canonical: define(
+                Counter,
+                "autohttps.requests_total.outcome.redirect_to_canonical",
+            ),
+            force_skipped_no_cert: define(
+                Counter,
+                "autohttps.requests_total.outcome.force_skipped_no_cert",
+            ),
+            unknown_host: define(Counter, "autohttps.requests_total.outcome.unknown_host"),
+            acme_challenge: define(Counter, "autohttps.requests_total.outcome.acme_challenge"),
+            hsts_added: define(Counter, "autohttps.headers_added_total.header.hsts"),
+            csp_added: define(Counter, "autohttps.headers_added_total.header.csp"),
+            policy_updates_applied: define(
+                Counter,
+                "autohttps.policy_updates_total.result.applied",
+            ),
+            policy_updates_rejected: define(
+                Counter,
+                "autohttps.policy_updates_total.result.rejected",
+            ),
+            policy_not_modified: define(
+                Counter,
+                "autohttps.policy_updates_total.result.not_modified",
+            ),
+            policy_feed_errors: define(Counter, "autohttps.policy_updates_total.result.feed_error"),
             policy_version: define(Gauge, "autohttps.policy_version"),
             policy_sites: define(Gauge, "autohttps.policy_sites"),
         }

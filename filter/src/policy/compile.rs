@@ -316,7 +316,13 @@ impl Compiler {
         if let Err(message) = check_report_uri(report_uri) {
             problem(at("report_uri"), message);
         }
+        if let Some(token) = &spec.report_token
+            && let Err(message) = check_report_token(token)
+        {
+            problem(at("report_token"), message);
+        }
         let report_only_csp = (spec.mixed_content == MixedContent::Report).then(|| {
+            let report_uri = report_uri_with_token(report_uri, &spec.id, spec.report_token.as_deref());
             format!(
                 "default-src https: wss: data: blob: 'unsafe-inline' 'unsafe-eval'; form-action https:; report-uri {report_uri}"
             )
@@ -450,4 +456,41 @@ fn check_report_uri(uri: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Shortest and longest report token, in bytes.
+const REPORT_TOKEN_LEN: std::ops::RangeInclusive<usize> = 16..=128;
+
+/// A report token is 16 to 128 URL-safe characters (letters, digits, `-`, `_`), so it needs no
+/// escaping in a query string or a CSP directive, and is long enough not to be guessed.
+fn check_report_token(token: &str) -> Result<(), String> {
+    if !REPORT_TOKEN_LEN.contains(&token.len()) {
+        return Err(format!(
+            "the report token is {} bytes long; it must be {} to {} bytes",
+            token.len(),
+            REPORT_TOKEN_LEN.start(),
+            REPORT_TOKEN_LEN.end()
+        ));
+    }
+    if let Some(bad) = token
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+    {
+        return Err(format!(
+            "the report token contains {bad:?}; use letters, digits, '-' and '_' only"
+        ));
+    }
+    Ok(())
+}
+
+/// The report URI a page's policy names: the site's URI, with `site=<id>&token=<token>` added
+/// to its query when the site has a token (site ids and tokens need no escaping).
+fn report_uri_with_token(report_uri: &str, site: &str, token: Option<&str>) -> String {
+    match token {
+        None => report_uri.to_string(),
+        Some(token) => {
+            let separator = if report_uri.contains('?') { '&' } else { '?' };
+            format!("{report_uri}{separator}site={site}&token={token}")
+        }
+    }
 }

@@ -88,6 +88,11 @@ pub struct SiteSpec {
     /// Where `report` mode sends CSP reports; defaults to [`DEFAULT_REPORT_URI`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_uri: Option<String>,
+    /// The site's report token: appended to the report URI as `?site=<id>&token=<token>` so
+    /// that the collector accepts reports only from pages the edge served (16 to 128 letters,
+    /// digits, `-` or `_`). The sidecar derives it and rotates it; without it the URI is bare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_token: Option<String>,
     /// The names (from `hostnames`) whose certificate is issued and served.
     #[serde(default)]
     pub cert_ready: Vec<String>,

@@ -905,6 +905,34 @@ fn csp_report_mode_adds_report_only_policy_with_default_uri() {
 }
 
 #[test]
+fn csp_report_uri_carries_the_sites_token() {
+    let json = r#"{"schema":1,"version":"v","sites":[
+        {"id":"tok","hostnames":["tok.test"],"mixed_content":"report",
+         "report_token":"AbCdEfGhIjKlMnOp_-0123456789"},
+        {"id":"query","hostnames":["q.test"],"mixed_content":"report",
+         "report_uri":"https://r.example/c?x=1","report_token":"AbCdEfGhIjKlMnOp"}]}"#;
+    let policy = Policy::from_json(json.as_bytes()).expect("valid policy");
+    let csp = |host: &str| {
+        let plan = plan_for(&policy, host);
+        let added = policy.response_headers(&plan, &UpstreamHeaders::default());
+        added.csp.expect("a report-only policy").1.to_string()
+    };
+    assert!(
+        csp("tok.test").ends_with(&format!(
+            "report-uri {DEFAULT_REPORT_URI}?site=tok&token=AbCdEfGhIjKlMnOp_-0123456789"
+        )),
+        "{}",
+        csp("tok.test")
+    );
+    assert!(
+        csp("q.test")
+            .ends_with("report-uri https://r.example/c?x=1&site=query&token=AbCdEfGhIjKlMnOp"),
+        "{}",
+        csp("q.test")
+    );
+}
+
+#[test]
 fn nothing_added_for_unknown_hosts_or_plain_http() {
     let policy = policy();
     let plan = plan_for(&policy, "unknown.test");
@@ -1018,6 +1046,18 @@ fn validation_reports_each_problem_with_its_path() {
         (
             &site(r#""hostnames":["a.com"],"report_uri":"/r; script-src *""#),
             "cannot appear in a CSP directive",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"report_token":"short""#),
+            "sites[0].report_token: the report token is 5 bytes long; it must be 16 to 128 bytes",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"report_token":"abcdefghijklmnop;script-src""#),
+            "sites[0].report_token: the report token contains ';'",
+        ),
+        (
+            &site(r#""hostnames":["a.com"],"report_token":"abcdefghijklmnop&site=other""#),
+            "the report token contains '&'",
         ),
         (
             &site(r#""hostnames":["a.com"],"hsts":{"enabled":true,"max_age":60,"preload":true}"#),

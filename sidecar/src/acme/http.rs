@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
 
 use crate::error::{Error, Result};
+use crate::metrics::AcmeRequestMetrics;
 
 tokio::task_local! {
     /// The last `Retry-After` an error answer carried, within [`with_retry_after_capture`].
@@ -68,12 +69,14 @@ pub fn retry_after_seen() -> Option<RetryAfter> {
 #[derive(Debug, Clone)]
 pub struct AcmeHttp {
     client: reqwest::Client,
+    requests: AcmeRequestMetrics,
 }
 
 impl AcmeHttp {
     /// A client trusting the usual web roots, or only `extra_root_ca` when given (a PEM file
-    /// with one CA certificate, for a private or test CA).
-    pub fn new(extra_root_ca: Option<&Path>) -> Result<Self> {
+    /// with one CA certificate, for a private or test CA). Every request is counted and timed
+    /// in `requests`.
+    pub fn new(extra_root_ca: Option<&Path>, requests: AcmeRequestMetrics) -> Result<Self> {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .redirect(reqwest::redirect::Policy::none())
@@ -97,7 +100,7 @@ impl AcmeHttp {
         let client = builder
             .build()
             .map_err(|e| Error::Config(format!("cannot build the ACME HTTP client: {e}")))?;
-        Ok(Self { client })
+        Ok(Self { client, requests })
     }
 }
 
@@ -106,43 +109,58 @@ type Answer = Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Er
 impl HttpClient for AcmeHttp {
     fn request(&self, request: Request<BodyWrapper<Bytes>>) -> Answer {
         let client = self.client.clone();
+        let requests = self.requests.clone();
         Box::pin(async move {
-            let other = |e: reqwest::Error| instant_acme::Error::Other(Box::new(e));
-            let (parts, body) = request.into_parts();
-            let body = axum::body::to_bytes(axum::body::Body::new(body), usize::MAX)
-                .await
-                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
-            let response = client
-                .request(parts.method, parts.uri.to_string())
-                .headers(parts.headers)
-                .body(body)
-                .send()
-                .await
-                .map_err(other)?;
-            let status = response.status();
-            let headers = response.headers().clone();
-            if (status.is_client_error() || status.is_server_error())
-                && let Some(retry_after) = headers
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(RetryAfter::parse)
-            {
-                let _outside_capture = RETRY_AFTER.try_with(|slot| slot.set(Some(retry_after)));
-            }
-            let mut bytes = response.bytes().await.map_err(other)?;
-            if status.is_client_error() || status.is_server_error() {
-                bytes = problem_document(status, &headers, bytes);
-            }
-            let mut head = Response::new(());
-            *head.status_mut() = status;
-            *head.headers_mut() = headers;
-            let (parts, ()) = head.into_parts();
-            Ok(BytesResponse {
-                parts,
-                body: Box::new(bytes),
-            })
+            let method = request.method().to_string();
+            let path = request.uri().path().to_owned();
+            let started = std::time::Instant::now();
+            let answer = exchange(client, request).await;
+            let status = answer.as_ref().ok().map(|a| a.parts.status.as_u16());
+            requests.observe(&method, &path, status, started.elapsed());
+            answer
         })
     }
+}
+
+/// Sends one request and reads its whole answer.
+async fn exchange(
+    client: reqwest::Client,
+    request: Request<BodyWrapper<Bytes>>,
+) -> Result<BytesResponse, instant_acme::Error> {
+    let other = |e: reqwest::Error| instant_acme::Error::Other(Box::new(e));
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(axum::body::Body::new(body), usize::MAX)
+        .await
+        .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+    let response = client
+        .request(parts.method, parts.uri.to_string())
+        .headers(parts.headers)
+        .body(body)
+        .send()
+        .await
+        .map_err(other)?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    if (status.is_client_error() || status.is_server_error())
+        && let Some(retry_after) = headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(RetryAfter::parse)
+    {
+        let _outside_capture = RETRY_AFTER.try_with(|slot| slot.set(Some(retry_after)));
+    }
+    let mut bytes = response.bytes().await.map_err(other)?;
+    if status.is_client_error() || status.is_server_error() {
+        bytes = problem_document(status, &headers, bytes);
+    }
+    let mut head = Response::new(());
+    *head.status_mut() = status;
+    *head.headers_mut() = headers;
+    let (parts, ()) = head.into_parts();
+    Ok(BytesResponse {
+        parts,
+        body: Box::new(bytes),
+    })
 }
 
 /// An error answer's body as an RFC 7807 problem document: the CA's own, or, when a proxy or

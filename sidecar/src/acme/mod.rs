@@ -16,6 +16,7 @@ use crate::config::AcmeConfig;
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 use crate::http01::ChallengeResponder;
+use crate::metrics::AcmeRequestMetrics;
 use crate::store::{OrderInFlight, PrivateKeyPem, Store};
 use progress::{OrderEvent, OrderProgress};
 
@@ -70,11 +71,12 @@ impl AcmeClient {
         config: &AcmeConfig,
         store: &dyn Store,
         now: OffsetDateTime,
+        requests: &AcmeRequestMetrics,
     ) -> Result<Self> {
         install_crypto_provider();
         // Our own transport, so that the CA's Retry-After survives its error answers.
         let builder = || -> Result<instant_acme::AccountBuilder> {
-            let http = http::AcmeHttp::new(config.extra_root_ca.as_deref())?;
+            let http = http::AcmeHttp::new(config.extra_root_ca.as_deref(), requests.clone())?;
             Ok(Account::builder_with_http(Box::new(http)))
         };
         let account = match store.account(&config.directory_url)? {

@@ -9,6 +9,7 @@
 //! `initial_resource_versions` from an earlier server instance are accepted as they come.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
@@ -16,6 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 
 use super::nonce::Nonces;
 use super::secret::{ResolveSecret, SECRET_TYPE_URL, tls_secret};
+use crate::client_events::COUNTERS;
 
 /// What Envoy holds for one subscribed name, as far as this stream told it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +146,7 @@ impl DeltaStream {
                 None => {
                     if *held != Held::Absent {
                         *held = Held::Absent;
+                        COUNTERS.sds_unknown_names.fetch_add(1, Ordering::Relaxed);
                         removed.push(name.clone());
                     }
                 }

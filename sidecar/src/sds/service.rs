@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -19,6 +20,7 @@ use super::nonce::Nonces;
 use super::secret::{SecretResolver, self_signed_default_certificate};
 use super::sotw::SotwStream;
 use super::source::CertificateSource;
+use crate::client_events::LogBudget;
 use crate::error::Error;
 
 /// Responses waiting to be written to one stream.
@@ -168,6 +170,11 @@ impl StreamState for SotwStream {
     }
 }
 
+/// Envoy opens a stream for each secret name it watches, so every handshake with a made-up SNI
+/// opens (and closes) one: the lines about streams opening and ending share this budget, and
+/// what it suppresses is counted (`autohttps_log_lines_suppressed_total`).
+static STREAM_LOG: LogBudget = LogBudget::new(20, Duration::from_secs(60));
+
 /// Drives one stream: requests and source changes in, responses out, until either side ends
 /// or the server stops.
 async fn run_stream<S: StreamState>(
@@ -188,17 +195,23 @@ async fn run_stream<S: StreamState>(
                 Ok(Some(request)) => {
                     if node.is_empty() {
                         node = node_id(S::node(&request));
-                        tracing::info!(flavour, stream, %node, "Envoy opened an SDS stream");
+                        if let Some(suppressed) = STREAM_LOG.admit() {
+                            tracing::info!(flavour, stream, %node, suppressed, "Envoy opened an SDS stream");
+                        }
                     }
                     S::log_request(stream, &request);
                     state.on_request(&request, &shared.resolver)
                 }
                 Ok(None) => {
-                    tracing::info!(flavour, stream, %node, "Envoy closed its SDS stream");
+                    if let Some(suppressed) = STREAM_LOG.admit() {
+                        tracing::info!(flavour, stream, %node, suppressed, "Envoy closed its SDS stream");
+                    }
                     break;
                 }
                 Err(status) => {
-                    tracing::info!(flavour, stream, %node, code = ?status.code(), "SDS stream ended");
+                    if let Some(suppressed) = STREAM_LOG.admit() {
+                        tracing::info!(flavour, stream, %node, code = ?status.code(), suppressed, "SDS stream ended");
+                    }
                     break;
                 }
             },

@@ -111,9 +111,27 @@ pub struct IssuanceSchedule {
     pub regenerate_requested: bool,
 }
 
-/// The most distinct (page, resource) findings kept per site, so that reports (which anyone can
-/// send) cannot fill the disk.
-pub const MAX_MIXED_CONTENT_FINDINGS: usize = 1000;
+/// What one mixed-content finding costs beyond its text (counts, times, the row itself).
+pub const FINDING_OVERHEAD_BYTES: u64 = 64;
+
+/// The bytes a finding counts against its site's budget: its page, resource and directive text
+/// plus [`FINDING_OVERHEAD_BYTES`].
+pub fn finding_bytes(page: &str, resource: &str, directive: &str) -> u64 {
+    let text = page.len() + resource.len() + directive.len();
+    u64::try_from(text).unwrap_or(u64::MAX) + FINDING_OVERHEAD_BYTES
+}
+
+/// What recording one mixed-content violation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The (page, resource) pair was known: its count and last-seen time were bumped.
+    Counted,
+    /// A new finding was added; `evicted` less useful ones made room for it.
+    Added {
+        /// How many findings were evicted.
+        evicted: u64,
+    },
+}
 
 /// A resource a page of the site loads insecurely, as browsers reported it (CSP report-only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -453,10 +471,16 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn counts(&self) -> Result<StoreCounts>;
     /// All current certificates (for expiry metrics).
     fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>>;
+    /// Checks that a change could be written now (the write lock can be taken), waiting at
+    /// most `patience`; writes nothing. For readiness probes.
+    fn check_writable(&self, patience: std::time::Duration) -> Result<()>;
 
-    /// Records one CSP report for a site: the page and the resource it was blocked from loading
-    /// (counted when seen again). Returns `false`, recording nothing, when the site already has
-    /// [`MAX_MIXED_CONTENT_FINDINGS`] distinct findings and this one is new.
+    /// Records one CSP violation for a site: the page and the resource it was blocked from
+    /// loading, counted when the pair is seen again. A new pair is always added; when the
+    /// site's findings would then take more than `budget_bytes` (see [`finding_bytes`]), the
+    /// least useful ones are evicted first: fewest reports, then least recently seen. So a
+    /// flood of one-off junk evicts itself, never a finding that keeps recurring. The budget
+    /// must exceed the largest finding.
     fn record_mixed_content(
         &self,
         site: &str,
@@ -464,7 +488,10 @@ pub trait Store: Send + Sync + fmt::Debug {
         resource: &str,
         directive: &str,
         at: OffsetDateTime,
-    ) -> Result<bool>;
+        budget_bytes: u64,
+    ) -> Result<Recorded>;
+    /// The bytes a site's findings count against its budget.
+    fn mixed_content_bytes(&self, site: &str) -> Result<u64>;
     /// A site's mixed-content findings, most recently seen first.
     fn mixed_content(&self, site: &str) -> Result<Vec<MixedContentFinding>>;
 

@@ -9,9 +9,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::{
-    Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule, MAX_MIXED_CONTENT_FINDINGS,
-    MixedContentFinding, NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Site, SiteHostname,
-    SitePolicy, Store, StoreCounts, StoredCertificate,
+    Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContentFinding,
+    NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteHostname,
+    SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
@@ -100,7 +100,18 @@ ALTER TABLE sites ADD COLUMN hsts_include_subdomains INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sites ADD COLUMN hsts_preload INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sites ADD COLUMN canonical_host TEXT;
 "#,
+    // Findings are kept under a byte budget per site, evicting the fewest reports, then the
+    // least recently seen: each row carries its size, and the eviction order has an index.
+    r#"
+ALTER TABLE mixed_content ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE mixed_content SET bytes = length(CAST(page AS BLOB)) + length(CAST(resource AS BLOB))
+    + length(CAST(directive AS BLOB)) + 64;
+CREATE INDEX mixed_content_eviction ON mixed_content(site, reports, last_seen);
+"#,
 ];
+
+/// How long a statement waits for another connection's lock before failing "database is locked".
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The SQLite implementation of [`Store`].
 #[derive(Debug)]
@@ -137,7 +148,7 @@ impl SqliteStore {
     }
 
     fn from_connection(mut connection: Connection) -> Result<Self> {
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
@@ -397,6 +408,16 @@ fn insert_hostname(
         params![name.as_str(), site, enum_text(&kind), ts(now)],
     )?;
     Ok(())
+}
+
+/// The bytes a site's findings count against its budget.
+fn site_findings_bytes(conn: &Connection, site: &str) -> Result<u64> {
+    let total: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(bytes), 0) FROM mixed_content WHERE site = ?1",
+        [site],
+        |row| row.get(0),
+    )?;
+    Ok(u64::try_from(total).unwrap_or(0))
 }
 
 fn insert_event(
@@ -997,31 +1018,50 @@ impl Store for SqliteStore {
         resource: &str,
         directive: &str,
         at: OffsetDateTime,
-    ) -> Result<bool> {
+        budget_bytes: u64,
+    ) -> Result<Recorded> {
+        let bytes = finding_bytes(page, resource, directive);
+        let stored_bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let updated = tx.execute(
-            "UPDATE mixed_content SET reports = reports + 1, last_seen = ?4, directive = ?5
+            "UPDATE mixed_content SET reports = reports + 1, last_seen = ?4, directive = ?5, bytes = ?6
              WHERE site = ?1 AND page = ?2 AND resource = ?3",
-            params![site, page, resource, ts(at), directive],
+            params![site, page, resource, ts(at), directive, stored_bytes],
         )?;
-        if updated == 0 {
-            let findings: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM mixed_content WHERE site = ?1",
-                [site],
-                |row| row.get(0),
-            )?;
-            if usize::try_from(findings).unwrap_or(usize::MAX) >= MAX_MIXED_CONTENT_FINDINGS {
-                return Ok(false);
-            }
-            tx.execute(
-                "INSERT INTO mixed_content (site, page, resource, directive, reports, first_seen, last_seen)
-                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)",
-                params![site, page, resource, directive, ts(at)],
-            )?;
+        if updated > 0 {
+            tx.commit()?;
+            return Ok(Recorded::Counted);
         }
+        let mut used = site_findings_bytes(&tx, site)?;
+        let mut evicted = 0;
+        while used.saturating_add(bytes) > budget_bytes {
+            let least_useful: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT rowid, bytes FROM mixed_content WHERE site = ?1
+                     ORDER BY reports ASC, last_seen ASC LIMIT 1",
+                    [site],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()?;
+            let Some((rowid, row_bytes)) = least_useful else {
+                break;
+            };
+            tx.execute("DELETE FROM mixed_content WHERE rowid = ?1", [rowid])?;
+            used = used.saturating_sub(u64::try_from(row_bytes).unwrap_or(0));
+            evicted += 1;
+        }
+        tx.execute(
+            "INSERT INTO mixed_content (site, page, resource, directive, reports, first_seen, last_seen, bytes)
+             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5, ?6)",
+            params![site, page, resource, directive, ts(at), stored_bytes],
+        )?;
         tx.commit()?;
-        Ok(true)
+        Ok(Recorded::Added { evicted })
+    }
+
+    fn mixed_content_bytes(&self, site: &str) -> Result<u64> {
+        site_findings_bytes(&self.lock(), site)
     }
 
     fn mixed_content(&self, site: &str) -> Result<Vec<MixedContentFinding>> {
@@ -1091,6 +1131,14 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    fn check_writable(&self, patience: std::time::Duration) -> Result<()> {
+        let conn = self.lock();
+        conn.busy_timeout(patience)?;
+        let probe = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;");
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(probe?)
     }
 
     fn counts(&self) -> Result<StoreCounts> {

@@ -328,6 +328,7 @@ impl Pebble {
         };
         config.listen.admin = SocketAddr::from(([127, 0, 0, 1], 0));
         config.listen.internal = SocketAddr::from(([127, 0, 0, 1], internal_port));
+        config.listen.metrics = SocketAddr::from(([127, 0, 0, 1], 0));
         config.admin.token = Some(TOKEN.into());
         config.acme.directory_url = self.directory_url.clone();
         config.acme.extra_root_ca = Some(self.listener_ca.clone());
@@ -344,6 +345,7 @@ impl Pebble {
 [listen]
 admin = "127.0.0.1:{admin_port}"
 internal = "127.0.0.1:{internal_port}"
+metrics = "127.0.0.1:0"
 [admin]
 token = "{TOKEN}"
 [acme]

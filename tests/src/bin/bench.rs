@@ -1931,6 +1931,7 @@ fn sidecar_memory(binary: &Path, certificates: usize) -> anyhow::Result<MemoryRo
 [listen]
 admin = "127.0.0.1:{admin}"
 internal = "127.0.0.1:{internal}"
+metrics = "127.0.0.1:0"
 
 [admin]
 token = "autohttps-bench-memory-admin-token"
