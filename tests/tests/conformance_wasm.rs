@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use autohttps_tests::conformance::{FEED_TIMEOUT_MS, Observed, Request, ScenarioFile, Upstream};
 use autohttps_tests::envoy::filter_wasm;
-use autohttps_tests::wasm_host::{FilterModule, Host, HostBuilder};
+use proxy_wasm_host::{FilterModule, Host, HostBuilder};
 
 fn module() -> FilterModule {
     FilterModule::load(filter_wasm().expect("filter built")).expect("filter loads")

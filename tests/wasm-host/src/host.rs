@@ -8,11 +8,11 @@ use wasmtime::{Instance, Store, TypedFunc, WasmParams, WasmResults};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
-use super::abi::{Action, LogLevel, join_path, len_u32};
-use super::clock::{Clock, DEFAULT_START_UNIX_NANOS};
-use super::error::{Result, WasmHostError};
-use super::module::FilterModule;
-use super::state::{
+use crate::abi::{Action, LogLevel, join_path, len_u32};
+use crate::clock::{Clock, DEFAULT_START_UNIX_NANOS};
+use crate::error::{Result, WasmHostError};
+use crate::module::FilterModule;
+use crate::state::{
     Headers, HostCallError, HostState, HttpCall, HttpCallReply, LocalResponse, LogEntry, Metric,
     StreamState,
 };
@@ -24,7 +24,7 @@ const STDIO_CAPACITY: usize = 1 << 20;
 /// clock. [`build`](Self::build) runs the VM and plugin start-up exactly as Envoy does.
 ///
 /// ```no_run
-/// use autohttps_tests::wasm_host::{FilterModule, HostBuilder};
+/// use proxy_wasm_host::{FilterModule, HostBuilder};
 ///
 /// let module = FilterModule::load("target/wasm32-wasip1/wasm-release/my_filter.wasm")?;
 /// let host = HostBuilder::new(&module)
@@ -32,7 +32,7 @@ const STDIO_CAPACITY: usize = 1 << 20;
 ///     .property(&["plugin_name"], "my_filter")
 ///     .build()?;
 /// assert!(host.configuration_accepted());
-/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// # Ok::<(), proxy_wasm_host::WasmHostError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct HostBuilder {
@@ -75,8 +75,8 @@ impl HostBuilder {
 
     /// A host-wide property, e.g. `&["plugin_name"]` or `&["node", "id"]`. Values are the raw
     /// bytes Envoy would serialize: strings as is, booleans as one byte, integers as 8
-    /// little-endian bytes (see [`property_bool`](super::property_bool),
-    /// [`property_int`](super::property_int)). Per-stream properties such as
+    /// little-endian bytes (see [`property_bool`](crate::property_bool),
+    /// [`property_int`](crate::property_int)). Per-stream properties such as
     /// `source.address` are set with [`HttpStream::set_property`].
     pub fn property(mut self, path: &[&str], value: impl Into<Vec<u8>>) -> Self {
         self.properties.insert(join_path(path), value.into());
@@ -146,6 +146,7 @@ impl HostBuilder {
             configured: false,
             failure: None,
             next_context_id: root + 1,
+            configure_time: Duration::ZERO,
             stdout,
             stderr,
         };
@@ -168,12 +169,14 @@ impl HostBuilder {
         if host.vm_started {
             let size = len_u32(host.store.data().plugin_configuration.len());
             host.store.data_mut().configuring = true;
+            let started = std::time::Instant::now();
             let configured = host.call(
                 "proxy_on_configure",
                 host.exports.on_configure.clone(),
                 root,
                 (root, size),
             );
+            host.configure_time = started.elapsed();
             host.store.data_mut().configuring = false;
             host.configured = configured?.is_none_or(|ok| ok != 0);
         }
@@ -254,7 +257,7 @@ impl Exports {
 /// A full round trip, in the style of proxy-wasm-go-sdk's `proxytest`:
 ///
 /// ```no_run
-/// use autohttps_tests::wasm_host::{Action, FilterModule, HostBuilder};
+/// use proxy_wasm_host::{Action, FilterModule, HostBuilder};
 ///
 /// let module = FilterModule::load("target/wasm32-wasip1/wasm-release/my_filter.wasm")?;
 /// let mut host = HostBuilder::new(&module).build()?;
@@ -270,7 +273,7 @@ impl Exports {
 /// assert_eq!(reply.headers.get("location"), Some("https://a.test/x?y"));
 /// stream.complete()?;
 /// assert!(host.logs().iter().any(|l| l.message.contains("redirect")));
-/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// # Ok::<(), proxy_wasm_host::WasmHostError>(())
 /// ```
 pub struct Host {
     store: Store<HostState>,
@@ -280,6 +283,7 @@ pub struct Host {
     configured: bool,
     failure: Option<String>,
     next_context_id: u32,
+    configure_time: Duration,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
 }
@@ -356,6 +360,21 @@ impl Host {
     /// The first trap, if the guest trapped; the VM is failed from then on.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
+    }
+
+    /// Wall time of the `proxy_on_configure` call alone (zero when the VM did not start), as
+    /// this host's compiled code ran it: the cost of applying a configuration.
+    pub fn configure_time(&self) -> Duration {
+        self.configure_time
+    }
+
+    /// The size of the guest's linear memory in bytes now. Wasm memory never shrinks, so this
+    /// is also the peak so far.
+    pub fn linear_memory_bytes(&self) -> u64 {
+        self.store
+            .data()
+            .memory
+            .map_or(0, |memory| memory.data_size(&self.store) as u64)
     }
 
     /// The module this host runs.

@@ -8,13 +8,13 @@ use std::time::Duration;
 use wasmtime::{Memory, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
-use super::abi::{LogLevel, MetricType, Status};
-use super::clock::Clock;
+use crate::abi::{LogLevel, MetricType, Status};
+use crate::clock::Clock;
 
 /// An ordered header (or trailer) map as Envoy keeps it: keys lower case, repeated keys allowed.
 ///
 /// ```
-/// use autohttps_tests::wasm_host::Headers;
+/// use proxy_wasm_host::Headers;
 ///
 /// let headers = Headers::from_pairs(&[(":status", "301"), ("Location", "https://a.test/")]);
 /// assert_eq!(headers.get("location"), Some("https://a.test/"));
@@ -120,7 +120,7 @@ impl Headers {
 /// A response the filter sent itself with `proxy_send_local_response`, as it asked for it.
 ///
 /// The headers the client finally sees (after Envoy ran the filter's own response callbacks on
-/// the local reply) are in [`HttpStream::current_response_headers`](super::HttpStream::current_response_headers).
+/// the local reply) are in [`HttpStream::current_response_headers`](crate::HttpStream::current_response_headers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalResponse {
     /// HTTP status code.
@@ -136,7 +136,7 @@ pub struct LocalResponse {
 }
 
 /// An HTTP call the filter dispatched with `proxy_http_call`; answer it with
-/// [`Host::respond_to_http_call`](super::Host::respond_to_http_call).
+/// [`Host::respond_to_http_call`](crate::Host::respond_to_http_call).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpCall {
     /// Token the host returned to the guest.

@@ -3,7 +3,7 @@
 //! Each call follows Envoy's `source/extensions/common/wasm/context.cc` and
 //! `proxy-wasm-cpp-host` `exports.cc`: which maps and buffers exist in which callback, which
 //! status a failure returns, how bodies are replaced. Imports this host does not implement are
-//! linked to a function that records a [`HostCallError`](super::HostCallError) naming the call
+//! linked to a function that records a [`HostCallError`](crate::HostCallError) naming the call
 //! and returns [`Status::Unimplemented`] (zero values for non-`i32` results): the guest sees an
 //! error, the host never panics and never traps on its own account. (Envoy itself refuses to
 //! load a module with an import it lacks; this host lets the test see which call it was.)
@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use wasmtime::{Caller, ExternType, Linker, Module, Val, ValType};
 
-use super::abi::{
+use crate::abi::{
     BufferType, LogLevel, MapType, MetricType, Status, StreamType, decode_pairs, encode_pairs,
     len_u32,
 };
-use super::state::{Headers, HostState, HttpCall, LocalResponse, LogEntry, Metric, StreamState};
+use crate::state::{Headers, HostState, HttpCall, LocalResponse, LogEntry, Metric, StreamState};
 
 /// The `env` imports this host implements, in ABI order.
 pub const SUPPORTED_HOST_CALLS: &[&str] = &[
@@ -1000,7 +1000,7 @@ mod tests {
     use wasmtime_wasi::WasiCtxBuilder;
 
     use super::*;
-    use crate::wasm_host::clock::Clock;
+    use crate::clock::Clock;
 
     fn state() -> HostState {
         HostState::new(

@@ -5,18 +5,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-use super::error::{Result, WasmHostError};
+use crate::error::{Result, WasmHostError};
 
 /// Builds `package` with `cargo build --target wasm32-wasip1 --profile wasm-release` (once per
 /// process; cargo itself skips the work when nothing changed) and returns the path of the
-/// `.wasm`. The target directory is `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+/// `.wasm`. The workspace is the one around the current directory (where cargo runs tests);
+/// the target directory is `$CARGO_TARGET_DIR`, else `<workspace>/target`.
 ///
 /// ```no_run
-/// use autohttps_tests::wasm_host::{FilterModule, build_workspace_wasm};
+/// use proxy_wasm_host::{FilterModule, build_workspace_wasm};
 ///
 /// let wasm = build_workspace_wasm("autohttps-minimal-filter")?;
 /// let module = FilterModule::load(&wasm)?;
-/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// # Ok::<(), proxy_wasm_host::WasmHostError>(())
 /// ```
 pub fn build_workspace_wasm(package: &str) -> Result<PathBuf> {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
@@ -65,10 +66,18 @@ pub fn build_workspace_wasm(package: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The workspace root: the parent of this crate's manifest directory.
+/// The cargo workspace around the current directory: the nearest ancestor whose `Cargo.toml`
+/// has a `[workspace]` table (cargo runs tests and binaries from inside their package), else
+/// the current directory itself.
 fn workspace_dir() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_owned()
+    let current = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    current
+        .ancestors()
+        .find(|dir| {
+            std::fs::read_to_string(dir.join("Cargo.toml"))
+                .is_ok_and(|manifest| manifest.lines().any(|l| l.trim() == "[workspace]"))
+        })
+        .map_or_else(|| current.clone(), Path::to_path_buf)
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace when relative),

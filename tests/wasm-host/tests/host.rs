@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 use std::thread;
 
-use autohttps_tests::wasm_host::{
+use proxy_wasm_host::{
     Action, FilterModule, HostBuilder, LogLevel, MetricType, Status, WasmHostError,
     build_workspace_wasm,
 };

@@ -8,10 +8,10 @@ use std::time::SystemTime;
 
 use wasmtime::{Cache, CacheConfig, Config, Engine, InstancePre, Linker, Module};
 
-use super::error::{Result, WasmHostError};
-use super::imports;
-use super::state::HostState;
-use super::workspace_wasm;
+use crate::error::{Result, WasmHostError};
+use crate::imports;
+use crate::state::HostState;
+use crate::workspace_wasm;
 
 /// A proxy-wasm filter compiled and linked against this host, ready to instantiate.
 ///
@@ -19,11 +19,11 @@ use super::workspace_wasm;
 /// and size, so a rebuilt `.wasm` is recompiled), so hundreds of hosts share one compilation.
 ///
 /// ```no_run
-/// use autohttps_tests::wasm_host::FilterModule;
+/// use proxy_wasm_host::FilterModule;
 ///
 /// let module = FilterModule::load("target/wasm32-wasip1/wasm-release/my_filter.wasm")?;
 /// assert!(module.unsupported_imports().is_empty(), "filter needs {:?}", module.unsupported_imports());
-/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// # Ok::<(), proxy_wasm_host::WasmHostError>(())
 /// ```
 #[derive(Clone)]
 pub struct FilterModule {

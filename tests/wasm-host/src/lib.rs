@@ -20,7 +20,7 @@
 //! [`Status::Unimplemented`] and is recorded by name in [`Host::host_call_errors`].
 //!
 //! ```no_run
-//! use autohttps_tests::wasm_host::{Action, FilterModule, HostBuilder};
+//! use proxy_wasm_host::{Action, FilterModule, HostBuilder};
 //!
 //! let module = FilterModule::load("target/wasm32-wasip1/wasm-release/my_filter.wasm")?;
 //! let mut host = HostBuilder::new(&module)
@@ -49,8 +49,10 @@
 //!     host.respond_to_http_call(call, &[(":status", "200")], br#"{"version": 2}"#)?;
 //! }
 //! println!("{:?}", host.metric("my_filter.redirects"));
-//! # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+//! # Ok::<(), proxy_wasm_host::WasmHostError>(())
 //! ```
+
+#![warn(missing_docs)]
 
 mod abi;
 mod clock;

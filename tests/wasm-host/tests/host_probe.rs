@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use autohttps_tests::wasm_host::{
+use proxy_wasm_host::{
     Action, FilterModule, Host, HostBuilder, LogLevel, MetricType, WasmHostError,
     build_workspace_wasm,
 };
