@@ -13,8 +13,8 @@ use crate::clock::{Clock, DEFAULT_START_UNIX_NANOS};
 use crate::error::{Result, WasmHostError};
 use crate::module::FilterModule;
 use crate::state::{
-    Headers, HostCallError, HostState, HttpCall, HttpCallReply, LocalResponse, LogEntry, Metric,
-    StreamState,
+    DEFAULT_BUFFER_LIMIT, Headers, HostCallError, HostState, HttpCall, HttpCallFailure,
+    HttpCallReply, LocalResponse, LogEntry, Metric, StreamState,
 };
 
 /// Bytes of guest stdout/stderr kept per host.
@@ -43,6 +43,7 @@ pub struct HostBuilder {
     log_level: LogLevel,
     clock_start: SystemTime,
     known_clusters: Option<Vec<String>>,
+    buffer_limit: usize,
 }
 
 impl HostBuilder {
@@ -57,7 +58,15 @@ impl HostBuilder {
             log_level: LogLevel::Info,
             clock_start: SystemTime::UNIX_EPOCH + Duration::from_nanos(DEFAULT_START_UNIX_NANOS),
             known_clusters: None,
+            buffer_limit: DEFAULT_BUFFER_LIMIT,
         }
+    }
+
+    /// The most a filter may buffer of one body before Envoy resets the stream (its
+    /// per-connection buffer limit): [`DEFAULT_BUFFER_LIMIT`] (1 MiB) unless set.
+    pub fn buffer_limit(mut self, bytes: usize) -> Self {
+        self.buffer_limit = bytes;
+        self
     }
 
     /// The plugin configuration (`configuration` in Envoy's `PluginConfig`), readable by the
@@ -125,6 +134,7 @@ impl HostBuilder {
         state.vm_configuration = self.vm_configuration;
         state.plugin_configuration = self.plugin_configuration;
         state.known_clusters = self.known_clusters;
+        state.buffer_limit = self.buffer_limit;
         let root = state.root_context_id;
 
         let mut store = Store::new(self.module.engine(), state);
@@ -426,8 +436,10 @@ impl Host {
         self.after_vm_call()
     }
 
-    /// Advances the clock by `by`, firing `proxy_on_tick` at each tick that falls due on the
-    /// way (as Envoy's timer would); returns how many fired.
+    /// Advances the clock by `by`, firing what falls due on the way in time order, as Envoy's
+    /// timers would: `proxy_on_tick` at each tick, and the timeout of each pending HTTP call
+    /// whose deadline passes (answered as [`HttpCallFailure::Timeout`]: a generated `504`).
+    /// Returns how many ticks fired.
     pub fn advance_clock(&mut self, by: Duration) -> Result<u32> {
         let target = self
             .store
@@ -437,21 +449,43 @@ impl Host {
             .saturating_add(u64::try_from(by.as_nanos()).unwrap_or(u64::MAX));
         let mut fired = 0;
         loop {
-            let state = self.store.data_mut();
-            let (Some(due), Some(period)) = (state.next_tick_unix_nanos, state.tick_period) else {
-                break;
+            let state = self.store.data();
+            let tick = match (state.next_tick_unix_nanos, state.tick_period) {
+                (Some(due), Some(_)) if due <= target => Some(due),
+                _ => None,
             };
-            if due > target {
-                break;
-            }
+            let timeout = state
+                .http_calls
+                .iter()
+                .filter(|c| state.pending_http_calls.contains(&c.token))
+                .filter_map(|c| c.deadline_unix_nanos.map(|due| (due, c.token)))
+                .filter(|(due, _)| *due <= target)
+                .min();
             let now = state.clock.now_unix_nanos();
-            state
-                .clock
-                .advance(Duration::from_nanos(due.saturating_sub(now)));
-            state.next_tick_unix_nanos =
-                Some(due.saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX)));
-            self.tick()?;
-            fired += 1;
+            match (tick, timeout) {
+                (None, None) => break,
+                // A call that times out at the same instant as a tick ends first.
+                (tick, Some((due, token))) if tick.is_none_or(|t| due <= t) => {
+                    self.store
+                        .data()
+                        .clock
+                        .advance(Duration::from_nanos(due.saturating_sub(now)));
+                    self.fail_http_call_with(token, HttpCallFailure::Timeout)?;
+                }
+                (Some(due), _) => {
+                    let state = self.store.data_mut();
+                    state
+                        .clock
+                        .advance(Duration::from_nanos(due.saturating_sub(now)));
+                    let period = state.tick_period.unwrap_or_default();
+                    state.next_tick_unix_nanos = Some(
+                        due.saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX)),
+                    );
+                    self.tick()?;
+                    fired += 1;
+                }
+                (None, Some(_)) => break,
+            }
         }
         let clock = &self.store.data().clock;
         clock.advance(Duration::from_nanos(
@@ -485,8 +519,9 @@ impl Host {
             .collect()
     }
 
-    /// Answers a pending HTTP call: `proxy_on_http_call_response` runs on the context that
-    /// dispatched it, with these headers (include `:status`) and body readable.
+    /// Answers a pending HTTP call: `proxy_on_http_call_response` runs on the root context
+    /// (as in Envoy, which owns every call there), with these headers (include `:status`) and
+    /// body readable.
     pub fn respond_to_http_call(
         &mut self,
         token: u32,
@@ -502,11 +537,30 @@ impl Host {
         self.deliver_http_call(token, Some(reply), (0, String::new()), sizes)
     }
 
-    /// Fails a pending HTTP call as Envoy does when the upstream resets or is unreachable:
-    /// `proxy_on_http_call_response` with no headers and no body, and `proxy_get_status`
-    /// answering `BrokenConnection` (11) / `"reset"` during the callback.
+    /// Fails a pending HTTP call as Envoy does when its upstream is unreachable or resets
+    /// before the response headers: the filter gets Envoy's generated `503` reply (see
+    /// [`HttpCallFailure::ConnectionFailure`]).
     pub fn fail_http_call(&mut self, token: u32) -> Result<()> {
-        self.deliver_http_call(token, None, (11, "reset".to_owned()), (0, 0, 0))
+        self.fail_http_call_with(token, HttpCallFailure::ConnectionFailure)
+    }
+
+    /// Fails a pending HTTP call the way `failure` describes: a generated reply
+    /// (`503`/`504` with Envoy's body text, `content-type: text/plain`), or for
+    /// [`HttpCallFailure::ResetAfterHeaders`] the failure callback with no headers and no
+    /// body, `proxy_get_status` answering `BrokenConnection` (11) / `"reset"`.
+    pub fn fail_http_call_with(&mut self, token: u32, failure: HttpCallFailure) -> Result<()> {
+        match failure.generated_reply() {
+            Some((status, body)) => self.respond_to_http_call(
+                token,
+                &[
+                    (":status", &status.to_string()),
+                    ("content-length", &body.len().to_string()),
+                    ("content-type", "text/plain"),
+                ],
+                body.as_bytes(),
+            ),
+            None => self.deliver_http_call(token, None, (11, "reset".to_owned()), (0, 0, 0)),
+        }
     }
 
     fn deliver_http_call(
@@ -523,11 +577,7 @@ impl Host {
             .position(|t| *t == token)
             .ok_or(WasmHostError::UnknownHttpCall(token))?;
         state.pending_http_calls.remove(position);
-        let context = state
-            .http_calls
-            .iter()
-            .find(|c| c.token == token)
-            .map_or(state.root_context_id, |c| c.context_id);
+        let context = state.root_context_id;
         state.http_call_reply = reply;
         state.status = status;
         let result = self.call(
@@ -795,12 +845,16 @@ impl HttpStream<'_> {
             self.host.exports.on_request_body.clone(),
             (self.id, size, u32::from(end_of_stream)),
         )?;
+        let limit = self.host.store.data().buffer_limit;
         let stream = self.state_mut();
         stream.buffering_request_body = action == Action::Pause;
         if action == Action::Continue {
             let body = std::mem::take(&mut stream.request_body);
             stream.forwarded_request_body.extend_from_slice(&body);
             stream.request_body_available = false;
+        } else if stream.request_body.len() > limit {
+            self.reset_over_buffer_limit("request", limit)?;
+            return Ok(action);
         }
         self.host.after_vm_call()?;
         Ok(action)
@@ -868,12 +922,15 @@ impl HttpStream<'_> {
             self.host.exports.on_response_body.clone(),
             (self.id, size, u32::from(end_of_stream)),
         )?;
+        let limit = self.host.store.data().buffer_limit;
         let stream = self.state_mut();
         stream.buffering_response_body = action == Action::Pause;
         if action == Action::Continue {
             let body = std::mem::take(&mut stream.response_body);
             stream.forwarded_response_body.extend_from_slice(&body);
             stream.response_body_available = false;
+        } else if stream.response_body.len() > limit {
+            self.reset_over_buffer_limit("response", limit)?;
         }
         Ok(action)
     }
@@ -893,6 +950,20 @@ impl HttpStream<'_> {
             self.state_mut().response_trailers_available = false;
         }
         Ok(action)
+    }
+
+    /// The filter buffered more than the limit: Envoy resets the stream, which ends it
+    /// (`on_log`, `on_done`, `on_delete`); later calls on it fail with `StreamCompleted`.
+    fn reset_over_buffer_limit(&mut self, body: &str, limit: usize) -> Result<()> {
+        self.state_mut().reset_reason = Some(format!(
+            "the filter buffered more of the {body} body than the buffer limit ({limit} bytes)"
+        ));
+        self.complete()
+    }
+
+    /// Why the host reset this stream (a body buffered past the buffer limit), if it did.
+    pub fn reset_reason(&self) -> Option<&str> {
+        self.state().reset_reason.as_deref()
     }
 
     /// Ends the stream as Envoy does: `proxy_on_log` (headers readable, access-log phase),

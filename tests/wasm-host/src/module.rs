@@ -48,17 +48,19 @@ impl std::fmt::Debug for FilterModule {
 
 /// The engine every module and store of this process uses (modules are tied to an engine).
 ///
-/// Compiled code is also cached on disk under `<target>/wasmtime-cache` (wasmtime's own cache,
-/// keyed by module bytes and compiler settings), so a fresh test process skips Cranelift for
+/// Compiled code is also cached on disk (wasmtime's own cache, keyed by module bytes and
+/// compiler settings; see `compiled_code_cache_dir`), so a fresh process skips Cranelift for
 /// an unchanged `.wasm`. Without a usable cache directory it simply compiles.
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
-        let mut cache = CacheConfig::new();
-        cache.with_directory(workspace_wasm::target_dir().join("wasmtime-cache"));
-        if let Ok(cache) = Cache::new(cache) {
-            config.cache(Some(cache));
+        if let Some(directory) = workspace_wasm::compiled_code_cache_dir() {
+            let mut cache = CacheConfig::new();
+            cache.with_directory(directory);
+            if let Ok(cache) = Cache::new(cache) {
+                config.cache(Some(cache));
+            }
         }
         Engine::new(&config).unwrap_or_else(|_| Engine::default())
     })

@@ -67,17 +67,21 @@ pub fn build_workspace_wasm(package: &str) -> Result<PathBuf> {
 }
 
 /// The cargo workspace around the current directory: the nearest ancestor whose `Cargo.toml`
-/// has a `[workspace]` table (cargo runs tests and binaries from inside their package), else
-/// the current directory itself.
-fn workspace_dir() -> PathBuf {
-    let current = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+/// has a `[workspace]` table (cargo runs tests and binaries from inside their package).
+fn enclosing_workspace() -> Option<PathBuf> {
+    let current = std::env::current_dir().ok()?;
     current
         .ancestors()
         .find(|dir| {
             std::fs::read_to_string(dir.join("Cargo.toml"))
                 .is_ok_and(|manifest| manifest.lines().any(|l| l.trim() == "[workspace]"))
         })
-        .map_or_else(|| current.clone(), Path::to_path_buf)
+        .map(Path::to_path_buf)
+}
+
+/// The workspace around the current directory, else the current directory itself.
+fn workspace_dir() -> PathBuf {
+    enclosing_workspace().unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace when relative),
@@ -89,4 +93,18 @@ pub(crate) fn target_dir() -> PathBuf {
         Some(dir) => workspace.join(dir),
         None => workspace.join("target"),
     }
+}
+
+/// Where compiled code is cached: `<target>/wasmtime-cache` inside a cargo workspace, else
+/// `$XDG_CACHE_HOME/proxy-wasm-host` (or `~/.cache/proxy-wasm-host`), so a command run from
+/// anywhere compiles an unchanged `.wasm` once.
+pub(crate) fn compiled_code_cache_dir() -> Option<PathBuf> {
+    if enclosing_workspace().is_some() || std::env::var_os("CARGO_TARGET_DIR").is_some() {
+        return Some(target_dir().join("wasmtime-cache"));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("proxy-wasm-host"))
 }
