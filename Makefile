@@ -21,7 +21,7 @@ export AUTOHTTPS_BIN := $(abspath target/release/autohttps)
 help:
 	@echo "make run    build and start the whole stack locally, with a demo site"
 	@echo "make test   build and run every test suite (lint and Envoy config validation included)"
-	@echo "make build  build the filter (.wasm) and the sidecar"
+	@echo "make build  build the filter (.wasm), the sidecar and the policy command"
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
@@ -51,7 +51,7 @@ $(TOOLS)/.pebble:
 	fi
 	@touch $@
 
-## build: the release filter and the sidecar.
+## build: the release filter, the sidecar and autohttps-policy.
 build: $(TOOLS)/.wasm-target
 	@echo "==> building the filter (wasm32-wasip1, size-tuned release)"
 	cargo build --locked -p autohttps-filter --target wasm32-wasip1 --profile wasm-release
@@ -59,6 +59,8 @@ build: $(TOOLS)/.wasm-target
 	@echo "    $(WASM): $$(stat -c %s $(WASM)) bytes"
 	@echo "==> building the sidecar"
 	cargo build --locked --release -p autohttps-sidecar
+	@echo "==> building the policy command (autohttps-policy: check, test, explain)"
+	cargo build --locked --release -p autohttps-policy
 
 ## lint: formatting and clippy, native and wasm.
 lint: $(TOOLS)/.wasm-target
@@ -82,6 +84,8 @@ validate-envoy: $(ENVOY) build
 
 ## test: everything CI runs.
 test: tools build lint validate-envoy
+	@echo "==> the shipped policy example through the command (README: Test your policy in CI)"
+	target/release/autohttps-policy test filter/cli/examples/policy.json filter/cli/examples/cases.yaml --wasm $(WASM)
 	@echo "==> running every test suite"
 	cargo test --locked --workspace
 
