@@ -193,6 +193,16 @@ fn feed_scenarios_in_wasmtime() {
             scenario.name,
             host.logs()
         );
+        if let Some(phrase) = &scenario.log {
+            assert!(
+                host.logs()
+                    .iter()
+                    .any(|l| l.message.contains(phrase.as_str())),
+                "{}: no log containing {phrase:?} in {:?}",
+                scenario.name,
+                host.logs()
+            );
+        }
         let mut expected = scenario.expect.clone();
         expected.normalise();
         let got = observe(&mut host, &scenario.request, Upstream::Plain);
