@@ -16,12 +16,13 @@ VALIDATE_DIR := .run/validate
 export AUTOHTTPS_ENVOY := $(abspath $(ENVOY))
 export AUTOHTTPS_BIN := $(abspath target/release/autohttps)
 
-.PHONY: help tools build lint validate-envoy test run clean fuzz soak bench
+.PHONY: help tools build policy-tool lint validate-envoy test run clean fuzz soak bench
 
 help:
 	@echo "make run    build and start the whole stack locally, with a demo site"
 	@echo "make test   build and run every test suite (lint and Envoy config validation included)"
 	@echo "make build  build the filter (.wasm) and the sidecar"
+	@echo "make policy-tool  build autohttps-policy (release), the policy check/test/explain command"
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
@@ -60,7 +61,7 @@ $(TOOLS)/.chromium:
 	fi
 	@touch $@
 
-## build: the release filter and the sidecar.
+## build: the release filter and the sidecar (`make policy-tool` builds autohttps-policy).
 build: $(TOOLS)/.wasm-target
 	@echo "==> building the filter (wasm32-wasip1, size-tuned release)"
 	cargo build --locked -p autohttps-filter --target wasm32-wasip1 --profile wasm-release
@@ -90,8 +91,17 @@ validate-envoy: $(ENVOY) build
 	  else cat $(VALIDATE_DIR)/$$(basename $$f).log; echo "envoy --mode validate $$f: FAILED"; exit 1; fi; \
 	done
 
+## policy-tool: autohttps-policy (check/test/explain a policy with the shipped .wasm), release.
+policy-tool: build
+	@echo "==> building the policy command (autohttps-policy: check, test, explain)"
+	cargo build --locked --release -p autohttps-policy
+
 ## test: everything CI runs (nginx: the real TLS-terminating proxy of tests/tests/trusted_proxy.rs).
+## The policy example runs through the debug autohttps-policy, which shares its wasmtime build
+## with the test suites (a release wasmtime would add many minutes of compiling to CI).
 test: tools build lint validate-envoy $(TOOLS)/.nginx
+	@echo "==> the shipped policy example through the command (README: Test your policy in CI)"
+	cargo run --locked -q -p autohttps-policy -- test filter/cli/examples/policy.json filter/cli/examples/cases.yaml --wasm $(WASM)
 	@echo "==> running every test suite"
 	cargo test --locked --workspace
 

@@ -214,6 +214,10 @@ pub struct FeedScenario {
     pub answer: FeedAnswer,
     /// The counter (without `autohttps.`) that must go up once the answer is handled.
     pub counter: String,
+    /// A phrase the filter's log must contain once the answer is handled, in both hosts (how
+    /// Envoy hands a failed call to the filter: its generated 503 or 504 reply).
+    #[serde(default)]
+    pub log: Option<String>,
     /// Overrides `feed.max_bytes` for this scenario (a small limit makes "huge body" cheap).
     #[serde(default)]
     pub max_bytes: Option<usize>,

@@ -1,9 +1,8 @@
-//! autohttps test support: a proxy-wasm host on wasmtime, and helpers for the end-to-end suites.
+//! autohttps test support: harnesses for the real parts (Envoy, the stack) and the suites' tables.
+//! The proxy-wasm host on wasmtime is the crate `proxy-wasm-host` (`tests/wasm-host`).
 #![warn(missing_docs)]
 
 pub mod conformance;
 pub mod envoy;
 pub mod hostile;
 pub mod stack;
-#[cfg(feature = "wasm-host")]
-pub mod wasm_host;

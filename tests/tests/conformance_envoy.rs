@@ -284,6 +284,18 @@ fn feed_scenarios_in_envoy() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The log line may reach the file a moment after the counter moved.
+        if let Some(phrase) = &scenario.log {
+            while !edge.envoy.log().contains(phrase.as_str()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: no log containing {phrase:?}; Envoy log:\n{}",
+                    scenario.name,
+                    edge.envoy.log_tail(30)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let mut expected = scenario.expect.clone();
         expected.normalise();
         // The counter is shared by every VM (the main thread's and each worker's), and each

@@ -5,6 +5,7 @@
 mod cidr;
 mod compile;
 mod decide;
+mod explain;
 mod host;
 mod schema;
 mod stream;
@@ -15,6 +16,7 @@ pub use decide::{
     ACME_CHALLENGE_PREFIX, Decision, Outcome, Redirect, RequestFacts, ResponseHeaders,
     ResponsePlan, UpstreamHeaders,
 };
+pub use explain::{Explanation, HostMatch, SchemeSource};
 pub use host::{PolicyName, normalise_authority, parse_policy_name, validate_hostname};
 pub use schema::{
     DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig,

@@ -1,5 +1,5 @@
-//! Fixture proxy-wasm filter that exercises every host call the wasmtime host in
-//! `autohttps-tests` supports, so the host's own tests can check each one end to end.
+//! Fixture proxy-wasm filter that exercises every host call the wasmtime host
+//! (`proxy-wasm-host`) supports, so the host's own tests can check each one end to end.
 //!
 //! Plugin configuration: `reject` makes `on_configure` fail; `tick_ms=<n>` sets a tick period
 //! (each tick polls the `feed` cluster and stores the answer in shared data `policy`);
@@ -7,7 +7,7 @@
 //!
 //! Request paths choose what a stream does: `/local` answers 403 itself, `/call` waits for an
 //! HTTP call to `feed` and copies its `x-answer` header into the request, `/body` upper-cases
-//! the request body, `/close` resets the stream, `/grpc` calls gRPC (unsupported by the host),
+//! the request body, `/close` resets the stream, `/grpc` calls gRPC on a cluster that does not exist,
 //! `/late-read` reads request headers in the response path (Envoy no longer has them),
 //! `/rewrite-response` replaces all response headers. Every stream annotates its request and
 //! response headers with what it read (properties, shared data) and counts itself in metrics.
@@ -264,8 +264,8 @@ impl HttpContext for Probe {
                 Action::Pause
             }
             "/grpc" => {
-                // Unsupported by the wasmtime host: the SDK panics on the unexpected status.
-                let _ = self.dispatch_grpc_call(
+                // No cluster "grpc" exists: Envoy answers ParseFailure, the SDK an Err.
+                let result = self.dispatch_grpc_call(
                     "grpc",
                     "svc",
                     "method",
@@ -273,6 +273,7 @@ impl HttpContext for Probe {
                     None,
                     Duration::from_secs(1),
                 );
+                log(LogLevel::Info, &format!("grpc: {result:?}"));
                 Action::Continue
             }
             _ => Action::Continue,

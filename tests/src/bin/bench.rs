@@ -1,8 +1,8 @@
 //! `make bench`: the measured cost of the autohttps filter beside its baselines, in one table.
 //!
 //! One Rust driver rather than a shell script, because half of what it measures runs in-process:
-//! host calls per request kind and the policy apply time come from the wasmtime proxy-wasm host
-//! of this crate, and the linear-memory size from a tiny probe host below. The other half starts
+//! host calls per request kind, the policy apply time and the linear-memory size come from the
+//! wasmtime proxy-wasm host (crate `proxy-wasm-host`). The other half starts
 //! real servers (each under `timeout`, so they stop by themselves): Envoy (`--concurrency 1`)
 //! with our filter at four policy sizes, Envoy with the baselines (native `https_redirect`, the
 //! minimal proxy-wasm filter, no filter) and nginx, then drives them with wrk on loopback in
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, anyhow, bail};
 use autohttps_tests::envoy::{envoy_binary, free_port, http_get, render, repo_root, self_signed};
 use autohttps_tests::stack::{Ports as StackPorts, Stack, StackOptions, wait_until};
-use autohttps_tests::wasm_host::{FilterModule, Host, HostBuilder};
+use proxy_wasm_host::{FilterModule, Host, HostBuilder};
 
 /// The longest any server started here may live.
 const SERVER_LIFETIME_SECS: u64 = 1200;
@@ -543,13 +543,18 @@ fn scale_in_vm(wasm: &Artefacts, n: usize, json: &[u8]) -> anyhow::Result<ScaleR
     inline.push(b'}');
     let repeats = if n >= 100_000 { 3 } else { 5 };
 
-    // From on_configure: the probe host times the call alone and reads the memory size after.
+    // From on_configure: the host times the call alone; the memory size is read after it.
     let mut configure = Vec::new();
     let mut memory_bytes = 0;
     for _ in 0..repeats {
-        let probe = memory_probe::configure(&wasm.filter, &inline)?;
-        configure.push(probe.configure.as_secs_f64() * 1e3);
-        memory_bytes = probe.memory_bytes;
+        let host = HostBuilder::new(&module)
+            .plugin_configuration(inline.clone())
+            .build()?;
+        if !host.configuration_accepted() {
+            bail!("the filter rejected the {n}-site policy: {:?}", host.logs());
+        }
+        configure.push(host.configure_time().as_secs_f64() * 1e3);
+        memory_bytes = host.linear_memory_bytes();
     }
 
     // Through the feed: the VM already runs a tiny policy, then the feed delivers this one.
@@ -588,120 +593,6 @@ fn scale_in_vm(wasm: &Artefacts, n: usize, json: &[u8]) -> anyhow::Result<ScaleR
         memory_bytes,
         envoy_feed_ms: Vec::new(),
     })
-}
-
-/// A proxy-wasm host just big enough to run `proxy_on_configure` and read the VM's linear
-/// memory size afterwards (the crate's full host keeps its memory private). Every import but
-/// `proxy_get_buffer_bytes` answers zero (`Ok`), which the filter treats as a working host.
-mod memory_probe {
-    use std::path::Path;
-    use std::time::{Duration, Instant};
-
-    use anyhow::{anyhow, bail};
-    use wasmtime::{Caller, Engine, Extern, Linker, Module, Store};
-
-    pub(crate) struct Probe {
-        pub(crate) configure: Duration,
-        pub(crate) memory_bytes: u64,
-    }
-
-    struct State {
-        configuration: Vec<u8>,
-    }
-
-    const ROOT: i32 = 1;
-
-    fn get_buffer(
-        mut caller: Caller<'_, State>,
-        _buffer: i32,
-        start: i32,
-        max: i32,
-        data_out: i32,
-        size_out: i32,
-    ) -> i32 {
-        const OK: i32 = 0;
-        const BAD_ARGUMENT: i32 = 2;
-        let config = &caller.data().configuration;
-        let start = usize::try_from(start).unwrap_or(0).min(config.len());
-        let max = usize::try_from(max as u32).unwrap_or(usize::MAX);
-        let bytes = config[start..config.len().min(start.saturating_add(max))].to_vec();
-        let Some(Extern::Func(allocate)) = caller.get_export("proxy_on_memory_allocate") else {
-            return BAD_ARGUMENT;
-        };
-        let Ok(allocate) = allocate.typed::<i32, i32>(&caller) else {
-            return BAD_ARGUMENT;
-        };
-        let Ok(len) = i32::try_from(bytes.len()) else {
-            return BAD_ARGUMENT;
-        };
-        let Ok(pointer) = allocate.call(&mut caller, len) else {
-            return BAD_ARGUMENT;
-        };
-        let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
-            return BAD_ARGUMENT;
-        };
-        let at = |p: i32| usize::try_from(p as u32).unwrap_or(usize::MAX);
-        let written = memory.write(&mut caller, at(pointer), &bytes).is_ok()
-            && memory
-                .write(&mut caller, at(data_out), &pointer.to_le_bytes())
-                .is_ok()
-            && memory
-                .write(&mut caller, at(size_out), &len.to_le_bytes())
-                .is_ok();
-        if written { OK } else { BAD_ARGUMENT }
-    }
-
-    /// Starts the module as Envoy does and configures it with `configuration`.
-    pub(crate) fn configure(wasm: &Path, configuration: &[u8]) -> anyhow::Result<Probe> {
-        let mut config = wasmtime::Config::new();
-        if std::env::var_os("BENCH_PERFMAP").is_some() {
-            // For `perf record`: wasm function names in /tmp/perf-<pid>.map.
-            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
-        }
-        let engine = Engine::new(&config)?;
-        let module = Module::from_file(&engine, wasm)?;
-        let mut store = Store::new(
-            &engine,
-            State {
-                configuration: configuration.to_vec(),
-            },
-        );
-        let mut linker: Linker<State> = Linker::new(&engine);
-        linker.func_wrap("env", "proxy_get_buffer_bytes", get_buffer)?;
-        linker.define_unknown_imports_as_default_values(&mut store, &module)?;
-        let instance = linker.instantiate(&mut store, &module)?;
-        for start in ["_initialize", "_start"] {
-            if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, start) {
-                f.call(&mut store, ())?;
-                break;
-            }
-        }
-        instance
-            .get_typed_func::<(i32, i32), ()>(&mut store, "proxy_on_context_create")?
-            .call(&mut store, (ROOT, 0))?;
-        let vm = instance
-            .get_typed_func::<(i32, i32), i32>(&mut store, "proxy_on_vm_start")?
-            .call(&mut store, (ROOT, 0))?;
-        if vm == 0 {
-            bail!("the VM did not start");
-        }
-        let size = i32::try_from(configuration.len())?;
-        let on_configure =
-            instance.get_typed_func::<(i32, i32), i32>(&mut store, "proxy_on_configure")?;
-        let started = Instant::now();
-        let accepted = on_configure.call(&mut store, (ROOT, size))?;
-        let configure = started.elapsed();
-        if accepted == 0 {
-            bail!("the filter rejected the configuration");
-        }
-        let memory = instance
-            .get_memory(&mut store, "memory")
-            .ok_or_else(|| anyhow!("the module exports no memory"))?;
-        Ok(Probe {
-            configure,
-            memory_bytes: memory.data_size(&store) as u64,
-        })
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2501,7 +2392,7 @@ impl Results {
             out,
             "- **Setups.** Our filter runs in force mode on a plain listener (the filter answers the 301 itself) and in auto mode on a TLS listener proxying to nginx (`return 200`), where it adds `Content-Security-Policy: upgrade-insecure-requests`. Each policy size has its own Envoy, started with an empty inline policy; the benchmark policy then arrives through the policy feed (a server in the driver), which is how the feed apply time inside Envoy is taken: from the moment the feed finished sending the body to each VM's `policy … applied` log line (Envoy runs two polling VMs with `--concurrency 1`: the main thread's and the worker's; both parse at once on this 2-core machine, and the time includes reading the body).\n\
 - **The floor.** `tests/minimal-filter` reads `:authority` and `:path`, answers 301, logs one line at info level (its Envoy runs at `-l warn`, so Envoy drops it) and bumps one counter: 5 host calls per request. Its Envoy also holds the native-redirect listener and the no-filter TLS listener; runs are sequential, so listeners never compete.\n\
-- **VM memory** is the wasm linear memory after `proxy_on_configure` with the policy inline (it never shrinks, so it is the peak), read from a minimal wasmtime host in the driver; **apply (wasmtime)** is the `proxy_on_configure` call alone, and the feed figure the `on_http_call_response` that parses and swaps the policy, both with Cranelift-compiled code (Envoy runs V8).\n\
+- **VM memory** is the wasm linear memory after `proxy_on_configure` with the policy inline (it never shrinks, so it is the peak), read from the wasmtime host (crate `proxy-wasm-host`); **apply (wasmtime)** is the `proxy_on_configure` call alone, and the feed figure the `on_http_call_response` that parses and swaps the policy, both with Cranelift-compiled code (Envoy runs V8).\n\
 - **Policy** (generated): site *i* has `s<i>.bench.test`, `www.s<i>.bench.test` and `alias-<i>.example.net`, every name's certificate ready; even sites force HTTPS with HSTS, odd sites are auto with `mixed_content: upgrade`. Requests go to a site in the middle of the table.\n\
 - **Noise.** On 2 cores wrk, Envoy's worker and (for pass-through) nginx share the CPUs with anything else running; compare ratios (taken within a round) rather than absolute figures, and check the load average above."
         );
@@ -2509,7 +2400,7 @@ impl Results {
         let _ = writeln!(out, "\n## Host calls per request, by kind\n");
         let _ = writeln!(
             out,
-            "Counted in the wasmtime host (tests/src/wasm_host) over one whole stream (request headers, response headers where the request reaches the upstream, end of stream).\n"
+            "Counted in the wasmtime host (tests/wasm-host) over one whole stream (request headers, response headers where the request reaches the upstream, end of stream).\n"
         );
         let _ = writeln!(out, "| request kind | total | calls |\n| --- | --- | --- |");
         for (kind, calls) in &self.calls.rows {

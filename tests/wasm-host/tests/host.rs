@@ -4,8 +4,9 @@
 
 use std::sync::OnceLock;
 use std::thread;
+use std::time::Duration;
 
-use autohttps_tests::wasm_host::{
+use proxy_wasm_host::{
     Action, FilterModule, HostBuilder, LogLevel, MetricType, Status, WasmHostError,
     build_workspace_wasm,
 };
@@ -316,5 +317,41 @@ fn header_map_size_buffer_status_and_legacy_continue_follow_envoy() -> anyhow::R
     let action = stream.request_headers(&[(":path", "/abc"), ("Host", "x")], true)?;
     assert_eq!(action, Action::Other(14));
     assert_eq!(stream.request_continued(), 1);
+    Ok(())
+}
+
+#[test]
+fn http_call_answers_reach_the_root_context_as_in_envoy() -> anyhow::Result<()> {
+    // A stream dispatches a call (timeout 1 s); proxy_on_http_call_response sets the tick
+    // period to its context id × 1000 ms, so the test can read which id Envoy's order gave it.
+    let module = wat_module(
+        r#"(import "env" "proxy_http_call" (func $call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+           (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+           (data (i32.const 0) "c")
+           (data (i32.const 16) "\03\00\00\00\07\00\00\00\03\00\00\00\05\00\00\00\01\00\00\00\0a\00\00\00\01\00\00\00:method\00GET\00:path\00/\00:authority\00a\00")
+           (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+           (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             (drop (call $call (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 61)
+               (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 512)))
+             (i32.const 1))
+           (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+             (drop (call $tick (i32.mul (local.get 0) (i32.const 1000)))))"#,
+    )?;
+    let mut host = HostBuilder::new(&module).build()?;
+    let mut stream = host.http_stream()?;
+    let stream_id = stream.id();
+    assert_eq!(
+        stream.request_headers(&[(":path", "/")], true)?,
+        Action::Pause
+    );
+    let call = host.pending_http_calls()[0].clone();
+    assert_eq!(call.context_id, stream_id, "dispatched from the stream");
+    host.respond_to_http_call(call.token, &[(":status", "200")], b"")?;
+    let root = host.root_context_id();
+    assert_ne!(root, stream_id);
+    assert_eq!(
+        host.tick_period(),
+        Some(Duration::from_millis(u64::from(root) * 1000))
+    );
     Ok(())
 }

@@ -5,18 +5,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-use super::error::{Result, WasmHostError};
+use crate::error::{Result, WasmHostError};
 
 /// Builds `package` with `cargo build --target wasm32-wasip1 --profile wasm-release` (once per
 /// process; cargo itself skips the work when nothing changed) and returns the path of the
-/// `.wasm`. The target directory is `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+/// `.wasm`. The workspace is the one around the current directory (where cargo runs tests);
+/// the target directory is `$CARGO_TARGET_DIR`, else `<workspace>/target`.
 ///
 /// ```no_run
-/// use autohttps_tests::wasm_host::{FilterModule, build_workspace_wasm};
+/// use proxy_wasm_host::{FilterModule, build_workspace_wasm};
 ///
 /// let wasm = build_workspace_wasm("autohttps-minimal-filter")?;
 /// let module = FilterModule::load(&wasm)?;
-/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// # Ok::<(), proxy_wasm_host::WasmHostError>(())
 /// ```
 pub fn build_workspace_wasm(package: &str) -> Result<PathBuf> {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
@@ -65,10 +66,22 @@ pub fn build_workspace_wasm(package: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The workspace root: the parent of this crate's manifest directory.
+/// The cargo workspace around the current directory: the nearest ancestor whose `Cargo.toml`
+/// has a `[workspace]` table (cargo runs tests and binaries from inside their package).
+fn enclosing_workspace() -> Option<PathBuf> {
+    let current = std::env::current_dir().ok()?;
+    current
+        .ancestors()
+        .find(|dir| {
+            std::fs::read_to_string(dir.join("Cargo.toml"))
+                .is_ok_and(|manifest| manifest.lines().any(|l| l.trim() == "[workspace]"))
+        })
+        .map(Path::to_path_buf)
+}
+
+/// The workspace around the current directory, else the current directory itself.
 fn workspace_dir() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_owned()
+    enclosing_workspace().unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace when relative),
@@ -80,4 +93,18 @@ pub(crate) fn target_dir() -> PathBuf {
         Some(dir) => workspace.join(dir),
         None => workspace.join("target"),
     }
+}
+
+/// Where compiled code is cached: `<target>/wasmtime-cache` inside a cargo workspace, else
+/// `$XDG_CACHE_HOME/proxy-wasm-host` (or `~/.cache/proxy-wasm-host`), so a command run from
+/// anywhere compiles an unchanged `.wasm` once.
+pub(crate) fn compiled_code_cache_dir() -> Option<PathBuf> {
+    if enclosing_workspace().is_some() || std::env::var_os("CARGO_TARGET_DIR").is_some() {
+        return Some(target_dir().join("wasmtime-cache"));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|dir| dir.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("proxy-wasm-host"))
 }

@@ -8,13 +8,16 @@ use std::time::Duration;
 use wasmtime::{Memory, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
-use super::abi::{LogLevel, MetricType, Status};
-use super::clock::Clock;
+use crate::abi::{LogLevel, MetricType, Status};
+use crate::clock::Clock;
+
+/// Envoy's default per-stream buffer limit (`per_connection_buffer_limit_bytes`): 1 MiB.
+pub const DEFAULT_BUFFER_LIMIT: usize = 1 << 20;
 
 /// An ordered header (or trailer) map as Envoy keeps it: keys lower case, repeated keys allowed.
 ///
 /// ```
-/// use autohttps_tests::wasm_host::Headers;
+/// use proxy_wasm_host::Headers;
 ///
 /// let headers = Headers::from_pairs(&[(":status", "301"), ("Location", "https://a.test/")]);
 /// assert_eq!(headers.get("location"), Some("https://a.test/"));
@@ -90,25 +93,12 @@ impl Headers {
         self.0.push((name.to_ascii_lowercase(), value.to_owned()));
     }
 
-    /// Sets the single value of `name`: the first entry is replaced in place, later ones
-    /// removed; appended when absent (Envoy `setCopy`).
+    /// Sets the single value of `name` as Envoy's `setCopy` does: every entry of `name` is
+    /// removed and the new one appended at the end (so a replaced header moves to the end).
     pub(crate) fn replace(&mut self, name: &str, value: &str) {
         let name = name.to_ascii_lowercase();
-        let mut seen = false;
-        self.0.retain_mut(|(k, v)| {
-            if *k != name {
-                return true;
-            }
-            if seen {
-                return false;
-            }
-            seen = true;
-            *v = value.to_owned();
-            true
-        });
-        if !seen {
-            self.0.push((name, value.to_owned()));
-        }
+        self.0.retain(|(k, _)| *k != name);
+        self.0.push((name, value.to_owned()));
     }
 
     /// Removes every value of `name`.
@@ -120,7 +110,7 @@ impl Headers {
 /// A response the filter sent itself with `proxy_send_local_response`, as it asked for it.
 ///
 /// The headers the client finally sees (after Envoy ran the filter's own response callbacks on
-/// the local reply) are in [`HttpStream::current_response_headers`](super::HttpStream::current_response_headers).
+/// the local reply) are in [`HttpStream::current_response_headers`](crate::HttpStream::current_response_headers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalResponse {
     /// HTTP status code.
@@ -136,12 +126,14 @@ pub struct LocalResponse {
 }
 
 /// An HTTP call the filter dispatched with `proxy_http_call`; answer it with
-/// [`Host::respond_to_http_call`](super::Host::respond_to_http_call).
+/// [`Host::respond_to_http_call`](crate::Host::respond_to_http_call).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpCall {
     /// Token the host returned to the guest.
     pub token: u32,
-    /// Context that dispatched it (its `proxy_on_http_call_response` receives the answer).
+    /// Context that was effective when it was dispatched. Envoy owns every HTTP call on the
+    /// root context, so `proxy_on_http_call_response` runs on the root context with the root
+    /// context's id (the SDKs route the answer to the stream by token).
     pub context_id: u32,
     /// Envoy cluster name the call goes to.
     pub upstream: String,
@@ -153,6 +145,41 @@ pub struct HttpCall {
     pub trailers: Headers,
     /// Timeout; zero means Envoy's default (none).
     pub timeout: Duration,
+    /// When the timeout ends the call (host clock, Unix nanoseconds); `None` without one.
+    pub(crate) deadline_unix_nanos: Option<u64>,
+}
+
+/// How an HTTP call fails, and what Envoy 1.40's async client then hands the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HttpCallFailure {
+    /// The upstream could not be reached or reset before its response headers: Envoy answers
+    /// with a generated `503` and a body naming the reset.
+    ConnectionFailure,
+    /// The cluster has no healthy host: a generated `503` with body `no healthy upstream`.
+    NoHealthyUpstream,
+    /// The call's timeout passed first: a generated `504` with body `upstream request timeout`
+    /// (also what [`Host::advance_clock`](crate::Host::advance_clock) does when it passes a
+    /// call's deadline).
+    Timeout,
+    /// The upstream reset after its response headers: Envoy's failure callback, with no
+    /// headers and no body, and `proxy_get_status` answering `BrokenConnection` (11) / `reset`.
+    ResetAfterHeaders,
+}
+
+impl HttpCallFailure {
+    /// The generated reply `(status, body)`, or `None` for the failure callback.
+    pub fn generated_reply(self) -> Option<(u16, &'static str)> {
+        match self {
+            HttpCallFailure::ConnectionFailure => Some((
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            )),
+            HttpCallFailure::NoHealthyUpstream => Some((503, "no healthy upstream")),
+            HttpCallFailure::Timeout => Some((504, "upstream request timeout")),
+            HttpCallFailure::ResetAfterHeaders => None,
+        }
+    }
 }
 
 /// One `proxy_log` line.
@@ -231,6 +258,8 @@ pub(crate) struct StreamState {
     pub(crate) closed_request: bool,
     pub(crate) closed_response: bool,
     pub(crate) host_calls: u64,
+    /// Why the host reset the stream (e.g. a buffer over its limit), if it did.
+    pub(crate) reset_reason: Option<String>,
     pub(crate) end_of_stream: bool,
     pub(crate) completed: bool,
 }
@@ -258,6 +287,8 @@ pub(crate) struct HostState {
     pub(crate) next_http_token: u32,
     pub(crate) http_call_reply: Option<HttpCallReply>,
     pub(crate) known_clusters: Option<Vec<String>>,
+    /// Bytes a filter may buffer per body before the stream is reset.
+    pub(crate) buffer_limit: usize,
     pub(crate) vm_configuration: Vec<u8>,
     pub(crate) plugin_configuration: Vec<u8>,
     pub(crate) configuring: bool,
@@ -305,6 +336,7 @@ impl HostState {
             next_http_token: 1,
             http_call_reply: None,
             known_clusters: None,
+            buffer_limit: DEFAULT_BUFFER_LIMIT,
             vm_configuration: Vec::new(),
             plugin_configuration: Vec::new(),
             configuring: false,

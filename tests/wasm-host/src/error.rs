@@ -5,8 +5,8 @@ use std::path::PathBuf;
 /// What can go wrong loading a filter or driving it.
 ///
 /// Guest-visible failures of individual host calls are not errors of this type: they go back
-/// to the guest as a [`Status`](super::Status) and, for unsupported calls, are also recorded
-/// (see [`Host::host_call_errors`](super::Host::host_call_errors)).
+/// to the guest as a [`Status`](crate::Status) and, for unsupported calls, are also recorded
+/// (see [`Host::host_call_errors`](crate::Host::host_call_errors)).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WasmHostError {

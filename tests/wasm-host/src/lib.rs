@@ -11,16 +11,22 @@
 //! - [`HttpStream`] drives one HTTP stream through Envoy's callbacks and reads back the
 //!   action, the local response, the mutated headers and bodies.
 //!
-//! Envoy semantics are followed where a filter could tell the difference: which header maps
-//! and buffers exist in which callback (request headers vanish once the filter continues),
-//! status codes of failing calls, `:status`/`:authority`/`:path`/`:method`/`:scheme`
+//! Envoy 1.40 semantics are followed where a filter could tell the difference: which header
+//! maps and buffers exist in which callback (request headers vanish once the filter
+//! continues), status codes of failing calls, `:status`/`:authority`/`:path`/`:method`/`:scheme`
 //! pseudo-headers in the maps, a local reply sent on the request path being encoded through
-//! the filter's own response callbacks, and `on_log` → `on_done` → `on_delete` at the end.
-//! [`SUPPORTED_HOST_CALLS`] lists the implemented imports; any other import answers
-//! [`Status::Unimplemented`] and is recorded by name in [`Host::host_call_errors`].
+//! the filter's own response callbacks, a replaced header removed and appended at the end
+//! (`setCopy`), HTTP calls owned by the root context (`proxy_on_http_call_response` gets the
+//! root context's id), a failed call answered with Envoy's generated reply
+//! ([`HttpCallFailure`]: `503` unreachable, `504` when the clock passes the call's timeout),
+//! the stream reset when a filter buffers a body past the buffer limit
+//! ([`DEFAULT_BUFFER_LIMIT`], 1 MiB), gRPC calls answered as for a missing cluster, and
+//! `on_log` → `on_done` → `on_delete` at the end. [`SUPPORTED_HOST_CALLS`] lists the
+//! implemented imports; any other import answers [`Status::Unimplemented`] and is recorded by
+//! name in [`Host::host_call_errors`].
 //!
 //! ```no_run
-//! use autohttps_tests::wasm_host::{Action, FilterModule, HostBuilder};
+//! use proxy_wasm_host::{Action, FilterModule, HostBuilder};
 //!
 //! let module = FilterModule::load("target/wasm32-wasip1/wasm-release/my_filter.wasm")?;
 //! let mut host = HostBuilder::new(&module)
@@ -49,8 +55,10 @@
 //!     host.respond_to_http_call(call, &[(":status", "200")], br#"{"version": 2}"#)?;
 //! }
 //! println!("{:?}", host.metric("my_filter.redirects"));
-//! # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+//! # Ok::<(), proxy_wasm_host::WasmHostError>(())
 //! ```
+
+#![warn(missing_docs)]
 
 mod abi;
 mod clock;
@@ -66,7 +74,10 @@ pub use error::{Result, WasmHostError};
 pub use host::{Host, HostBuilder, HttpStream};
 pub use imports::SUPPORTED_HOST_CALLS;
 pub use module::FilterModule;
-pub use state::{Headers, HostCallError, HttpCall, LocalResponse, LogEntry, Metric};
+pub use state::{
+    DEFAULT_BUFFER_LIMIT, Headers, HostCallError, HttpCall, HttpCallFailure, LocalResponse,
+    LogEntry, Metric,
+};
 pub use workspace_wasm::build_workspace_wasm;
 
 /// A boolean property value as Envoy serializes it (one byte), e.g. for `connection.mtls`.

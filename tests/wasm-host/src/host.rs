@@ -8,13 +8,13 @@ use wasmtime::{Instance, Store, TypedFunc, WasmParams, WasmResults};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
-use super::abi::{Action, LogLevel, join_path, len_u32};
-use super::clock::{Clock, DEFAULT_START_UNIX_NANOS};
-use super::error::{Result, WasmHostError};
-use super::module::FilterModule;
-use super::state::{
-    Headers, HostCallError, HostState, HttpCall, HttpCallReply, LocalResponse, LogEntry, Metric,
-    StreamState,
+use crate::abi::{Action, LogLevel, join_path, len_u32};
+use crate::clock::{Clock, DEFAULT_START_UNIX_NANOS};
+use crate::error::{Result, WasmHostError};
+use crate::module::FilterModule;
+use crate::state::{
+    DEFAULT_BUFFER_LIMIT, Headers, HostCallError, HostState, HttpCall, HttpCallFailure,
+    HttpCallReply, LocalResponse, LogEntry, Metric, StreamState,
 };
 
 /// Bytes of guest stdout/stderr kept per host.
@@ -24,7 +24,7 @@ const STDIO_CAPACITY: usize = 1 << 20;
 /// clock. [`build`](Self::build) runs the VM and plugin start-up exactly as Envoy does.
 ///
 /// ```no_run
-/// use autohttps_tests::wasm_host::{FilterModule, HostBuilder};
+/// use proxy_wasm_host::{FilterModule, HostBuilder};
 ///
 /// let module = FilterModule::load("target/wasm32-wasip1/wasm-release/my_filter.wasm")?;
 /// let host = HostBuilder::new(&module)
@@ -32,7 +32,7 @@ const STDIO_CAPACITY: usize = 1 << 20;
 ///     .property(&["plugin_name"], "my_filter")
 ///     .build()?;
 /// assert!(host.configuration_accepted());
-/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// # Ok::<(), proxy_wasm_host::WasmHostError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct HostBuilder {
@@ -43,6 +43,7 @@ pub struct HostBuilder {
     log_level: LogLevel,
     clock_start: SystemTime,
     known_clusters: Option<Vec<String>>,
+    buffer_limit: usize,
 }
 
 impl HostBuilder {
@@ -57,7 +58,15 @@ impl HostBuilder {
             log_level: LogLevel::Info,
             clock_start: SystemTime::UNIX_EPOCH + Duration::from_nanos(DEFAULT_START_UNIX_NANOS),
             known_clusters: None,
+            buffer_limit: DEFAULT_BUFFER_LIMIT,
         }
+    }
+
+    /// The most a filter may buffer of one body before Envoy resets the stream (its
+    /// per-connection buffer limit): [`DEFAULT_BUFFER_LIMIT`] (1 MiB) unless set.
+    pub fn buffer_limit(mut self, bytes: usize) -> Self {
+        self.buffer_limit = bytes;
+        self
     }
 
     /// The plugin configuration (`configuration` in Envoy's `PluginConfig`), readable by the
@@ -75,8 +84,8 @@ impl HostBuilder {
 
     /// A host-wide property, e.g. `&["plugin_name"]` or `&["node", "id"]`. Values are the raw
     /// bytes Envoy would serialize: strings as is, booleans as one byte, integers as 8
-    /// little-endian bytes (see [`property_bool`](super::property_bool),
-    /// [`property_int`](super::property_int)). Per-stream properties such as
+    /// little-endian bytes (see [`property_bool`](crate::property_bool),
+    /// [`property_int`](crate::property_int)). Per-stream properties such as
     /// `source.address` are set with [`HttpStream::set_property`].
     pub fn property(mut self, path: &[&str], value: impl Into<Vec<u8>>) -> Self {
         self.properties.insert(join_path(path), value.into());
@@ -125,6 +134,7 @@ impl HostBuilder {
         state.vm_configuration = self.vm_configuration;
         state.plugin_configuration = self.plugin_configuration;
         state.known_clusters = self.known_clusters;
+        state.buffer_limit = self.buffer_limit;
         let root = state.root_context_id;
 
         let mut store = Store::new(self.module.engine(), state);
@@ -146,6 +156,7 @@ impl HostBuilder {
             configured: false,
             failure: None,
             next_context_id: root + 1,
+            configure_time: Duration::ZERO,
             stdout,
             stderr,
         };
@@ -168,12 +179,14 @@ impl HostBuilder {
         if host.vm_started {
             let size = len_u32(host.store.data().plugin_configuration.len());
             host.store.data_mut().configuring = true;
+            let started = std::time::Instant::now();
             let configured = host.call(
                 "proxy_on_configure",
                 host.exports.on_configure.clone(),
                 root,
                 (root, size),
             );
+            host.configure_time = started.elapsed();
             host.store.data_mut().configuring = false;
             host.configured = configured?.is_none_or(|ok| ok != 0);
         }
@@ -254,7 +267,7 @@ impl Exports {
 /// A full round trip, in the style of proxy-wasm-go-sdk's `proxytest`:
 ///
 /// ```no_run
-/// use autohttps_tests::wasm_host::{Action, FilterModule, HostBuilder};
+/// use proxy_wasm_host::{Action, FilterModule, HostBuilder};
 ///
 /// let module = FilterModule::load("target/wasm32-wasip1/wasm-release/my_filter.wasm")?;
 /// let mut host = HostBuilder::new(&module).build()?;
@@ -270,7 +283,7 @@ impl Exports {
 /// assert_eq!(reply.headers.get("location"), Some("https://a.test/x?y"));
 /// stream.complete()?;
 /// assert!(host.logs().iter().any(|l| l.message.contains("redirect")));
-/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// # Ok::<(), proxy_wasm_host::WasmHostError>(())
 /// ```
 pub struct Host {
     store: Store<HostState>,
@@ -280,6 +293,7 @@ pub struct Host {
     configured: bool,
     failure: Option<String>,
     next_context_id: u32,
+    configure_time: Duration,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
 }
@@ -358,6 +372,21 @@ impl Host {
         self.failure.as_deref()
     }
 
+    /// Wall time of the `proxy_on_configure` call alone (zero when the VM did not start), as
+    /// this host's compiled code ran it: the cost of applying a configuration.
+    pub fn configure_time(&self) -> Duration {
+        self.configure_time
+    }
+
+    /// The size of the guest's linear memory in bytes now. Wasm memory never shrinks, so this
+    /// is also the peak so far.
+    pub fn linear_memory_bytes(&self) -> u64 {
+        self.store
+            .data()
+            .memory
+            .map_or(0, |memory| memory.data_size(&self.store) as u64)
+    }
+
     /// The module this host runs.
     pub fn module(&self) -> &FilterModule {
         &self.module
@@ -407,8 +436,10 @@ impl Host {
         self.after_vm_call()
     }
 
-    /// Advances the clock by `by`, firing `proxy_on_tick` at each tick that falls due on the
-    /// way (as Envoy's timer would); returns how many fired.
+    /// Advances the clock by `by`, firing what falls due on the way in time order, as Envoy's
+    /// timers would: `proxy_on_tick` at each tick, and the timeout of each pending HTTP call
+    /// whose deadline passes (answered as [`HttpCallFailure::Timeout`]: a generated `504`).
+    /// Returns how many ticks fired.
     pub fn advance_clock(&mut self, by: Duration) -> Result<u32> {
         let target = self
             .store
@@ -418,21 +449,43 @@ impl Host {
             .saturating_add(u64::try_from(by.as_nanos()).unwrap_or(u64::MAX));
         let mut fired = 0;
         loop {
-            let state = self.store.data_mut();
-            let (Some(due), Some(period)) = (state.next_tick_unix_nanos, state.tick_period) else {
-                break;
+            let state = self.store.data();
+            let tick = match (state.next_tick_unix_nanos, state.tick_period) {
+                (Some(due), Some(_)) if due <= target => Some(due),
+                _ => None,
             };
-            if due > target {
-                break;
-            }
+            let timeout = state
+                .http_calls
+                .iter()
+                .filter(|c| state.pending_http_calls.contains(&c.token))
+                .filter_map(|c| c.deadline_unix_nanos.map(|due| (due, c.token)))
+                .filter(|(due, _)| *due <= target)
+                .min();
             let now = state.clock.now_unix_nanos();
-            state
-                .clock
-                .advance(Duration::from_nanos(due.saturating_sub(now)));
-            state.next_tick_unix_nanos =
-                Some(due.saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX)));
-            self.tick()?;
-            fired += 1;
+            match (tick, timeout) {
+                (None, None) => break,
+                // A call that times out at the same instant as a tick ends first.
+                (tick, Some((due, token))) if tick.is_none_or(|t| due <= t) => {
+                    self.store
+                        .data()
+                        .clock
+                        .advance(Duration::from_nanos(due.saturating_sub(now)));
+                    self.fail_http_call_with(token, HttpCallFailure::Timeout)?;
+                }
+                (Some(due), _) => {
+                    let state = self.store.data_mut();
+                    state
+                        .clock
+                        .advance(Duration::from_nanos(due.saturating_sub(now)));
+                    let period = state.tick_period.unwrap_or_default();
+                    state.next_tick_unix_nanos = Some(
+                        due.saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX)),
+                    );
+                    self.tick()?;
+                    fired += 1;
+                }
+                (None, Some(_)) => break,
+            }
         }
         let clock = &self.store.data().clock;
         clock.advance(Duration::from_nanos(
@@ -466,8 +519,9 @@ impl Host {
             .collect()
     }
 
-    /// Answers a pending HTTP call: `proxy_on_http_call_response` runs on the context that
-    /// dispatched it, with these headers (include `:status`) and body readable.
+    /// Answers a pending HTTP call: `proxy_on_http_call_response` runs on the root context
+    /// (as in Envoy, which owns every call there), with these headers (include `:status`) and
+    /// body readable.
     pub fn respond_to_http_call(
         &mut self,
         token: u32,
@@ -483,11 +537,30 @@ impl Host {
         self.deliver_http_call(token, Some(reply), (0, String::new()), sizes)
     }
 
-    /// Fails a pending HTTP call as Envoy does when the upstream resets or is unreachable:
-    /// `proxy_on_http_call_response` with no headers and no body, and `proxy_get_status`
-    /// answering `BrokenConnection` (11) / `"reset"` during the callback.
+    /// Fails a pending HTTP call as Envoy does when its upstream is unreachable or resets
+    /// before the response headers: the filter gets Envoy's generated `503` reply (see
+    /// [`HttpCallFailure::ConnectionFailure`]).
     pub fn fail_http_call(&mut self, token: u32) -> Result<()> {
-        self.deliver_http_call(token, None, (11, "reset".to_owned()), (0, 0, 0))
+        self.fail_http_call_with(token, HttpCallFailure::ConnectionFailure)
+    }
+
+    /// Fails a pending HTTP call the way `failure` describes: a generated reply
+    /// (`503`/`504` with Envoy's body text, `content-type: text/plain`), or for
+    /// [`HttpCallFailure::ResetAfterHeaders`] the failure callback with no headers and no
+    /// body, `proxy_get_status` answering `BrokenConnection` (11) / `"reset"`.
+    pub fn fail_http_call_with(&mut self, token: u32, failure: HttpCallFailure) -> Result<()> {
+        match failure.generated_reply() {
+            Some((status, body)) => self.respond_to_http_call(
+                token,
+                &[
+                    (":status", &status.to_string()),
+                    ("content-length", &body.len().to_string()),
+                    ("content-type", "text/plain"),
+                ],
+                body.as_bytes(),
+            ),
+            None => self.deliver_http_call(token, None, (11, "reset".to_owned()), (0, 0, 0)),
+        }
     }
 
     fn deliver_http_call(
@@ -504,11 +577,7 @@ impl Host {
             .position(|t| *t == token)
             .ok_or(WasmHostError::UnknownHttpCall(token))?;
         state.pending_http_calls.remove(position);
-        let context = state
-            .http_calls
-            .iter()
-            .find(|c| c.token == token)
-            .map_or(state.root_context_id, |c| c.context_id);
+        let context = state.root_context_id;
         state.http_call_reply = reply;
         state.status = status;
         let result = self.call(
@@ -776,12 +845,16 @@ impl HttpStream<'_> {
             self.host.exports.on_request_body.clone(),
             (self.id, size, u32::from(end_of_stream)),
         )?;
+        let limit = self.host.store.data().buffer_limit;
         let stream = self.state_mut();
         stream.buffering_request_body = action == Action::Pause;
         if action == Action::Continue {
             let body = std::mem::take(&mut stream.request_body);
             stream.forwarded_request_body.extend_from_slice(&body);
             stream.request_body_available = false;
+        } else if stream.request_body.len() > limit {
+            self.reset_over_buffer_limit("request", limit)?;
+            return Ok(action);
         }
         self.host.after_vm_call()?;
         Ok(action)
@@ -849,12 +922,15 @@ impl HttpStream<'_> {
             self.host.exports.on_response_body.clone(),
             (self.id, size, u32::from(end_of_stream)),
         )?;
+        let limit = self.host.store.data().buffer_limit;
         let stream = self.state_mut();
         stream.buffering_response_body = action == Action::Pause;
         if action == Action::Continue {
             let body = std::mem::take(&mut stream.response_body);
             stream.forwarded_response_body.extend_from_slice(&body);
             stream.response_body_available = false;
+        } else if stream.response_body.len() > limit {
+            self.reset_over_buffer_limit("response", limit)?;
         }
         Ok(action)
     }
@@ -874,6 +950,20 @@ impl HttpStream<'_> {
             self.state_mut().response_trailers_available = false;
         }
         Ok(action)
+    }
+
+    /// The filter buffered more than the limit: Envoy resets the stream, which ends it
+    /// (`on_log`, `on_done`, `on_delete`); later calls on it fail with `StreamCompleted`.
+    fn reset_over_buffer_limit(&mut self, body: &str, limit: usize) -> Result<()> {
+        self.state_mut().reset_reason = Some(format!(
+            "the filter buffered more of the {body} body than the buffer limit ({limit} bytes)"
+        ));
+        self.complete()
+    }
+
+    /// Why the host reset this stream (a body buffered past the buffer limit), if it did.
+    pub fn reset_reason(&self) -> Option<&str> {
+        self.state().reset_reason.as_deref()
     }
 
     /// Ends the stream as Envoy does: `proxy_on_log` (headers readable, access-log phase),

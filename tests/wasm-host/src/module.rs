@@ -8,10 +8,10 @@ use std::time::SystemTime;
 
 use wasmtime::{Cache, CacheConfig, Config, Engine, InstancePre, Linker, Module};
 
-use super::error::{Result, WasmHostError};
-use super::imports;
-use super::state::HostState;
-use super::workspace_wasm;
+use crate::error::{Result, WasmHostError};
+use crate::imports;
+use crate::state::HostState;
+use crate::workspace_wasm;
 
 /// A proxy-wasm filter compiled and linked against this host, ready to instantiate.
 ///
@@ -19,11 +19,11 @@ use super::workspace_wasm;
 /// and size, so a rebuilt `.wasm` is recompiled), so hundreds of hosts share one compilation.
 ///
 /// ```no_run
-/// use autohttps_tests::wasm_host::FilterModule;
+/// use proxy_wasm_host::FilterModule;
 ///
 /// let module = FilterModule::load("target/wasm32-wasip1/wasm-release/my_filter.wasm")?;
 /// assert!(module.unsupported_imports().is_empty(), "filter needs {:?}", module.unsupported_imports());
-/// # Ok::<(), autohttps_tests::wasm_host::WasmHostError>(())
+/// # Ok::<(), proxy_wasm_host::WasmHostError>(())
 /// ```
 #[derive(Clone)]
 pub struct FilterModule {
@@ -48,17 +48,19 @@ impl std::fmt::Debug for FilterModule {
 
 /// The engine every module and store of this process uses (modules are tied to an engine).
 ///
-/// Compiled code is also cached on disk under `<target>/wasmtime-cache` (wasmtime's own cache,
-/// keyed by module bytes and compiler settings), so a fresh test process skips Cranelift for
+/// Compiled code is also cached on disk (wasmtime's own cache, keyed by module bytes and
+/// compiler settings; see `compiled_code_cache_dir`), so a fresh process skips Cranelift for
 /// an unchanged `.wasm`. Without a usable cache directory it simply compiles.
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
-        let mut cache = CacheConfig::new();
-        cache.with_directory(workspace_wasm::target_dir().join("wasmtime-cache"));
-        if let Ok(cache) = Cache::new(cache) {
-            config.cache(Some(cache));
+        if let Some(directory) = workspace_wasm::compiled_code_cache_dir() {
+            let mut cache = CacheConfig::new();
+            cache.with_directory(directory);
+            if let Ok(cache) = Cache::new(cache) {
+                config.cache(Some(cache));
+            }
         }
         Engine::new(&config).unwrap_or_else(|_| Engine::default())
     })

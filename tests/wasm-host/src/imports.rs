@@ -3,7 +3,7 @@
 //! Each call follows Envoy's `source/extensions/common/wasm/context.cc` and
 //! `proxy-wasm-cpp-host` `exports.cc`: which maps and buffers exist in which callback, which
 //! status a failure returns, how bodies are replaced. Imports this host does not implement are
-//! linked to a function that records a [`HostCallError`](super::HostCallError) naming the call
+//! linked to a function that records a [`HostCallError`](crate::HostCallError) naming the call
 //! and returns [`Status::Unimplemented`] (zero values for non-`i32` results): the guest sees an
 //! error, the host never panics and never traps on its own account. (Envoy itself refuses to
 //! load a module with an import it lacks; this host lets the test see which call it was.)
@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use wasmtime::{Caller, ExternType, Linker, Module, Val, ValType};
 
-use super::abi::{
+use crate::abi::{
     BufferType, LogLevel, MapType, MetricType, Status, StreamType, decode_pairs, encode_pairs,
     len_u32,
 };
-use super::state::{Headers, HostState, HttpCall, LocalResponse, LogEntry, Metric, StreamState};
+use crate::state::{Headers, HostState, HttpCall, LocalResponse, LogEntry, Metric, StreamState};
 
 /// The `env` imports this host implements, in ABI order.
 pub const SUPPORTED_HOST_CALLS: &[&str] = &[
@@ -45,6 +45,11 @@ pub const SUPPORTED_HOST_CALLS: &[&str] = &[
     "proxy_continue_response",
     "proxy_send_local_response",
     "proxy_http_call",
+    "proxy_grpc_call",
+    "proxy_grpc_stream",
+    "proxy_grpc_send",
+    "proxy_grpc_cancel",
+    "proxy_grpc_close",
     "proxy_set_effective_context",
     "proxy_done",
     "proxy_define_metric",
@@ -449,6 +454,75 @@ pub(crate) fn add_proxy_calls(linker: &mut Linker<HostState>) -> wasmtime::Resul
             })
         },
     )?;
+    // gRPC: Envoy resolves the service to a cluster; for one it does not know it answers
+    // ParseFailure, and for a token it never handed out NotFound. This host carries no gRPC,
+    // so every service is answered as a missing cluster; one the test declared with
+    // `HostBuilder::cluster` is also recorded as a host-call error, since Envoy would have
+    // made that call.
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_call",
+        |mut c: Ctx<'_>,
+         service_ptr: u32,
+         service_len: u32,
+         _service_name_ptr: u32,
+         _service_name_len: u32,
+         _method_ptr: u32,
+         _method_len: u32,
+         _metadata_ptr: u32,
+         _metadata_len: u32,
+         _message_ptr: u32,
+         _message_len: u32,
+         _timeout_ms: u32,
+         _token_ptr: u32| {
+            run(&mut c, "proxy_grpc_call", |c| {
+                grpc_open(c, "proxy_grpc_call", service_ptr, service_len)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |mut c: Ctx<'_>,
+         service_ptr: u32,
+         service_len: u32,
+         _service_name_ptr: u32,
+         _service_name_len: u32,
+         _method_ptr: u32,
+         _method_len: u32,
+         _metadata_ptr: u32,
+         _metadata_len: u32,
+         _token_ptr: u32| {
+            run(&mut c, "proxy_grpc_stream", |c| {
+                grpc_open(c, "proxy_grpc_stream", service_ptr, service_len)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |mut c: Ctx<'_>, token: u32, _ptr: u32, _len: u32, _end: u32| {
+            run(&mut c, "proxy_grpc_send", |_| {
+                // Envoy: odd tokens are calls (nothing to send on), even ones streams.
+                Err(if token % 2 == 1 {
+                    Status::BadArgument
+                } else {
+                    Status::NotFound
+                }
+                .into())
+            })
+        },
+    )?;
+    linker.func_wrap("env", "proxy_grpc_cancel", |mut c: Ctx<'_>, _token: u32| {
+        run(
+            &mut c,
+            "proxy_grpc_cancel",
+            |_| Err(Status::NotFound.into()),
+        )
+    })?;
+    linker.func_wrap("env", "proxy_grpc_close", |mut c: Ctx<'_>, _token: u32| {
+        run(&mut c, "proxy_grpc_close", |_| Err(Status::NotFound.into()))
+    })?;
     linker.func_wrap(
         "env",
         "proxy_set_effective_context",
@@ -919,6 +993,12 @@ fn http_call(
     }
     let token = state.next_http_token;
     state.next_http_token = state.next_http_token.wrapping_add(1).max(1);
+    let deadline_unix_nanos = (timeout_ms > 0).then(|| {
+        state
+            .clock
+            .now_unix_nanos()
+            .saturating_add(u64::from(timeout_ms) * 1_000_000)
+    });
     state.http_calls.push(HttpCall {
         token,
         context_id: state.effective_context,
@@ -927,9 +1007,30 @@ fn http_call(
         body,
         trailers: Headers::from_owned(trailers),
         timeout: Duration::from_millis(u64::from(timeout_ms)),
+        deadline_unix_nanos,
     });
     state.pending_http_calls.push(token);
     Ok(token)
+}
+
+/// Opens a gRPC call or stream as Envoy does for a service naming no cluster it knows.
+fn grpc_open(c: &mut Ctx<'_>, call: &str, service_ptr: u32, service_len: u32) -> Outcome {
+    let service = read_string(c, service_ptr, service_len)?;
+    let state = c.data_mut();
+    if state
+        .known_clusters
+        .as_ref()
+        .is_some_and(|known| known.contains(&service))
+    {
+        state.record_error(
+            call,
+            Status::ParseFailure,
+            format!(
+                "gRPC to the declared cluster {service:?} is not carried by this host; it answers every gRPC service as a missing cluster (ParseFailure)"
+            ),
+        );
+    }
+    Err(Status::ParseFailure.into())
 }
 
 /// Metric ids carry their type in the two low bits, as in Envoy.
@@ -1000,7 +1101,7 @@ mod tests {
     use wasmtime_wasi::WasiCtxBuilder;
 
     use super::*;
-    use crate::wasm_host::clock::Clock;
+    use crate::clock::Clock;
 
     fn state() -> HostState {
         HostState::new(

@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use autohttps_tests::wasm_host::{
-    Action, FilterModule, Host, HostBuilder, LogLevel, MetricType, WasmHostError,
+use proxy_wasm_host::{
+    Action, FilterModule, Host, HostBuilder, HttpCallFailure, LogLevel, MetricType, WasmHostError,
     build_workspace_wasm,
 };
 
@@ -86,6 +86,13 @@ fn request_headers_are_edited_with_properties_and_shared_data() -> anyhow::Resul
     assert_eq!(seen.get("x-probe-scheme"), Some("https"));
     assert_eq!(seen.get("x-probe-policy"), Some("v1"));
     assert_eq!(seen.get_all("x-replace"), ["replaced"]);
+    // Envoy's setCopy removes the header and appends it: it moves to the end.
+    let names: Vec<&str> = seen.pairs().iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names[names.len() - 2..],
+        ["x-replace", "x-probe-count"],
+        "{names:?}"
+    );
     assert!(!seen.contains("x-remove"));
     // Four pseudo-headers, the replaced one, and the five added before counting.
     assert_eq!(seen.get("x-probe-count"), Some("10"));
@@ -223,16 +230,73 @@ fn ticks_fire_as_the_clock_advances_and_poll_the_feed() -> anyhow::Result<()> {
 }
 
 #[test]
-fn failed_http_call_reports_broken_connection_through_get_status() -> anyhow::Result<()> {
+fn reset_after_headers_reports_broken_connection_through_get_status() -> anyhow::Result<()> {
     let mut host = host("tick_ms=1000")?;
     host.tick()?;
     let token = host.pending_http_calls()[0].token;
-    host.fail_http_call(token)?;
+    host.fail_http_call_with(token, HttpCallFailure::ResetAfterHeaders)?;
     assert!(has_log(
         &host,
         &format!("feed call {token} failed: Ok((11, Some(\"reset\")))")
     ));
     assert_eq!(host.shared_data(b"policy"), None);
+    Ok(())
+}
+
+#[test]
+fn unreachable_upstream_is_envoys_generated_503() -> anyhow::Result<()> {
+    let mut host = host("tick_ms=1000")?;
+    host.tick()?;
+    let token = host.pending_http_calls()[0].token;
+    host.fail_http_call(token)?;
+    // The probe stores any answer with headers: this one is Envoy's local reply.
+    assert!(has_log(&host, "policy stored from 503"));
+    let body = host.shared_data(b"policy").expect("stored");
+    assert!(
+        body.starts_with(b"upstream connect error or disconnect/reset before headers"),
+        "{}",
+        String::from_utf8_lossy(body)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_call_past_its_timeout_gets_envoys_504_on_the_root_context() -> anyhow::Result<()> {
+    let mut host = host("tick_ms=1000")?;
+    // Ticks at 1 s and 2 s dispatch calls with a 5 s timeout: the first ends at 6 s.
+    assert_eq!(host.advance_clock(Duration::from_millis(5999))?, 5);
+    assert!(!has_log(&host, "policy stored from 504"));
+    assert_eq!(host.pending_http_calls().len(), 5);
+    host.advance_clock(Duration::from_millis(1))?;
+    assert!(has_log(&host, "policy stored from 504"));
+    assert_eq!(
+        host.shared_data(b"policy"),
+        Some(&b"upstream request timeout"[..])
+    );
+    assert_eq!(
+        host.pending_http_calls().len(),
+        5,
+        "one ended, one more dispatched at 6 s"
+    );
+    Ok(())
+}
+
+#[test]
+fn buffering_past_the_buffer_limit_resets_the_stream() -> anyhow::Result<()> {
+    let mut host = HostBuilder::new(&probe()).buffer_limit(8).build()?;
+    let mut stream = host.http_stream()?;
+    stream.request_headers(&request("POST", "/body"), false)?;
+    assert_eq!(stream.request_body(b"01234", false)?, Action::Pause);
+    assert_eq!(stream.reset_reason(), None);
+    assert_eq!(stream.request_body(b"56789", false)?, Action::Pause);
+    let reason = stream.reset_reason().expect("reset").to_owned();
+    assert!(reason.contains("buffer limit (8 bytes)"), "{reason}");
+    assert!(stream.is_complete());
+    assert!(matches!(
+        stream.request_body(b"x", true),
+        Err(WasmHostError::StreamCompleted(_))
+    ));
+    assert_eq!(proxy_wasm_host::DEFAULT_BUFFER_LIMIT, 1 << 20);
     Ok(())
 }
 
@@ -293,26 +357,21 @@ fn access_log_phase_reads_final_headers_and_metrics() -> anyhow::Result<()> {
 }
 
 #[test]
-fn unsupported_grpc_call_is_named_and_the_sdk_panic_fails_the_vm() -> anyhow::Result<()> {
+fn grpc_call_to_a_missing_cluster_is_a_parse_failure_as_in_envoy() -> anyhow::Result<()> {
     let mut host = host("")?;
     let mut stream = host.http_stream()?;
-    let err = stream
-        .request_headers(&request("GET", "/grpc"), true)
-        .unwrap_err();
-    assert!(
-        matches!(&err, WasmHostError::Trap { export, .. } if export == "proxy_on_request_headers"),
-        "{err}"
+    assert_eq!(
+        stream.request_headers(&request("GET", "/grpc"), true)?,
+        Action::Continue
     );
+    assert!(has_log(&host, "grpc: Err(ParseFailure)"));
+    assert_eq!(host.host_call_errors(), &[]);
+    assert_eq!(host.host_call_counts().get("proxy_grpc_call"), Some(&1));
+    // A cluster the test declared would have been called by Envoy: the host says it cannot.
+    let mut host = HostBuilder::new(&probe()).cluster("grpc").build()?;
+    host.http_stream()?
+        .request_headers(&request("GET", "/grpc"), true)?;
     assert_eq!(host.host_call_errors()[0].call, "proxy_grpc_call");
-    assert!(
-        host.logs()
-            .iter()
-            .any(|l| l.level == LogLevel::Critical && l.message.contains("unexpected status: 12"))
-    );
-    assert!(matches!(
-        host.http_stream().unwrap_err(),
-        WasmHostError::VmFailed(_)
-    ));
     Ok(())
 }
 
