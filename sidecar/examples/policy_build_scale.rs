@@ -74,9 +74,11 @@ fn main() -> anyhow::Result<()> {
         let first = Instant::now();
         let (body, _, _) = feed.current()?;
         let first = first.elapsed();
-        let mut policy = SitePolicy::default();
-        policy.https = HttpsMode::Force;
-        store.set_policy("site000000", policy)?;
+        let force = SitePolicy {
+            https: HttpsMode::Force,
+            ..SitePolicy::default()
+        };
+        store.set_policy("site000000", force)?;
         let changed = Instant::now();
         feed.current()?;
         let changed = changed.elapsed();
