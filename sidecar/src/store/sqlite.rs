@@ -1,5 +1,6 @@
 //! The embedded store: one SQLite file in WAL mode, owner-only, migrated on open.
 
+use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -286,92 +287,144 @@ impl RawCertificate {
     }
 }
 
+const SITE_COLUMNS: &str =
+    "name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
+     mixed_content, created_at, next_attempt_at, failures, last_problem, regenerate,
+     hsts_include_subdomains, hsts_preload, canonical_host";
+
+/// A `sites` row as stored, before its text is decoded.
+struct RawSite {
+    name: String,
+    primary: String,
+    https: String,
+    redirect: String,
+    hsts_enabled: bool,
+    max_age: i64,
+    mixed: String,
+    created: i64,
+    next: Option<i64>,
+    failures: u32,
+    last_problem: Option<String>,
+    regenerate_requested: bool,
+    include_subdomains: bool,
+    preload: bool,
+    canonical_host: Option<String>,
+}
+
+impl RawSite {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            name: row.get(0)?,
+            primary: row.get(1)?,
+            https: row.get(2)?,
+            redirect: row.get(3)?,
+            hsts_enabled: row.get(4)?,
+            max_age: row.get(5)?,
+            mixed: row.get(6)?,
+            created: row.get(7)?,
+            next: row.get(8)?,
+            failures: row.get(9)?,
+            last_problem: row.get(10)?,
+            regenerate_requested: row.get(11)?,
+            include_subdomains: row.get(12)?,
+            preload: row.get(13)?,
+            canonical_host: row.get(14)?,
+        })
+    }
+
+    /// The site, with its hostnames (in any order: the primary is put first here).
+    fn decode(self, mut hostnames: Vec<SiteHostname>) -> Result<Site> {
+        hostnames.sort_by_key(|h| h.kind != HostnameKind::Primary);
+        Ok(Site {
+            name: self.name,
+            primary: hostname_from(&self.primary)?,
+            hostnames,
+            policy: SitePolicy {
+                https: enum_from(&self.https)?,
+                redirect: enum_from(&self.redirect)?,
+                hsts: HstsPolicy {
+                    enabled: self.hsts_enabled,
+                    max_age: u64::try_from(self.max_age).unwrap_or_default(),
+                    include_subdomains: self.include_subdomains,
+                    preload: self.preload,
+                },
+                mixed_content: enum_from(&self.mixed)?,
+                canonical_host: self
+                    .canonical_host
+                    .as_deref()
+                    .map(hostname_from)
+                    .transpose()?,
+            },
+            created_at: from_ts(self.created)?,
+            issuance: IssuanceSchedule {
+                next_attempt_at: self.next.map(from_ts).transpose()?,
+                failures: self.failures,
+                last_problem: self.last_problem,
+                regenerate_requested: self.regenerate_requested,
+            },
+        })
+    }
+}
+
+fn site_hostname(hostname: &str, kind: &str) -> Result<SiteHostname> {
+    Ok(SiteHostname {
+        name: hostname_from(hostname)?,
+        kind: enum_from(kind)?,
+    })
+}
+
 fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
     let row = conn
         .query_row(
-            "SELECT name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
-                    mixed_content, created_at, next_attempt_at, failures, last_problem, regenerate,
-                    hsts_include_subdomains, hsts_preload, canonical_host
-             FROM sites WHERE name = ?1",
+            &format!("SELECT {SITE_COLUMNS} FROM sites WHERE name = ?1"),
             [name],
-            |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, bool>(4)?,
-                    row.get::<_, i64>(5)?,
-                    row.get::<_, String>(6)?,
-                    row.get::<_, i64>(7)?,
-                    row.get::<_, Option<i64>>(8)?,
-                    row.get::<_, u32>(9)?,
-                    row.get::<_, Option<String>>(10)?,
-                    row.get::<_, bool>(11)?,
-                    (row.get::<_, bool>(12)?, row.get::<_, bool>(13)?),
-                    row.get::<_, Option<String>>(14)?,
-                ))
-            },
+            RawSite::from_row,
         )
         .optional()?;
-    let Some((
-        name,
-        primary,
-        https,
-        redirect,
-        hsts_enabled,
-        max_age,
-        mixed,
-        created,
-        next,
-        failures,
-        last_problem,
-        regenerate_requested,
-        (include_subdomains, preload),
-        canonical_host,
-    )) = row
-    else {
+    let Some(raw) = row else {
         return Ok(None);
     };
     let mut statement =
         conn.prepare("SELECT hostname, kind FROM hostnames WHERE site = ?1 ORDER BY hostname")?;
-    let mut hostnames = statement
-        .query_map([&name], |row| {
+    let hostnames = statement
+        .query_map([&raw.name], |row| {
             Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
         })?
         .map(|row| {
             let (hostname, kind) = row?;
-            Ok(SiteHostname {
-                name: hostname_from(&hostname)?,
-                kind: enum_from(&kind)?,
-            })
+            site_hostname(&hostname, &kind)
         })
         .collect::<Result<Vec<_>>>()?;
-    hostnames.sort_by_key(|h| h.kind != HostnameKind::Primary);
-    Ok(Some(Site {
-        name,
-        primary: hostname_from(&primary)?,
-        hostnames,
-        policy: SitePolicy {
-            https: enum_from(&https)?,
-            redirect: enum_from(&redirect)?,
-            hsts: HstsPolicy {
-                enabled: hsts_enabled,
-                max_age: u64::try_from(max_age).unwrap_or_default(),
-                include_subdomains,
-                preload,
-            },
-            mixed_content: enum_from(&mixed)?,
-            canonical_host: canonical_host.as_deref().map(hostname_from).transpose()?,
-        },
-        created_at: from_ts(created)?,
-        issuance: IssuanceSchedule {
-            next_attempt_at: next.map(from_ts).transpose()?,
-            failures,
-            last_problem,
-            regenerate_requested,
-        },
-    }))
+    raw.decode(hostnames).map(Some)
+}
+
+/// Every site with its hostnames in two queries (not one per site): the sites by name, and all
+/// hostnames grouped by site.
+fn load_all_sites(conn: &Connection) -> Result<Vec<Site>> {
+    let raw_sites = conn
+        .prepare(&format!("SELECT {SITE_COLUMNS} FROM sites ORDER BY name"))?
+        .query_map([], RawSite::from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut by_site: HashMap<String, Vec<SiteHostname>> = HashMap::with_capacity(raw_sites.len());
+    let mut statement =
+        conn.prepare("SELECT site, hostname, kind FROM hostnames ORDER BY site, hostname")?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        let site: String = row.get(0)?;
+        let hostname: String = row.get(1)?;
+        let kind: String = row.get(2)?;
+        by_site
+            .entry(site)
+            .or_default()
+            .push(site_hostname(&hostname, &kind)?);
+    }
+    raw_sites
+        .into_iter()
+        .map(|raw| {
+            let hostnames = by_site.remove(&raw.name).unwrap_or_default();
+            raw.decode(hostnames)
+        })
+        .collect()
 }
 
 fn require_site(conn: &Connection, name: &str) -> Result<Site> {
@@ -535,12 +588,7 @@ impl Store for SqliteStore {
     }
 
     fn list_sites(&self) -> Result<Vec<Site>> {
-        let conn = self.lock();
-        let names = conn
-            .prepare("SELECT name FROM sites ORDER BY name")?
-            .query_map([], |row| row.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        names.iter().map(|name| require_site(&conn, name)).collect()
+        load_all_sites(&self.lock())
     }
 
     fn site(&self, name: &str) -> Result<Option<Site>> {
