@@ -222,14 +222,23 @@ fn shown(values: &[String]) -> String {
     }
 }
 
-/// Presents the request as Envoy does (peer in `source.address`, a TLS version for HTTPS),
-/// lets the upstream answer when the filter passes it, and reads the response the client gets.
+/// Presents the request as Envoy does with the shipped configurations (the TCP peer in the
+/// filter state `envoy/edge.yaml` records it in, and in `source.address`; a TLS version for
+/// HTTPS), lets the upstream answer when the filter passes it, and reads the response the
+/// client gets.
 fn send(host: &mut Host, request: &ResolvedRequest, case: &Case) -> anyhow::Result<Seen> {
     let mut stream = host.http_stream()?;
     let peer = match request.peer.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:40000"),
         _ => format!("{}:40000", request.peer),
     };
+    stream.set_property(
+        &[
+            "filter_state",
+            autohttps_filter::policy::DIRECT_PEER_FILTER_STATE,
+        ],
+        request.peer.as_str(),
+    );
     stream.set_property(&["source", "address"], peer);
     if request.tls {
         stream.set_property(&["connection", "tls_version"], "TLSv1.3");
