@@ -253,7 +253,7 @@ fn conformance_table_as_cases_gives_the_suites_verdicts() {
                 "name": scenario.name,
                 "request": {
                     "scheme": request.scheme, "host": request.host, "path": request.path,
-                    "method": request.method, "headers": request.headers, "peer": "127.0.0.1",
+                    "method": request.method, "headers": request.headers, "peer": request.peer,
                 },
                 "upstream": { "headers": upstream },
                 "expect": {
