@@ -59,7 +59,41 @@ pub fn admin_router(issuer: Arc<Issuer>, token: &str) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(protected)
+        .layer(middleware::from_fn(refuse_oversized_bodies))
         .with_state(state)
+}
+
+/// The largest request body the admin API reads (axum's default for `Json`).
+const MAX_BODY_BYTES: u64 = 2 * 1024 * 1024;
+
+/// How much of an oversized body is read and discarded before answering 413.
+const MAX_DRAINED_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Answers 413 to a body declared larger than [`MAX_BODY_BYTES`], after reading (and
+/// discarding) up to [`MAX_DRAINED_BYTES`] of it: a client still sending would otherwise see
+/// the connection closed under it instead of the answer.
+async fn refuse_oversized_bodies(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|&n| n > MAX_BODY_BYTES) else {
+        return next.run(request).await;
+    };
+    if declared <= MAX_DRAINED_BYTES {
+        let mut body = request.into_body().into_data_stream();
+        while let Some(Ok(_)) = futures::StreamExt::next(&mut body).await {}
+    }
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Json(json!({
+            "error": format!(
+                "the request body is {declared} bytes; the admin API reads at most {MAX_BODY_BYTES}: send fewer hostnames per request"
+            )
+        })),
+    )
+        .into_response()
 }
 
 /// An error answered as `{"error": "..."}` with a fitting status.

@@ -826,6 +826,8 @@ mod tests {
             "mailto:ops@example.com, mailto:oncall@example.com",
             "/srv/autohttps-env-test",
             "[]",
+            r#"[{ command = ["/bin/true"] }]"#,
+            r#"[{ url = "http://127.0.0.1:9/hook", secret = "0123456789abcdef" }]"#,
         ];
         let defaults = Config::default();
         for key in &keys {

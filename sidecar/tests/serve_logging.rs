@@ -22,6 +22,7 @@ fn write_config(dir: &Path, format: &str) -> anyhow::Result<std::path::PathBuf> 
 [listen]
 admin = "127.0.0.1:0"
 internal = "127.0.0.1:0"
+metrics = "127.0.0.1:0"
 [admin]
 token = "{TOKEN}"
 [acme]
