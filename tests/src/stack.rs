@@ -817,6 +817,31 @@ impl Stack {
         Ok(())
     }
 
+    /// Waits (up to `within`) until `host` answers `path` over HTTPS with a report-only CSP,
+    /// i.e. a report-mode site whose policy has reached Envoy, and returns the page, that
+    /// header, and the `report-uri` in it (path and query, with the site's token).
+    pub fn report_only_page(
+        &self,
+        host: &str,
+        path: &str,
+        within: Duration,
+    ) -> anyhow::Result<(CurlResponse, String, String)> {
+        const HEADER: &str = "content-security-policy-report-only";
+        let page = wait_until("the report-only policy", within, || {
+            self.https(host, path)
+                .ok()
+                .filter(|r| r.header(HEADER).is_some())
+        })?;
+        let policy = page.header(HEADER).unwrap_or_default().to_string();
+        let report_uri = policy
+            .split("report-uri ")
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .map(|uri| uri.trim().to_string())
+            .ok_or_else(|| anyhow::anyhow!("no report-uri in {policy:?}"))?;
+        Ok((page, policy, report_uri))
+    }
+
     /// GET over HTTPS through Envoy with SNI `host`, trusting only Pebble's root.
     pub fn https(&self, host: &str, path: &str) -> anyhow::Result<CurlResponse> {
         let url = format!("https://{host}:{}{path}", self.ports.https);

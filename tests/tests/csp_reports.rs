@@ -151,23 +151,9 @@ fn csp_reports_resist_abuse_and_a_real_browsers_report_is_filed() {
             .expect("create site");
         assert!((200..300).contains(&status), "{status} {body}");
     }
-    let page = wait_until("the report-only policy", Duration::from_secs(60), || {
-        stack
-            .https(HOST, "/shop?item=1")
-            .ok()
-            .filter(|r| r.header("content-security-policy-report-only").is_some())
-    })
-    .expect("report-only CSP");
-    let policy = page
-        .header("content-security-policy-report-only")
-        .expect("header");
-    let report_uri = policy
-        .split("report-uri ")
-        .nth(1)
-        .and_then(|rest| rest.split(';').next())
-        .expect("a report-uri")
-        .trim()
-        .to_string();
+    let (_page, policy, report_uri) = stack
+        .report_only_page(HOST, "/shop?item=1", Duration::from_secs(60))
+        .expect("report-only CSP");
     assert!(
         report_uri.starts_with(&format!(
             "/.well-known/autohttps/csp-report?site={SITE}&token="

@@ -296,22 +296,9 @@ fn policies_are_enforced_by_envoy_and_follow_changes() {
         .expect("create site");
     assert!((200..300).contains(&status), "{status} {body}");
     wait_served(&stack, "report.e2e.test");
-    let page = wait_until("the report-only policy", Duration::from_secs(20), || {
-        stack
-            .https("report.e2e.test", "/shop?item=1")
-            .ok()
-            .filter(|r| r.header("content-security-policy-report-only").is_some())
-    })
-    .expect("report-only CSP");
-    let policy = page
-        .header("content-security-policy-report-only")
-        .expect("header");
-    let report_uri = policy
-        .split("report-uri ")
-        .nth(1)
-        .and_then(|rest| rest.split(';').next())
-        .expect("a report-uri")
-        .trim();
+    let (page, policy, report_uri) = stack
+        .report_only_page("report.e2e.test", "/shop?item=1", Duration::from_secs(20))
+        .expect("report-only CSP");
     assert!(
         report_uri.starts_with("/.well-known/autohttps/csp-report?site=reported&token="),
         "{policy}"
