@@ -168,6 +168,16 @@ impl Browser {
         .map(drop)
     }
 
+    /// Resizes the window (what a screenshot shows).
+    pub fn set_window_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
+        self.command(
+            "POST",
+            "/window/rect",
+            Some(&json!({ "width": width, "height": height })),
+        )
+        .map(drop)
+    }
+
     /// Picks the option with this value in a `<select>` (by clicking it, so `change` fires).
     pub fn select(&self, select_css: &str, value: &str) -> anyhow::Result<()> {
         let option = self.find(&format!("{select_css} option[value=\"{value}\"]"))?;

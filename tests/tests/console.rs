@@ -213,7 +213,9 @@ fn console_in_chromium_signs_in_previews_with_the_filter_engine_and_saves_what_e
         before.status, 200,
         "nothing changes at the edge before saving"
     );
+    browser.set_window_size(1400, 1500).unwrap();
     let site_png = browser.screenshot(&screenshots().join("site.png")).unwrap();
+    browser.set_window_size(1400, 1000).unwrap();
 
     //    Saved: real Envoy answers the same 301 and Location.
     browser
@@ -256,6 +258,40 @@ fn console_in_chromium_signs_in_previews_with_the_filter_engine_and_saves_what_e
         )
         .unwrap();
     assert_eq!(save_disabled, true);
+
+    //    Add a name, then remove it, through the page.
+    browser
+        .goto(&console(&stack, "/console/site?name=shop"))
+        .unwrap();
+    let www = format!("www.{SHOP}");
+    browser
+        .wait_for_text("#site-name", WAIT, |t| t.starts_with("shop"))
+        .unwrap();
+    browser
+        .type_into(&browser.find("#new-name").unwrap(), &www)
+        .unwrap();
+    browser
+        .click(&browser.find("#add-name button").unwrap())
+        .unwrap();
+    browser
+        .wait_for_text(&format!("tr[data-name=\"{www}\"] td"), WAIT, |t| t == www)
+        .unwrap();
+    let names = admin_ok(&stack, "GET", "/v1/sites/shop", None)["hostnames"].to_string();
+    assert!(names.contains(&www), "{names}");
+    browser
+        .click(
+            &browser
+                .find(&format!("button[data-name=\"{www}\"]"))
+                .unwrap(),
+        )
+        .unwrap();
+    browser
+        .wait_for_text("#names-status", WAIT, |t| {
+            t.starts_with(&format!("{www} removed"))
+        })
+        .unwrap();
+    let names = admin_ok(&stack, "GET", "/v1/sites/shop", None)["hostnames"].to_string();
+    assert!(!names.contains(&www), "{names}");
 
     //    Regenerate, with progress shown until the new certificate is there.
     browser
