@@ -415,3 +415,76 @@ async fn relay_to_api(State(state): State<ConsoleState>, request: Request) -> Re
         Err(never) => match never {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get_static(file: &str) -> (StatusCode, String, Vec<u8>) {
+        let response = static_file(Path(file.to_owned())).await;
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap_or_default();
+        (status, content_type, body.to_vec())
+    }
+
+    #[tokio::test]
+    async fn the_preview_module_is_served_as_wasm_or_its_absence_says_how_to_build_it() {
+        let (status, content_type, body) = get_static("autohttps_policy_web_bg.wasm").await;
+        if cfg!(console_preview_module) {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(content_type, "application/wasm");
+            assert!(body.starts_with(b"\0asm"), "a wasm module");
+        } else {
+            assert_eq!(status, StatusCode::NOT_FOUND);
+            assert!(String::from_utf8_lossy(&body).contains("make build"));
+        }
+    }
+
+    #[tokio::test]
+    async fn console_files_carry_the_strict_csp() {
+        let response = static_file(Path("sites.js".to_owned())).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers().get(header::CONTENT_SECURITY_POLICY),
+            Some(&HeaderValue::from_static(CONTENT_SECURITY_POLICY))
+        );
+        assert!(CONTENT_SECURITY_POLICY.starts_with("default-src 'self'"));
+        assert!(!CONTENT_SECURITY_POLICY.contains("unsafe-inline"));
+        let (status, _, _) = get_static("../admin-token").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn origin_must_be_this_host() {
+        let headers = |host: &str, origin: Option<&str>| {
+            let mut map = HeaderMap::new();
+            map.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+            if let Some(origin) = origin {
+                map.insert(header::ORIGIN, HeaderValue::from_str(origin).unwrap());
+            }
+            map
+        };
+        assert!(same_origin(&headers(
+            "127.0.0.1:8081",
+            Some("http://127.0.0.1:8081")
+        )));
+        assert!(same_origin(&headers(
+            "admin.example",
+            Some("https://admin.example")
+        )));
+        assert!(!same_origin(&headers(
+            "127.0.0.1:8081",
+            Some("http://evil.example")
+        )));
+        assert!(!same_origin(&headers("127.0.0.1:8081", Some("null"))));
+        assert!(!same_origin(&headers("127.0.0.1:8081", None)));
+    }
+}

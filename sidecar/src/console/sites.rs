@@ -226,6 +226,77 @@ pub fn page(mut all: Vec<SiteSummary>, query: &ListingQuery) -> ListingPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostname::Hostname;
+    use crate::store::{HostnameKind, IssuanceSchedule, PrivateKeyPem, SiteHostname, SitePolicy};
+
+    fn site(names: &[&str], failures: u32) -> Site {
+        let primary = Hostname::parse(names[0]).unwrap();
+        Site {
+            name: "shop".into(),
+            hostnames: names
+                .iter()
+                .map(|n| {
+                    let name = Hostname::parse(n).unwrap();
+                    SiteHostname {
+                        kind: HostnameKind::of(&name, &primary),
+                        name,
+                    }
+                })
+                .collect(),
+            primary,
+            policy: SitePolicy::default(),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            issuance: IssuanceSchedule {
+                next_attempt_at: None,
+                failures,
+                last_problem: (failures > 0).then(|| "it failed".into()),
+                regenerate_requested: false,
+            },
+        }
+    }
+
+    fn certificate(names: &[&str]) -> StoredCertificate {
+        StoredCertificate {
+            id: 1,
+            site: "shop".into(),
+            names: names.iter().map(|n| Hostname::parse(n).unwrap()).collect(),
+            chain_pem: String::new(),
+            key_pem: PrivateKeyPem::new(String::new()),
+            not_before: OffsetDateTime::UNIX_EPOCH,
+            not_after: OffsetDateTime::UNIX_EPOCH + time::Duration::days(90),
+            serial: "01".into(),
+            ari_id: None,
+            issued_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn certificate_states() {
+        let both = site(&["shop.example", "www.shop.example"], 0);
+        let full = certificate(&["shop.example", "www.shop.example"]);
+        let partial = certificate(&["shop.example"]);
+        assert_eq!(
+            certificate_state(&both, &[], None),
+            CertificateState::Pending
+        );
+        assert_eq!(
+            certificate_state(&both, &[&full], None),
+            CertificateState::Issued
+        );
+        assert_eq!(
+            certificate_state(&both, &[&partial], None),
+            CertificateState::NotInCertificate
+        );
+        let failing = site(&["shop.example"], 2);
+        assert_eq!(
+            certificate_state(&failing, &[&partial], Some("acme:rateLimited")),
+            CertificateState::Failing
+        );
+        assert_eq!(
+            certificate_state(&failing, &[], Some("dns")),
+            CertificateState::DnsNotPointing
+        );
+    }
 
     fn summary(name: &str, state: CertificateState, expiry: Option<i64>) -> SiteSummary {
         SiteSummary {
