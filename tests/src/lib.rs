@@ -2,6 +2,7 @@
 //! The proxy-wasm host on wasmtime is the crate `proxy-wasm-host` (`tests/wasm-host`).
 #![warn(missing_docs)]
 
+pub mod browser;
 pub mod conformance;
 pub mod envoy;
 pub mod hostile;

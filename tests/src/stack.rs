@@ -128,13 +128,13 @@ pub fn sidecar_binary() -> anyhow::Result<PathBuf> {
 
 /// A child process under `timeout`, stopped (TERM, then KILL) on drop.
 #[derive(Debug)]
-struct Process {
+pub(crate) struct Process {
     child: Child,
     log: PathBuf,
 }
 
 impl Process {
-    fn spawn(
+    pub(crate) fn spawn(
         name: &'static str,
         program: &Path,
         args: &[&str],
@@ -169,11 +169,11 @@ impl Process {
             .and_then(|l| l.trim().parse().ok())
     }
 
-    fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
-    fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")

@@ -81,6 +81,10 @@ fn main() -> anyhow::Result<()> {
 autohttps is running. Envoy: http://127.0.0.1:{http} and https://127.0.0.1:{https} (admin 127.0.0.1:{admin}).
 The CA is a local Pebble; trust its root with --cacert {ca}.
 
+The operator console (sites, certificates, the policy editor with its live preview):
+  open http://127.0.0.1:{console}/console and sign in with the admin token {token}
+  (this demo's token, from {config}; a real sidecar's is admin.token or <data_dir>/admin-token)
+
 Try, in another terminal:
 
   # HTTPS with a certificate issued by the local CA, HSTS and the mixed-content upgrade header
@@ -104,6 +108,8 @@ Ctrl-C stops everything."#,
         http = ports.http,
         https = ports.https,
         admin = ports.envoy_admin,
+        console = ports.sidecar_admin,
+        token = autohttps_tests::stack::ADMIN_TOKEN,
         bin = bin.display(),
         config = config.display(),
         logs = stack
