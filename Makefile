@@ -74,7 +74,7 @@ build: $(TOOLS)/.wasm-target
 lint: $(TOOLS)/.wasm-target
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
-	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter -p autohttps-host-probe-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter -p autohttps-host-probe-filter -p autohttps-parity-filter --target wasm32-wasip1 -- -D warnings
 
 ## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env (and the trusted proxies of
 ## the sidecar configuration envoy/validate.toml) and checked by Envoy.
