@@ -1097,7 +1097,8 @@ impl HttpStream<'_> {
         self.complete()
     }
 
-    /// Why the host reset this stream (a body buffered past the buffer limit), if it did.
+    /// Why the host reset this stream (a response body buffered past the buffer limit, or a
+    /// failed VM on the response path), if it did.
     pub fn reset_reason(&self) -> Option<&str> {
         self.state().reset_reason.as_deref()
     }
