@@ -22,6 +22,7 @@ const FIXTURE: &str = "autohttps-parity-filter";
 /// The VM ids `tests/parity-filter/envoy.yaml` gives the two listeners' filters.
 const VM_ID: &str = "parity";
 const PANIC_VM_ID: &str = "parity-panic";
+const RAW_VM_ID: &str = "parity-raw";
 /// What `/buffer-response`'s upstream sends: twice Envoy's 1 MiB buffer limit.
 const BIG_BODY_BYTES: usize = 2 << 20;
 /// How the host is handed a body: in chunks, as a codec delivers it.
@@ -36,6 +37,85 @@ enum Vm {
     Parity,
     /// VM `parity-panic`, failed by its first case on purpose.
     Panic,
+    /// VM `parity-raw`: the raw-ABI module of [`raw_abi_module`].
+    Raw,
+}
+
+/// Messages the raw-ABI module logs in `proxy_on_http_call_response`, by the context id it got.
+const ON_ROOT: &str = "raw: http call response on the root context";
+const ON_STREAM: &str = "raw: http call response on the calling stream's context";
+const ON_OTHER: &str = "raw: http call response on another context";
+
+/// A proxy-wasm module written against the ABI itself, for what the Rust SDK hides from a
+/// filter: which context id `proxy_on_http_call_response` gets (the SDK routes by token). Each
+/// request dispatches a call to cluster `ok`; the answer logs whether it came on the root
+/// context, the calling stream's, or another, and answers the stream 200.
+fn raw_abi_module() -> anyhow::Result<Vec<u8>> {
+    // The call's headers in the pairs format: (:method GET) (:path /pong)
+    // (:authority upstream.parity).
+    let headers: &[(&str, &str)] = &[
+        (":method", "GET"),
+        (":path", "/pong"),
+        (":authority", "upstream.parity"),
+    ];
+    let mut pairs = Vec::new();
+    pairs.extend_from_slice(&u32::try_from(headers.len())?.to_le_bytes());
+    for (name, value) in headers {
+        pairs.extend_from_slice(&u32::try_from(name.len())?.to_le_bytes());
+        pairs.extend_from_slice(&u32::try_from(value.len())?.to_le_bytes());
+    }
+    for (name, value) in headers {
+        pairs.extend_from_slice(name.as_bytes());
+        pairs.push(0);
+        pairs.extend_from_slice(value.as_bytes());
+        pairs.push(0);
+    }
+    let escaped: String = pairs.iter().map(|b| format!("\\{b:02x}")).collect();
+    let text = format!(
+        r#"(module
+  (import "env" "proxy_http_call" (func $http_call (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_effective_context" (func $set_context (param i32) (result i32)))
+  (import "env" "proxy_send_local_response" (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $root (mut i32) (i32.const 0))
+  (global $stream (mut i32) (i32.const 0))
+  (global $heap (mut i32) (i32.const 4096))
+  (data (i32.const 0) "ok")
+  (data (i32.const 16) "{escaped}")
+  (data (i32.const 256) "{ON_ROOT}")
+  (data (i32.const 512) "{ON_STREAM}")
+  (data (i32.const 768) "{ON_OTHER}")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $at i32)
+    (local.set $at (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $size)))
+    (local.get $at))
+  (func (export "proxy_on_context_create") (param $id i32) (param $parent i32)
+    (if (i32.eqz (local.get $parent)) (then (global.set $root (local.get $id)))))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param $id i32) (param i32 i32) (result i32)
+    (global.set $stream (local.get $id))
+    (drop (call $http_call (i32.const 0) (i32.const 2) (i32.const 16) (i32.const {pairs_len})
+      (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 2048)))
+    (i32.const 1))
+  (func (export "proxy_on_http_call_response") (param $context i32) (param i32 i32 i32 i32)
+    (if (i32.eq (local.get $context) (global.get $root))
+      (then (drop (call $log (i32.const 2) (i32.const 256) (i32.const {root_len}))))
+      (else (if (i32.eq (local.get $context) (global.get $stream))
+        (then (drop (call $log (i32.const 2) (i32.const 512) (i32.const {stream_len}))))
+        (else (drop (call $log (i32.const 2) (i32.const 768) (i32.const {other_len})))))))
+    (drop (call $set_context (global.get $stream)))
+    (drop (call $reply (i32.const 200) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+      (i32.const 0) (i32.const 0) (i32.const -1)))))"#,
+        pairs_len = pairs.len(),
+        root_len = ON_ROOT.len(),
+        stream_len = ON_STREAM.len(),
+        other_len = ON_OTHER.len(),
+    );
+    Ok(wat::parse_str(text)?)
 }
 
 /// One request.
@@ -149,6 +229,11 @@ fn cases() -> Vec<Case> {
         )
         .header("x-t-a", b"1"),
         Case::get("and the one after", Vm::Panic, "/bytes"),
+        Case::get(
+            "the context id proxy_on_http_call_response gets",
+            Vm::Raw,
+            "/call-context",
+        ),
     ]
 }
 
@@ -157,13 +242,17 @@ struct EnvoySide {
     envoy: Envoy,
     parity_port: u16,
     panic_port: u16,
+    raw_port: u16,
     /// Accepts the `timeout` cluster's connections and never answers.
     _silent: TcpListener,
     _dir: tempfile::TempDir,
 }
 
-fn start_envoy(wasm: &Path) -> anyhow::Result<EnvoySide> {
+fn start_envoy(wasm: &Path, raw_abi: &[u8]) -> anyhow::Result<EnvoySide> {
     let dir = tempfile::tempdir()?;
+    let raw_wasm = dir.path().join("raw-abi.wasm");
+    std::fs::write(&raw_wasm, raw_abi)?;
+    let raw_port = free_port()?;
     let big_body = dir.path().join("big-body.txt");
     std::fs::write(&big_body, vec![b'b'; BIG_BODY_BYTES])?;
     let silent = TcpListener::bind("127.0.0.1:0")?;
@@ -178,6 +267,8 @@ fn start_envoy(wasm: &Path) -> anyhow::Result<EnvoySide> {
         ("UNREACHABLE_PORT", unreachable.to_string()),
         ("SILENT_PORT", silent.local_addr()?.port().to_string()),
         ("WASM", wasm.display().to_string()),
+        ("RAW_PORT", raw_port.to_string()),
+        ("RAW_WASM", raw_wasm.display().to_string()),
         ("BIG_BODY", big_body.display().to_string()),
     ]);
     let template_path = envoy::repo_root().join("tests/parity-filter/envoy.yaml");
@@ -189,6 +280,7 @@ fn start_envoy(wasm: &Path) -> anyhow::Result<EnvoySide> {
         envoy,
         parity_port,
         panic_port,
+        raw_port,
         _silent: silent,
         _dir: dir,
     })
@@ -199,6 +291,7 @@ fn run_in_envoy(side: &EnvoySide, case: &Case) -> anyhow::Result<Outcome> {
     let port = match case.vm {
         Vm::Parity => side.parity_port,
         Vm::Panic => side.panic_port,
+        Vm::Raw => side.raw_port,
     };
     let mut request = format!(
         "{} {} HTTP/1.1\r\nhost: parity.test\r\nconnection: close\r\n",
@@ -281,10 +374,11 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<Outcome> {
 struct HostSide {
     parity: Host,
     panic: Host,
+    raw: Host,
 }
 
-fn start_hosts(module: &FilterModule) -> anyhow::Result<HostSide> {
-    let build = |vm_id: &str| {
+fn start_hosts(module: &FilterModule, raw_abi: &FilterModule) -> anyhow::Result<HostSide> {
+    let build = |module: &FilterModule, vm_id: &str| {
         HostBuilder::new(module)
             .vm_id(vm_id)
             .cluster("ok")
@@ -293,8 +387,9 @@ fn start_hosts(module: &FilterModule) -> anyhow::Result<HostSide> {
             .build()
     };
     Ok(HostSide {
-        parity: build(VM_ID)?,
-        panic: build(PANIC_VM_ID)?,
+        parity: build(module, VM_ID)?,
+        panic: build(module, PANIC_VM_ID)?,
+        raw: build(raw_abi, RAW_VM_ID)?,
     })
 }
 
@@ -364,6 +459,7 @@ fn run_in_host(side: &mut HostSide, case: &Case) -> anyhow::Result<Outcome> {
     let host = match case.vm {
         Vm::Parity => &mut side.parity,
         Vm::Panic => &mut side.panic,
+        Vm::Raw => &mut side.raw,
     };
     let mut headers: Vec<(&str, &[u8])> = vec![
         (":authority", b"parity.test"),
@@ -495,8 +591,9 @@ fn the_fixture_filter_behaves_the_same_in_envoy_and_in_the_wasmtime_host() -> an
         "the host lacks {:?}",
         module.unsupported_imports()
     );
-    let side = start_envoy(&wasm)?;
-    let mut hosts = start_hosts(&module)?;
+    let raw_abi = raw_abi_module()?;
+    let side = start_envoy(&wasm, &raw_abi)?;
+    let mut hosts = start_hosts(&module, &FilterModule::from_bytes(&raw_abi)?)?;
 
     let cases = cases();
     let mut differences = Vec::new();
@@ -511,7 +608,12 @@ fn the_fixture_filter_behaves_the_same_in_envoy_and_in_the_wasmtime_host() -> an
             ));
         }
     }
-    for (vm_id, host) in [(VM_ID, &hosts.parity), (PANIC_VM_ID, &hosts.panic)] {
+    let vms = [
+        (VM_ID, &hosts.parity),
+        (PANIC_VM_ID, &hosts.panic),
+        (RAW_VM_ID, &hosts.raw),
+    ];
+    for (vm_id, host) in vms {
         let in_host = host_logs(host);
         let in_envoy = wait_for_envoy_logs(&side.envoy, vm_id, in_host.len());
         if in_envoy != in_host {
@@ -520,8 +622,10 @@ fn the_fixture_filter_behaves_the_same_in_envoy_and_in_the_wasmtime_host() -> an
             ));
         }
     }
+    // Not vacuous: the raw module's call was answered, and on the root context.
+    assert_eq!(host_logs(&hosts.raw), [ON_ROOT]);
     println!(
-        "{} cases and the log lines of 2 VMs compared in Envoy and the host in {:?}; {} differ",
+        "{} cases and the log lines of 3 VMs compared in Envoy and the host in {:?}; {} differ",
         cases.len(),
         started.elapsed(),
         differences.len()
