@@ -597,8 +597,8 @@ impl Host {
         self.deliver_http_call(token, Some(reply), (0, String::new()), sizes)
     }
 
-    /// Fails a pending HTTP call as Envoy does when its upstream is unreachable or resets
-    /// before the response headers: the filter gets Envoy's generated `503` reply (see
+    /// Fails a pending HTTP call as Envoy does when its upstream refuses the connection
+    /// (nothing listens): the filter gets Envoy's generated `503` reply (see
     /// [`HttpCallFailure::ConnectionFailure`]).
     pub fn fail_http_call(&mut self, token: u32) -> Result<()> {
         self.fail_http_call_with(token, HttpCallFailure::ConnectionFailure)
