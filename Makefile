@@ -114,7 +114,7 @@ build: $(TOOLS)/.wasm-target console-web
 lint: $(TOOLS)/.wasm-target $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION)
 	cargo fmt --all -- --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
-	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter -p autohttps-host-probe-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy --locked -p autohttps-filter -p autohttps-minimal-filter -p autohttps-host-probe-filter -p autohttps-parity-filter --target wasm32-wasip1 -- -D warnings
 	cargo clippy --locked -p autohttps-policy-web --target wasm32-unknown-unknown -- -D warnings
 
 ## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env (and the trusted proxies of

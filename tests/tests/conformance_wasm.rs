@@ -52,26 +52,19 @@ fn observe(host: &mut Host, request: &Request, upstream: Upstream) -> Observed {
         .request_headers(&headers, true)
         .expect("on_request_headers");
     let observed = if let Some(reply) = stream.local_response() {
-        let pairs = reply
-            .headers
-            .pairs()
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()));
-        Observed::from_headers(u16::try_from(reply.status).unwrap_or(0), pairs)
+        let pairs: Vec<_> = reply.headers.pairs().collect();
+        Observed::from_headers(
+            u16::try_from(reply.status).unwrap_or(0),
+            pairs.iter().map(|(k, v)| (*k, v.as_ref())),
+        )
     } else {
         let mut response = vec![(":status", "200")];
         response.extend(upstream.headers());
         stream
             .response_headers(&response, false)
             .expect("on_response_headers");
-        let current = stream.current_response_headers();
-        Observed::from_headers(
-            200,
-            current
-                .pairs()
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        )
+        let pairs: Vec<_> = stream.current_response_headers().pairs().collect();
+        Observed::from_headers(200, pairs.iter().map(|(k, v)| (*k, v.as_ref())))
     };
     stream.complete().expect("stream completes");
     observed

@@ -279,9 +279,9 @@ fn send(host: &mut Host, request: &ResolvedRequest, case: &Case) -> anyhow::Resu
                 .with_context(|| format!("the response status {value:?} is not a number"))?;
         } else if !name.starts_with(':') {
             seen.headers
-                .entry(name.clone())
+                .entry(name.to_owned())
                 .or_default()
-                .push(value.clone());
+                .push(value.into_owned());
         }
     }
     for values in seen.headers.values_mut() {

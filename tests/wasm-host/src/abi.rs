@@ -203,30 +203,33 @@ impl StreamType {
 }
 
 /// Serializes header pairs into the proxy-wasm pairs format.
-pub(crate) fn encode_pairs(pairs: &[(String, String)]) -> Vec<u8> {
+pub(crate) fn encode_pairs<'a>(
+    pairs: impl Iterator<Item = (&'a str, &'a [u8])> + Clone,
+) -> Vec<u8> {
     let size = 4 + pairs
-        .iter()
+        .clone()
         .map(|(k, v)| 8 + k.len() + v.len() + 2)
         .sum::<usize>();
     let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&len_u32(pairs.len()).to_le_bytes());
-    for (k, v) in pairs {
+    out.extend_from_slice(&len_u32(pairs.clone().count()).to_le_bytes());
+    for (k, v) in pairs.clone() {
         out.extend_from_slice(&len_u32(k.len()).to_le_bytes());
         out.extend_from_slice(&len_u32(v.len()).to_le_bytes());
     }
     for (k, v) in pairs {
         out.extend_from_slice(k.as_bytes());
         out.push(0);
-        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(v);
         out.push(0);
     }
     out
 }
 
-/// Parses the proxy-wasm pairs format; `None` when it is malformed or not UTF-8.
+/// Parses the proxy-wasm pairs format into raw `(key, value)` bytes; `None` when it is
+/// malformed. Envoy takes any bytes, so neither side has to be UTF-8.
 ///
 /// An empty input is an empty map (the SDK sends zero bytes for an empty list).
-pub(crate) fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+pub(crate) fn decode_pairs(bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }
@@ -243,10 +246,7 @@ pub(crate) fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, String)>> {
         data = data.checked_add(key_len + 1)?;
         let value = bytes.get(data..data.checked_add(value_len)?)?;
         data = data.checked_add(value_len + 1)?;
-        pairs.push((
-            String::from_utf8(key.to_vec()).ok()?,
-            String::from_utf8(value.to_vec()).ok()?,
-        ));
+        pairs.push((key.to_vec(), value.to_vec()));
     }
     Some(pairs)
 }
@@ -270,21 +270,36 @@ pub(crate) fn len_u32(len: usize) -> u32 {
 mod tests {
     use super::*;
 
-    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn pairs(list: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
         list.iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
             .collect()
+    }
+
+    fn encode(list: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+        encode_pairs(list.iter().map(|(k, v)| {
+            (
+                std::str::from_utf8(k).expect("test keys are UTF-8"),
+                v.as_slice(),
+            )
+        }))
     }
 
     #[test]
     fn pairs_round_trip_through_the_wire_format() {
         let map = pairs(&[(":method", "GET"), (":path", "/bytes/1"), ("x-empty", "")]);
-        assert_eq!(decode_pairs(&encode_pairs(&map)), Some(map));
+        assert_eq!(decode_pairs(&encode(&map)), Some(map));
+    }
+
+    #[test]
+    fn values_that_are_not_utf8_round_trip_unchanged() {
+        let map = vec![(b"x-raw".to_vec(), b"a\xff\xfeb".to_vec())];
+        assert_eq!(decode_pairs(&encode(&map)), Some(map));
     }
 
     #[test]
     fn pairs_wire_format_matches_the_sdk_layout() {
-        let bytes = encode_pairs(&pairs(&[("a", "bc")]));
+        let bytes = encode(&pairs(&[("a", "bc")]));
         assert_eq!(
             bytes,
             [1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, b'a', 0, b'b', b'c', 0]
@@ -293,7 +308,7 @@ mod tests {
 
     #[test]
     fn truncated_pairs_are_rejected() {
-        let bytes = encode_pairs(&pairs(&[("key", "value")]));
+        let bytes = encode(&pairs(&[("key", "value")]));
         assert_eq!(decode_pairs(&bytes[..bytes.len() - 3]), None);
         assert_eq!(decode_pairs(&[9, 0, 0, 0]), None);
     }

@@ -64,6 +64,11 @@ pub enum WasmHostError {
     /// No dispatched, unanswered HTTP call has this token.
     #[error("no pending HTTP call with token {0}")]
     UnknownHttpCall(u32),
+    /// The filter registered no shared queue of this name.
+    #[error(
+        "the filter registered no shared queue named {0:?} (under this host's VM id; set it with HostBuilder::vm_id)"
+    )]
+    UnknownSharedQueue(String),
     /// Building a wasm crate with cargo failed.
     #[error("cargo build of {package} failed: {message}")]
     Build {

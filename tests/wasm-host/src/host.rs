@@ -17,6 +17,18 @@ use crate::state::{
     HttpCallReply, LocalResponse, LogEntry, Metric, StreamState,
 };
 
+/// Envoy's response code details for the 503 of a stream on a failed VM.
+const FAIL_STREAM_DETAILS: &str = "wasm_fail_stream";
+/// gRPC status `UNAVAILABLE`, which Envoy gives that 503.
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// The direction of a stream callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Request,
+    Response,
+}
+
 /// Bytes of guest stdout/stderr kept per host.
 const STDIO_CAPACITY: usize = 1 << 20;
 
@@ -44,6 +56,7 @@ pub struct HostBuilder {
     clock_start: SystemTime,
     known_clusters: Option<Vec<String>>,
     buffer_limit: usize,
+    vm_id: String,
 }
 
 impl HostBuilder {
@@ -59,6 +72,7 @@ impl HostBuilder {
             clock_start: SystemTime::UNIX_EPOCH + Duration::from_nanos(DEFAULT_START_UNIX_NANOS),
             known_clusters: None,
             buffer_limit: DEFAULT_BUFFER_LIMIT,
+            vm_id: String::new(),
         }
     }
 
@@ -66,6 +80,13 @@ impl HostBuilder {
     /// per-connection buffer limit): [`DEFAULT_BUFFER_LIMIT`] (1 MiB) unless set.
     pub fn buffer_limit(mut self, bytes: usize) -> Self {
         self.buffer_limit = bytes;
+        self
+    }
+
+    /// The VM id (`vm_config.vm_id` in Envoy; empty unless set): shared queues are registered
+    /// under it, and `proxy_resolve_shared_queue` finds them by it.
+    pub fn vm_id(mut self, vm_id: &str) -> Self {
+        self.vm_id = vm_id.to_owned();
         self
     }
 
@@ -135,6 +156,7 @@ impl HostBuilder {
         state.plugin_configuration = self.plugin_configuration;
         state.known_clusters = self.known_clusters;
         state.buffer_limit = self.buffer_limit;
+        state.vm_id = self.vm_id;
         let root = state.root_context_id;
 
         let mut store = Store::new(self.module.engine(), state);
@@ -157,6 +179,7 @@ impl HostBuilder {
             failure: None,
             next_context_id: root + 1,
             configure_time: Duration::ZERO,
+            delivering_queue_ready: false,
             stdout,
             stderr,
         };
@@ -217,6 +240,7 @@ struct Exports {
     on_delete: Option<TypedFunc<u32, ()>>,
     on_tick: Option<TypedFunc<u32, ()>>,
     on_http_call_response: Option<TypedFunc<HttpCallResponseParams, ()>>,
+    on_queue_ready: Option<TypedFunc<(u32, u32), ()>>,
 }
 
 impl Exports {
@@ -257,6 +281,7 @@ impl Exports {
             on_delete: typed(instance, store, "proxy_on_delete")?,
             on_tick: typed(instance, store, "proxy_on_tick")?,
             on_http_call_response: typed(instance, store, "proxy_on_http_call_response")?,
+            on_queue_ready: typed(instance, store, "proxy_on_queue_ready")?,
         })
     }
 }
@@ -294,6 +319,8 @@ pub struct Host {
     failure: Option<String>,
     next_context_id: u32,
     configure_time: Duration,
+    /// `proxy_on_queue_ready` calls are being made (they are not nested).
+    delivering_queue_ready: bool,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
 }
@@ -350,10 +377,38 @@ impl Host {
             return Ok(None);
         };
         self.store.data_mut().effective_context = context;
-        match func.call(&mut self.store, params) {
-            Ok(result) => Ok(Some(result)),
-            Err(e) => Err(self.trapped(export, &e)),
+        let result = match func.call(&mut self.store, params) {
+            Ok(result) => result,
+            Err(e) => return Err(self.trapped(export, &e)),
+        };
+        self.deliver_queue_ready()?;
+        Ok(Some(result))
+    }
+
+    /// Makes the `proxy_on_queue_ready` calls enqueues owe, in order, each on the context
+    /// that registered the queue: Envoy posts them to that thread, so they run once the VM
+    /// call that enqueued has returned.
+    fn deliver_queue_ready(&mut self) -> Result<()> {
+        if self.delivering_queue_ready {
+            return Ok(());
         }
+        self.delivering_queue_ready = true;
+        let mut result = Ok(());
+        while let Some((context, token)) = self.store.data_mut().queue_ready.pop_front() {
+            result = self
+                .call(
+                    "proxy_on_queue_ready",
+                    self.exports.on_queue_ready.clone(),
+                    context,
+                    (context, token),
+                )
+                .map(drop);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.delivering_queue_ready = false;
+        result
     }
 
     /// Whether `proxy_on_vm_start` and `proxy_on_configure` both accepted. When false, Envoy
@@ -412,6 +467,11 @@ impl Host {
             .data_mut()
             .streams
             .insert(id, StreamState::default());
+        if self.failure.is_some() {
+            // Envoy (fail closed) gives the stream a context without a VM: its callbacks
+            // answer 503 (see `HttpStream::request_headers`).
+            return Ok(HttpStream { host: self, id });
+        }
         self.call(
             "proxy_on_context_create",
             self.exports.on_context_create.clone(),
@@ -537,8 +597,8 @@ impl Host {
         self.deliver_http_call(token, Some(reply), (0, String::new()), sizes)
     }
 
-    /// Fails a pending HTTP call as Envoy does when its upstream is unreachable or resets
-    /// before the response headers: the filter gets Envoy's generated `503` reply (see
+    /// Fails a pending HTTP call as Envoy does when its upstream refuses the connection
+    /// (nothing listens): the filter gets Envoy's generated `503` reply (see
     /// [`HttpCallFailure::ConnectionFailure`]).
     pub fn fail_http_call(&mut self, token: u32) -> Result<()> {
         self.fail_http_call_with(token, HttpCallFailure::ConnectionFailure)
@@ -664,6 +724,33 @@ impl Host {
             .insert(key.to_vec(), (value.to_vec(), cas));
     }
 
+    /// Enqueues `item` on the shared queue `name` of this host's VM id, as another VM or
+    /// worker would; the filter's `proxy_on_queue_ready` runs before this returns.
+    pub fn enqueue_shared_queue(&mut self, name: &str, item: &[u8]) -> Result<()> {
+        let state = self.store.data_mut();
+        let token = state
+            .shared_queues
+            .iter()
+            .find(|q| q.vm_id == state.vm_id && q.name == name)
+            .map(|q| q.token)
+            .ok_or_else(|| WasmHostError::UnknownSharedQueue(name.to_owned()))?;
+        state
+            .enqueue_shared_queue(token, item.to_vec())
+            .map_err(|_| WasmHostError::UnknownSharedQueue(name.to_owned()))?;
+        self.deliver_queue_ready()
+    }
+
+    /// The items waiting in the shared queue `name` of this host's VM id, oldest first;
+    /// `None` when the filter registered no such queue.
+    pub fn shared_queue(&self, name: &str) -> Option<Vec<&[u8]>> {
+        let state = self.store.data();
+        state
+            .shared_queues
+            .iter()
+            .find(|q| q.vm_id == state.vm_id && q.name == name)
+            .map(|q| q.items.iter().map(Vec::as_slice).collect())
+    }
+
     /// What the guest wrote to stdout (lossy UTF-8).
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.stdout.contents()).into_owned()
@@ -704,13 +791,13 @@ impl Host {
             .get(":method")
             .is_some_and(|m| m.eq_ignore_ascii_case("HEAD"));
         let mut headers = Headers::from_pairs(&[(":status", &reply.status.to_string())]);
-        for (name, value) in reply.headers.pairs() {
+        for (name, value) in reply.headers.byte_pairs() {
             headers.add(name, value);
         }
         if !reply.body.is_empty() {
-            headers.replace("content-length", &reply.body.len().to_string());
+            headers.replace("content-length", reply.body.len().to_string().as_bytes());
             if !headers.contains("content-type") {
-                headers.add("content-type", "text/plain");
+                headers.add("content-type", b"text/plain");
             }
         }
         let send_body = !reply.body.is_empty() && !head;
@@ -811,8 +898,23 @@ impl HttpStream<'_> {
         headers: &[(&str, &str)],
         end_of_stream: bool,
     ) -> Result<Action> {
+        self.request_headers_map(Headers::from_pairs(headers), end_of_stream)
+    }
+
+    /// [`request_headers`](Self::request_headers) with values as raw bytes, e.g. a value that
+    /// is not UTF-8 (Envoy passes it on as the client sent it; the Rust SDK's string accessors
+    /// panic on it, failing the VM).
+    pub fn request_headers_bytes(
+        &mut self,
+        headers: &[(&str, &[u8])],
+        end_of_stream: bool,
+    ) -> Result<Action> {
+        self.request_headers_map(Headers::from_byte_pairs(headers), end_of_stream)
+    }
+
+    fn request_headers_map(&mut self, headers: Headers, end_of_stream: bool) -> Result<Action> {
         let stream = self.host.stream_state_mut(self.id)?;
-        stream.request_headers = Headers::from_pairs(headers);
+        stream.request_headers = headers;
         stream.request_headers_available = true;
         stream.end_of_stream = end_of_stream;
         let count = len_u32(stream.request_headers.len());
@@ -820,6 +922,7 @@ impl HttpStream<'_> {
             "proxy_on_request_headers",
             self.host.exports.on_request_headers.clone(),
             (self.id, count, u32::from(end_of_stream)),
+            Direction::Request,
         )?;
         if action == Action::Continue {
             self.state_mut().request_headers_available = false;
@@ -844,6 +947,7 @@ impl HttpStream<'_> {
             "proxy_on_request_body",
             self.host.exports.on_request_body.clone(),
             (self.id, size, u32::from(end_of_stream)),
+            Direction::Request,
         )?;
         let limit = self.host.store.data().buffer_limit;
         let stream = self.state_mut();
@@ -853,7 +957,7 @@ impl HttpStream<'_> {
             stream.forwarded_request_body.extend_from_slice(&body);
             stream.request_body_available = false;
         } else if stream.request_body.len() > limit {
-            self.reset_over_buffer_limit("request", limit)?;
+            self.answer_payload_too_large()?;
             return Ok(action);
         }
         self.host.after_vm_call()?;
@@ -870,6 +974,7 @@ impl HttpStream<'_> {
             "proxy_on_request_trailers",
             self.host.exports.on_request_trailers.clone(),
             (self.id, count),
+            Direction::Request,
         )?;
         if action == Action::Continue {
             self.state_mut().request_trailers_available = false;
@@ -888,6 +993,15 @@ impl HttpStream<'_> {
         self.response_headers_map(Headers::from_pairs(headers), end_of_stream)
     }
 
+    /// [`response_headers`](Self::response_headers) with values as raw bytes.
+    pub fn response_headers_bytes(
+        &mut self,
+        headers: &[(&str, &[u8])],
+        end_of_stream: bool,
+    ) -> Result<Action> {
+        self.response_headers_map(Headers::from_byte_pairs(headers), end_of_stream)
+    }
+
     fn response_headers_map(&mut self, headers: Headers, end_of_stream: bool) -> Result<Action> {
         let stream = self.host.stream_state_mut(self.id)?;
         stream.response_started = true;
@@ -899,6 +1013,7 @@ impl HttpStream<'_> {
             "proxy_on_response_headers",
             self.host.exports.on_response_headers.clone(),
             (self.id, count, u32::from(end_of_stream)),
+            Direction::Response,
         )?;
         if action == Action::Continue {
             self.state_mut().response_headers_available = false;
@@ -921,6 +1036,7 @@ impl HttpStream<'_> {
             "proxy_on_response_body",
             self.host.exports.on_response_body.clone(),
             (self.id, size, u32::from(end_of_stream)),
+            Direction::Response,
         )?;
         let limit = self.host.store.data().buffer_limit;
         let stream = self.state_mut();
@@ -930,7 +1046,7 @@ impl HttpStream<'_> {
             stream.forwarded_response_body.extend_from_slice(&body);
             stream.response_body_available = false;
         } else if stream.response_body.len() > limit {
-            self.reset_over_buffer_limit("response", limit)?;
+            self.reset_over_buffer_limit(limit)?;
         }
         Ok(action)
     }
@@ -945,6 +1061,7 @@ impl HttpStream<'_> {
             "proxy_on_response_trailers",
             self.host.exports.on_response_trailers.clone(),
             (self.id, count),
+            Direction::Response,
         )?;
         if action == Action::Continue {
             self.state_mut().response_trailers_available = false;
@@ -952,24 +1069,50 @@ impl HttpStream<'_> {
         Ok(action)
     }
 
-    /// The filter buffered more than the limit: Envoy resets the stream, which ends it
-    /// (`on_log`, `on_done`, `on_delete`); later calls on it fail with `StreamCompleted`.
-    fn reset_over_buffer_limit(&mut self, body: &str, limit: usize) -> Result<()> {
+    /// The filter buffered more of the request body than the limit: Envoy answers `413`
+    /// `Payload Too Large` itself (details `request_payload_too_large`), encoded through the
+    /// filter's response callbacks like any local reply, and the stream ends.
+    fn answer_payload_too_large(&mut self) -> Result<()> {
+        let stream = self.state_mut();
+        stream.request_body_available = false;
+        stream.buffering_request_body = false;
+        stream.local_responses.push(LocalResponse {
+            status: 413,
+            headers: Headers::default(),
+            body: b"Payload Too Large".to_vec(),
+            details: "request_payload_too_large".to_owned(),
+            grpc_status: -1,
+        });
+        self.host.after_vm_call()?;
+        self.complete()
+    }
+
+    /// The filter buffered more of the response body than the limit, after the response
+    /// headers went out: Envoy resets the stream, which ends it (`on_log`, `on_done`,
+    /// `on_delete`); later calls on it fail with `StreamCompleted`.
+    fn reset_over_buffer_limit(&mut self, limit: usize) -> Result<()> {
         self.state_mut().reset_reason = Some(format!(
-            "the filter buffered more of the {body} body than the buffer limit ({limit} bytes)"
+            "the filter buffered more of the response body than the buffer limit ({limit} bytes)"
         ));
         self.complete()
     }
 
-    /// Why the host reset this stream (a body buffered past the buffer limit), if it did.
+    /// Why the host reset this stream (a response body buffered past the buffer limit, or a
+    /// failed VM on the response path), if it did.
     pub fn reset_reason(&self) -> Option<&str> {
         self.state().reset_reason.as_deref()
     }
 
     /// Ends the stream as Envoy does: `proxy_on_log` (headers readable, access-log phase),
     /// then `proxy_on_done` and `proxy_on_delete`.
+    ///
+    /// On a failed VM Envoy calls none of these: the stream just ends.
     pub fn complete(&mut self) -> Result<()> {
         let id = self.id;
+        if self.host.failure.is_some() {
+            self.host.stream_state_mut(id)?.completed = true;
+            return Ok(());
+        }
         self.host.stream_state_mut(id)?.access_log_phase = true;
         let logged = self
             .host
@@ -988,16 +1131,62 @@ impl HttpStream<'_> {
         Ok(())
     }
 
+    /// Runs a stream callback. On a failed VM (a trap in this or an earlier call) Envoy's
+    /// fail-closed policy applies instead: see [`fail_stream`](Self::fail_stream). A trap in
+    /// this very call is still returned as the error, so a test sees the guest's failure.
     fn call_action<P: WasmParams>(
         &mut self,
         export: &str,
         func: Option<TypedFunc<P, u32>>,
         params: P,
+        direction: Direction,
     ) -> Result<Action> {
-        Ok(self
-            .host
-            .call(export, func, self.id, params)?
-            .map_or(Action::Continue, Action::from_raw))
+        if self.host.failure.is_some() {
+            self.fail_stream(direction);
+            return Ok(Action::Pause);
+        }
+        match self.host.call(export, func, self.id, params) {
+            Ok(action) => Ok(action.map_or(Action::Continue, Action::from_raw)),
+            Err(error) => {
+                if self.host.failure.is_some() {
+                    self.fail_stream(direction);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// What Envoy (proxy-wasm-cpp-host `CHECK_FAIL_HTTP`, fail closed) does to a stream of a
+    /// failed VM, once per stream: on the request path it answers `503` with an empty body
+    /// (details `wasm_fail_stream`), on the response path it resets the stream. The VM is
+    /// not called again.
+    fn fail_stream(&mut self, direction: Direction) {
+        let stream = self.state_mut();
+        if stream.failed {
+            return;
+        }
+        stream.failed = true;
+        stream.request_headers_available = false;
+        stream.request_body_available = false;
+        stream.request_trailers_available = false;
+        match direction {
+            Direction::Request => {
+                stream.local_responses.push(LocalResponse {
+                    status: 503,
+                    headers: Headers::default(),
+                    body: Vec::new(),
+                    details: FAIL_STREAM_DETAILS.to_owned(),
+                    grpc_status: GRPC_UNAVAILABLE,
+                });
+                stream.response_headers = Headers::from_pairs(&[(":status", "503")]);
+                stream.response_started = true;
+            }
+            Direction::Response => {
+                stream.reset_reason = Some(
+                    "the VM failed (a trap in the filter): Envoy resets the stream".to_owned(),
+                );
+            }
+        }
     }
 
     fn state(&self) -> &StreamState {
@@ -1009,7 +1198,9 @@ impl HttpStream<'_> {
         self.host.store.data_mut().streams.entry(id).or_default()
     }
 
-    /// The first local response the filter sent on this stream.
+    /// The first local response of this stream: one the filter sent, or one Envoy sent in
+    /// its place (`details` `request_payload_too_large`: `413` for a request body buffered
+    /// past the limit; `wasm_fail_stream`: `503` on a failed VM).
     pub fn local_response(&self) -> Option<&LocalResponse> {
         self.state().local_responses.first()
     }

@@ -8,6 +8,7 @@
 //! error, the host never panics and never traps on its own account. (Envoy itself refuses to
 //! load a module with an import it lacks; this host lets the test see which call it was.)
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,9 @@ use crate::abi::{
     BufferType, LogLevel, MapType, MetricType, Status, StreamType, decode_pairs, encode_pairs,
     len_u32,
 };
-use crate::state::{Headers, HostState, HttpCall, LocalResponse, LogEntry, Metric, StreamState};
+use crate::state::{
+    Headers, HostState, HttpCall, LocalResponse, LogEntry, Metric, SharedQueue, StreamState,
+};
 
 /// The `env` imports this host implements, in ABI order.
 pub const SUPPORTED_HOST_CALLS: &[&str] = &[
@@ -39,6 +42,10 @@ pub const SUPPORTED_HOST_CALLS: &[&str] = &[
     "proxy_set_property",
     "proxy_get_shared_data",
     "proxy_set_shared_data",
+    "proxy_register_shared_queue",
+    "proxy_resolve_shared_queue",
+    "proxy_dequeue_shared_queue",
+    "proxy_enqueue_shared_queue",
     "proxy_continue_stream",
     "proxy_close_stream",
     "proxy_continue_request",
@@ -52,6 +59,7 @@ pub const SUPPORTED_HOST_CALLS: &[&str] = &[
     "proxy_grpc_close",
     "proxy_set_effective_context",
     "proxy_done",
+    "proxy_call_foreign_function",
     "proxy_define_metric",
     "proxy_increment_metric",
     "proxy_record_metric",
@@ -231,7 +239,7 @@ pub(crate) fn add_proxy_calls(linker: &mut Linker<HostState>) -> wasmtime::Resul
             run(&mut c, "proxy_get_header_map_pairs", |c| {
                 let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
                 let bytes = match readable_map(c.data_mut(), ty) {
-                    Some(map) if !map.is_empty() => encode_pairs(map.pairs()),
+                    Some(map) if !map.is_empty() => encode_pairs(map.byte_pairs()),
                     _ => Vec::new(),
                 };
                 copy_out(c, &bytes, ptr_ptr, size_ptr)
@@ -246,7 +254,7 @@ pub(crate) fn add_proxy_calls(linker: &mut Linker<HostState>) -> wasmtime::Resul
                 let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
                 let pairs = decode_pairs(&read_bytes(c, ptr, len)?).ok_or(Status::BadArgument)?;
                 let map = writable_map(c.data_mut(), ty).ok_or(Status::BadArgument)?;
-                *map = Headers::from_owned(pairs);
+                *map = Headers::from_wire(pairs);
                 Ok(())
             })
         },
@@ -364,6 +372,94 @@ pub(crate) fn add_proxy_calls(linker: &mut Linker<HostState>) -> wasmtime::Resul
             })
         },
     )?;
+    linker.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: Ctx<'_>, name_ptr: u32, name_len: u32, token_ptr: u32| {
+            run(&mut c, "proxy_register_shared_queue", |c| {
+                let name = read_string(c, name_ptr, name_len)?;
+                let token = register_shared_queue(c.data_mut(), name);
+                Ok(write_u32(c, token_ptr, token)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_resolve_shared_queue",
+        |mut c: Ctx<'_>,
+         vm_id_ptr: u32,
+         vm_id_len: u32,
+         name_ptr: u32,
+         name_len: u32,
+         token_ptr: u32| {
+            run(&mut c, "proxy_resolve_shared_queue", |c| {
+                let vm_id = read_string(c, vm_id_ptr, vm_id_len)?;
+                let name = read_string(c, name_ptr, name_len)?;
+                let token = c
+                    .data()
+                    .shared_queues
+                    .iter()
+                    .find(|q| q.vm_id == vm_id && q.name == name)
+                    .map(|q| q.token)
+                    .ok_or(Status::NotFound)?;
+                Ok(write_u32(c, token_ptr, token)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |mut c: Ctx<'_>, token: u32, ptr_ptr: u32, size_ptr: u32| {
+            run(&mut c, "proxy_dequeue_shared_queue", |c| {
+                let queue = c
+                    .data_mut()
+                    .shared_queues
+                    .iter_mut()
+                    .find(|q| q.token == token)
+                    .ok_or(Status::NotFound)?;
+                let item = queue.items.pop_front().ok_or(Status::Empty)?;
+                copy_out(c, &item, ptr_ptr, size_ptr)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |mut c: Ctx<'_>, token: u32, ptr: u32, len: u32| {
+            run(&mut c, "proxy_enqueue_shared_queue", |c| {
+                let item = read_bytes(c, ptr, len)?;
+                Ok(c.data_mut().enqueue_shared_queue(token, item)?)
+            })
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |mut c: Ctx<'_>,
+         name_ptr: u32,
+         name_len: u32,
+         _args_ptr: u32,
+         _args_len: u32,
+         _ret_ptr_ptr: u32,
+         _ret_size_ptr: u32| {
+            run(&mut c, "proxy_call_foreign_function", |c| {
+                let name = read_string(c, name_ptr, name_len)?;
+                // Envoy answers NotFound for a name it has not registered. It registers the
+                // ones below; this host carries none of them, so it answers NotFound too and
+                // records the call, since Envoy would have run it.
+                if ENVOY_FOREIGN_FUNCTIONS.contains(&name.as_str()) {
+                    c.data_mut().record_error(
+                        "proxy_call_foreign_function",
+                        Status::NotFound,
+                        format!(
+                            "Envoy's foreign function {name:?} is not carried by this host; it answers NotFound, as Envoy does for an unknown name"
+                        ),
+                    );
+                }
+                Err(Status::NotFound.into())
+            })
+        },
+    )?;
     linker.func_wrap("env", "proxy_continue_stream", |mut c: Ctx<'_>, ty: u32| {
         run(&mut c, "proxy_continue_stream", |c| {
             let ty = StreamType::from_raw(ty).ok_or(Status::BadArgument)?;
@@ -418,7 +514,7 @@ pub(crate) fn add_proxy_calls(linker: &mut Linker<HostState>) -> wasmtime::Resul
                 if let Some(stream) = c.data_mut().effective_stream() {
                     stream.local_responses.push(LocalResponse {
                         status,
-                        headers: Headers::from_owned(headers),
+                        headers: Headers::from_wire(headers),
                         body,
                         details,
                         grpc_status,
@@ -848,12 +944,15 @@ fn get_header_map_value(
     let state = c.data_mut();
     let access_log_phase = state.effective_stream().is_some_and(|s| s.access_log_phase);
     let value = match readable_map(state, ty) {
-        Some(map) => map.get(&key).map(str::to_owned).ok_or(Status::NotFound)?,
+        Some(map) => map
+            .get_bytes(&key)
+            .map(<[u8]>::to_vec)
+            .ok_or(Status::NotFound)?,
         None if access_log_phase => return Err(Status::NotFound.into()),
         // The map is not available in this callback.
         None => return Err(Status::BadArgument.into()),
     };
-    copy_out(c, value.as_bytes(), ptr_ptr, size_ptr)
+    copy_out(c, &value, ptr_ptr, size_ptr)
 }
 
 fn edit_map(
@@ -863,11 +962,11 @@ fn edit_map(
     key_len: u32,
     value_ptr: u32,
     value_len: u32,
-    edit: fn(&mut Headers, &str, &str),
+    edit: fn(&mut Headers, &str, &[u8]),
 ) -> Outcome {
     let ty = MapType::from_raw(ty).ok_or(Status::BadArgument)?;
     let key = read_string(c, key_ptr, key_len)?;
-    let value = read_string(c, value_ptr, value_len)?;
+    let value = read_bytes(c, value_ptr, value_len)?;
     let map = writable_map(c.data_mut(), ty).ok_or(Status::BadArgument)?;
     edit(map, &key, &value);
     Ok(())
@@ -898,7 +997,7 @@ fn derived_property(stream: &StreamState, path: &[u8]) -> Option<Vec<u8>> {
     match top {
         "request" => {
             let headers = stream_map(stream, MapType::RequestHeaders)?;
-            let header = |name: &str| headers.get(name).map(|v| v.as_bytes().to_vec());
+            let header = |name: &str| headers.get_bytes(name).map(<[u8]>::to_vec);
             let raw_path = headers.get(":path");
             match field {
                 "path" => header(":path"),
@@ -968,9 +1067,9 @@ fn continue_stream(state: &mut HostState, ty: StreamType) -> Result<(), Status> 
 fn http_call(
     state: &mut HostState,
     upstream: String,
-    headers: Vec<(String, String)>,
+    headers: Vec<(Vec<u8>, Vec<u8>)>,
     body: Vec<u8>,
-    trailers: Vec<(String, String)>,
+    trailers: Vec<(Vec<u8>, Vec<u8>)>,
     timeout_ms: u32,
 ) -> Result<u32, Status> {
     if i32::try_from(timeout_ms).is_err() {
@@ -981,7 +1080,7 @@ fn http_call(
     {
         return Err(Status::BadArgument);
     }
-    let mut headers = Headers::from_owned(headers);
+    let mut headers = Headers::from_wire(headers);
     if [":path", ":method", ":authority"]
         .iter()
         .any(|required| !headers.contains(required))
@@ -989,7 +1088,7 @@ fn http_call(
         return Err(Status::BadArgument);
     }
     if !body.is_empty() {
-        headers.replace("content-length", &body.len().to_string());
+        headers.replace("content-length", body.len().to_string().as_bytes());
     }
     let token = state.next_http_token;
     state.next_http_token = state.next_http_token.wrapping_add(1).max(1);
@@ -1005,7 +1104,7 @@ fn http_call(
         upstream,
         headers,
         body,
-        trailers: Headers::from_owned(trailers),
+        trailers: Headers::from_wire(trailers),
         timeout: Duration::from_millis(u64::from(timeout_ms)),
         deadline_unix_nanos,
     });
@@ -1031,6 +1130,43 @@ fn grpc_open(c: &mut Ctx<'_>, call: &str, service_ptr: u32, service_len: u32) ->
         );
     }
     Err(Status::ParseFailure.into())
+}
+
+/// Foreign functions Envoy 1.40 registers (`source/extensions/common/wasm/foreign.cc`).
+const ENVOY_FOREIGN_FUNCTIONS: &[&str] = &[
+    "compress",
+    "uncompress",
+    "expr_create",
+    "expr_evaluate",
+    "expr_delete",
+    "declare_property",
+    "set_envoy_filter_state",
+    "clear_route_cache",
+    "verify_signature",
+];
+
+/// Envoy's `registerSharedQueue`: one queue per (VM id, name); registering again keeps the
+/// token and makes the registering context the one notified.
+fn register_shared_queue(state: &mut HostState, name: String) -> u32 {
+    let context = state.effective_context;
+    if let Some(queue) = state
+        .shared_queues
+        .iter_mut()
+        .find(|q| q.vm_id == state.vm_id && q.name == name)
+    {
+        queue.owner_context = context;
+        return queue.token;
+    }
+    let token = state.next_queue_token;
+    state.next_queue_token = state.next_queue_token.wrapping_add(1).max(1);
+    state.shared_queues.push(SharedQueue {
+        vm_id: state.vm_id.clone(),
+        name,
+        token,
+        owner_context: context,
+        items: VecDeque::new(),
+    });
+    token
 }
 
 /// Metric ids carry their type in the two low bits, as in Envoy.
@@ -1175,7 +1311,7 @@ mod tests {
         let mut state = state();
         let headers = |list: &[(&str, &str)]| {
             list.iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
                 .collect::<Vec<_>>()
         };
         let missing_authority = headers(&[(":method", "GET"), (":path", "/")]);

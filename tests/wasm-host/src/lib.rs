@@ -19,9 +19,14 @@
 //! (`setCopy`), HTTP calls owned by the root context (`proxy_on_http_call_response` gets the
 //! root context's id), a failed call answered with Envoy's generated reply
 //! ([`HttpCallFailure`]: `503` unreachable, `504` when the clock passes the call's timeout),
-//! the stream reset when a filter buffers a body past the buffer limit
-//! ([`DEFAULT_BUFFER_LIMIT`], 1 MiB), gRPC calls answered as for a missing cluster, and
-//! `on_log` → `on_done` → `on_delete` at the end. [`SUPPORTED_HOST_CALLS`] lists the
+//! a request body buffered past the buffer limit ([`DEFAULT_BUFFER_LIMIT`], 1 MiB) answered
+//! `413` and a response body reset, gRPC calls answered as for a missing cluster, shared
+//! queues with `proxy_on_queue_ready` on the registering context, foreign functions answered
+//! `NotFound` as for an unknown name, header values as raw bytes (a non-UTF-8 value reaches
+//! the filter unchanged), a trapped VM failing closed (its stream and every later one get
+//! Envoy's `503`, the VM is not called again), and `on_log` → `on_done` → `on_delete` at the
+//! end. `tests/tests/host_parity.rs` in this repository runs a fixture filter in both Envoy
+//! and this host and checks they agree. [`SUPPORTED_HOST_CALLS`] lists the
 //! implemented imports; any other import answers [`Status::Unimplemented`] and is recorded by
 //! name in [`Host::host_call_errors`].
 //!

@@ -2,7 +2,8 @@
 //! logs, HTTP calls and local responses. Everything lives in one [`HostState`] per host (the
 //! wasmtime store data), so hosts never share state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use wasmtime::{Memory, TypedFunc};
@@ -14,16 +15,22 @@ use crate::clock::Clock;
 /// Envoy's default per-stream buffer limit (`per_connection_buffer_limit_bytes`): 1 MiB.
 pub const DEFAULT_BUFFER_LIMIT: usize = 1 << 20;
 
-/// An ordered header (or trailer) map as Envoy keeps it: keys lower case, repeated keys allowed.
+/// An ordered header (or trailer) map as Envoy keeps it: keys lower case, repeated keys allowed,
+/// values raw bytes (Envoy passes any byte a client sent, UTF-8 or not; the Rust SDK's string
+/// accessors panic on a value that is not UTF-8, its `_bytes` accessors do not).
 ///
 /// ```
 /// use proxy_wasm_host::Headers;
 ///
 /// let headers = Headers::from_pairs(&[(":status", "301"), ("Location", "https://a.test/")]);
 /// assert_eq!(headers.get("location"), Some("https://a.test/"));
+///
+/// let raw = Headers::from_byte_pairs(&[("x-raw", b"a\xffb")]);
+/// assert_eq!(raw.get_bytes("x-raw"), Some(&b"a\xffb"[..]));
+/// assert_eq!(raw.get("x-raw"), None); // not UTF-8: read it with get_bytes
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, String)>);
+pub struct Headers(Vec<(String, Vec<u8>)>);
 
 impl Headers {
     /// A map from `(name, value)` pairs; names are lower-cased as Envoy does.
@@ -31,45 +38,72 @@ impl Headers {
         Self(
             pairs
                 .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.as_bytes().to_vec()))
                 .collect(),
         )
     }
 
-    pub(crate) fn from_owned(pairs: Vec<(String, String)>) -> Self {
+    /// A map from `(name, value bytes)` pairs, for values that need not be UTF-8.
+    pub fn from_byte_pairs(pairs: &[(&str, &[u8])]) -> Self {
+        Self(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_vec()))
+                .collect(),
+        )
+    }
+
+    /// A map from pairs as the guest sent them. Names are lower-cased; a name that is not
+    /// UTF-8 (Envoy would refuse to send it on the wire anyway) is kept lossily.
+    pub(crate) fn from_wire(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Self {
         Self(
             pairs
                 .into_iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .map(|(k, v)| (String::from_utf8_lossy(&k).to_ascii_lowercase(), v))
                 .collect(),
         )
     }
 
-    /// The first value of `name` (case-insensitive), as `proxy_get_header_map_value` returns it.
+    /// The first value of `name` (case-insensitive), as `proxy_get_header_map_value` returns
+    /// it; `None` when absent or not UTF-8 (read such values with [`get_bytes`](Self::get_bytes)).
     pub fn get(&self, name: &str) -> Option<&str> {
+        self.get_bytes(name)
+            .and_then(|value| std::str::from_utf8(value).ok())
+    }
+
+    /// The first value of `name` (case-insensitive) as raw bytes.
+    pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
         self.0
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_slice())
     }
 
-    /// Every value of `name`, in order.
-    pub fn get_all(&self, name: &str) -> Vec<&str> {
+    /// Every value of `name`, in order (values that are not UTF-8 lossily decoded).
+    pub fn get_all(&self, name: &str) -> Vec<Cow<'_, str>> {
         self.0
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| String::from_utf8_lossy(v))
             .collect()
     }
 
     /// Whether `name` is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.get(name).is_some()
+        self.get_bytes(name).is_some()
     }
 
-    /// All pairs, in order.
-    pub fn pairs(&self) -> &[(String, String)] {
-        &self.0
+    /// All pairs, in order, values lossily decoded as UTF-8 (exact bytes:
+    /// [`byte_pairs`](Self::byte_pairs)).
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, Cow<'_, str>)> {
+        self.0
+            .iter()
+            .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v)))
+    }
+
+    /// All pairs, in order, values as raw bytes.
+    pub fn byte_pairs(&self) -> impl Iterator<Item = (&str, &[u8])> + Clone {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 
     /// Number of entries.
@@ -89,16 +123,16 @@ impl Headers {
     }
 
     /// Appends a value (Envoy `addCopy`).
-    pub(crate) fn add(&mut self, name: &str, value: &str) {
-        self.0.push((name.to_ascii_lowercase(), value.to_owned()));
+    pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
+        self.0.push((name.to_ascii_lowercase(), value.to_vec()));
     }
 
     /// Sets the single value of `name` as Envoy's `setCopy` does: every entry of `name` is
     /// removed and the new one appended at the end (so a replaced header moves to the end).
-    pub(crate) fn replace(&mut self, name: &str, value: &str) {
+    pub(crate) fn replace(&mut self, name: &str, value: &[u8]) {
         let name = name.to_ascii_lowercase();
         self.0.retain(|(k, _)| *k != name);
-        self.0.push((name, value.to_owned()));
+        self.0.push((name, value.to_vec()));
     }
 
     /// Removes every value of `name`.
@@ -153,8 +187,8 @@ pub struct HttpCall {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HttpCallFailure {
-    /// The upstream could not be reached or reset before its response headers: Envoy answers
-    /// with a generated `503` and a body naming the reset.
+    /// The upstream refused the connection (nothing listens): Envoy answers with a generated
+    /// `503` whose body names the reset reason, `remote connection failure`.
     ConnectionFailure,
     /// The cluster has no healthy host: a generated `503` with body `no healthy upstream`.
     NoHealthyUpstream,
@@ -173,7 +207,7 @@ impl HttpCallFailure {
         match self {
             HttpCallFailure::ConnectionFailure => Some((
                 503,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
             )),
             HttpCallFailure::NoHealthyUpstream => Some((503, "no healthy upstream")),
             HttpCallFailure::Timeout => Some((504, "upstream request timeout")),
@@ -262,6 +296,19 @@ pub(crate) struct StreamState {
     pub(crate) reset_reason: Option<String>,
     pub(crate) end_of_stream: bool,
     pub(crate) completed: bool,
+    /// The VM failed during (or before) this stream; Envoy already answered or reset it.
+    pub(crate) failed: bool,
+}
+
+/// A shared queue (`proxy_register_shared_queue`), as Envoy keeps it.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedQueue {
+    pub(crate) vm_id: String,
+    pub(crate) name: String,
+    pub(crate) token: u32,
+    /// The context that registered it last: `proxy_on_queue_ready` runs there.
+    pub(crate) owner_context: u32,
+    pub(crate) items: VecDeque<Vec<u8>>,
 }
 
 /// The wasmtime store data of one host.
@@ -277,6 +324,12 @@ pub(crate) struct HostState {
     pub(crate) properties: HashMap<Vec<u8>, Vec<u8>>,
     pub(crate) shared_data: HashMap<Vec<u8>, (Vec<u8>, u32)>,
     pub(crate) next_cas: u32,
+    /// The VM id (`vm_config.vm_id`) shared queues are registered and resolved under.
+    pub(crate) vm_id: String,
+    pub(crate) shared_queues: Vec<SharedQueue>,
+    pub(crate) next_queue_token: u32,
+    /// `(context, token)` of each `proxy_on_queue_ready` owed after an enqueue, in order.
+    pub(crate) queue_ready: VecDeque<(u32, u32)>,
     pub(crate) metric_ids: HashMap<u32, (MetricType, String)>,
     pub(crate) metrics: BTreeMap<String, Metric>,
     pub(crate) next_metric_seq: u32,
@@ -326,6 +379,10 @@ impl HostState {
             properties: HashMap::new(),
             shared_data: HashMap::new(),
             next_cas: 1,
+            vm_id: String::new(),
+            shared_queues: Vec::new(),
+            next_queue_token: 1,
+            queue_ready: VecDeque::new(),
             metric_ids: HashMap::new(),
             metrics: BTreeMap::new(),
             next_metric_seq: 1,
@@ -352,6 +409,20 @@ impl HostState {
     /// The stream whose context is effective, if the effective context is a stream.
     pub(crate) fn effective_stream(&mut self) -> Option<&mut StreamState> {
         self.streams.get_mut(&self.effective_context)
+    }
+
+    /// Envoy's `enqueueSharedQueue`: appends the item and owes the registering context one
+    /// `proxy_on_queue_ready` (Envoy posts it to that context's thread; it runs after the
+    /// current VM call).
+    pub(crate) fn enqueue_shared_queue(&mut self, token: u32, item: Vec<u8>) -> Result<(), Status> {
+        let queue = self
+            .shared_queues
+            .iter_mut()
+            .find(|q| q.token == token)
+            .ok_or(Status::NotFound)?;
+        queue.items.push_back(item);
+        self.queue_ready.push_back((queue.owner_context, token));
+        Ok(())
     }
 
     pub(crate) fn record_error(&mut self, call: &str, status: Status, message: String) {

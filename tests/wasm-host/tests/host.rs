@@ -253,9 +253,41 @@ fn guest_trap_is_an_error_naming_the_export_and_fails_the_vm() -> anyhow::Result
         WasmHostError::Trap { export, .. } => assert_eq!(export, "proxy_on_request_headers"),
         other => panic!("unexpected error: {other}"),
     }
-    let err = stream.complete().unwrap_err();
-    assert!(matches!(err, WasmHostError::VmFailed(_)), "{err}");
+    // Envoy (fail closed) answers the stream 503 itself and calls the VM no more.
+    let reply = stream.local_response().expect("Envoy's 503");
+    assert_eq!(
+        (reply.status, reply.details.as_str()),
+        (503, "wasm_fail_stream")
+    );
+    assert!(reply.body.is_empty());
+    stream.complete()?;
     assert!(host.failure().is_some());
+    let err = host.tick().unwrap_err();
+    assert!(matches!(err, WasmHostError::VmFailed(_)), "{err}");
+    Ok(())
+}
+
+#[test]
+fn every_stream_after_a_trap_gets_503_without_reaching_the_vm() -> anyhow::Result<()> {
+    let module = wat_module(
+        r#"(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+             unreachable)"#,
+    )?;
+    let mut host = HostBuilder::new(&module).build()?;
+    let mut first = host.http_stream()?;
+    assert!(first.request_headers(&[(":path", "/")], true).is_err());
+    first.complete()?;
+    for _ in 0..2 {
+        let mut later = host.http_stream()?;
+        assert_eq!(
+            later.request_headers(&[(":path", "/")], true)?,
+            Action::Pause
+        );
+        let reply = later.local_response().expect("Envoy's 503");
+        assert_eq!(reply.status, 503);
+        assert_eq!(later.current_response_headers().get(":status"), Some("503"));
+        later.complete()?;
+    }
     Ok(())
 }
 

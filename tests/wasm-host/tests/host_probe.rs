@@ -87,7 +87,7 @@ fn request_headers_are_edited_with_properties_and_shared_data() -> anyhow::Resul
     assert_eq!(seen.get("x-probe-policy"), Some("v1"));
     assert_eq!(seen.get_all("x-replace"), ["replaced"]);
     // Envoy's setCopy removes the header and appends it: it moves to the end.
-    let names: Vec<&str> = seen.pairs().iter().map(|(k, _)| k.as_str()).collect();
+    let names: Vec<&str> = seen.byte_pairs().map(|(k, _)| k).collect();
     assert_eq!(
         names[names.len() - 2..],
         ["x-replace", "x-probe-count"],
@@ -282,15 +282,23 @@ fn a_call_past_its_timeout_gets_envoys_504_on_the_root_context() -> anyhow::Resu
 }
 
 #[test]
-fn buffering_past_the_buffer_limit_resets_the_stream() -> anyhow::Result<()> {
+fn buffering_a_request_body_past_the_buffer_limit_is_answered_413() -> anyhow::Result<()> {
     let mut host = HostBuilder::new(&probe()).buffer_limit(8).build()?;
     let mut stream = host.http_stream()?;
     stream.request_headers(&request("POST", "/body"), false)?;
     assert_eq!(stream.request_body(b"01234", false)?, Action::Pause);
-    assert_eq!(stream.reset_reason(), None);
+    assert_eq!(stream.local_response(), None);
     assert_eq!(stream.request_body(b"56789", false)?, Action::Pause);
-    let reason = stream.reset_reason().expect("reset").to_owned();
-    assert!(reason.contains("buffer limit (8 bytes)"), "{reason}");
+    let reply = stream.local_response().expect("Envoy's 413").clone();
+    assert_eq!(
+        (reply.status, reply.details.as_str(), reply.body.as_slice()),
+        (413, "request_payload_too_large", &b"Payload Too Large"[..])
+    );
+    // Envoy encodes it through the filter's response callbacks, like any local reply.
+    let seen = stream.current_response_headers();
+    assert_eq!(seen.get(":status"), Some("413"));
+    assert_eq!(seen.get("x-probe-status"), Some("413"));
+    assert_eq!(stream.reset_reason(), None);
     assert!(stream.is_complete());
     assert!(matches!(
         stream.request_body(b"x", true),
@@ -332,13 +340,8 @@ fn set_header_map_pairs_replaces_every_response_header() -> anyhow::Result<()> {
     let mut stream = host.http_stream()?;
     stream.request_headers(&request("GET", "/rewrite-response"), true)?;
     stream.response_headers(&[(":status", "404"), ("Server", "envoy")], true)?;
-    let pairs: Vec<(&str, &str)> = stream
-        .current_response_headers()
-        .pairs()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    assert_eq!(pairs, [(":status", "200"), ("x-only", "1")]);
+    let pairs: Vec<(&str, &[u8])> = stream.current_response_headers().byte_pairs().collect();
+    assert_eq!(pairs, [(":status", &b"200"[..]), ("x-only", b"1")]);
     Ok(())
 }
 
