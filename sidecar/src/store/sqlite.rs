@@ -1271,7 +1271,6 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
-    use std::time::Duration;
     use time::macros::datetime;
 
     const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
@@ -1325,75 +1324,6 @@ mod tests {
         assert_eq!(updated.policy, policy);
     }
 
-    fn certificate(names: &[&str], serial: &str) -> NewCertificate {
-        NewCertificate {
-            site: "blog".into(),
-            names: names.iter().map(|n| name(n)).collect(),
-            chain_pem: format!("chain {serial}"),
-            key_pem: PrivateKeyPem::new(format!("key {serial}")),
-            not_before: NOW,
-            not_after: datetime!(2026-06-01 00:00 UTC),
-            serial: serial.into(),
-            ari_id: None,
-        }
-    }
-
-    /// Regression: the issuer read the site, then wrote its schedule; a hostname added between
-    /// the two had its attempt overwritten by the renewal date and waited months for it.
-    #[test]
-    fn a_change_during_an_attempt_keeps_its_earlier_schedule() {
-        let store = SqliteStore::in_memory().unwrap();
-        site(&store, &["example.com"]);
-        let lease = NOW + Duration::from_secs(600);
-        let renewal = datetime!(2026-05-01 00:00 UTC);
-        let next = |store: &SqliteStore| {
-            store
-                .site("blog")
-                .unwrap()
-                .unwrap()
-                .issuance
-                .next_attempt_at
-        };
-
-        let read = store.begin_attempt("blog", lease).unwrap().unwrap();
-        assert_eq!(read.names(), vec![name("example.com")]);
-        assert_eq!(next(&store), Some(lease));
-        let change_at = NOW + Duration::from_secs(1);
-        store
-            .add_hostname("blog", &name("www.example.com"), NOW, change_at)
-            .unwrap();
-        store
-            .finish_attempt("blog", lease, Some(renewal), 0, None)
-            .unwrap();
-        assert_eq!(
-            next(&store),
-            Some(change_at),
-            "the change's attempt was lost"
-        );
-
-        // Without a change the attempt's own schedule applies, earlier or later, or none.
-        store.begin_attempt("blog", lease).unwrap();
-        store
-            .finish_attempt("blog", lease, Some(renewal), 0, None)
-            .unwrap();
-        assert_eq!(next(&store), Some(renewal));
-        store.begin_attempt("blog", lease).unwrap();
-        store
-            .finish_attempt("blog", lease, None, 1, Some("x"))
-            .unwrap();
-        assert_eq!(next(&store), None);
-        // A change asking for a later time than a failed attempt's retry gets the retry.
-        store.begin_attempt("blog", lease).unwrap();
-        store
-            .request_issuance("blog", NOW + Duration::from_secs(60), false)
-            .unwrap();
-        store
-            .finish_attempt("blog", lease, Some(NOW + Duration::from_secs(30)), 1, None)
-            .unwrap();
-        assert_eq!(next(&store), Some(NOW + Duration::from_secs(30)));
-        assert!(store.begin_attempt("gone", lease).unwrap().is_none());
-    }
-
     #[test]
     fn files_are_owner_only_and_reopen_keeps_data() {
         let dir = tempfile::tempdir().unwrap();
@@ -1428,109 +1358,5 @@ mod tests {
         assert_eq!(orders.len(), 1);
         assert_eq!(orders[0].order_url, "https://ca/order/1");
         assert!(store.site("blog").unwrap().is_some());
-    }
-
-    #[test]
-    fn new_certificate_supersedes_old_only_when_it_covers_all_wanted_names() {
-        let store = SqliteStore::in_memory().unwrap();
-        site(&store, &["example.com", "www.example.com", "alias.test"]);
-        let old = store
-            .store_certificate(
-                certificate(&["alias.test", "example.com", "www.example.com"], "01"),
-                None,
-                NOW,
-            )
-            .unwrap();
-        // alias.test's DNS broke: the new certificate leaves it out; the old one keeps serving it.
-        let new = store
-            .store_certificate(
-                certificate(&["example.com", "www.example.com"], "02"),
-                None,
-                NOW,
-            )
-            .unwrap();
-        assert_eq!(
-            store
-                .certificate_for_hostname(&name("example.com"))
-                .unwrap()
-                .unwrap()
-                .id,
-            new.id
-        );
-        assert_eq!(
-            store
-                .certificate_for_hostname(&name("alias.test"))
-                .unwrap()
-                .unwrap()
-                .id,
-            old.id
-        );
-        assert_eq!(store.current_certificates("blog").unwrap().len(), 2);
-        // Once alias.test is removed from the site, the old certificate no longer serves it and
-        // a fresh full certificate supersedes it.
-        store
-            .remove_hostname("blog", &name("alias.test"), NOW, NOW)
-            .unwrap();
-        assert!(
-            store
-                .certificate_for_hostname(&name("alias.test"))
-                .unwrap()
-                .is_none()
-        );
-        store
-            .store_certificate(
-                certificate(&["example.com", "www.example.com"], "03"),
-                None,
-                NOW,
-            )
-            .unwrap();
-        let current = store.current_certificates("blog").unwrap();
-        assert_eq!(
-            current
-                .iter()
-                .map(|c| c.serial.as_str())
-                .collect::<Vec<_>>(),
-            ["03"]
-        );
-    }
-
-    #[test]
-    fn storing_certificate_completes_its_order_and_notifies() {
-        let store = SqliteStore::in_memory().unwrap();
-        site(&store, &["example.com"]);
-        let mut changes = store.certificates_changed();
-        changes.borrow_and_update();
-        let order = store
-            .insert_order(
-                "blog",
-                &[name("example.com")],
-                "https://ca/order/1",
-                &PrivateKeyPem::new("k".into()),
-                NOW,
-            )
-            .unwrap();
-        store
-            .store_certificate(certificate(&["example.com"], "01"), Some(order), NOW)
-            .unwrap();
-        assert!(store.orders_in_flight(None).unwrap().is_empty());
-        assert!(changes.has_changed().unwrap());
-        let served = store
-            .certificate_for_hostname(&name("example.com"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(served.key_pem.expose(), "key 01");
-        assert!(
-            !format!("{served:?}").contains("key 01"),
-            "keys never appear in Debug output"
-        );
-    }
-
-    #[test]
-    fn regenerate_request_is_taken_once() {
-        let store = SqliteStore::in_memory().unwrap();
-        site(&store, &["example.com"]);
-        store.request_issuance("blog", NOW, true).unwrap();
-        assert!(store.take_regenerate_request("blog").unwrap());
-        assert!(!store.take_regenerate_request("blog").unwrap());
     }
 }
