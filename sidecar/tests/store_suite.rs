@@ -115,13 +115,26 @@ fn taken(lease: AttemptLease) -> Site {
 
 fn sites_hostnames_and_policies_round_trip(backend: &dyn Backend) {
     let store = backend.open("a");
-    let created = create(&*store, "blog", &["example.com", "www.example.com", "alias.test"]);
+    let created = create(
+        &*store,
+        "blog",
+        &["example.com", "www.example.com", "alias.test"],
+    );
     assert_eq!(created.primary, name("example.com"));
-    assert_eq!(created.hostnames[0].name, name("example.com"), "primary first");
+    assert_eq!(
+        created.hostnames[0].name,
+        name("example.com"),
+        "primary first"
+    );
     assert_eq!(created.hostnames.len(), 3);
     create(&*store, "shop", &["shop.test"]);
     assert_eq!(
-        store.list_sites().unwrap().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        store
+            .list_sites()
+            .unwrap()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
         ["blog", "shop"]
     );
     assert!(matches!(
@@ -148,7 +161,10 @@ fn sites_hostnames_and_policies_round_trip(backend: &dyn Backend) {
     };
     policy.hsts.enabled = true;
     policy.hsts.include_subdomains = true;
-    assert_eq!(store.set_policy("blog", policy.clone()).unwrap().policy, policy);
+    assert_eq!(
+        store.set_policy("blog", policy.clone()).unwrap().policy,
+        policy
+    );
     // Removing the canonical host clears it.
     let updated = store
         .remove_hostname("blog", &name("www.example.com"), NOW, NOW)
@@ -159,7 +175,10 @@ fn sites_hostnames_and_policies_round_trip(backend: &dyn Backend) {
         Err(Error::InvalidInput(_))
     ));
     assert_eq!(
-        store.site_of_hostname(&name("alias.test")).unwrap().as_deref(),
+        store
+            .site_of_hostname(&name("alias.test"))
+            .unwrap()
+            .as_deref(),
         Some("blog")
     );
     let counts = store.counts().unwrap();
@@ -167,7 +186,12 @@ fn sites_hostnames_and_policies_round_trip(backend: &dyn Backend) {
     assert!(counts.sites_by_mode.contains(&(HttpsMode::Auto, 1)));
     store.delete_site("blog").unwrap();
     assert!(store.site("blog").unwrap().is_none());
-    assert!(store.site_of_hostname(&name("alias.test")).unwrap().is_none());
+    assert!(
+        store
+            .site_of_hostname(&name("alias.test"))
+            .unwrap()
+            .is_none()
+    );
     assert!(matches!(store.delete_site("blog"), Err(Error::NotFound(_))));
 }
 
@@ -178,7 +202,14 @@ fn a_change_during_an_attempt_keeps_its_earlier_schedule(backend: &dyn Backend) 
     create(&*store, "blog", &["example.com"]);
     let lease = NOW + Duration::from_secs(600);
     let renewal = datetime!(2026-05-01 00:00 UTC);
-    let next = |store: &dyn Store| store.site("blog").unwrap().unwrap().issuance.next_attempt_at;
+    let next = |store: &dyn Store| {
+        store
+            .site("blog")
+            .unwrap()
+            .unwrap()
+            .issuance
+            .next_attempt_at
+    };
 
     let read = taken(store.begin_attempt("blog", NOW, lease).unwrap());
     assert_eq!(read.names(), vec![name("example.com")]);
@@ -190,7 +221,11 @@ fn a_change_during_an_attempt_keeps_its_earlier_schedule(backend: &dyn Backend) 
     store
         .finish_attempt("blog", lease, Some(renewal), 0, None)
         .unwrap();
-    assert_eq!(next(&*store), Some(change_at), "the change's attempt was lost");
+    assert_eq!(
+        next(&*store),
+        Some(change_at),
+        "the change's attempt was lost"
+    );
 
     // Without a change the attempt's own schedule applies, earlier or later, or none.
     taken(store.begin_attempt("blog", NOW, lease).unwrap());
@@ -220,19 +255,36 @@ fn a_change_during_an_attempt_keeps_its_earlier_schedule(backend: &dyn Backend) 
 
 fn new_certificate_supersedes_old_only_when_it_covers_all_wanted_names(backend: &dyn Backend) {
     let store = backend.open("a");
-    create(&*store, "blog", &["example.com", "www.example.com", "alias.test"]);
+    create(
+        &*store,
+        "blog",
+        &["example.com", "www.example.com", "alias.test"],
+    );
     let old = store
         .store_certificate(
-            certificate("blog", &["alias.test", "example.com", "www.example.com"], "01"),
+            certificate(
+                "blog",
+                &["alias.test", "example.com", "www.example.com"],
+                "01",
+            ),
             None,
             NOW,
         )
         .unwrap();
     // alias.test's DNS broke: the new certificate leaves it out; the old one keeps serving it.
     let new = store
-        .store_certificate(certificate("blog", &["example.com", "www.example.com"], "02"), None, NOW)
+        .store_certificate(
+            certificate("blog", &["example.com", "www.example.com"], "02"),
+            None,
+            NOW,
+        )
         .unwrap();
-    let served = |host: &str| store.certificate_for_hostname(&name(host)).unwrap().map(|c| c.id);
+    let served = |host: &str| {
+        store
+            .certificate_for_hostname(&name(host))
+            .unwrap()
+            .map(|c| c.id)
+    };
     assert_eq!(served("example.com"), Some(new.id));
     assert_eq!(served("alias.test"), Some(old.id));
     assert_eq!(store.current_certificates("blog").unwrap().len(), 2);
@@ -243,11 +295,18 @@ fn new_certificate_supersedes_old_only_when_it_covers_all_wanted_names(backend: 
         .unwrap();
     assert_eq!(served("alias.test"), None);
     store
-        .store_certificate(certificate("blog", &["example.com", "www.example.com"], "03"), None, NOW)
+        .store_certificate(
+            certificate("blog", &["example.com", "www.example.com"], "03"),
+            None,
+            NOW,
+        )
         .unwrap();
     let current = store.current_certificates("blog").unwrap();
     assert_eq!(
-        current.iter().map(|c| c.serial.as_str()).collect::<Vec<_>>(),
+        current
+            .iter()
+            .map(|c| c.serial.as_str())
+            .collect::<Vec<_>>(),
         ["03"]
     );
     assert_eq!(store.all_current_certificates().unwrap().len(), 1);
@@ -269,7 +328,11 @@ fn storing_certificate_completes_its_order_and_notifies(backend: &dyn Backend) {
         .unwrap();
     assert_eq!(store.counts().unwrap().orders_in_flight, 1);
     store
-        .store_certificate(certificate("blog", &["example.com"], "01"), Some(order), NOW)
+        .store_certificate(
+            certificate("blog", &["example.com"], "01"),
+            Some(order),
+            NOW,
+        )
         .unwrap();
     assert!(store.orders_in_flight(None).unwrap().is_empty());
     assert!(changes.has_changed().unwrap());
@@ -288,7 +351,10 @@ fn storing_certificate_completes_its_order_and_notifies(backend: &dyn Backend) {
         .into_iter()
         .map(|e| e.kind)
         .collect();
-    assert_eq!(kinds, ["certificate-issued", "order-created", "site-created"]);
+    assert_eq!(
+        kinds,
+        ["certificate-issued", "order-created", "site-created"]
+    );
 }
 
 fn regenerate_request_is_taken_once(backend: &dyn Backend) {
@@ -352,7 +418,11 @@ fn two_nodes_cannot_both_take_a_sites_lease(backend: &dyn Backend) {
         })
         .expect("the other node is told who holds it");
     assert_eq!(loser.1, lease);
-    let (holder, other) = if loser.0 == "node-1" { (&one, &two) } else { (&two, &one) };
+    let (holder, other) = if loser.0 == "node-1" {
+        (&one, &two)
+    } else {
+        (&two, &one)
+    };
     // The holder may renew its own lease; the other node does not even see the site as due.
     taken(holder.begin_attempt("blog", NOW, lease).unwrap());
     let asked_again = NOW + Duration::from_secs(1);
@@ -366,7 +436,9 @@ fn two_nodes_cannot_both_take_a_sites_lease(backend: &dyn Backend) {
         other.begin_attempt("blog", asked_again, lease).unwrap(),
         AttemptLease::HeldElsewhere { .. }
     ));
-    holder.finish_attempt("blog", lease, Some(asked_again), 0, None).unwrap();
+    holder
+        .finish_attempt("blog", lease, Some(asked_again), 0, None)
+        .unwrap();
     taken(other.begin_attempt("blog", asked_again, lease).unwrap());
 }
 
@@ -387,12 +459,16 @@ fn an_expired_lease_is_taken_by_the_other_node(backend: &dyn Backend) {
     let before = lease - Duration::from_secs(1);
     assert!(two.due_sites(before).unwrap().is_empty());
     assert!(matches!(
-        two.begin_attempt("blog", before, before + Duration::from_secs(600)).unwrap(),
+        two.begin_attempt("blog", before, before + Duration::from_secs(600))
+            .unwrap(),
         AttemptLease::HeldElsewhere { .. }
     ));
     // ...then takes it over and finds the same order to resume.
     assert_eq!(two.due_sites(lease).unwrap(), ["blog"]);
-    taken(two.begin_attempt("blog", lease, lease + Duration::from_secs(600)).unwrap());
+    taken(
+        two.begin_attempt("blog", lease, lease + Duration::from_secs(600))
+            .unwrap(),
+    );
     let orders = two.orders_in_flight(Some("blog")).unwrap();
     assert_eq!(orders.len(), 1);
     assert_eq!(orders[0].order_url, "https://ca/order/7");
@@ -408,20 +484,22 @@ fn the_acme_account_is_created_once_when_two_nodes_race(backend: &dyn Backend) {
     assert_eq!(one.account(directory).unwrap(), None);
     let barrier = Arc::new(Barrier::new(2));
     let saved = std::thread::scope(|scope| {
-        let racers = [(&one, "{\"id\":\"one\"}"), (&two, "{\"id\":\"two\"}")].map(|(store, json)| {
-            let barrier = Arc::clone(&barrier);
-            scope.spawn(move || {
-                barrier.wait();
-                store.save_account(directory, json, NOW).unwrap()
-            })
-        });
+        let racers =
+            [(&one, "{\"id\":\"one\"}"), (&two, "{\"id\":\"two\"}")].map(|(store, json)| {
+                let barrier = Arc::clone(&barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    store.save_account(directory, json, NOW).unwrap()
+                })
+            });
         racers.map(|racer| racer.join().unwrap())
     });
     assert_eq!(saved[0], saved[1], "both nodes use the one account stored");
     assert_eq!(one.account(directory).unwrap().as_ref(), Some(&saved[0]));
     // A later save never replaces it.
     assert_eq!(
-        two.save_account(directory, "{\"id\":\"late\"}", NOW).unwrap(),
+        two.save_account(directory, "{\"id\":\"late\"}", NOW)
+            .unwrap(),
         saved[0]
     );
 }
@@ -433,16 +511,24 @@ fn the_change_log_sees_changes_made_through_the_other_handle(backend: &dyn Backe
     create(&*one, "shop", &["shop.test"]);
     let changes = two.site_changes_since(start, 100).unwrap();
     assert!(changes.complete);
-    assert_eq!(changes.sites, ["blog", "shop"], "deduplicated, in order of first change");
+    assert_eq!(
+        changes.sites,
+        ["blog", "shop"],
+        "deduplicated, in order of first change"
+    );
     assert_eq!(changes.last_seq, two.latest_change_seq().unwrap());
 
     // Scheduling (every attempt) is not a change; policy, names and certificates are.
     let mark = changes.last_seq;
     let lease = NOW + Duration::from_secs(600);
     taken(one.begin_attempt("shop", NOW, lease).unwrap());
-    one.finish_attempt("shop", lease, Some(lease), 1, Some("x")).unwrap();
+    one.finish_attempt("shop", lease, Some(lease), 1, Some("x"))
+        .unwrap();
     one.request_issuance("shop", NOW, true).unwrap();
-    assert_eq!(two.site_changes_since(mark, 100).unwrap().sites, Vec::<String>::new());
+    assert_eq!(
+        two.site_changes_since(mark, 100).unwrap().sites,
+        Vec::<String>::new()
+    );
     assert_eq!(two.latest_change_seq().unwrap(), mark);
 
     one.store_certificate(certificate("shop", &["shop.test"], "01"), None, NOW)
@@ -450,7 +536,8 @@ fn the_change_log_sees_changes_made_through_the_other_handle(backend: &dyn Backe
     let mut policy = SitePolicy::default();
     policy.https = HttpsMode::Force;
     one.set_policy("blog", policy).unwrap();
-    one.add_hostname("shop", &name("www.shop.test"), NOW, NOW).unwrap();
+    one.add_hostname("shop", &name("www.shop.test"), NOW, NOW)
+        .unwrap();
     let changes = two.site_changes_since(mark, 100).unwrap();
     assert_eq!(changes.sites, ["shop", "blog"]);
     // A limit reads the log in batches.
@@ -458,12 +545,16 @@ fn the_change_log_sees_changes_made_through_the_other_handle(backend: &dyn Backe
     assert_eq!(first.sites, ["shop"]);
     assert_eq!(first.last_seq, mark + 1);
     one.delete_site("blog").unwrap();
-    assert_eq!(two.site_changes_since(changes.last_seq, 100).unwrap().sites, ["blog"]);
+    assert_eq!(
+        two.site_changes_since(changes.last_seq, 100).unwrap().sites,
+        ["blog"]
+    );
 }
 
 fn http01_challenges_are_answered_through_any_handle(backend: &dyn Backend) {
     let (one, two) = (backend.open("node-1"), backend.open("node-2"));
-    one.put_challenge("token-1", "token-1.thumbprint", NOW).unwrap();
+    one.put_challenge("token-1", "token-1.thumbprint", NOW)
+        .unwrap();
     assert_eq!(
         two.challenge("token-1").unwrap().as_deref(),
         Some("token-1.thumbprint")
@@ -491,14 +582,26 @@ fn mixed_content_findings_stay_within_their_budget(backend: &dyn Backend) {
             )
             .unwrap()
     };
-    assert_eq!(record("http://cdn.test/a.png", 0), Recorded::Added { evicted: 0 });
+    assert_eq!(
+        record("http://cdn.test/a.png", 0),
+        Recorded::Added { evicted: 0 }
+    );
     assert_eq!(record("http://cdn.test/a.png", 1), Recorded::Counted);
-    assert_eq!(record("http://cdn.test/b.png", 2), Recorded::Added { evicted: 0 });
+    assert_eq!(
+        record("http://cdn.test/b.png", 2),
+        Recorded::Added { evicted: 0 }
+    );
     // A third finding evicts the least useful: b (one report), not a (two).
-    assert_eq!(record("http://cdn.test/c.png", 3), Recorded::Added { evicted: 1 });
+    assert_eq!(
+        record("http://cdn.test/c.png", 3),
+        Recorded::Added { evicted: 1 }
+    );
     let findings = store.mixed_content("blog").unwrap();
     let resources: Vec<&str> = findings.iter().map(|f| f.resource.as_str()).collect();
-    assert_eq!(resources, ["http://cdn.test/c.png", "http://cdn.test/a.png"]);
+    assert_eq!(
+        resources,
+        ["http://cdn.test/c.png", "http://cdn.test/a.png"]
+    );
     assert_eq!(findings[1].reports, 2);
     assert!(store.mixed_content_bytes("blog").unwrap() <= budget);
 }

@@ -118,8 +118,10 @@ impl AcmeClient {
                     account
                 } else {
                     // Another node sharing the store created the fleet's account first: use it.
-                    let credentials: AccountCredentials = serde_json::from_str(&stored)
-                        .map_err(|e| Error::CorruptStore(format!("ACME account credentials: {e}")))?;
+                    let credentials: AccountCredentials =
+                        serde_json::from_str(&stored).map_err(|e| {
+                            Error::CorruptStore(format!("ACME account credentials: {e}"))
+                        })?;
                     tracing::info!(directory = %config.directory_url, "another node created the ACME account first; using it");
                     builder()?.from_credentials(credentials).await?
                 }

@@ -623,8 +623,8 @@ mod tests {
 
     #[test]
     fn change_batches_deduplicate_in_order_of_first_change() {
-        let rows = [(4, "b"), (5, "a"), (6, "b"), (7, "c")]
-            .map(|(seq, site)| (seq, site.to_owned()));
+        let rows =
+            [(4, "b"), (5, "a"), (6, "b"), (7, "c")].map(|(seq, site)| (seq, site.to_owned()));
         let changes = fold_site_changes(3, Some(1), rows);
         assert_eq!(changes.sites, ["b", "a", "c"]);
         assert_eq!(changes.last_seq, 7);

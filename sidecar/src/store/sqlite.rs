@@ -9,16 +9,16 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::{
-    Event, HostnameKind, HttpsMode, MixedContentFinding,
-    NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteHostname,
-    SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
-};
 use super::rows::{
     CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json,
     names_json, site_hostname, ts,
 };
 use super::{AttemptLease, LOCAL_NODE, SiteChanges, fold_site_changes, supersedes};
+use super::{
+    Event, HostnameKind, HttpsMode, MixedContentFinding, NewCertificate, NewSite, OrderInFlight,
+    PrivateKeyPem, Recorded, Site, SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate,
+    finding_bytes,
+};
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 
@@ -1051,11 +1051,11 @@ impl Store for SqliteStore {
     }
 
     fn latest_change_seq(&self) -> Result<u64> {
-        let latest: i64 =
-            self.lock()
-                .query_row("SELECT COALESCE(MAX(seq), 0) FROM site_changes", [], |row| {
-                    row.get(0)
-                })?;
+        let latest: i64 = self.lock().query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM site_changes",
+            [],
+            |row| row.get(0),
+        )?;
         Ok(u64::try_from(latest).unwrap_or(0))
     }
 

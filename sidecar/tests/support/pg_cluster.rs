@@ -103,10 +103,16 @@ fn template(bin: &Path) -> anyhow::Result<PathBuf> {
             .context("create the template's build directory")?;
         give_to_postgres(building.path())?;
         let mut initdb = pg_command(bin, "initdb");
-        initdb
-            .arg("-D")
-            .arg(building.path().join("data"))
-            .args(["-A", "trust", "-U", USER, "-E", "UTF8", "--locale=C", "--no-sync"]);
+        initdb.arg("-D").arg(building.path().join("data")).args([
+            "-A",
+            "trust",
+            "-U",
+            USER,
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]);
         run(initdb, "initdb")?;
         let built = building.keep();
         if std::fs::rename(&built, &ready).is_err() {
@@ -169,14 +175,26 @@ impl PgCluster {
             std::process::id(),
             self.databases.fetch_add(1, Ordering::SeqCst)
         );
-        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
-            .context("connect to the test cluster")?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .with_context(|| format!("create database {name}"))?;
+        self.admin_sql(&format!("CREATE DATABASE {name}"))?;
         Ok(PgDatabase {
             cluster: self,
             name,
+        })
+    }
+
+    /// Runs `sql` on the `postgres` database, from a thread of its own (the blocking client
+    /// must not run on an async test's runtime thread).
+    fn admin_sql(&self, sql: &str) -> anyhow::Result<()> {
+        let url = self.url("postgres");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut admin = postgres::Client::connect(&url, postgres::NoTls)
+                        .context("connect to the test cluster")?;
+                    admin.batch_execute(sql).with_context(|| sql.to_owned())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the admin SQL thread panicked"))?
         })
     }
 
@@ -309,13 +327,9 @@ impl Drop for PgDatabase<'_> {
         if !self.cluster.running {
             return;
         }
-        if let Ok(mut admin) =
-            postgres::Client::connect(&self.cluster.url("postgres"), postgres::NoTls)
-        {
-            let _ = admin.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
-        }
+        let _ = self.cluster.admin_sql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
     }
 }

@@ -86,7 +86,8 @@ impl Shared {
     }
 
     pub(super) fn bump_sites(&self) {
-        self.sites_changed.send_modify(|generation| *generation += 1);
+        self.sites_changed
+            .send_modify(|generation| *generation += 1);
     }
 
     pub(super) fn bump_certificates(&self) {
@@ -124,7 +125,9 @@ impl Connections {
                     }
                 })
                 .map_err(|error| {
-                    Error::Internal(format!("cannot start a PostgreSQL connection thread: {error}"))
+                    Error::Internal(format!(
+                        "cannot start a PostgreSQL connection thread: {error}"
+                    ))
                 })?;
         }
         Ok(Self { jobs, shared })
@@ -195,7 +198,9 @@ pub(super) fn is_connection_error(error: &postgres::Error) -> bool {
         }
         // No server answer: an I/O error on the socket is one; a value that did not convert
         // is not.
-        None => std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>()),
+        None => {
+            std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>())
+        }
     }
 }
 

@@ -79,7 +79,11 @@ fn listen(shared: &Shared, reconcile_every: Duration, seen: &mut u64) -> Result<
             reconciled_at = Instant::now();
             let latest = latest_seq(&mut client)?;
             if latest > *seen {
-                tracing::debug!(latest, seen = *seen, "reconciliation found changes no notification announced");
+                tracing::debug!(
+                    latest,
+                    seen = *seen,
+                    "reconciliation found changes no notification announced"
+                );
                 *seen = latest;
                 shared.bump_sites();
                 shared.bump_certificates();

@@ -224,7 +224,10 @@ fn require_site(client: &mut impl GenericClient, name: &str) -> Result<Site> {
 
 fn load_all_sites(client: &mut impl GenericClient) -> Result<Vec<Site>> {
     let raw_sites = client
-        .query(&format!("SELECT {SITE_COLUMNS} FROM sites ORDER BY name"), &[])?
+        .query(
+            &format!("SELECT {SITE_COLUMNS} FROM sites ORDER BY name"),
+            &[],
+        )?
         .iter()
         .map(RawSite::from_pg)
         .collect::<Result<Vec<_>>>()?;
@@ -236,7 +239,10 @@ fn load_all_sites(client: &mut impl GenericClient) -> Result<Vec<Site>> {
         by_site
             .entry(row.try_get(0)?)
             .or_default()
-            .push(site_hostname(&row.try_get::<_, String>(1)?, &row.try_get::<_, String>(2)?)?);
+            .push(site_hostname(
+                &row.try_get::<_, String>(1)?,
+                &row.try_get::<_, String>(2)?,
+            )?);
     }
     raw_sites
         .into_iter()
@@ -866,7 +872,13 @@ impl Store for PostgresStore {
                 .query_one(
                     "INSERT INTO orders (site, names, order_url, key_pem, created_at)
                      VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                    &[&site, &names_json(&names), &order_url, &key.expose(), &ts(now)],
+                    &[
+                        &site,
+                        &names_json(&names),
+                        &order_url,
+                        &key.expose(),
+                        &ts(now),
+                    ],
                 )?
                 .try_get(0)?;
             insert_event(
@@ -997,7 +1009,10 @@ impl Store for PostgresStore {
     fn latest_change_seq(&self) -> Result<u64> {
         self.connections.run(|client| {
             let latest: i64 = client
-                .query_one("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM site_changes", &[])?
+                .query_one(
+                    "SELECT COALESCE(MAX(seq), 0)::BIGINT FROM site_changes",
+                    &[],
+                )?
                 .try_get(0)?;
             Ok(count(latest))
         })
@@ -1121,7 +1136,9 @@ impl Store for PostgresStore {
                 "SELECT set_config('lock_timeout', $1, true)",
                 &[&timeout_ms],
             )?;
-            let replica: bool = tx.query_one("SELECT pg_is_in_recovery()", &[])?.try_get(0)?;
+            let replica: bool = tx
+                .query_one("SELECT pg_is_in_recovery()", &[])?
+                .try_get(0)?;
             if replica {
                 return Err(Error::StoreUnavailable(
                     "the server is a read-only standby; point store.url at the primary".into(),
