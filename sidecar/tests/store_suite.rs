@@ -533,8 +533,10 @@ fn the_change_log_sees_changes_made_through_the_other_handle(backend: &dyn Backe
 
     one.store_certificate(certificate("shop", &["shop.test"], "01"), None, NOW)
         .unwrap();
-    let mut policy = SitePolicy::default();
-    policy.https = HttpsMode::Force;
+    let policy = SitePolicy {
+        https: HttpsMode::Force,
+        ..SitePolicy::default()
+    };
     one.set_policy("blog", policy).unwrap();
     one.add_hostname("shop", &name("www.shop.test"), NOW, NOW)
         .unwrap();
