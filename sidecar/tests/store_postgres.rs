@@ -264,3 +264,147 @@ async fn an_http01_token_is_answered_by_a_node_that_did_not_place_the_order() {
     assert_eq!(gone.status(), 404);
     server.abort();
 }
+
+/// `autohttps store copy`, the real binary: a single node's SQLite store lands in PostgreSQL
+/// whole (sites, names, policies, certificates and keys, orders, the account, history,
+/// findings); a non-empty target is refused without `--force`.
+#[test]
+fn store_copy_moves_a_single_node_into_postgres_and_refuses_a_non_empty_target() {
+    use autohttps_sidecar::store::{NewCertificate, PrivateKeyPem};
+    let database = shared_cluster().database().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("autohttps.db");
+    let now = OffsetDateTime::from_unix_timestamp(1_780_000_000).unwrap();
+    {
+        let sqlite = SqliteStore::open(&path).unwrap();
+        sqlite
+            .create_site(
+                NewSite {
+                    name: "blog".into(),
+                    primary: Hostname::parse("example.com").unwrap(),
+                    hostnames: vec![Hostname::parse("www.example.com").unwrap()],
+                    policy: SitePolicy {
+                        https: autohttps_sidecar::store::HttpsMode::Force,
+                        ..SitePolicy::default()
+                    },
+                },
+                now,
+                now,
+            )
+            .unwrap();
+        create(&sqlite, "shop", "shop.test");
+        for serial in ["01", "02"] {
+            sqlite
+                .store_certificate(
+                    NewCertificate {
+                        site: "blog".into(),
+                        names: vec![
+                            Hostname::parse("example.com").unwrap(),
+                            Hostname::parse("www.example.com").unwrap(),
+                        ],
+                        chain_pem: format!("chain {serial}"),
+                        key_pem: PrivateKeyPem::new(format!("key {serial}")),
+                        not_before: now,
+                        not_after: now + time::Duration::days(90),
+                        serial: serial.into(),
+                        ari_id: None,
+                    },
+                    None,
+                    now,
+                )
+                .unwrap();
+        }
+        sqlite
+            .insert_order(
+                "shop",
+                &[Hostname::parse("shop.test").unwrap()],
+                "https://ca.test/order/9",
+                &PrivateKeyPem::new("order key".into()),
+                now,
+            )
+            .unwrap();
+        sqlite
+            .save_account("https://ca.test/dir", "{\"id\":\"acct\"}", now)
+            .unwrap();
+        sqlite
+            .record_mixed_content(
+                "blog",
+                "https://example.com/",
+                "http://cdn.test/a.png",
+                "img-src",
+                now,
+                10_000,
+            )
+            .unwrap();
+    }
+    let copy = |force: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_autohttps"));
+        command
+            .args(["store", "copy", "--from"])
+            .arg(format!("sqlite:{}", path.display()))
+            .args(["--to", &database.url()]);
+        if force {
+            command.arg("--force");
+        }
+        command.output().unwrap()
+    };
+    let copied = copy(false);
+    assert!(copied.status.success(), "{copied:?}");
+    let printed = String::from_utf8_lossy(&copied.stdout);
+    assert!(printed.contains("sites: 2 row(s) copied"), "{printed}");
+
+    let sqlite = SqliteStore::open(&path).unwrap();
+    let postgres = store(&database.url(), "edge-1", Duration::from_secs(5));
+    assert_eq!(postgres.list_sites().unwrap(), sqlite.list_sites().unwrap());
+    assert_eq!(
+        postgres.current_certificates("blog").unwrap(),
+        sqlite.current_certificates("blog").unwrap()
+    );
+    assert_eq!(
+        postgres.current_certificates("blog").unwrap()[0]
+            .key_pem
+            .expose(),
+        "key 02"
+    );
+    assert_eq!(
+        postgres.orders_in_flight(None).unwrap(),
+        sqlite.orders_in_flight(None).unwrap()
+    );
+    assert_eq!(
+        postgres.account("https://ca.test/dir").unwrap(),
+        sqlite.account("https://ca.test/dir").unwrap()
+    );
+    for site in ["blog", "shop"] {
+        assert_eq!(
+            postgres.events(site, 100).unwrap(),
+            sqlite.events(site, 100).unwrap()
+        );
+    }
+    assert_eq!(
+        postgres.mixed_content("blog").unwrap(),
+        sqlite.mixed_content("blog").unwrap()
+    );
+    // New rows continue after the copied ids.
+    let copied_order = sqlite.orders_in_flight(None).unwrap()[0].id;
+    let next_order = postgres
+        .insert_order(
+            "shop",
+            &[],
+            "https://ca.test/order/10",
+            &PrivateKeyPem::new("k".into()),
+            now,
+        )
+        .unwrap();
+    assert!(next_order > copied_order);
+
+    let refused = copy(false);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("not empty") && said.contains("--force"),
+        "{said}"
+    );
+    let replaced = copy(true);
+    assert!(replaced.status.success(), "{replaced:?}");
+    assert_eq!(postgres.orders_in_flight(None).unwrap().len(), 1);
+}

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-pub use postgres::{PostgresStore, PostgresStoreOptions};
+pub use postgres::{CopyReport, PostgresStore, PostgresStoreOptions, copy_store};
 pub use sqlite::{SqliteStore, create_private_dir};
 
 /// The schema version both backends migrate to: migration `n` of the SQLite store and

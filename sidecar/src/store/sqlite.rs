@@ -242,6 +242,27 @@ impl SqliteStore {
         })
     }
 
+    /// Every row of `table` (its `columns`, in order), for copying the store elsewhere.
+    pub(super) fn read_table(
+        &self,
+        table: &str,
+        columns: &[&str],
+    ) -> Result<Vec<Vec<rusqlite::types::Value>>> {
+        let conn = self.lock();
+        let mut statement = conn.prepare(&format!(
+            "SELECT {} FROM {table} ORDER BY rowid",
+            columns.join(", ")
+        ))?;
+        let rows = statement
+            .query_map([], |row| {
+                (0..columns.len())
+                    .map(|index| row.get::<_, rusqlite::types::Value>(index))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         self.connection
             .lock()

@@ -6,8 +6,11 @@
 //! back), the change log is written by triggers that also `NOTIFY` every node.
 
 mod connections;
+mod import;
 mod listen;
 mod schema;
+
+pub use import::{CopyReport, copy_store};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
