@@ -564,6 +564,14 @@ fn http01_challenges_are_answered_through_any_handle(backend: &dyn Backend) {
     assert_eq!(two.challenge("token-2").unwrap(), None);
     two.delete_challenge("token-1").unwrap();
     assert_eq!(one.challenge("token-1").unwrap(), None);
+    // A token its node never removed (it died) is forgotten after a day.
+    one.put_challenge("orphan", "orphan.thumbprint", NOW)
+        .unwrap();
+    let next_day = NOW + time::Duration::days(1) + time::Duration::seconds(1);
+    two.put_challenge("token-3", "token-3.thumbprint", next_day)
+        .unwrap();
+    assert_eq!(one.challenge("orphan").unwrap(), None);
+    assert!(one.challenge("token-3").unwrap().is_some());
 }
 
 fn mixed_content_findings_stay_within_their_budget(backend: &dyn Backend) {

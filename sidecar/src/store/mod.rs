@@ -22,6 +22,10 @@ pub use sqlite::{SqliteStore, create_private_dir};
 /// triggers), so a store copied from one to the other lands on the same version.
 pub const SCHEMA_VERSION: usize = 6;
 
+/// How long an HTTP-01 token is kept in the store at most: a node that died mid-validation
+/// never removes its tokens, so saving a token also forgets those older than this.
+pub const CHALLENGE_LIFETIME: time::Duration = time::Duration::days(1);
+
 /// The node id of the embedded store: one process per SQLite file, so every process that opens
 /// it is the same node (a restarted sidecar takes back its own leases at once).
 pub const LOCAL_NODE: &str = "local";
@@ -509,7 +513,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> Result<String>;
 
     /// Starts answering an HTTP-01 challenge `token` with `key_authorization` (RFC 8555 §8.3)
-    /// from every node sharing the store.
+    /// from every node sharing the store; forgets tokens saved more than
+    /// [`CHALLENGE_LIFETIME`] before `now`.
     fn put_challenge(
         &self,
         token: &str,

@@ -13,7 +13,9 @@ use super::rows::{
     CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json,
     names_json, site_hostname, ts,
 };
-use super::{AttemptLease, LOCAL_NODE, SiteChanges, fold_site_changes, supersedes};
+use super::{
+    AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, fold_site_changes, supersedes,
+};
 use super::{
     Event, HostnameKind, HttpsMode, MixedContentFinding, NewCertificate, NewSite, OrderInFlight,
     PrivateKeyPem, Recorded, Site, SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate,
@@ -1046,7 +1048,12 @@ impl Store for SqliteStore {
         key_authorization: &str,
         now: OffsetDateTime,
     ) -> Result<()> {
-        self.lock().execute(
+        let conn = self.lock();
+        conn.execute(
+            "DELETE FROM acme_challenges WHERE created_at < ?1",
+            [ts(now - CHALLENGE_LIFETIME)],
+        )?;
+        conn.execute(
             "INSERT INTO acme_challenges (token, key_authorization, created_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(token) DO UPDATE SET key_authorization = excluded.key_authorization",
             params![token, key_authorization, ts(now)],
@@ -1341,8 +1348,15 @@ mod tests {
         let mut policy = site.policy.clone();
         policy.hsts.include_subdomains = true;
         policy.canonical_host = Some(name("old.example.com"));
+        let before = store.latest_change_seq().unwrap();
         let updated = store.set_policy("old", policy.clone()).unwrap();
         assert_eq!(updated.policy, policy);
+        // The upgraded database has the change log and its triggers.
+        assert_eq!(store.site_changes_since(before, 10).unwrap().sites, ["old"]);
+        assert_eq!(
+            store.schema_version().unwrap(),
+            crate::store::SCHEMA_VERSION
+        );
     }
 
     #[test]

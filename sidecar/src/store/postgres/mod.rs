@@ -26,9 +26,10 @@ use super::rows::{
     names_json, site_hostname, ts,
 };
 use super::{
-    AttemptLease, Event, HostnameKind, HttpsMode, MixedContentFinding, NewCertificate, NewSite,
-    OrderInFlight, PrivateKeyPem, Recorded, Site, SiteChanges, SiteHostname, SitePolicy, Store,
-    StoreCounts, StoredCertificate, finding_bytes, fold_site_changes, supersedes,
+    AttemptLease, CHALLENGE_LIFETIME, Event, HostnameKind, HttpsMode, MixedContentFinding,
+    NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteChanges,
+    SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
+    fold_site_changes, supersedes,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
@@ -979,6 +980,10 @@ impl Store for PostgresStore {
     ) -> Result<()> {
         let (token, key_authorization) = (token.to_owned(), key_authorization.to_owned());
         self.connections.run(move |client| {
+            client.execute(
+                "DELETE FROM acme_challenges WHERE created_at < $1",
+                &[&ts(now - CHALLENGE_LIFETIME)],
+            )?;
             client.execute(
                 "INSERT INTO acme_challenges (token, key_authorization, created_at) VALUES ($1, $2, $3)
                  ON CONFLICT (token) DO UPDATE SET key_authorization = excluded.key_authorization",
