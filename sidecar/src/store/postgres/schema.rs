@@ -179,3 +179,17 @@ pub(super) fn migrate(client: &mut Client) -> Result<usize> {
     tx.commit()?;
     Ok(MIGRATIONS.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_change_log_trigger_takes_the_lock_the_store_takes() {
+        let lock = format!("pg_advisory_xact_lock({CHANGE_LOG_LOCK})");
+        assert!(
+            MIGRATIONS.iter().any(|migration| migration.contains(&lock)),
+            "the trigger must take {lock}"
+        );
+    }
+}
