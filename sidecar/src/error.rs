@@ -51,6 +51,18 @@ pub enum Error {
     /// The SQLite store failed; when it is locked, read-only or full the message says so.
     #[error("store: {0}{hint}", hint = store_hint(.0))]
     Store(#[from] rusqlite::Error),
+    /// The PostgreSQL store cannot be reached (the server is down or restarting, the network
+    /// or the credentials in `store.url` are wrong). Nothing was changed; the same request can
+    /// succeed once the database is back, so the API answers 503.
+    #[error(
+        "store: the PostgreSQL database is unavailable ({0}); start it or fix store.url; autohttps \
+         keeps serving the certificates and policy it holds and retries"
+    )]
+    StoreUnavailable(String),
+    /// A PostgreSQL statement failed for a reason other than the connection (the message is
+    /// the server's).
+    #[error("store: PostgreSQL: {0}")]
+    Postgres(String),
     /// Stored data could not be decoded (a corrupt row or a schema from a newer version).
     #[error("store: corrupt data: {0}")]
     CorruptStore(String),
@@ -140,6 +152,7 @@ impl Error {
     pub fn is_store_unavailable(&self) -> bool {
         match self {
             Self::Store(error) => !store_hint(error).is_empty(),
+            Self::StoreUnavailable(_) => true,
             _ => false,
         }
     }
@@ -161,7 +174,10 @@ impl Error {
             Self::Conflict(_) => "conflict".into(),
             Self::Config(_) | Self::ConfigFile { .. } => "config".into(),
             Self::Io { .. } => "io".into(),
-            Self::Store(_) | Self::CorruptStore(_) => "store".into(),
+            Self::Store(_)
+            | Self::CorruptStore(_)
+            | Self::StoreUnavailable(_)
+            | Self::Postgres(_) => "store".into(),
             Self::Acme { problem_type, .. } => match problem_type {
                 Some(kind) => format!(
                     "acme:{}",

@@ -19,7 +19,7 @@ use crate::hostname::Hostname;
 use crate::http01::ChallengeResponder;
 use crate::metrics::AcmeRequestMetrics;
 use crate::renewal::{ari_renew_at, renew_at, retry_at};
-use crate::store::{NewCertificate, Site, Store, StoredCertificate};
+use crate::store::{AttemptLease, NewCertificate, Site, Store, StoredCertificate};
 
 /// A site being worked on is leased for this long, so a crash mid-attempt retries later.
 const ATTEMPT_LEASE: Duration = Duration::from_secs(600);
@@ -264,8 +264,13 @@ impl Issuer {
         let now = self.clock.now();
         let lease_until = now + ATTEMPT_LEASE;
         // Read and lease in one step: a change made after the read is seen at the end.
-        let Some(site) = self.store.begin_attempt(site_name, lease_until)? else {
-            return Ok(AttemptReport::default());
+        let site = match self.store.begin_attempt(site_name, now, lease_until)? {
+            AttemptLease::Taken(site) => *site,
+            AttemptLease::HeldElsewhere { node, until } => {
+                tracing::debug!(site = %site_name, %node, %until, "another node holds the site's issuance lease");
+                return Ok(AttemptReport::default());
+            }
+            AttemptLease::NoSuchSite => return Ok(AttemptReport::default()),
         };
         let failures_before = site.issuance.failures;
         let regenerate = self.store.take_regenerate_request(site_name)?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use autohttps_sidecar::cli::{self, Cli, CliError, Command};
+use autohttps_sidecar::cli::{self, Cli, CliError, Command, StoreCommand};
 use autohttps_sidecar::clock::SystemClock;
 use autohttps_sidecar::config::{Config, LogFormat};
 use autohttps_sidecar::service::Sidecar;
@@ -35,6 +35,21 @@ fn main() -> ExitCode {
                 ExitCode::from(failure.exit_code())
             }
         },
+        Command::Store(StoreCommand::Copy { from, to, force }) => {
+            match autohttps_sidecar::store::copy_store(from, to, *force) {
+                Ok(report) => {
+                    for (table, rows) in &report.rows {
+                        println!("{table}: {rows} row(s) copied");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    let failure = CliError::from(error);
+                    failure.print(cli.json);
+                    ExitCode::from(failure.exit_code())
+                }
+            }
+        }
         Command::Completions { shell } => {
             cli::print_completions(*shell);
             ExitCode::SUCCESS

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin_api::admin_router;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StoreLocation};
 use crate::csp_reports::{ReportLimits, ReportTokens};
 use crate::dns_check::DnsPrecheck;
 use crate::error::{Error, Result};
@@ -25,7 +25,7 @@ use crate::policy_feed::{POLICY_PATH, PolicyFeed};
 use crate::sds::{
     SdsConfig, SdsListen, SdsServer, StoreCertificateSource, default_certificate_from_files,
 };
-use crate::store::{SqliteStore, Store};
+use crate::store::{PostgresStore, PostgresStoreOptions, SqliteStore, Store};
 
 /// The assembled sidecar, not yet listening. [`Sidecar::serve`] binds the admin and internal
 /// listeners and the SDS server; add routes to the internal listener with its
@@ -104,14 +104,48 @@ impl RunningSidecar {
     }
 }
 
+/// How long `serve` waits between attempts to reach a PostgreSQL store that is down at start,
+/// at most.
+const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens the store the configuration names ([`Config::store_location`]). A PostgreSQL store
+/// that cannot be reached yet is waited for: the wait is logged and retried with a growing
+/// pause (up to [`STORE_RETRY_MAX`]), never turned into an exit, so a node that boots before
+/// its database simply starts once the database answers. A URL that cannot work (bad syntax,
+/// a schema newer than this build) fails at once.
+pub fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    match config.store_location()? {
+        StoreLocation::Sqlite(path) => Ok(Arc::new(SqliteStore::open(&path)?)),
+        StoreLocation::Postgres(url) => {
+            let mut options = PostgresStoreOptions::new(url, config.store.node_id());
+            options.connections = config.store.connections;
+            let store = PostgresStore::new(options)?;
+            let mut pause = std::time::Duration::from_millis(500);
+            loop {
+                match store.ping() {
+                    Ok(()) => break,
+                    Err(error) if error.is_store_unavailable() => {
+                        tracing::warn!(%error, retry_in_ms = pause.as_millis(), "waiting for the store");
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(STORE_RETRY_MAX);
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            tracing::info!(node = %config.store.node_id(), "using the PostgreSQL store");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 impl Sidecar {
     /// Opens the store under `config.data_dir` and assembles the issuer with `clock`.
     pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
         crate::store::create_private_dir(&config.data_dir)?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.database_path())?);
+        let store = open_store(&config)?;
         let admin_token = admin_token(&config)?;
         let report_tokens = ReportTokens::load_or_create(&config.data_dir)?;
-        let responder = ChallengeResponder::default();
+        let responder = ChallengeResponder::shared_through(Arc::clone(&store));
         let dns = DnsPrecheck::new(&config.dns, &config.platform)?;
         if !config.platform.precheck_enabled() {
             tracing::warn!(

@@ -112,9 +112,19 @@ impl AcmeClient {
                     .await?;
                 let json = serde_json::to_string(&credentials)
                     .map_err(|e| Error::CorruptStore(format!("ACME account credentials: {e}")))?;
-                store.save_account(&config.directory_url, &json, now)?;
-                tracing::info!(account = account.id(), directory = %config.directory_url, "ACME account created");
-                account
+                let stored = store.save_account(&config.directory_url, &json, now)?;
+                if stored == json {
+                    tracing::info!(account = account.id(), directory = %config.directory_url, "ACME account created");
+                    account
+                } else {
+                    // Another node sharing the store created the fleet's account first: use it.
+                    let credentials: AccountCredentials =
+                        serde_json::from_str(&stored).map_err(|e| {
+                            Error::CorruptStore(format!("ACME account credentials: {e}"))
+                        })?;
+                    tracing::info!(directory = %config.directory_url, "another node created the ACME account first; using it");
+                    builder()?.from_credentials(credentials).await?
+                }
             }
         };
         Ok(Self {

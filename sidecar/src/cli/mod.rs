@@ -65,6 +65,9 @@ pub enum Command {
     /// Certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The store itself, on this machine (not through the admin API).
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Explain why a hostname has (or has no) working HTTPS, and how to fix it.
     Diagnose {
         /// The hostname.
@@ -78,6 +81,24 @@ pub enum Command {
     },
     /// Print the man page (roff), e.g. `autohttps man > /usr/local/share/man/man1/autohttps.1`.
     Man,
+}
+
+/// `store …`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a single node's SQLite store (sites, names, policies, certificates and keys, orders,
+    /// the ACME account, events) into an empty PostgreSQL database, to run as a fleet.
+    Copy {
+        /// The SQLite store, e.g. `sqlite:/var/lib/autohttps/autohttps.db`.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL store, e.g. `postgres://autohttps:PASSWORD@db:5432/autohttps`.
+        #[arg(long)]
+        to: String,
+        /// Replace everything the PostgreSQL database holds (it is refused when not empty).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `site …`.
@@ -411,6 +432,7 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Diagnose { hostname: h } => hostname(h)?,
         Command::Site(SiteCommand::List)
         | Command::Serve { .. }
+        | Command::Store(_)
         | Command::Completions { .. }
         | Command::Man => {}
     }
@@ -440,9 +462,11 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         }
     };
     match &cli.command {
-        Command::Serve { .. } | Command::Completions { .. } | Command::Man => Err(CliError::Usage(
-            "`serve`, `completions` and `man` are not admin commands".into(),
-        )),
+        Command::Serve { .. } | Command::Store(_) | Command::Completions { .. } | Command::Man => {
+            Err(CliError::Usage(
+                "`serve`, `store`, `completions` and `man` are not admin commands".into(),
+            ))
+        }
         Command::Site(SiteCommand::Add {
             name,
             primary,

@@ -1,8 +1,11 @@
 //! The store: sites, hostnames, certificates, orders in flight, the ACME account, event history.
 //!
-//! [`Store`] is the seam; [`SqliteStore`] is the embedded default. Issuance writes certificates
-//! here and never talks to SDS; SDS (and the policy feed) read from here and never talk to ACME.
+//! [`Store`] is the seam; [`SqliteStore`] is the embedded default and [`PostgresStore`] the
+//! shared store of a fleet of edge nodes. Issuance writes certificates here and never talks to
+//! SDS; SDS (and the policy feed) read from here and never talk to ACME.
 
+mod postgres;
+mod rows;
 mod sqlite;
 
 use std::fmt;
@@ -11,7 +14,49 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+pub use postgres::{CopyReport, PostgresStore, PostgresStoreOptions, copy_store};
 pub use sqlite::{SqliteStore, create_private_dir};
+
+/// The schema version both backends migrate to: migration `n` of the SQLite store and
+/// migration `n` of the PostgreSQL store bring the same logical schema (same tables, columns,
+/// triggers), so a store copied from one to the other lands on the same version.
+pub const SCHEMA_VERSION: usize = 6;
+
+/// How long an HTTP-01 token is kept in the store at most: a node that died mid-validation
+/// never removes its tokens, so saving a token also forgets those older than this.
+pub const CHALLENGE_LIFETIME: time::Duration = time::Duration::days(1);
+
+/// The node id of the embedded store: one process per SQLite file, so every process that opens
+/// it is the same node (a restarted sidecar takes back its own leases at once).
+pub const LOCAL_NODE: &str = "local";
+
+/// A batch of the change log: the sites changed after a sequence number, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SiteChanges {
+    /// The site ids changed, deduplicated, in order of first change.
+    pub sites: Vec<String>,
+    /// The sequence number of the last log row read (the `after` of the next call); `after`
+    /// itself when nothing changed.
+    pub last_seq: u64,
+    /// False when `after` was compacted away: the reader must reload everything.
+    pub complete: bool,
+}
+
+/// How a store answered [`Store::begin_attempt`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptLease {
+    /// This node holds the site's lease until the attempt's `lease_until`; here is the site.
+    Taken(Box<Site>),
+    /// Another node holds a lease that has not expired yet: leave the site to it.
+    HeldElsewhere {
+        /// The node holding it.
+        node: String,
+        /// When its lease expires (then any node may take it).
+        until: OffsetDateTime,
+    },
+    /// There is no such site.
+    NoSuchSite,
+}
 
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
@@ -388,14 +433,22 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn request_issuance(&self, site: &str, at: OffsetDateTime, regenerate: bool) -> Result<()>;
     /// Reads and clears a site's pending regenerate request.
     fn take_regenerate_request(&self, site: &str) -> Result<bool>;
-    /// Starts an attempt: reads the site and leases it until `lease_until` (its next attempt
-    /// time) in one step, so that a change made after the read is never overwritten by the
-    /// lease. `None` when there is no such site.
-    fn begin_attempt(&self, site: &str, lease_until: OffsetDateTime) -> Result<Option<Site>>;
+    /// Starts an attempt: takes the site's issuance lease for this node (`leased_by`,
+    /// `leased_until`) unless another node holds one that is still valid at `now`, sets its
+    /// next attempt time to `lease_until`, and reads the site, in one step (one conditional
+    /// `UPDATE`), so two nodes can never both hold it and a change made after the read is
+    /// never overwritten by the lease.
+    fn begin_attempt(
+        &self,
+        site: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<AttemptLease>;
     /// Ends an attempt begun with [`Store::begin_attempt`]: records its failure count and last
     /// problem and schedules the next attempt at `next`, unless a change made meanwhile (the
     /// next attempt time is no longer `lease_until`) asked for an earlier one, which is kept.
     /// Deciding in one step means a change that lands while the attempt finishes is not lost.
+    /// Releases this node's lease (never another node's).
     fn finish_attempt(
         &self,
         site: &str,
@@ -412,9 +465,11 @@ pub trait Store: Send + Sync + fmt::Debug {
         failures: u32,
         last_problem: Option<&str>,
     ) -> Result<()>;
-    /// Sites whose next attempt is due at or before `now`.
+    /// Sites whose next attempt is due at or before `now` and whose lease, if another node
+    /// holds one, has expired by `now`.
     fn due_sites(&self, now: OffsetDateTime) -> Result<Vec<String>>;
-    /// The earliest scheduled attempt of any site.
+    /// The earliest time any site may be attempted by this node: its next attempt time, or
+    /// the end of another node's lease on it when that is later.
     fn next_due(&self) -> Result<Option<OffsetDateTime>>;
 
     /// The certificates a site currently serves (not superseded), newest first.
@@ -447,13 +502,35 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// The ACME account credentials (JSON) for a directory, if one was created.
     fn account(&self, directory_url: &str) -> Result<Option<String>>;
-    /// Saves ACME account credentials (JSON) for a directory.
+    /// Saves ACME account credentials (JSON) for a directory unless some node saved one
+    /// first, and answers the credentials stored: the first saved wins, so nodes racing to
+    /// create the fleet's account all end up using one.
     fn save_account(
         &self,
         directory_url: &str,
         credentials_json: &str,
         now: OffsetDateTime,
+    ) -> Result<String>;
+
+    /// Starts answering an HTTP-01 challenge `token` with `key_authorization` (RFC 8555 §8.3)
+    /// from every node sharing the store; forgets tokens saved more than
+    /// [`CHALLENGE_LIFETIME`] before `now`.
+    fn put_challenge(
+        &self,
+        token: &str,
+        key_authorization: &str,
+        now: OffsetDateTime,
     ) -> Result<()>;
+    /// The key authorization for an HTTP-01 `token` any node is being validated for.
+    fn challenge(&self, token: &str) -> Result<Option<String>>;
+    /// Stops answering an HTTP-01 `token`.
+    fn delete_challenge(&self, token: &str) -> Result<()>;
+
+    /// The newest change sequence number (0 when the log is empty). The log is written by
+    /// triggers in the same transaction as the change, so no code path can forget it.
+    fn latest_change_seq(&self) -> Result<u64>;
+    /// The sites changed after `after` (up to `limit` log rows), oldest first.
+    fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges>;
 
     /// Appends to a site's history.
     fn add_event(
@@ -499,4 +576,72 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn certificates_changed(&self) -> watch::Receiver<u64>;
     /// Bumped whenever sites, hostnames or policies changed (the policy feed watches this).
     fn sites_changed(&self) -> watch::Receiver<u64>;
+}
+
+/// Whether a new certificate for `new` names makes an older one for `old` names redundant: every
+/// name of the old one that the site still wants (`wanted`) is covered by the new one. Anything
+/// else keeps serving (never worse).
+pub(crate) fn supersedes(
+    new: &[Hostname],
+    old: &[Hostname],
+    wanted: &std::collections::HashSet<String>,
+) -> bool {
+    old.iter()
+        .filter(|name| wanted.contains(name.as_str()))
+        .all(|name| new.contains(name))
+}
+
+/// Folds change-log rows `(seq, site)` (ascending) read after `after` into a [`SiteChanges`];
+/// `oldest_kept` is the smallest sequence number still in the log, if any row is.
+pub(crate) fn fold_site_changes(
+    after: u64,
+    oldest_kept: Option<u64>,
+    rows: impl IntoIterator<Item = (u64, String)>,
+) -> SiteChanges {
+    // The rows right after `after` are gone when the oldest kept row is beyond `after + 1`.
+    // (A rolled-back insert can leave a gap there too: the reader then reloads once, harmless.)
+    let complete = oldest_kept.is_none_or(|oldest| oldest <= after.saturating_add(1));
+    let mut changes = SiteChanges {
+        sites: Vec::new(),
+        last_seq: after,
+        complete,
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (seq, site) in rows {
+        changes.last_seq = changes.last_seq.max(seq);
+        if seen.insert(site.clone()) {
+            changes.sites.push(site);
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_backends_migrate_to_the_same_schema_version() {
+        assert_eq!(sqlite::MIGRATIONS.len(), SCHEMA_VERSION);
+        assert_eq!(postgres::MIGRATIONS.len(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn change_batches_deduplicate_in_order_of_first_change() {
+        let rows =
+            [(4, "b"), (5, "a"), (6, "b"), (7, "c")].map(|(seq, site)| (seq, site.to_owned()));
+        let changes = fold_site_changes(3, Some(1), rows);
+        assert_eq!(changes.sites, ["b", "a", "c"]);
+        assert_eq!(changes.last_seq, 7);
+        assert!(changes.complete);
+        let nothing = fold_site_changes(7, Some(1), []);
+        assert_eq!((nothing.last_seq, nothing.sites.len()), (7, 0));
+    }
+
+    #[test]
+    fn a_reader_behind_the_oldest_kept_change_must_reload() {
+        assert!(!fold_site_changes(10, Some(12), []).complete);
+        assert!(fold_site_changes(10, Some(11), []).complete);
+        assert!(fold_site_changes(0, None, []).complete);
+    }
 }

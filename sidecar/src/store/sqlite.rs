@@ -9,16 +9,23 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+use super::rows::{
+    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json,
+    names_json, site_hostname, ts,
+};
 use super::{
-    Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContentFinding,
-    NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteHostname,
-    SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
+    AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, fold_site_changes, supersedes,
+};
+use super::{
+    Event, HostnameKind, HttpsMode, MixedContentFinding, NewCertificate, NewSite, OrderInFlight,
+    PrivateKeyPem, Recorded, Site, SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate,
+    finding_bytes,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE sites (
     name TEXT PRIMARY KEY,
@@ -109,6 +116,50 @@ UPDATE mixed_content SET bytes = length(CAST(page AS BLOB)) + length(CAST(resour
     + length(CAST(directive AS BLOB)) + 64;
 CREATE INDEX mixed_content_eviction ON mixed_content(site, reports, last_seen);
 "#,
+    // The change log (one design for both backends): every change that can alter a site's
+    // policy-feed entry or its served certificates appends the site, written by triggers in
+    // the same transaction. Scheduling columns are left out: they change on every attempt.
+    r#"
+CREATE TABLE site_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    site TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TRIGGER site_changes_site_inserted AFTER INSERT ON sites BEGIN
+    INSERT INTO site_changes (site, at) VALUES (NEW.name, unixepoch());
+END;
+CREATE TRIGGER site_changes_site_deleted AFTER DELETE ON sites BEGIN
+    INSERT INTO site_changes (site, at) VALUES (OLD.name, unixepoch());
+END;
+CREATE TRIGGER site_changes_policy_updated AFTER UPDATE OF
+    https_mode, redirect, hsts_enabled, hsts_max_age, hsts_include_subdomains, hsts_preload,
+    mixed_content, canonical_host, primary_hostname ON sites BEGIN
+    INSERT INTO site_changes (site, at) VALUES (NEW.name, unixepoch());
+END;
+CREATE TRIGGER site_changes_hostname_inserted AFTER INSERT ON hostnames BEGIN
+    INSERT INTO site_changes (site, at) VALUES (NEW.site, unixepoch());
+END;
+CREATE TRIGGER site_changes_hostname_deleted AFTER DELETE ON hostnames BEGIN
+    INSERT INTO site_changes (site, at) VALUES (OLD.site, unixepoch());
+END;
+CREATE TRIGGER site_changes_certificate_inserted AFTER INSERT ON certificates BEGIN
+    INSERT INTO site_changes (site, at) VALUES (NEW.site, unixepoch());
+END;
+CREATE TRIGGER site_changes_certificate_superseded AFTER UPDATE OF superseded_at ON certificates BEGIN
+    INSERT INTO site_changes (site, at) VALUES (NEW.site, unixepoch());
+END;
+"#,
+    // Fleet mode: the issuance lease is explicit (which node holds it, until when), and HTTP-01
+    // key authorisations live in the store so any node answers the CA.
+    r#"
+ALTER TABLE sites ADD COLUMN leased_by TEXT;
+ALTER TABLE sites ADD COLUMN leased_until INTEGER;
+CREATE TABLE acme_challenges (
+    token TEXT PRIMARY KEY,
+    key_authorization TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"#,
 ];
 
 /// How long a statement waits for another connection's lock before failing "database is locked".
@@ -118,6 +169,7 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Debug)]
 pub struct SqliteStore {
     connection: Mutex<Connection>,
+    node_id: String,
     certificates_changed: watch::Sender<u64>,
     sites_changed: watch::Sender<u64>,
 }
@@ -140,15 +192,32 @@ impl SqliteStore {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|source| Error::io("restrict database file", path, source))?;
         let connection = Connection::open(path)?;
-        Self::from_connection(connection)
+        Self::from_connection(connection, LOCAL_NODE)
+    }
+
+    /// Opens the database at `path` as node `node_id`: for tests that play two nodes on one
+    /// file (in production one process owns the file, as [`LOCAL_NODE`]).
+    pub fn open_as_node(path: &Path, node_id: &str) -> Result<Self> {
+        let store = Self::open(path)?;
+        Ok(Self {
+            node_id: node_id.to_owned(),
+            ..store
+        })
     }
 
     /// An in-memory store, for unit tests.
     pub fn in_memory() -> Result<Self> {
-        Self::from_connection(Connection::open_in_memory()?)
+        Self::from_connection(Connection::open_in_memory()?, LOCAL_NODE)
     }
 
-    fn from_connection(mut connection: Connection) -> Result<Self> {
+    /// The schema version the database at `path` is at (`PRAGMA user_version`).
+    pub fn schema_version(&self) -> Result<usize> {
+        Ok(self
+            .lock()
+            .pragma_query_value(None, "user_version", |row| row.get(0))?)
+    }
+
+    fn from_connection(mut connection: Connection, node_id: &str) -> Result<Self> {
         connection.busy_timeout(BUSY_TIMEOUT)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
@@ -169,9 +238,31 @@ impl SqliteStore {
         tx.commit()?;
         Ok(Self {
             connection: Mutex::new(connection),
+            node_id: node_id.to_owned(),
             certificates_changed: watch::Sender::new(0),
             sites_changed: watch::Sender::new(0),
         })
+    }
+
+    /// Every row of `table` (its `columns`, in order), for copying the store elsewhere.
+    pub(super) fn read_table(
+        &self,
+        table: &str,
+        columns: &[&str],
+    ) -> Result<Vec<Vec<rusqlite::types::Value>>> {
+        let conn = self.lock();
+        let mut statement = conn.prepare(&format!(
+            "SELECT {} FROM {table} ORDER BY rowid",
+            columns.join(", ")
+        ))?;
+        let rows = statement
+            .query_map([], |row| {
+                (0..columns.len())
+                    .map(|index| row.get::<_, rusqlite::types::Value>(index))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -202,59 +293,6 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(|source| Error::io("restrict data directory", dir, source))
 }
 
-fn ts(at: OffsetDateTime) -> i64 {
-    at.unix_timestamp()
-}
-
-fn from_ts(seconds: i64) -> Result<OffsetDateTime> {
-    OffsetDateTime::from_unix_timestamp(seconds)
-        .map_err(|e| Error::CorruptStore(format!("timestamp {seconds}: {e}")))
-}
-
-fn enum_text<T: serde::Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(text)) => text,
-        _ => String::new(),
-    }
-}
-
-fn enum_from<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
-    serde_json::from_value(serde_json::Value::String(text.to_owned()))
-        .map_err(|_| Error::CorruptStore(format!("unknown value {text:?}")))
-}
-
-fn names_json(names: &[Hostname]) -> String {
-    serde_json::to_string(names).unwrap_or_else(|_| "[]".into())
-}
-
-fn names_from_json(text: &str) -> Result<Vec<Hostname>> {
-    let raw: Vec<String> =
-        serde_json::from_str(text).map_err(|e| Error::CorruptStore(format!("names list: {e}")))?;
-    raw.iter()
-        .map(|name| Hostname::parse(name).map_err(|e| Error::CorruptStore(e.to_string())))
-        .collect()
-}
-
-fn hostname_from(text: &str) -> Result<Hostname> {
-    Hostname::parse(text).map_err(|e| Error::CorruptStore(e.to_string()))
-}
-
-const CERT_COLUMNS: &str =
-    "id, site, names, chain_pem, key_pem, not_before, not_after, serial, ari_id, issued_at";
-
-struct RawCertificate {
-    id: i64,
-    site: String,
-    names: String,
-    chain_pem: String,
-    key_pem: String,
-    not_before: i64,
-    not_after: i64,
-    serial: String,
-    ari_id: Option<String>,
-    issued_at: i64,
-}
-
 impl RawCertificate {
     fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
@@ -270,45 +308,6 @@ impl RawCertificate {
             issued_at: row.get(9)?,
         })
     }
-
-    fn decode(self) -> Result<StoredCertificate> {
-        Ok(StoredCertificate {
-            id: self.id,
-            site: self.site,
-            names: names_from_json(&self.names)?,
-            chain_pem: self.chain_pem,
-            key_pem: PrivateKeyPem::new(self.key_pem),
-            not_before: from_ts(self.not_before)?,
-            not_after: from_ts(self.not_after)?,
-            serial: self.serial,
-            ari_id: self.ari_id,
-            issued_at: from_ts(self.issued_at)?,
-        })
-    }
-}
-
-const SITE_COLUMNS: &str =
-    "name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
-     mixed_content, created_at, next_attempt_at, failures, last_problem, regenerate,
-     hsts_include_subdomains, hsts_preload, canonical_host";
-
-/// A `sites` row as stored, before its text is decoded.
-struct RawSite {
-    name: String,
-    primary: String,
-    https: String,
-    redirect: String,
-    hsts_enabled: bool,
-    max_age: i64,
-    mixed: String,
-    created: i64,
-    next: Option<i64>,
-    failures: u32,
-    last_problem: Option<String>,
-    regenerate_requested: bool,
-    include_subdomains: bool,
-    preload: bool,
-    canonical_host: Option<String>,
 }
 
 impl RawSite {
@@ -331,46 +330,6 @@ impl RawSite {
             canonical_host: row.get(14)?,
         })
     }
-
-    /// The site, with its hostnames (in any order: the primary is put first here).
-    fn decode(self, mut hostnames: Vec<SiteHostname>) -> Result<Site> {
-        hostnames.sort_by_key(|h| h.kind != HostnameKind::Primary);
-        Ok(Site {
-            name: self.name,
-            primary: hostname_from(&self.primary)?,
-            hostnames,
-            policy: SitePolicy {
-                https: enum_from(&self.https)?,
-                redirect: enum_from(&self.redirect)?,
-                hsts: HstsPolicy {
-                    enabled: self.hsts_enabled,
-                    max_age: u64::try_from(self.max_age).unwrap_or_default(),
-                    include_subdomains: self.include_subdomains,
-                    preload: self.preload,
-                },
-                mixed_content: enum_from(&self.mixed)?,
-                canonical_host: self
-                    .canonical_host
-                    .as_deref()
-                    .map(hostname_from)
-                    .transpose()?,
-            },
-            created_at: from_ts(self.created)?,
-            issuance: IssuanceSchedule {
-                next_attempt_at: self.next.map(from_ts).transpose()?,
-                failures: self.failures,
-                last_problem: self.last_problem,
-                regenerate_requested: self.regenerate_requested,
-            },
-        })
-    }
-}
-
-fn site_hostname(hostname: &str, kind: &str) -> Result<SiteHostname> {
-    Ok(SiteHostname {
-        name: hostname_from(hostname)?,
-        kind: enum_from(kind)?,
-    })
 }
 
 fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
@@ -763,16 +722,36 @@ impl Store for SqliteStore {
         Ok(requested.unwrap_or(false))
     }
 
-    fn begin_attempt(&self, site: &str, lease_until: OffsetDateTime) -> Result<Option<Site>> {
-        let conn = self.lock();
-        let Some(current) = load_site(&conn, site)? else {
-            return Ok(None);
+    fn begin_attempt(
+        &self,
+        site: &str,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<AttemptLease> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let Some(current) = load_site(&tx, site)? else {
+            return Ok(AttemptLease::NoSuchSite);
         };
-        conn.execute(
-            "UPDATE sites SET next_attempt_at = ?2 WHERE name = ?1",
-            params![site, ts(lease_until)],
+        let taken = tx.execute(
+            "UPDATE sites SET next_attempt_at = ?3, leased_by = ?2, leased_until = ?3
+             WHERE name = ?1
+               AND (leased_by IS NULL OR leased_by = ?2 OR leased_until IS NULL OR leased_until <= ?4)",
+            params![site, self.node_id, ts(lease_until), ts(now)],
         )?;
-        Ok(Some(current))
+        if taken == 0 {
+            let (node, until): (String, i64) = tx.query_row(
+                "SELECT leased_by, leased_until FROM sites WHERE name = ?1",
+                [site],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            return Ok(AttemptLease::HeldElsewhere {
+                node,
+                until: from_ts(until)?,
+            });
+        }
+        tx.commit()?;
+        Ok(AttemptLease::Taken(Box::new(current)))
     }
 
     fn finish_attempt(
@@ -791,9 +770,18 @@ impl Store for SqliteStore {
                      ELSE MIN(next_attempt_at, ?3)
                  END,
                  failures = ?4,
-                 last_problem = ?5
+                 last_problem = ?5,
+                 leased_by = CASE WHEN leased_by = ?6 THEN NULL ELSE leased_by END,
+                 leased_until = CASE WHEN leased_by = ?6 THEN NULL ELSE leased_until END
              WHERE name = ?1",
-            params![site, ts(lease_until), next.map(ts), failures, last_problem],
+            params![
+                site,
+                ts(lease_until),
+                next.map(ts),
+                failures,
+                last_problem,
+                self.node_id
+            ],
         )?;
         Ok(())
     }
@@ -815,17 +803,23 @@ impl Store for SqliteStore {
     fn due_sites(&self, now: OffsetDateTime) -> Result<Vec<String>> {
         Ok(self
             .lock()
-            .prepare("SELECT name FROM sites WHERE next_attempt_at <= ?1 ORDER BY next_attempt_at")?
-            .query_map([ts(now)], |row| row.get(0))?
+            .prepare(
+                "SELECT name FROM sites WHERE next_attempt_at <= ?1
+                   AND (leased_by IS NULL OR leased_by = ?2 OR leased_until <= ?1)
+                 ORDER BY next_attempt_at",
+            )?
+            .query_map(params![ts(now), self.node_id], |row| row.get(0))?
             .collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     fn next_due(&self) -> Result<Option<OffsetDateTime>> {
-        let next: Option<i64> =
-            self.lock()
-                .query_row("SELECT MIN(next_attempt_at) FROM sites", [], |row| {
-                    row.get(0)
-                })?;
+        let next: Option<i64> = self.lock().query_row(
+            "SELECT MIN(CASE WHEN leased_by <> ?1 AND leased_until > next_attempt_at
+                             THEN leased_until ELSE next_attempt_at END)
+             FROM sites",
+            [&self.node_id],
+            |row| row.get(0),
+        )?;
         next.map(from_ts).transpose()
     }
 
@@ -903,11 +897,7 @@ impl Store for SqliteStore {
             .collect::<rusqlite::Result<_>>()?;
         for (old_id, old_names) in older {
             let old_names = names_from_json(&old_names)?;
-            let redundant = old_names
-                .iter()
-                .filter(|n| wanted.contains(n.as_str()))
-                .all(|n| certificate.names.contains(n));
-            if redundant {
+            if supersedes(&certificate.names, &old_names, &wanted) {
                 tx.execute(
                     "UPDATE certificates SET superseded_at = ?2 WHERE id = ?1",
                     params![old_id, ts(now)],
@@ -1038,13 +1028,85 @@ impl Store for SqliteStore {
         directory_url: &str,
         credentials_json: &str,
         now: OffsetDateTime,
-    ) -> Result<()> {
-        self.lock().execute(
+    ) -> Result<String> {
+        let conn = self.lock();
+        conn.execute(
             "INSERT INTO accounts (directory_url, credentials, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(directory_url) DO UPDATE SET credentials = excluded.credentials",
+             ON CONFLICT(directory_url) DO NOTHING",
             params![directory_url, credentials_json, ts(now)],
         )?;
+        Ok(conn.query_row(
+            "SELECT credentials FROM accounts WHERE directory_url = ?1",
+            [directory_url],
+            |row| row.get(0),
+        )?)
+    }
+
+    fn put_challenge(
+        &self,
+        token: &str,
+        key_authorization: &str,
+        now: OffsetDateTime,
+    ) -> Result<()> {
+        let conn = self.lock();
+        conn.execute(
+            "DELETE FROM acme_challenges WHERE created_at < ?1",
+            [ts(now - CHALLENGE_LIFETIME)],
+        )?;
+        conn.execute(
+            "INSERT INTO acme_challenges (token, key_authorization, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(token) DO UPDATE SET key_authorization = excluded.key_authorization",
+            params![token, key_authorization, ts(now)],
+        )?;
         Ok(())
+    }
+
+    fn challenge(&self, token: &str) -> Result<Option<String>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT key_authorization FROM acme_challenges WHERE token = ?1",
+                [token],
+                |row| row.get(0),
+            )
+            .optional()?)
+    }
+
+    fn delete_challenge(&self, token: &str) -> Result<()> {
+        self.lock()
+            .execute("DELETE FROM acme_challenges WHERE token = ?1", [token])?;
+        Ok(())
+    }
+
+    fn latest_change_seq(&self) -> Result<u64> {
+        let latest: i64 = self.lock().query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM site_changes",
+            [],
+            |row| row.get(0),
+        )?;
+        Ok(u64::try_from(latest).unwrap_or(0))
+    }
+
+    fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges> {
+        let conn = self.lock();
+        let oldest: Option<i64> =
+            conn.query_row("SELECT MIN(seq) FROM site_changes", [], |row| row.get(0))?;
+        let rows = conn
+            .prepare("SELECT seq, site FROM site_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?
+            .query_map(
+                params![
+                    i64::try_from(after).unwrap_or(i64::MAX),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(fold_site_changes(
+            after,
+            oldest.and_then(|seq| u64::try_from(seq).ok()),
+            rows.into_iter()
+                .map(|(seq, site)| (u64::try_from(seq).unwrap_or(0), site)),
+        ))
     }
 
     fn add_event(
@@ -1237,7 +1299,6 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
-    use std::time::Duration;
     use time::macros::datetime;
 
     const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
@@ -1287,77 +1348,15 @@ mod tests {
         let mut policy = site.policy.clone();
         policy.hsts.include_subdomains = true;
         policy.canonical_host = Some(name("old.example.com"));
+        let before = store.latest_change_seq().unwrap();
         let updated = store.set_policy("old", policy.clone()).unwrap();
         assert_eq!(updated.policy, policy);
-    }
-
-    fn certificate(names: &[&str], serial: &str) -> NewCertificate {
-        NewCertificate {
-            site: "blog".into(),
-            names: names.iter().map(|n| name(n)).collect(),
-            chain_pem: format!("chain {serial}"),
-            key_pem: PrivateKeyPem::new(format!("key {serial}")),
-            not_before: NOW,
-            not_after: datetime!(2026-06-01 00:00 UTC),
-            serial: serial.into(),
-            ari_id: None,
-        }
-    }
-
-    /// Regression: the issuer read the site, then wrote its schedule; a hostname added between
-    /// the two had its attempt overwritten by the renewal date and waited months for it.
-    #[test]
-    fn a_change_during_an_attempt_keeps_its_earlier_schedule() {
-        let store = SqliteStore::in_memory().unwrap();
-        site(&store, &["example.com"]);
-        let lease = NOW + Duration::from_secs(600);
-        let renewal = datetime!(2026-05-01 00:00 UTC);
-        let next = |store: &SqliteStore| {
-            store
-                .site("blog")
-                .unwrap()
-                .unwrap()
-                .issuance
-                .next_attempt_at
-        };
-
-        let read = store.begin_attempt("blog", lease).unwrap().unwrap();
-        assert_eq!(read.names(), vec![name("example.com")]);
-        assert_eq!(next(&store), Some(lease));
-        let change_at = NOW + Duration::from_secs(1);
-        store
-            .add_hostname("blog", &name("www.example.com"), NOW, change_at)
-            .unwrap();
-        store
-            .finish_attempt("blog", lease, Some(renewal), 0, None)
-            .unwrap();
+        // The upgraded database has the change log and its triggers.
+        assert_eq!(store.site_changes_since(before, 10).unwrap().sites, ["old"]);
         assert_eq!(
-            next(&store),
-            Some(change_at),
-            "the change's attempt was lost"
+            store.schema_version().unwrap(),
+            crate::store::SCHEMA_VERSION
         );
-
-        // Without a change the attempt's own schedule applies, earlier or later, or none.
-        store.begin_attempt("blog", lease).unwrap();
-        store
-            .finish_attempt("blog", lease, Some(renewal), 0, None)
-            .unwrap();
-        assert_eq!(next(&store), Some(renewal));
-        store.begin_attempt("blog", lease).unwrap();
-        store
-            .finish_attempt("blog", lease, None, 1, Some("x"))
-            .unwrap();
-        assert_eq!(next(&store), None);
-        // A change asking for a later time than a failed attempt's retry gets the retry.
-        store.begin_attempt("blog", lease).unwrap();
-        store
-            .request_issuance("blog", NOW + Duration::from_secs(60), false)
-            .unwrap();
-        store
-            .finish_attempt("blog", lease, Some(NOW + Duration::from_secs(30)), 1, None)
-            .unwrap();
-        assert_eq!(next(&store), Some(NOW + Duration::from_secs(30)));
-        assert!(store.begin_attempt("gone", lease).unwrap().is_none());
     }
 
     #[test]
@@ -1394,109 +1393,5 @@ mod tests {
         assert_eq!(orders.len(), 1);
         assert_eq!(orders[0].order_url, "https://ca/order/1");
         assert!(store.site("blog").unwrap().is_some());
-    }
-
-    #[test]
-    fn new_certificate_supersedes_old_only_when_it_covers_all_wanted_names() {
-        let store = SqliteStore::in_memory().unwrap();
-        site(&store, &["example.com", "www.example.com", "alias.test"]);
-        let old = store
-            .store_certificate(
-                certificate(&["alias.test", "example.com", "www.example.com"], "01"),
-                None,
-                NOW,
-            )
-            .unwrap();
-        // alias.test's DNS broke: the new certificate leaves it out; the old one keeps serving it.
-        let new = store
-            .store_certificate(
-                certificate(&["example.com", "www.example.com"], "02"),
-                None,
-                NOW,
-            )
-            .unwrap();
-        assert_eq!(
-            store
-                .certificate_for_hostname(&name("example.com"))
-                .unwrap()
-                .unwrap()
-                .id,
-            new.id
-        );
-        assert_eq!(
-            store
-                .certificate_for_hostname(&name("alias.test"))
-                .unwrap()
-                .unwrap()
-                .id,
-            old.id
-        );
-        assert_eq!(store.current_certificates("blog").unwrap().len(), 2);
-        // Once alias.test is removed from the site, the old certificate no longer serves it and
-        // a fresh full certificate supersedes it.
-        store
-            .remove_hostname("blog", &name("alias.test"), NOW, NOW)
-            .unwrap();
-        assert!(
-            store
-                .certificate_for_hostname(&name("alias.test"))
-                .unwrap()
-                .is_none()
-        );
-        store
-            .store_certificate(
-                certificate(&["example.com", "www.example.com"], "03"),
-                None,
-                NOW,
-            )
-            .unwrap();
-        let current = store.current_certificates("blog").unwrap();
-        assert_eq!(
-            current
-                .iter()
-                .map(|c| c.serial.as_str())
-                .collect::<Vec<_>>(),
-            ["03"]
-        );
-    }
-
-    #[test]
-    fn storing_certificate_completes_its_order_and_notifies() {
-        let store = SqliteStore::in_memory().unwrap();
-        site(&store, &["example.com"]);
-        let mut changes = store.certificates_changed();
-        changes.borrow_and_update();
-        let order = store
-            .insert_order(
-                "blog",
-                &[name("example.com")],
-                "https://ca/order/1",
-                &PrivateKeyPem::new("k".into()),
-                NOW,
-            )
-            .unwrap();
-        store
-            .store_certificate(certificate(&["example.com"], "01"), Some(order), NOW)
-            .unwrap();
-        assert!(store.orders_in_flight(None).unwrap().is_empty());
-        assert!(changes.has_changed().unwrap());
-        let served = store
-            .certificate_for_hostname(&name("example.com"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(served.key_pem.expose(), "key 01");
-        assert!(
-            !format!("{served:?}").contains("key 01"),
-            "keys never appear in Debug output"
-        );
-    }
-
-    #[test]
-    fn regenerate_request_is_taken_once() {
-        let store = SqliteStore::in_memory().unwrap();
-        site(&store, &["example.com"]);
-        store.request_issuance("blog", NOW, true).unwrap();
-        assert!(store.take_regenerate_request("blog").unwrap());
-        assert!(!store.take_regenerate_request("blog").unwrap());
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ca_proxy;
+pub mod pg_cluster;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
