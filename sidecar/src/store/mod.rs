@@ -329,6 +329,18 @@ pub struct StoreCounts {
     pub sites_by_mode: Vec<(HttpsMode, u64)>,
 }
 
+/// A batch of the store's change log: the sites changed after a sequence number, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteChanges {
+    /// The ids of the sites changed, deduplicated, in the order of their first change.
+    pub sites: Vec<String>,
+    /// The sequence number of the last change read (the next call's `after`).
+    pub last_seq: u64,
+    /// False when the changes after `after` were compacted away (or `after` is not of this
+    /// log): the reader must reload everything, then go on from `last_seq`.
+    pub complete: bool,
+}
+
 /// Validates a site identifier: 1–63 of lower-case letters, digits and '-', not at the ends.
 pub fn validate_site_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -494,6 +506,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn mixed_content_bytes(&self, site: &str) -> Result<u64>;
     /// A site's mixed-content findings, most recently seen first.
     fn mixed_content(&self, site: &str) -> Result<Vec<MixedContentFinding>>;
+
+    /// The newest change-log sequence number (0 when the log is empty). Every write that can
+    /// change a site's policy-feed entry or its served certificates appends to the log in its
+    /// own transaction.
+    fn latest_change_seq(&self) -> Result<u64>;
+    /// The sites changed after `after` (reading up to `limit` log rows).
+    fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges>;
 
     /// Bumped whenever the set of served certificates may have changed (SDS watches this).
     fn certificates_changed(&self) -> watch::Receiver<u64>;
