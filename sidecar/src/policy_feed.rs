@@ -237,7 +237,7 @@ fn stamp_version(document: &mut PolicyDocument) {
 }
 
 /// A site left out of the served policy because its entry fails the filter's validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RejectedSite {
     /// The site's id.
     pub site: String,
@@ -931,6 +931,17 @@ impl PolicyFeed {
     /// with the filter's problems, by id; empty when every site's entry validates.
     pub fn rejected_sites(&self) -> Vec<RejectedSite> {
         self.lock().rejected.values().cloned().collect()
+    }
+
+    /// How many sites [`PolicyFeed::rejected_sites`] lists.
+    pub fn rejected_count(&self) -> usize {
+        self.lock().rejected.len()
+    }
+
+    /// Why a site's entry is not served as the store says, when it fails the filter's
+    /// validation (as of the feed's last look at the store).
+    pub fn rejected_site(&self, site: &str) -> Option<RejectedSite> {
+        self.lock().rejected.get(site).cloned()
     }
 }
 
