@@ -16,7 +16,7 @@ use autohttps_sidecar::policy_feed::{
     PolicyDelta, PolicyFeed,
 };
 use autohttps_sidecar::store::{
-    NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore, Store,
+    HstsPolicy, NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore, Store,
 };
 use reqwest::StatusCode;
 use reqwest::header::{ETAG, IF_NONE_MATCH};
@@ -405,4 +405,81 @@ async fn an_expired_certificate_makes_a_delta_dropping_its_name_with_no_store_wr
     );
     let next = served.since(&delta.version).await;
     assert_eq!(next.status, StatusCode::NOT_MODIFIED);
+}
+
+/// A policy the admin API refuses but the store takes (a row written by another tool or an
+/// older version): HSTS preload without includeSubDomains fails the filter's validation.
+fn preload_without_subdomains() -> SitePolicy {
+    SitePolicy {
+        https: HttpsMode::Force,
+        hsts: HstsPolicy {
+            enabled: true,
+            max_age: 300,
+            include_subdomains: false,
+            preload: true,
+        },
+        ..SitePolicy::default()
+    }
+}
+
+#[tokio::test]
+async fn a_site_that_fails_validation_keeps_its_previous_entry_and_the_others_flow() {
+    let served = Served::start(&["alpha", "beta"]).await;
+    let first = served.get("", None).await.snapshot();
+    assert!(served.feed.rejected_sites().is_empty());
+
+    served
+        .store
+        .set_policy("beta", preload_without_subdomains())
+        .expect("the store takes it");
+    served.force("alpha");
+    served
+        .store
+        .create_site(
+            NewSite {
+                name: "gamma".into(),
+                primary: name("gamma.test"),
+                hostnames: Vec::new(),
+                policy: preload_without_subdomains(),
+            },
+            NOW,
+            NOW,
+        )
+        .expect("the store takes it");
+    let delta = served.since(&first.version).await.delta();
+    // alpha's change flows; beta keeps its previous entry (so it is not in the delta); gamma
+    // never had a good one, so the edge does not learn of it.
+    assert_eq!(
+        delta
+            .upsert
+            .iter()
+            .map(|s| s.id.as_str())
+            .collect::<Vec<_>>(),
+        ["alpha"]
+    );
+    assert!(delta.remove.is_empty());
+    let rejected = served.feed.rejected_sites();
+    assert_eq!(
+        rejected
+            .iter()
+            .map(|r| (r.site.as_str(), r.previous_kept))
+            .collect::<Vec<_>>(),
+        [("beta", true), ("gamma", false)]
+    );
+    assert!(
+        rejected[0].problems[0].starts_with("hsts.preload: "),
+        "{rejected:?}"
+    );
+    assert_eq!(served.feed.rejected_site("beta"), Some(rejected[0].clone()));
+    let snapshot = served.get("", None).await.snapshot();
+    assert_eq!(snapshot.sites[1], first.sites[1], "beta's previous entry");
+
+    // Fixed: beta's new entry flows and nothing is reported any more for it.
+    served.force("beta");
+    let fixed = served.since(&delta.version).await.delta();
+    assert_eq!(fixed.upsert.len(), 1);
+    assert_eq!(fixed.upsert[0].id, "beta");
+    assert_eq!(fixed.upsert[0].https, HttpsMode::Force);
+    assert_eq!(served.feed.rejected_site("beta"), None);
+    assert_eq!(served.feed.rejected_sites().len(), 1);
 }
