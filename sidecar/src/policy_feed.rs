@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::csp_reports::{ReportTokens, TOKEN_EPOCH_SECS};
 use crate::error::{Error, Result};
-use crate::store::{MixedContent, Site, Store, StoredCertificate};
+use crate::store::{CertificateCoverage, MixedContent, Site, Store, StoredCertificate};
 
 /// The path the filter polls.
 pub const POLICY_PATH: &str = "/v1/policy";
@@ -90,7 +90,8 @@ pub fn build_policy(
     now: OffsetDateTime,
 ) -> BuiltPolicy {
     let mut valid_until: Option<OffsetDateTime> = None;
-    let mut specs: Vec<SiteSpec> = site_entries(sites, certificates, tokens, now)
+    let coverage: Vec<CertificateCoverage> = certificates.iter().map(Into::into).collect();
+    let mut specs: Vec<SiteSpec> = site_entries(sites, &coverage, tokens, now)
         .into_iter()
         .map(|(spec, boundary)| {
             if let Some(at) = boundary {
@@ -132,11 +133,11 @@ pub fn build_document(
 /// grouped by site once, so this is linear in sites and certificates.
 fn site_entries(
     sites: &[Site],
-    certificates: &[StoredCertificate],
+    certificates: &[CertificateCoverage],
     tokens: Option<&ReportTokens>,
     now: OffsetDateTime,
 ) -> Vec<(SiteSpec, Option<OffsetDateTime>)> {
-    let mut by_site: HashMap<&str, Vec<&StoredCertificate>> = HashMap::new();
+    let mut by_site: HashMap<&str, Vec<&CertificateCoverage>> = HashMap::new();
     for certificate in certificates {
         by_site
             .entry(certificate.site.as_str())
@@ -160,7 +161,7 @@ fn site_entries(
 /// change (`None`: no boundary ahead).
 pub fn site_entry(
     site: &Site,
-    certificates: &[&StoredCertificate],
+    certificates: &[&CertificateCoverage],
     tokens: Option<&ReportTokens>,
     now: OffsetDateTime,
 ) -> (SiteSpec, Option<OffsetDateTime>) {
@@ -185,7 +186,7 @@ pub fn site_entry(
 /// report token for `epoch` when `tokens` are given.
 fn site_spec(
     site: &Site,
-    current: &[&StoredCertificate],
+    current: &[&CertificateCoverage],
     tokens: Option<&ReportTokens>,
     epoch: i64,
 ) -> SiteSpec {
@@ -432,6 +433,9 @@ type Changed = Option<Vec<String>>;
 struct FeedState {
     /// Whether the first full load ran.
     loaded: bool,
+    /// Whether an incremental refresh failed part way (a store error): the next one reloads
+    /// everything, so no change read from the log is lost.
+    reload_everything: bool,
     /// The change-log position the entries reflect.
     last_seq: u64,
     /// The store's watch generations (sites, certificates) last read.
@@ -537,12 +541,35 @@ impl PolicyFeed {
             state.generations = generations;
             return self.load_everything(&mut state, now);
         }
+        if state.reload_everything {
+            state.generations = generations;
+            return self.load_everything(&mut state, now);
+        }
         let boundary_passed = state.boundaries.first().is_some_and(|(at, _)| *at <= now);
         if state.generations == generations && state.token_epoch == token_epoch && !boundary_passed
         {
             return Ok(());
         }
         state.generations = generations;
+        let mut changed = Vec::new();
+        let refreshed = self.refresh_changed(&mut state, token_epoch, now, &mut changed);
+        if refreshed.is_err() {
+            state.reload_everything = true;
+        }
+        // What was recomputed before an error is served (and remembered) all the same.
+        self.record_version(&mut state, changed);
+        refreshed
+    }
+
+    /// [`PolicyFeed::refresh`]'s incremental part: recomputes the sites the change log, the
+    /// clock and the token epoch name, pushing those whose served entry changed to `changed`.
+    fn refresh_changed(
+        &self,
+        state: &mut FeedState,
+        token_epoch: i64,
+        now: OffsetDateTime,
+        changed: &mut Vec<String>,
+    ) -> Result<()> {
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let reload_threshold = (state.entries.len() / 4).max(HISTORY_MAX_SITES_PER_VERSION);
         loop {
@@ -554,7 +581,7 @@ impl PolicyFeed {
                     after = state.last_seq,
                     "the store's change log no longer reaches back to the feed's position; reloading every site"
                 );
-                return self.load_everything(&mut state, now);
+                return self.load_everything(state, now);
             }
             let done = batch.sites.is_empty();
             state.last_seq = batch.last_seq;
@@ -563,7 +590,7 @@ impl PolicyFeed {
                 break;
             }
             if dirty.len() > reload_threshold {
-                return self.load_everything(&mut state, now);
+                return self.load_everything(state, now);
             }
         }
         while let Some((at, _)) = state.boundaries.first()
@@ -583,13 +610,11 @@ impl PolicyFeed {
                     .map(|(id, _)| id.clone()),
             );
         }
-        let mut changed = Vec::new();
         for id in dirty {
-            if self.recompute_site(&mut state, &id, now)? {
+            if self.recompute_site(state, &id, now)? {
                 changed.push(id);
             }
         }
-        self.record_version(&mut state, changed);
         Ok(())
     }
 
@@ -609,7 +634,8 @@ impl PolicyFeed {
             });
         };
         let certificates = self.store.current_certificates(id)?;
-        let certificates: Vec<&StoredCertificate> = certificates.iter().collect();
+        let certificates: Vec<CertificateCoverage> = certificates.iter().map(Into::into).collect();
+        let certificates: Vec<&CertificateCoverage> = certificates.iter().collect();
         let (spec, boundary) = site_entry(&site, &certificates, Some(&self.tokens), now);
         let report_mode = spec.report_token.is_some();
         let previous = state
@@ -672,7 +698,7 @@ impl PolicyFeed {
         // The position first: a change committed while loading is read again, never lost.
         let last_seq = self.store.latest_change_seq()?;
         let sites = self.store.list_sites()?;
-        let certificates = self.store.all_current_certificates()?;
+        let certificates = self.store.all_current_coverage()?;
         let mut entries = site_entries(&sites, &certificates, Some(&self.tokens), now);
         drop((sites, certificates));
         entries.sort_by(|a, b| a.0.id.cmp(&b.0.id));
@@ -729,6 +755,7 @@ impl PolicyFeed {
         }
         changed.extend(old_entries.into_keys());
         state.last_seq = last_seq;
+        state.reload_everything = false;
         state.token_epoch = ReportTokens::epoch(now);
         if state.loaded {
             self.record_version(state, changed);

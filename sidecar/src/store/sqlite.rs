@@ -11,9 +11,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::{
-    Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContentFinding,
-    NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteChanges,
-    SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
+    CertificateCoverage, Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule,
+    MixedContentFinding, NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site,
+    SiteChanges, SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
@@ -1313,6 +1313,24 @@ impl Store for SqliteStore {
         query_certificates(&self.lock(), "", "")
     }
 
+    fn all_current_coverage(&self) -> Result<Vec<CertificateCoverage>> {
+        let conn = self.lock();
+        let mut statement = conn.prepare(
+            "SELECT site, names, not_before, not_after FROM certificates WHERE superseded_at IS NULL",
+        )?;
+        let mut rows = statement.query([])?;
+        let mut coverage = Vec::new();
+        while let Some(row) = rows.next()? {
+            coverage.push(CertificateCoverage {
+                site: row.get(0)?,
+                names: names_from_json(&row.get::<_, String>(1)?)?,
+                not_before: from_ts(row.get(2)?)?,
+                not_after: from_ts(row.get(3)?)?,
+            });
+        }
+        Ok(coverage)
+    }
+
     fn latest_change_seq(&self) -> Result<u64> {
         let latest: i64 = self.lock().query_row(
             "SELECT COALESCE(MAX(seq), 0) FROM site_changes",
@@ -1324,10 +1342,13 @@ impl Store for SqliteStore {
 
     fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges> {
         let conn = self.lock();
-        let (oldest, latest): (Option<i64>, Option<i64>) =
-            conn.query_row("SELECT MIN(seq), MAX(seq) FROM site_changes", [], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })?;
+        // Two subqueries: SQLite answers a lone MIN or MAX from the key, both in one SELECT by
+        // scanning the whole log.
+        let (oldest, latest): (Option<i64>, Option<i64>) = conn.query_row(
+            "SELECT (SELECT MIN(seq) FROM site_changes), (SELECT MAX(seq) FROM site_changes)",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
         let as_seq = |seq: Option<i64>| seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
         let (oldest, latest) = (as_seq(oldest), as_seq(latest));
         // Rows after `after` were compacted away (the next one is gone), or `after` is ahead of
@@ -1783,6 +1804,42 @@ mod change_log_tests {
             .site_changes_since(first.last_seq, 2)
             .expect("changes");
         assert_eq!(next.sites, ["shop"]);
+    }
+
+    #[test]
+    fn coverage_is_the_current_certificates_without_their_pem() {
+        let store = SqliteStore::in_memory().expect("store");
+        store
+            .create_site(new_site("shop", "shop.test"), NOW, NOW)
+            .expect("site");
+        store
+            .add_hostname("shop", &name("www.shop.test"), NOW, NOW)
+            .expect("added");
+        for (names, serial) in [(&["shop.test"][..], "01"), (&["www.shop.test"][..], "02")] {
+            store
+                .store_certificate(certificate("shop", names, serial), None, NOW)
+                .expect("stored");
+        }
+        // One that the next supersedes: not current, not in the coverage.
+        store
+            .store_certificate(
+                certificate("shop", &["shop.test", "www.shop.test"], "03"),
+                None,
+                NOW,
+            )
+            .expect("stored");
+        let mut coverage = store.all_current_coverage().expect("coverage");
+        coverage.sort_by(|a, b| a.names.cmp(&b.names));
+        let mut expected: Vec<CertificateCoverage> = store
+            .all_current_certificates()
+            .expect("certificates")
+            .iter()
+            .map(CertificateCoverage::from)
+            .collect();
+        expected.sort_by(|a, b| a.names.cmp(&b.names));
+        assert_eq!(coverage, expected);
+        assert_eq!(coverage.len(), 1);
+        assert!(coverage[0].covers(&name("www.shop.test")));
     }
 
     #[test]
