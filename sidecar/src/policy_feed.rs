@@ -1,11 +1,14 @@
 //! The filter's policy, projected from the store and served at `GET /v1/policy` on the internal
-//! listener, with an `ETag` so that Envoy's polls cost a 304 when nothing changed.
+//! listener: a snapshot (the whole document), or with `?since=<version>` a delta (the sites
+//! upserted and removed since), or a 304, after holding the request up to `wait_ms` for a change
+//! (long poll). Versions are `<epoch>-<n>`: a random epoch per feed start, `n` strictly
+//! increasing; the `ETag` is the version and an `If-None-Match` of the current one is a 304.
 //!
-//! The document is rebuilt when the store says sites or certificates changed, or when a
-//! certificate's validity boundary passes (so `cert_ready` follows time, not only changes). It is
-//! checked with the filter's own validation before it is served: a site whose entry fails is
-//! left out (its last good entry kept) and reported, and the others are served; only settings
-//! that fail keep the last good policy whole.
+//! The feed holds every site's entry and recomputes only the sites the store's change log names,
+//! those whose certificate validity boundary passed (so `cert_ready` follows time, not only
+//! changes) and, when the report-token epoch turns, the report-mode sites. Each entry is checked
+//! with the filter's own validation: a site whose entry fails keeps its last good entry (or stays
+//! out) and is reported, and the others are served.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
