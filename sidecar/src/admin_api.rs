@@ -19,6 +19,7 @@ use crate::diagnose::diagnose;
 use crate::error::Error;
 use crate::hostname::Hostname;
 use crate::issuance::Issuer;
+use crate::policy_feed::{PolicyFeed, RejectedSite};
 use crate::store::{
     Event, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContent, MixedContentFinding, NewSite,
     RedirectKind, Site, SitePolicy, StoredCertificate, validate_site_name,
@@ -29,13 +30,15 @@ use crate::store::{
 pub struct AdminState {
     issuer: Arc<Issuer>,
     token: Arc<str>,
+    feed: PolicyFeed,
 }
 
 /// The admin router. Every route except `/healthz` requires `Authorization: Bearer <token>`.
-pub fn admin_router(issuer: Arc<Issuer>, token: &str) -> Router {
+pub fn admin_router(issuer: Arc<Issuer>, token: &str, feed: PolicyFeed) -> Router {
     let state = AdminState {
         issuer,
         token: Arc::from(token),
+        feed,
     };
     let protected = Router::new()
         .route("/metrics", get(metrics))
@@ -316,8 +319,27 @@ fn require_site(state: &AdminState, name: &str) -> Result<Site, ApiError> {
     })
 }
 
-async fn show_site(State(state): State<AdminState>, Path(site): Path<String>) -> ApiResult<Site> {
-    Ok(Json(require_site(&state, &site)?))
+/// A site as `GET /v1/sites/{site}` shows it: the stored site and, when the policy feed cannot
+/// serve its entry (it fails the filter's validation), why.
+#[derive(Debug, Serialize)]
+struct ShownSite {
+    #[serde(flatten)]
+    site: Site,
+    /// The filter's problems with the site's entry and whether its previous good entry is
+    /// served instead; `null` when its entry is served as stored.
+    policy_rejected: Option<RejectedSite>,
+}
+
+async fn show_site(
+    State(state): State<AdminState>,
+    Path(site): Path<String>,
+) -> ApiResult<ShownSite> {
+    let site = require_site(&state, &site)?;
+    let policy_rejected = state.feed.rejected_site(&site.name);
+    Ok(Json(ShownSite {
+        site,
+        policy_rejected,
+    }))
 }
 
 async fn update_site(

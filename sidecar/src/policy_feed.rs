@@ -1,20 +1,24 @@
 //! The filter's policy, projected from the store and served at `GET /v1/policy` on the internal
-//! listener, with an `ETag` so that Envoy's polls cost a 304 when nothing changed.
+//! listener: a snapshot (the whole document), or with `?since=<version>` a delta (the sites
+//! upserted and removed since), or a 304, after holding the request up to `wait_ms` for a change
+//! (long poll). Versions are `<epoch>-<n>`: a random epoch per feed start, `n` strictly
+//! increasing; the `ETag` is the version and an `If-None-Match` of the current one is a 304.
 //!
-//! The document is rebuilt when the store says sites or certificates changed, or when a
-//! certificate's validity boundary passes (so `cert_ready` follows time, not only changes). It is
-//! checked with the filter's own validation before it is served: a site whose entry fails is
-//! left out (its last good entry kept) and reported, and the others are served; only settings
-//! that fail keep the last good policy whole.
+//! The feed holds every site's entry and recomputes only the sites the store's change log names,
+//! those whose certificate validity boundary passed (so `cert_ready` follows time, not only
+//! changes) and, when the report-token epoch turns, the report-mode sites. Each entry is checked
+//! with the filter's own validation: a site whose entry fails keeps its last good entry (or stays
+//! out) and is reported, and the others are served.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use autohttps_filter::policy::{
     HstsSpec, Policy, PolicyDocument, SCHEMA_VERSION, Settings, SiteSpec,
 };
 use axum::Router;
-use axum::extract::State;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -22,9 +26,9 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::csp_reports::ReportTokens;
+use crate::csp_reports::{ReportTokens, TOKEN_EPOCH_SECS};
 use crate::error::{Error, Result};
-use crate::store::{MixedContent, Site, Store, StoredCertificate};
+use crate::store::{CertificateCoverage, MixedContent, Site, Store, StoredCertificate};
 
 /// The path the filter polls.
 pub const POLICY_PATH: &str = "/v1/policy";
@@ -88,30 +92,15 @@ pub fn build_policy(
     tokens: Option<&ReportTokens>,
     now: OffsetDateTime,
 ) -> BuiltPolicy {
-    let epoch = ReportTokens::epoch(now);
     let mut valid_until: Option<OffsetDateTime> = None;
-    let mut boundary = |at: OffsetDateTime| {
-        valid_until = Some(valid_until.map_or(at, |soonest| soonest.min(at)));
-    };
-    let mut current_by_site: HashMap<&str, Vec<&StoredCertificate>> = HashMap::new();
-    for certificate in certificates {
-        if certificate.not_before > now {
-            boundary(certificate.not_before);
-        } else if certificate.not_after > now {
-            boundary(certificate.not_after);
-            current_by_site
-                .entry(certificate.site.as_str())
-                .or_default()
-                .push(certificate);
-        }
-    }
-    let mut specs: Vec<SiteSpec> = sites
-        .iter()
-        .map(|site| {
-            let current = current_by_site
-                .get(site.name.as_str())
-                .map_or(&[][..], Vec::as_slice);
-            site_spec(site, current, tokens, epoch)
+    let coverage: Vec<CertificateCoverage> = certificates.iter().map(Into::into).collect();
+    let mut specs: Vec<SiteSpec> = site_entries(sites, &coverage, tokens, now)
+        .into_iter()
+        .map(|(spec, boundary)| {
+            if let Some(at) = boundary {
+                valid_until = Some(valid_until.map_or(at, |soonest| soonest.min(at)));
+            }
+            spec
         })
         .collect();
     specs.sort_by(|a, b| a.id.cmp(&b.id));
@@ -143,11 +132,64 @@ pub fn build_document(
     build_policy(sites, certificates, settings, tokens, now).document
 }
 
+/// Each site's entry as of `now` (see [`site_entry`]), in the order of `sites`: certificates are
+/// grouped by site once, so this is linear in sites and certificates.
+fn site_entries(
+    sites: &[Site],
+    certificates: &[CertificateCoverage],
+    tokens: Option<&ReportTokens>,
+    now: OffsetDateTime,
+) -> Vec<(SiteSpec, Option<OffsetDateTime>)> {
+    let mut by_site: HashMap<&str, Vec<&CertificateCoverage>> = HashMap::new();
+    for certificate in certificates {
+        by_site
+            .entry(certificate.site.as_str())
+            .or_default()
+            .push(certificate);
+    }
+    sites
+        .iter()
+        .map(|site| {
+            let certificates = by_site
+                .get(site.name.as_str())
+                .map_or(&[][..], Vec::as_slice);
+            site_entry(site, certificates, tokens, now)
+        })
+        .collect()
+}
+
+/// One site's entry as of `now` from its current (not superseded) certificates, and the
+/// soonest moment after `now` when one of them expires or becomes valid: from then on its
+/// `cert_ready` reads differently, so the entry must be recomputed even if the store did not
+/// change (`None`: no boundary ahead).
+pub fn site_entry(
+    site: &Site,
+    certificates: &[&CertificateCoverage],
+    tokens: Option<&ReportTokens>,
+    now: OffsetDateTime,
+) -> (SiteSpec, Option<OffsetDateTime>) {
+    let mut boundary: Option<OffsetDateTime> = None;
+    let mut ahead = |at: OffsetDateTime| {
+        boundary = Some(boundary.map_or(at, |soonest| soonest.min(at)));
+    };
+    let mut valid_now = Vec::with_capacity(certificates.len());
+    for certificate in certificates {
+        if certificate.not_before > now {
+            ahead(certificate.not_before);
+        } else if certificate.not_after > now {
+            ahead(certificate.not_after);
+            valid_now.push(*certificate);
+        }
+    }
+    let spec = site_spec(site, &valid_now, tokens, ReportTokens::epoch(now));
+    (spec, boundary)
+}
+
 /// One site's entry; `current` are its certificates valid now; a report-mode site carries its
 /// report token for `epoch` when `tokens` are given.
 fn site_spec(
     site: &Site,
-    current: &[&StoredCertificate],
+    current: &[&CertificateCoverage],
     tokens: Option<&ReportTokens>,
     epoch: i64,
 ) -> SiteSpec {
@@ -199,7 +241,7 @@ fn stamp_version(document: &mut PolicyDocument) {
 }
 
 /// A site left out of the served policy because its entry fails the filter's validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RejectedSite {
     /// The site's id.
     pub site: String,
@@ -212,8 +254,9 @@ pub struct RejectedSite {
 }
 
 /// Validates `document` with the filter's own rules, site by site: a site whose entry fails is
-/// replaced by its entry in `last_good` (the last served document, sites sorted by id; with `cert_ready` narrowed to the names the current
-/// build says are ready, so an old entry never claims a certificate that is no longer served)
+/// replaced by its entry in `last_good` (the last served document, sites sorted by id; with
+/// `hostnames` narrowed to the names the site still has and `cert_ready` to the names the current
+/// build says are ready, so an old entry never claims a name or certificate it no longer has)
 /// or, without one, left out. Returns the document that validates (re-versioned when anything
 /// was replaced) and the rejected sites, or the filter's error when something outside the
 /// sites (the settings) is wrong, which no site can be blamed for.
@@ -261,6 +304,9 @@ pub fn isolate_invalid_sites(
             match previous {
                 Some(previous) => {
                     let mut kept = previous.clone();
+                    // The names the site no longer has may belong to another site by now.
+                    kept.hostnames
+                        .retain(|name| spec.hostnames.iter().any(|now| now == name));
                     kept.cert_ready
                         .retain(|name| spec.cert_ready.iter().any(|ready| ready == name));
                     rejected.push(RejectedSite {
@@ -310,36 +356,132 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
     hash
 }
 
-/// A served policy: its JSON and ETag.
-#[derive(Debug, Clone)]
-struct Served {
-    /// The store's change generations (sites, certificates) and the report token epoch.
-    generations: (u64, u64, i64),
-    /// When a certificate's validity boundary makes `cert_ready` change: rebuilt from then on.
-    valid_until: Option<OffsetDateTime>,
-    /// Sites whose entries failed validation in this build.
-    rejected: Arc<Vec<RejectedSite>>,
-    body: Arc<[u8]>,
-    etag: HeaderValue,
-    version: String,
+/// The header that says what a 200 from the feed carries: [`KIND_SNAPSHOT`] or [`KIND_DELTA`].
+pub const POLICY_KIND_HEADER: &str = "autohttps-policy-kind";
+/// A whole [`PolicyDocument`].
+pub const KIND_SNAPSHOT: &str = "snapshot";
+/// A [`PolicyDelta`] from the request's `since`.
+pub const KIND_DELTA: &str = "delta";
+/// The longest a request is held for a change (`wait_ms` is capped to this).
+pub const MAX_WAIT_MS: u64 = 30_000;
+/// The most versions whose changed sites the feed remembers to answer deltas.
+pub const HISTORY_MAX_VERSIONS: usize = 4096;
+/// The fewest versions it remembers (the protocol promises deltas over at least this many).
+pub const HISTORY_MIN_VERSIONS: usize = 1024;
+/// A version that changed more sites than this is remembered as "too many": a VM older than it
+/// gets a snapshot (keeps the history's memory bounded).
+const HISTORY_MAX_SITES_PER_VERSION: usize = 1024;
+/// The history is trimmed (down to [`HISTORY_MIN_VERSIONS`]) while it lists more site ids.
+const HISTORY_MAX_SITE_IDS: usize = 262_144;
+/// Change-log rows read per store call.
+const CHANGE_BATCH_ROWS: usize = 10_000;
+
+/// The changes that turn the feed's version `from` into `version` (protocol B's delta body).
+/// The sidecar's own copy of the filter's type, with exactly its JSON.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDelta {
+    /// Always [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// The version this delta applies to (the request's `since`).
+    pub from: String,
+    /// The version it makes.
+    pub version: String,
+    /// Sites added or changed: their whole new entries.
+    pub upsert: Vec<SiteSpec>,
+    /// Sites removed, by id.
+    pub remove: Vec<String>,
 }
 
-/// Serves the policy feed.
+/// What the feed answers a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedAnswer {
+    /// Nothing newer than what the client has (or than its `If-None-Match`).
+    NotModified {
+        /// The current version.
+        version: String,
+    },
+    /// The whole policy.
+    Snapshot {
+        /// Its version.
+        version: String,
+        /// The [`PolicyDocument`]'s JSON (shared by every request for this version).
+        body: Bytes,
+    },
+    /// The changes since the client's version.
+    Delta {
+        /// The version it makes.
+        version: String,
+        /// The [`PolicyDelta`]'s JSON.
+        body: Bytes,
+    },
+}
+
+/// One site's served entry.
+#[derive(Debug, Clone)]
+struct SiteEntry {
+    /// Its [`SiteSpec`] as JSON: what snapshots and deltas are assembled from.
+    json: Box<[u8]>,
+    /// When its `cert_ready` changes with time alone (a certificate expires or becomes valid).
+    boundary: Option<OffsetDateTime>,
+    /// Whether it carries a report token (recomputed when the token epoch turns).
+    report_mode: bool,
+}
+
+/// A version's changed sites, or `None`: too many to remember (answer with a snapshot).
+type Changed = Option<Vec<String>>;
+
+/// The feed's state: every site's entry, and how it got there.
+#[derive(Debug, Default)]
+struct FeedState {
+    /// Whether the first full load ran.
+    loaded: bool,
+    /// Whether an incremental refresh failed part way (a store error): the next one reloads
+    /// everything, so no change read from the log is lost.
+    reload_everything: bool,
+    /// The change-log position the entries reflect.
+    last_seq: u64,
+    /// The store's watch generations (sites, certificates) last read.
+    generations: (u64, u64),
+    /// The report-token epoch the entries were made for.
+    token_epoch: i64,
+    /// The current version's `n`.
+    version: u64,
+    /// The served entries by site id (sorted, as in a snapshot).
+    entries: BTreeMap<String, SiteEntry>,
+    /// Each entry's time boundary, soonest first.
+    boundaries: BTreeSet<(OffsetDateTime, String)>,
+    /// The last versions and the sites each changed, oldest first, contiguous up to `version`.
+    history: VecDeque<(u64, Changed)>,
+    /// Site ids listed in `history`.
+    history_site_ids: usize,
+    /// Sites whose entries fail the filter's validation, by id.
+    rejected: BTreeMap<String, RejectedSite>,
+    /// The snapshot of one version, assembled on first request.
+    snapshot: Option<(u64, Bytes)>,
+}
+
+/// Serves the policy feed: keeps every site's entry in memory and, when the store's change log
+/// or the clock says something changed, recomputes only those sites, making a new version whose
+/// changed sites it remembers, so a VM that holds an older version gets only the difference.
 #[derive(Clone)]
 pub struct PolicyFeed {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     settings: EdgeSettings,
     tokens: ReportTokens,
+    /// 16 lowercase hex digits chosen at start: versions of other epochs are not comparable.
+    epoch: Arc<str>,
     sites_changed: watch::Receiver<u64>,
     certificates_changed: watch::Receiver<u64>,
-    served: Arc<Mutex<Option<Served>>>,
+    state: Arc<Mutex<FeedState>>,
 }
 
 impl std::fmt::Debug for PolicyFeed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyFeed")
             .field("settings", &self.settings)
+            .field("epoch", &self.epoch)
             .finish_non_exhaustive()
     }
 }
@@ -359,9 +501,10 @@ impl PolicyFeed {
             clock,
             settings,
             tokens,
+            epoch: format!("{:016x}", rand::random::<u64>()).into(),
             sites_changed,
             certificates_changed,
-            served: Arc::new(Mutex::new(None)),
+            state: Arc::new(Mutex::new(FeedState::default())),
         }
     }
 
@@ -372,146 +515,619 @@ impl PolicyFeed {
             .with_state(self)
     }
 
-    /// The current policy: rebuilt when the store changed or a certificate's validity boundary
-    /// passed (through the `Clock`), validated with the filter's rules site by site: a site
-    /// that fails is left out (its previous good entry kept) and logged; when the settings
-    /// fail, the last good policy is kept whole.
-    pub fn current(&self) -> Result<(Arc<[u8]>, HeaderValue, String)> {
+    /// This feed's epoch: the first half of its versions.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn version_text(&self, n: u64) -> String {
+        format!("{}-{n}", self.epoch)
+    }
+
+    /// Brings the entries up to date: everything at the first call (or when the change log
+    /// lost this feed's position), else only the sites the change log names, those whose
+    /// certificate validity boundary passed (through the `Clock`) and, when the report-token
+    /// epoch turned, the report-mode sites.
+    pub fn refresh(&self) -> Result<()> {
         let now = self.clock.now();
         let generations = (
             *self.sites_changed.borrow(),
             *self.certificates_changed.borrow(),
-            ReportTokens::epoch(now),
         );
-        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(current) = served.as_ref()
-            && current.generations == generations
-            && current.valid_until.is_none_or(|until| now < until)
-        {
-            return Ok((
-                Arc::clone(&current.body),
-                current.etag.clone(),
-                current.version.clone(),
-            ));
+        let token_epoch = ReportTokens::epoch(now);
+        let mut state = self.lock();
+        if !state.loaded {
+            state.generations = generations;
+            return self.load_everything(&mut state, now);
         }
-        let sites = self.store.list_sites()?;
-        let certificates = self.store.all_current_certificates()?;
-        let built = build_policy(
-            &sites,
-            &certificates,
-            &self.settings,
-            Some(&self.tokens),
-            now,
-        );
-        drop((sites, certificates));
-        let checked = match Policy::compile(&built.document) {
-            Ok(_) => Ok((built.document, Vec::new())),
-            Err(_) => {
-                let previous: Option<PolicyDocument> = served
-                    .as_ref()
-                    .and_then(|current| serde_json::from_slice(&current.body).ok());
-                isolate_invalid_sites(built.document, previous.as_ref())
+        if state.reload_everything {
+            state.generations = generations;
+            return self.load_everything(&mut state, now);
+        }
+        let boundary_passed = state.boundaries.first().is_some_and(|(at, _)| *at <= now);
+        if state.generations == generations && state.token_epoch == token_epoch && !boundary_passed
+        {
+            return Ok(());
+        }
+        state.generations = generations;
+        let mut changed = Vec::new();
+        let refreshed = self.refresh_changed(&mut state, token_epoch, now, &mut changed);
+        if refreshed.is_err() {
+            state.reload_everything = true;
+        }
+        // What was recomputed before an error is served (and remembered) all the same.
+        self.record_version(&mut state, changed);
+        refreshed
+    }
+
+    /// [`PolicyFeed::refresh`]'s incremental part: recomputes the sites the change log, the
+    /// clock and the token epoch name, pushing those whose served entry changed to `changed`.
+    fn refresh_changed(
+        &self,
+        state: &mut FeedState,
+        token_epoch: i64,
+        now: OffsetDateTime,
+        changed: &mut Vec<String>,
+    ) -> Result<()> {
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let reload_threshold = (state.entries.len() / 4).max(HISTORY_MAX_SITES_PER_VERSION);
+        loop {
+            let batch = self
+                .store
+                .site_changes_since(state.last_seq, CHANGE_BATCH_ROWS)?;
+            if !batch.complete {
+                tracing::info!(
+                    after = state.last_seq,
+                    "the store's change log no longer reaches back to the feed's position; reloading every site"
+                );
+                return self.load_everything(state, now);
+            }
+            let done = batch.sites.is_empty();
+            state.last_seq = batch.last_seq;
+            dirty.extend(batch.sites);
+            if done {
+                break;
+            }
+            if dirty.len() > reload_threshold {
+                return self.load_everything(state, now);
+            }
+        }
+        while let Some((at, _)) = state.boundaries.first()
+            && *at <= now
+        {
+            if let Some((_, site)) = state.boundaries.pop_first() {
+                dirty.insert(site);
+            }
+        }
+        if state.token_epoch != token_epoch {
+            state.token_epoch = token_epoch;
+            dirty.extend(
+                state
+                    .entries
+                    .iter()
+                    .filter(|(_, entry)| entry.report_mode)
+                    .map(|(id, _)| id.clone()),
+            );
+        }
+        for id in dirty {
+            if self.recompute_site(state, &id, now)? {
+                changed.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reloads one site from the store and replaces its entry; true when the served entry
+    /// changed (added, changed or removed).
+    fn recompute_site(&self, state: &mut FeedState, id: &str, now: OffsetDateTime) -> Result<bool> {
+        let Some(site) = self.store.site(id)? else {
+            state.rejected.remove(id);
+            return Ok(match state.entries.remove(id) {
+                Some(old) => {
+                    if let Some(at) = old.boundary {
+                        state.boundaries.remove(&(at, id.to_string()));
+                    }
+                    true
+                }
+                None => false,
+            });
+        };
+        let certificates = self.store.current_certificates(id)?;
+        let certificates: Vec<CertificateCoverage> = certificates.iter().map(Into::into).collect();
+        let certificates: Vec<&CertificateCoverage> = certificates.iter().collect();
+        let (spec, boundary) = site_entry(&site, &certificates, Some(&self.tokens), now);
+        let report_mode = spec.report_token.is_some();
+        let previous = state
+            .entries
+            .get(id)
+            .and_then(|entry| serde_json::from_slice::<SiteSpec>(&entry.json).ok())
+            .map(|spec| self.document(vec![spec]));
+        let checked = match Policy::compile(&self.document(vec![spec.clone()])) {
+            Ok(_) => Ok((Some(spec), None)),
+            Err(_) => isolate_invalid_sites(self.document(vec![spec]), previous.as_ref()).map(
+                |(mut document, rejected)| (document.sites.pop(), rejected.into_iter().next()),
+            ),
+        };
+        let (served, rejected) = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                // Only the settings can fail outside a site, and they were checked at start.
+                return Err(Error::Internal(format!(
+                    "the edge settings fail the filter's validation: {error}"
+                )));
             }
         };
-        match checked {
-            Ok((document, rejected)) => {
-                for site in &rejected {
-                    tracing::warn!(
-                        site = %site.site,
-                        problems = %site.problems.join("; "),
-                        previous_kept = site.previous_kept,
-                        "a site's policy entry fails the filter's validation: it is left out of the policy (its previous good entry kept when it had one); every other site is served"
-                    );
-                }
-                let body: Arc<[u8]> = serde_json::to_vec(&document)
-                    .map_err(|e| Error::Internal(format!("serialising the policy: {e}")))?
-                    .into();
-                let etag = HeaderValue::from_str(&format!("\"{}\"", document.version))
-                    .map_err(|e| Error::Internal(format!("policy ETag: {e}")))?;
-                tracing::info!(
-                    version = %document.version,
-                    sites = document.sites.len(),
-                    rejected = rejected.len(),
-                    "policy rebuilt"
-                );
-                *served = Some(Served {
-                    generations,
-                    valid_until: built.valid_until,
-                    body: Arc::clone(&body),
-                    etag: etag.clone(),
-                    version: document.version.clone(),
-                    rejected: Arc::new(rejected),
-                });
-                Ok((body, etag, document.version))
+        match rejected {
+            Some(rejected) => {
+                report_rejected(&rejected);
+                state.rejected.insert(id.to_string(), rejected);
             }
-            Err(error) => {
-                tracing::error!(%error, "the policy built from the store does not validate; the edge keeps the last good one");
-                match served.as_ref() {
-                    Some(current) => Ok((
-                        Arc::clone(&current.body),
-                        current.etag.clone(),
-                        current.version.clone(),
-                    )),
-                    None => Err(Error::Internal(format!("no valid policy yet: {error}"))),
-                }
+            None => {
+                state.rejected.remove(id);
             }
         }
+        let old = state.entries.remove(id);
+        if let Some(at) = old.as_ref().and_then(|old| old.boundary) {
+            state.boundaries.remove(&(at, id.to_string()));
+        }
+        let Some(served) = served else {
+            return Ok(old.is_some());
+        };
+        let json = serde_json::to_vec(&served)
+            .map_err(|e| Error::Internal(format!("serialising site {id}'s entry: {e}")))?
+            .into_boxed_slice();
+        let changed = old.is_none_or(|old| old.json != json);
+        if let Some(at) = boundary {
+            state.boundaries.insert((at, id.to_string()));
+        }
+        state.entries.insert(
+            id.to_string(),
+            SiteEntry {
+                json,
+                boundary,
+                report_mode,
+            },
+        );
+        Ok(changed)
+    }
+
+    /// Loads every site (at start, or when the change log lost this feed's position), validates
+    /// them all at once and records a version for the entries that differ from before.
+    fn load_everything(&self, state: &mut FeedState, now: OffsetDateTime) -> Result<()> {
+        // The position first: a change committed while loading is read again, never lost.
+        let last_seq = self.store.latest_change_seq()?;
+        let sites = self.store.list_sites()?;
+        let certificates = self.store.all_current_coverage()?;
+        let mut entries = site_entries(&sites, &certificates, Some(&self.tokens), now);
+        drop((sites, certificates));
+        entries.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        let mut boundaries: HashMap<String, OffsetDateTime> = HashMap::new();
+        let mut specs = Vec::with_capacity(entries.len());
+        for (spec, boundary) in entries {
+            if let Some(at) = boundary {
+                boundaries.insert(spec.id.clone(), at);
+            }
+            specs.push(spec);
+        }
+        let document = self.document(specs);
+        let (document, rejected) = match Policy::compile(&document) {
+            Ok(_) => (document, Vec::new()),
+            Err(_) => {
+                let previous = state.loaded.then(|| self.previous_document(state));
+                isolate_invalid_sites(document, previous.as_ref()).map_err(|error| {
+                    Error::Internal(format!(
+                        "the edge settings fail the filter's validation: {error}"
+                    ))
+                })?
+            }
+        };
+        state.rejected.clear();
+        for site in rejected {
+            report_rejected(&site);
+            state.rejected.insert(site.site.clone(), site);
+        }
+        let mut old_entries = std::mem::take(&mut state.entries);
+        state.boundaries.clear();
+        let mut changed = Vec::new();
+        for spec in document.sites {
+            let json = serde_json::to_vec(&spec)
+                .map_err(|e| Error::Internal(format!("serialising site {}'s entry: {e}", spec.id)))?
+                .into_boxed_slice();
+            let boundary = boundaries.remove(&spec.id);
+            if let Some(at) = boundary {
+                state.boundaries.insert((at, spec.id.clone()));
+            }
+            if old_entries
+                .remove(&spec.id)
+                .is_none_or(|old| old.json != json)
+            {
+                changed.push(spec.id.clone());
+            }
+            state.entries.insert(
+                spec.id,
+                SiteEntry {
+                    json,
+                    boundary,
+                    report_mode: spec.report_token.is_some(),
+                },
+            );
+        }
+        changed.extend(old_entries.into_keys());
+        state.last_seq = last_seq;
+        state.reload_everything = false;
+        state.token_epoch = ReportTokens::epoch(now);
+        if state.loaded {
+            self.record_version(state, changed);
+        } else {
+            state.loaded = true;
+            state.version = 1;
+        }
+        tracing::info!(
+            version = %self.version_text(state.version),
+            sites = state.entries.len(),
+            rejected = state.rejected.len(),
+            "policy loaded from every site in the store"
+        );
+        Ok(())
+    }
+
+    /// The served entries as a document (for the previous-entry fallback of a full reload).
+    fn previous_document(&self, state: &FeedState) -> PolicyDocument {
+        self.document(
+            state
+                .entries
+                .values()
+                .filter_map(|entry| serde_json::from_slice(&entry.json).ok())
+                .collect(),
+        )
+    }
+
+    /// A document of these sites with the edge settings (its version is a placeholder: only
+    /// snapshots carry a real one).
+    fn document(&self, sites: Vec<SiteSpec>) -> PolicyDocument {
+        PolicyDocument {
+            schema: SCHEMA_VERSION,
+            version: self.version_text(0),
+            settings: Settings {
+                trusted_proxies: self.settings.trusted_proxies.clone(),
+                http_port: self.settings.http_port,
+                https_port: self.settings.https_port,
+            },
+            sites,
+        }
+    }
+
+    /// Makes a new version when `changed` lists any site, remembering them (bounded).
+    fn record_version(&self, state: &mut FeedState, changed: Vec<String>) {
+        if changed.is_empty() {
+            return;
+        }
+        state.version += 1;
+        state.snapshot = None;
+        tracing::info!(
+            version = %self.version_text(state.version),
+            changed = changed.len(),
+            sites = state.entries.len(),
+            "policy changed"
+        );
+        let remembered = (changed.len() <= HISTORY_MAX_SITES_PER_VERSION).then_some(changed);
+        state.history_site_ids += remembered.as_ref().map_or(0, Vec::len);
+        let version = state.version;
+        state.history.push_back((version, remembered));
+        while state.history.len() > HISTORY_MAX_VERSIONS
+            || (state.history_site_ids > HISTORY_MAX_SITE_IDS
+                && state.history.len() > HISTORY_MIN_VERSIONS)
+        {
+            if let Some((_, Some(ids))) = state.history.pop_front() {
+                state.history_site_ids -= ids.len();
+            }
+        }
+    }
+
+    /// Answers a request: `since` is the client's current version (absent: it has none),
+    /// `if_none_match` the last version it saw (applied or rejected), from its header.
+    pub fn answer(&self, since: Option<&str>, if_none_match: Option<&str>) -> Result<FeedAnswer> {
+        self.refresh()?;
+        let mut state = self.lock();
+        let current = state.version;
+        let version = self.version_text(current);
+        let seen = if_none_match.is_some_and(|header| {
+            header
+                .split(',')
+                .map(|tag| tag.trim().trim_matches('"'))
+                .any(|tag| tag == version || tag == "*")
+        });
+        if seen || since == Some(version.as_str()) {
+            return Ok(FeedAnswer::NotModified { version });
+        }
+        if let Some(body) = since.and_then(|since| self.delta(&state, since)) {
+            return Ok(FeedAnswer::Delta {
+                version,
+                body: body?,
+            });
+        }
+        let body = match &state.snapshot {
+            Some((n, body)) if *n == current => body.clone(),
+            _ => {
+                let body = self.snapshot_body(&state, &version);
+                state.snapshot = Some((current, body.clone()));
+                body
+            }
+        };
+        Ok(FeedAnswer::Snapshot { version, body })
+    }
+
+    /// The delta from `since` to the current version, or `None` when it cannot be told
+    /// (another epoch, not a version of this feed, older than the history, or so large a
+    /// snapshot serves better).
+    fn delta(&self, state: &FeedState, since: &str) -> Option<Result<Bytes>> {
+        let (epoch, n) = since.split_once('-')?;
+        let from: u64 = n.parse().ok()?;
+        if epoch != &*self.epoch || from >= state.version {
+            return None;
+        }
+        let oldest = state.history.front()?.0;
+        if oldest > from + 1 {
+            return None;
+        }
+        let mut ids: BTreeSet<&str> = BTreeSet::new();
+        for (version, changed) in state.history.iter().rev() {
+            if *version <= from {
+                break;
+            }
+            ids.extend(changed.as_ref()?.iter().map(String::as_str));
+        }
+        if ids.len() > HISTORY_MAX_SITES_PER_VERSION.max(state.entries.len() / 2) {
+            return None;
+        }
+        let mut upsert: Vec<&[u8]> = Vec::new();
+        let mut remove: Vec<&str> = Vec::new();
+        for id in ids {
+            match state.entries.get(id) {
+                Some(entry) => upsert.push(&entry.json),
+                None => remove.push(id),
+            }
+        }
+        Some(delta_body(
+            since,
+            &self.version_text(state.version),
+            &upsert,
+            &remove,
+        ))
+    }
+
+    /// The whole document's JSON, assembled from the entries' JSON (the same bytes a
+    /// [`PolicyDocument`] serialises to).
+    fn snapshot_body(&self, state: &FeedState, version: &str) -> Bytes {
+        let settings = Settings {
+            trusted_proxies: self.settings.trusted_proxies.clone(),
+            http_port: self.settings.http_port,
+            https_port: self.settings.https_port,
+        };
+        let sites_bytes: usize = state.entries.values().map(|e| e.json.len() + 1).sum();
+        let mut body = Vec::with_capacity(sites_bytes + 256);
+        body.extend_from_slice(format!("{{\"schema\":{SCHEMA_VERSION},\"version\":").as_bytes());
+        json_string(&mut body, version);
+        body.extend_from_slice(b",\"settings\":");
+        body.extend_from_slice(&serde_json::to_vec(&settings).unwrap_or_else(|_| b"{}".to_vec()));
+        body.extend_from_slice(b",\"sites\":[");
+        for (index, entry) in state.entries.values().enumerate() {
+            if index > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&entry.json);
+        }
+        body.extend_from_slice(b"]}");
+        Bytes::from(body)
+    }
+
+    /// The current version.
+    pub fn version(&self) -> Result<String> {
+        self.refresh()?;
+        Ok(self.version_text(self.lock().version))
+    }
+
+    /// The current policy as a snapshot: its JSON, ETag and version.
+    pub fn current(&self) -> Result<(Bytes, HeaderValue, String)> {
+        match self.answer(None, None)? {
+            FeedAnswer::Snapshot { version, body } | FeedAnswer::Delta { version, body } => {
+                Ok((body, etag_of(&version)?, version))
+            }
+            FeedAnswer::NotModified { version } => Err(Error::Internal(format!(
+                "the feed answered 304 to a request for a snapshot (version {version})"
+            ))),
+        }
+    }
+
+    /// When the entries next change with time alone: the soonest certificate validity
+    /// boundary or the next report-token epoch.
+    pub fn next_time_boundary(&self) -> OffsetDateTime {
+        let state = self.lock();
+        let next_epoch = OffsetDateTime::from_unix_timestamp(
+            (state.token_epoch + 1).saturating_mul(TOKEN_EPOCH_SECS),
+        )
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        state
+            .boundaries
+            .first()
+            .map_or(next_epoch, |(at, _)| (*at).min(next_epoch))
     }
 
     /// The sites left out of (or kept at their previous entry in) the policy served now, each
-    /// with the filter's problems; empty when every site's entry validates.
-    pub fn rejected_sites(&self) -> Arc<Vec<RejectedSite>> {
-        self.served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or_else(
-                || Arc::new(Vec::new()),
-                |current| Arc::clone(&current.rejected),
-            )
+    /// with the filter's problems, by id; empty when every site's entry validates.
+    pub fn rejected_sites(&self) -> Vec<RejectedSite> {
+        self.lock().rejected.values().cloned().collect()
+    }
+
+    /// How many sites [`PolicyFeed::rejected_sites`] lists.
+    pub fn rejected_count(&self) -> usize {
+        self.lock().rejected.len()
+    }
+
+    /// Why a site's entry is not served as the store says, when it fails the filter's
+    /// validation (as of the feed's last look at the store).
+    pub fn rejected_site(&self, site: &str) -> Option<RejectedSite> {
+        self.lock().rejected.get(site).cloned()
     }
 }
 
-async fn serve_policy(State(feed): State<PolicyFeed>, headers: HeaderMap) -> Response {
-    let current = tokio::task::spawn_blocking(move || feed.current()).await;
-    let (body, etag, _version) = match current {
-        Ok(Ok(current)) => current,
-        Ok(Err(error)) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the policy is not available: {error}\n"),
-            )
-                .into_response();
+/// Logs a rejected site at WARN, naming it and its problems.
+fn report_rejected(site: &RejectedSite) {
+    tracing::warn!(
+        site = %site.site,
+        problems = %site.problems.join("; "),
+        previous_kept = site.previous_kept,
+        "a site's policy entry fails the filter's validation: it is left out of the policy (its previous good entry kept when it had one); every other site is served"
+    );
+}
+
+/// Appends `text` as a JSON string.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&serde_json::to_vec(text).unwrap_or_else(|_| b"\"\"".to_vec()));
+}
+
+/// A [`PolicyDelta`]'s JSON from entries already serialised.
+fn delta_body(from: &str, version: &str, upsert: &[&[u8]], remove: &[&str]) -> Result<Bytes> {
+    let mut body = Vec::with_capacity(upsert.iter().map(|e| e.len() + 1).sum::<usize>() + 128);
+    body.extend_from_slice(format!("{{\"schema\":{SCHEMA_VERSION},\"from\":").as_bytes());
+    json_string(&mut body, from);
+    body.extend_from_slice(b",\"version\":");
+    json_string(&mut body, version);
+    body.extend_from_slice(b",\"upsert\":[");
+    for (index, entry) in upsert.iter().enumerate() {
+        if index > 0 {
+            body.push(b',');
         }
-        Err(join) => {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("building the policy failed: {join}\n"),
-            )
-                .into_response();
+        body.extend_from_slice(entry);
+    }
+    body.extend_from_slice(b"],\"remove\":");
+    body.extend_from_slice(
+        &serde_json::to_vec(remove)
+            .map_err(|e| Error::Internal(format!("serialising a delta: {e}")))?,
+    );
+    body.push(b'}');
+    Ok(Bytes::from(body))
+}
+
+/// The quoted ETag of a version.
+fn etag_of(version: &str) -> Result<HeaderValue> {
+    HeaderValue::from_str(&format!("\"{version}\""))
+        .map_err(|e| Error::Internal(format!("policy ETag: {e}")))
+}
+
+/// A plain-text error answer.
+fn error_answer(status: StatusCode, message: String) -> Response {
+    (status, message).into_response()
+}
+
+/// `GET /v1/policy[?since=V&wait_ms=W]`: a snapshot, a delta from `since`, or a 304 after
+/// holding the request up to `wait_ms` (capped at [`MAX_WAIT_MS`]) for a change.
+async fn serve_policy(
+    State(feed): State<PolicyFeed>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let wait_ms = match query.get("wait_ms").map(|w| w.parse::<u64>()) {
+        None => 0,
+        Some(Ok(wait_ms)) => wait_ms.min(MAX_WAIT_MS),
+        Some(Err(_)) => {
+            return error_answer(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "wait_ms must be a whole number of milliseconds (0 to {MAX_WAIT_MS}), not {:?}\n",
+                    query.get("wait_ms").map_or("", String::as_str)
+                ),
+            );
         }
     };
-    let matches = headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|tag| tag.trim() == etag.to_str().unwrap_or_default() || tag.trim() == "*");
-    if matches {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
-    }
-    (
-        StatusCode::OK,
-        [
-            (header::ETAG, etag),
-            (
+    let since = query.get("since").cloned();
+    let if_none_match = {
+        let tags: Vec<&str> = headers
+            .get_all(header::IF_NONE_MATCH)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!tags.is_empty()).then(|| tags.join(","))
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    // Subscribed before the first look, so a change committed meanwhile still wakes the wait.
+    let mut sites_changed = feed.store.sites_changed();
+    let mut certificates_changed = feed.store.certificates_changed();
+    loop {
+        sites_changed.borrow_and_update();
+        certificates_changed.borrow_and_update();
+        let asking = feed.clone();
+        let (since, if_none_match) = (since.clone(), if_none_match.clone());
+        let answer = tokio::task::spawn_blocking(move || {
+            asking.answer(since.as_deref(), if_none_match.as_deref())
+        })
+        .await;
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(error)) => {
+                return error_answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the policy is not available: {error}\n"),
+                );
+            }
+            Err(join) => {
+                return error_answer(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("building the policy failed: {join}\n"),
+                );
+            }
+        };
+        let (status, kind, version, body) = match answer {
+            FeedAnswer::NotModified { version } => {
+                let now = tokio::time::Instant::now();
+                if now < deadline {
+                    let until_boundary = (feed.next_time_boundary() - feed.clock.now())
+                        .try_into()
+                        .unwrap_or(std::time::Duration::ZERO);
+                    let wake = deadline.min(now + until_boundary);
+                    tokio::select! {
+                        changed = sites_changed.changed() => {
+                            if changed.is_err() { tokio::time::sleep_until(deadline).await; }
+                        }
+                        changed = certificates_changed.changed() => {
+                            if changed.is_err() { tokio::time::sleep_until(deadline).await; }
+                        }
+                        () = tokio::time::sleep_until(wake) => {}
+                    }
+                    continue;
+                }
+                (StatusCode::NOT_MODIFIED, None, version, Bytes::new())
+            }
+            FeedAnswer::Snapshot { version, body } => {
+                (StatusCode::OK, Some(KIND_SNAPSHOT), version, body)
+            }
+            FeedAnswer::Delta { version, body } => {
+                (StatusCode::OK, Some(KIND_DELTA), version, body)
+            }
+        };
+        let etag = match etag_of(&version) {
+            Ok(etag) => etag,
+            Err(error) => {
+                return error_answer(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n"));
+            }
+        };
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        let response_headers = response.headers_mut();
+        response_headers.insert(header::ETAG, etag);
+        if let Some(kind) = kind {
+            response_headers.insert(POLICY_KIND_HEADER, HeaderValue::from_static(kind));
+            response_headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
-            ),
-        ],
-        body.to_vec(),
-    )
-        .into_response()
+            );
+        }
+        return response;
+    }
 }
 
 #[cfg(test)]

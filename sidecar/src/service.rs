@@ -44,6 +44,9 @@ pub struct Sidecar {
     admin_token: String,
     report_tokens: ReportTokens,
     hook_workers: HookWorkers,
+    /// The policy feed: served on the internal listener; its rejected sites are reported by
+    /// the admin API and the metrics.
+    feed: PolicyFeed,
 }
 
 /// A running sidecar. Dropping it stops its listeners and the issuer.
@@ -161,6 +164,12 @@ impl Sidecar {
             responder.clone(),
             hooks,
         );
+        let feed = PolicyFeed::new(
+            Arc::clone(&store),
+            Arc::clone(&clock),
+            config.edge.settings(),
+            report_tokens.clone(),
+        );
         Ok(Self {
             config,
             store,
@@ -170,13 +179,18 @@ impl Sidecar {
             admin_token,
             report_tokens,
             hook_workers,
+            feed,
         })
     }
 
     /// The admin API router, with the operator console under `/console`.
     pub fn admin_router(&self) -> Router {
         crate::console::with_console(
-            admin_router(Arc::clone(&self.issuer), &self.admin_token),
+            admin_router(
+                Arc::clone(&self.issuer),
+                &self.admin_token,
+                self.feed.clone(),
+            ),
             crate::console::ConsoleContext {
                 issuer: Arc::clone(&self.issuer),
                 admin_token: Arc::from(self.admin_token.as_str()),
@@ -189,14 +203,8 @@ impl Sidecar {
     /// The internal router: HTTP-01 challenges, the policy feed and mixed-content reports. Merge more routes into it
     /// before serving.
     pub fn internal_router(&self) -> Router {
-        let feed = PolicyFeed::new(
-            Arc::clone(&self.store),
-            Arc::clone(&self.clock),
-            self.config.edge.settings(),
-            self.report_tokens.clone(),
-        );
         internal_router(self.responder.clone())
-            .merge(feed.router())
+            .merge(self.feed.clone().router())
             .merge(crate::csp_reports::router(
                 Arc::clone(&self.store),
                 Arc::clone(&self.clock),
@@ -278,6 +286,7 @@ impl Sidecar {
             Arc::clone(&self.issuer),
             sds_listen.clone(),
             self.config.metrics.clone(),
+            self.feed.clone(),
         );
         let admin_app = self.admin_router();
         let internal_app = self.internal_router().merge(extra_internal_routes);

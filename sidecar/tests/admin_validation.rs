@@ -649,6 +649,8 @@ async fn the_cli_sets_and_shows_the_whole_policy() -> anyhow::Result<()> {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let (_, site) = admin.call(Method::GET, "/v1/sites/shop", None).await?;
     assert_eq!(site["policy"]["canonical_host"], json!(null), "{site}");
+    // Its feed entry validates: nothing to report.
+    assert_eq!(site["policy_rejected"], json!(null), "{site}");
     Ok(())
 }
 

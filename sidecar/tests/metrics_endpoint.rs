@@ -252,10 +252,21 @@ async fn metrics_are_scraped_without_a_token_and_parse_with_cert_manager_names()
     }
 
     // per_site = false keeps the aggregates and drops the per-site series.
+    // No site's policy entry fails the filter's validation (the store cannot hold one that
+    // would); the gauge is there, at 0, and renders the count the feed gives it.
+    assert_eq!(
+        gauge(sample(&scrape, "autohttps_policy_rejected_sites", &[])),
+        0.0
+    );
     let aggregate = parse(&render(
         &sidecar.running.issuer,
         &MetricsConfig { per_site: false },
+        2,
     )?)?;
+    assert_eq!(
+        gauge(sample(&aggregate, "autohttps_policy_rejected_sites", &[])),
+        2.0
+    );
     assert!(
         aggregate
             .samples

@@ -133,6 +133,20 @@ pub fn certificates(status: &Value) -> String {
 pub fn site_details(all: &Value) -> String {
     let mut out = site(&all["site"]);
     out.push('\n');
+    if let Some(rejected) = all["site"]["policy_rejected"].as_object() {
+        let served = if rejected["previous_kept"].as_bool() == Some(true) {
+            "the edge keeps its previous good entry"
+        } else {
+            "the edge does not know the site's names"
+        };
+        let _ = writeln!(
+            out,
+            "policy: REJECTED by the filter's validation ({served}); fix the site:"
+        );
+        for problem in rejected["problems"].as_array().into_iter().flatten() {
+            let _ = writeln!(out, "  {}", text(problem));
+        }
+    }
     out.push_str(&certificates(&all["certificates"]));
     out.push_str("recent events:\n");
     for event in all["events"].as_array().into_iter().flatten() {
@@ -237,5 +251,41 @@ mod tests {
         let pending =
             json!({ "certificates": [], "uncovered": ["a.test"], "issuance": { "failures": 0 } });
         assert_eq!(certificate_summary(&pending)["state"], "pending");
+    }
+
+    #[test]
+    fn site_show_names_a_rejected_policy_entry_and_its_problems() {
+        let shown = |rejected: Value| {
+            site_details(&json!({
+                "site": {
+                    "name": "shop",
+                    "hostnames": [],
+                    "policy": {},
+                    "issuance": {},
+                    "policy_rejected": rejected
+                },
+                "certificates": { "certificates": [] },
+                "events": []
+            }))
+        };
+        let fine = shown(Value::Null);
+        assert!(!fine.contains("REJECTED"), "{fine}");
+        let rejected = shown(json!({
+            "site": "shop",
+            "problems": ["hostnames[1]: not a valid name", "cert_ready[0]: not a name of the site"],
+            "previous_kept": true
+        }));
+        assert!(
+            rejected.contains("policy: REJECTED by the filter's validation (the edge keeps its previous good entry)"),
+            "{rejected}"
+        );
+        assert!(
+            rejected.contains("  hostnames[1]: not a valid name\n"),
+            "{rejected}"
+        );
+        assert!(
+            rejected.contains("  cert_ready[0]: not a name of the site"),
+            "{rejected}"
+        );
     }
 }

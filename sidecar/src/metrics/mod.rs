@@ -36,6 +36,7 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 use crate::issuance::Issuer;
+use crate::policy_feed::PolicyFeed;
 use crate::sds::SdsListen;
 use crate::store::{Site, StoredCertificate};
 
@@ -128,8 +129,10 @@ fn site_condition(
     }
 }
 
-/// The whole scrape, in the Prometheus text format 0.0.4.
-pub fn render(issuer: &Issuer, config: &MetricsConfig) -> Result<String> {
+/// The whole scrape, in the Prometheus text format 0.0.4; `rejected_sites` is how many sites the
+/// policy feed leaves out (or serves at their previous entry) because their entries fail the
+/// filter's validation.
+pub fn render(issuer: &Issuer, config: &MetricsConfig, rejected_sites: usize) -> Result<String> {
     let store = issuer.store();
     let now = issuer.clock().now();
     let sites = store.list_sites()?;
@@ -272,6 +275,13 @@ pub fn render(issuer: &Issuer, config: &MetricsConfig) -> Result<String> {
             .set(i64::try_from(*n).unwrap_or(i64::MAX));
     }
     registry.register("sites", "Sites by HTTPS mode", modes);
+    let rejected = Gauge::<i64>::default();
+    rejected.set(i64::try_from(rejected_sites).unwrap_or(i64::MAX));
+    registry.register(
+        "policy_rejected_sites",
+        "Sites whose policy-feed entry fails the filter's validation: left out of the feed, or served at their previous good entry (see `autohttps site show`)",
+        rejected,
+    );
 
     let mut text = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut text, &root)
@@ -285,26 +295,36 @@ pub fn render(issuer: &Issuer, config: &MetricsConfig) -> Result<String> {
 #[derive(Debug, Clone)]
 pub struct OpsState {
     issuer: Arc<Issuer>,
+    feed: PolicyFeed,
     sds: SdsListen,
     config: Arc<MetricsConfig>,
 }
 
 /// The operations router: `/metrics`, `/readyz`, `/healthz`; no token (nothing in it writes
 /// or reveals a secret).
-pub fn ops_router(issuer: Arc<Issuer>, sds: SdsListen, config: MetricsConfig) -> Router {
+pub fn ops_router(
+    issuer: Arc<Issuer>,
+    sds: SdsListen,
+    config: MetricsConfig,
+    feed: PolicyFeed,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/readyz", get(readyz))
         .route("/healthz", get(healthz))
         .with_state(OpsState {
             issuer,
+            feed,
             sds,
             config: Arc::new(config),
         })
 }
 
 async fn metrics(State(state): State<OpsState>) -> Response {
-    let rendered = tokio::task::spawn_blocking(move || render(&state.issuer, &state.config)).await;
+    let rendered = tokio::task::spawn_blocking(move || {
+        render(&state.issuer, &state.config, state.feed.rejected_count())
+    })
+    .await;
     match rendered {
         Ok(Ok(text)) => (
             [(

@@ -38,7 +38,8 @@ pub struct SiteChanges {
     /// The sequence number of the last log row read (the `after` of the next call); `after`
     /// itself when nothing changed.
     pub last_seq: u64,
-    /// False when `after` was compacted away: the reader must reload everything.
+    /// False when the changes after `after` were compacted away (or `after` is not of this
+    /// log): the reader must reload everything, then go on from `last_seq`.
     pub complete: bool,
 }
 
@@ -279,14 +280,51 @@ pub struct StoredCertificate {
 impl StoredCertificate {
     /// Whether `name` is among its SANs (exactly, or through a `*.` wildcard SAN).
     pub fn covers(&self, name: &Hostname) -> bool {
-        self.names.iter().any(|san| {
-            san == name
-                || san.as_str().strip_prefix("*.").is_some_and(|parent| {
-                    name.as_str()
-                        .split_once('.')
-                        .is_some_and(|(_, rest)| rest == parent)
-                })
-        })
+        sans_cover(&self.names, name)
+    }
+}
+
+/// Whether `name` is among `sans` (exactly, or through a `*.` wildcard SAN).
+fn sans_cover(sans: &[Hostname], name: &Hostname) -> bool {
+    sans.iter().any(|san| {
+        san == name
+            || san.as_str().strip_prefix("*.").is_some_and(|parent| {
+                name.as_str()
+                    .split_once('.')
+                    .is_some_and(|(_, rest)| rest == parent)
+            })
+    })
+}
+
+/// What the policy feed needs of a current certificate: whose it is, its names and when it is
+/// valid; no PEM text, so building the feed never holds every private key in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateCoverage {
+    /// The site it was issued for.
+    pub site: String,
+    /// Its SANs.
+    pub names: Vec<Hostname>,
+    /// Validity start.
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    pub not_after: OffsetDateTime,
+}
+
+impl CertificateCoverage {
+    /// Whether `name` is among its SANs (exactly, or through a `*.` wildcard SAN).
+    pub fn covers(&self, name: &Hostname) -> bool {
+        sans_cover(&self.names, name)
+    }
+}
+
+impl From<&StoredCertificate> for CertificateCoverage {
+    fn from(certificate: &StoredCertificate) -> Self {
+        CertificateCoverage {
+            site: certificate.site.clone(),
+            names: certificate.names.clone(),
+            not_before: certificate.not_before,
+            not_after: certificate.not_after,
+        }
     }
 }
 
@@ -548,6 +586,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn counts(&self) -> Result<StoreCounts>;
     /// All current certificates (for expiry metrics).
     fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>>;
+    /// What the policy feed needs of every current certificate (site, names, validity), without
+    /// the PEM text and keys. The default reads [`Store::all_current_certificates`].
+    fn all_current_coverage(&self) -> Result<Vec<CertificateCoverage>> {
+        Ok(self
+            .all_current_certificates()?
+            .iter()
+            .map(CertificateCoverage::from)
+            .collect())
+    }
     /// Checks that a change could be written now (the write lock can be taken), waiting at
     /// most `patience`; writes nothing. For readiness probes.
     fn check_writable(&self, patience: std::time::Duration) -> Result<()>;

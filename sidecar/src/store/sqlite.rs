@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
@@ -13,13 +14,11 @@ use super::rows::{
     CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json,
     names_json, site_hostname, ts,
 };
+use super::{AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, supersedes};
 use super::{
-    AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, fold_site_changes, supersedes,
-};
-use super::{
-    Event, HostnameKind, HttpsMode, MixedContentFinding, NewCertificate, NewSite, OrderInFlight,
-    PrivateKeyPem, Recorded, Site, SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate,
-    finding_bytes,
+    CertificateCoverage, Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule,
+    MixedContentFinding, NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site,
+    SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
@@ -116,9 +115,10 @@ UPDATE mixed_content SET bytes = length(CAST(page AS BLOB)) + length(CAST(resour
     + length(CAST(directive AS BLOB)) + 64;
 CREATE INDEX mixed_content_eviction ON mixed_content(site, reports, last_seen);
 "#,
-    // The change log (one design for both backends): every change that can alter a site's
-    // policy-feed entry or its served certificates appends the site, written by triggers in
-    // the same transaction. Scheduling columns are left out: they change on every attempt.
+    // The change log the policy feed reads to rebuild only the sites that changed: triggers
+    // append the site's id in the writing transaction, so no code path can forget it. The
+    // scheduling columns (next_attempt_at, failures, last_problem, regenerate) change on every
+    // attempt and never alter the feed, so they do not log.
     r#"
 CREATE TABLE site_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -162,6 +162,13 @@ CREATE TABLE acme_challenges (
 "#,
 ];
 
+/// The change log keeps at least this many newest rows...
+pub const SITE_CHANGES_KEEP_ROWS: u64 = 100_000;
+/// ...and every row younger than this many seconds; older rows beyond both are compacted away.
+pub const SITE_CHANGES_KEEP_SECS: i64 = 24 * 60 * 60;
+/// The change log is compacted after this many change notifications (and when the store opens).
+const COMPACT_EVERY_CHANGES: u64 = 4096;
+
 /// How long a statement waits for another connection's lock before failing "database is locked".
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -172,6 +179,8 @@ pub struct SqliteStore {
     node_id: String,
     certificates_changed: watch::Sender<u64>,
     sites_changed: watch::Sender<u64>,
+    /// Change notifications since the change log was last compacted.
+    changes_since_compaction: AtomicU64,
 }
 
 impl SqliteStore {
@@ -236,12 +245,54 @@ impl SqliteStore {
         }
         tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
         tx.commit()?;
-        Ok(Self {
+        let store = Self {
             connection: Mutex::new(connection),
             node_id: node_id.to_owned(),
             certificates_changed: watch::Sender::new(0),
             sites_changed: watch::Sender::new(0),
-        })
+            changes_since_compaction: AtomicU64::new(0),
+        };
+        store.compact_site_changes(
+            SITE_CHANGES_KEEP_ROWS,
+            SITE_CHANGES_KEEP_SECS,
+            OffsetDateTime::now_utc(),
+        )?;
+        Ok(store)
+    }
+
+    /// Deletes change-log rows that are both older than the newest `keep_rows` and older than
+    /// `keep_secs` before `now`; returns how many. A reader whose position was deleted is told
+    /// `complete: false` by [`Store::site_changes_since`] and reloads everything.
+    pub fn compact_site_changes(
+        &self,
+        keep_rows: u64,
+        keep_secs: i64,
+        now: OffsetDateTime,
+    ) -> Result<usize> {
+        let keep_rows = i64::try_from(keep_rows).unwrap_or(i64::MAX);
+        Ok(self.lock().execute(
+            "DELETE FROM site_changes
+             WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM site_changes) - ?1 AND at < ?2",
+            params![keep_rows, ts(now).saturating_sub(keep_secs)],
+        )?)
+    }
+
+    /// Counts a change notification and compacts the change log every
+    /// [`COMPACT_EVERY_CHANGES`] of them (a failed compaction is logged and retried later).
+    fn count_change(&self) {
+        let seen = self
+            .changes_since_compaction
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if seen.is_multiple_of(COMPACT_EVERY_CHANGES)
+            && let Err(error) = self.compact_site_changes(
+                SITE_CHANGES_KEEP_ROWS,
+                SITE_CHANGES_KEEP_SECS,
+                OffsetDateTime::now_utc(),
+            )
+        {
+            tracing::warn!(%error, "compacting the store's change log failed; it is retried after more changes");
+        }
     }
 
     /// Every row of `table` (its `columns`, in order), for copying the store elsewhere.
@@ -272,11 +323,13 @@ impl SqliteStore {
     }
 
     fn bump_sites(&self) {
+        self.count_change();
         self.sites_changed
             .send_modify(|generation| *generation += 1);
     }
 
     fn bump_certificates(&self) {
+        self.count_change();
         self.certificates_changed
             .send_modify(|generation| *generation += 1);
     }
@@ -1078,37 +1131,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn latest_change_seq(&self) -> Result<u64> {
-        let latest: i64 = self.lock().query_row(
-            "SELECT COALESCE(MAX(seq), 0) FROM site_changes",
-            [],
-            |row| row.get(0),
-        )?;
-        Ok(u64::try_from(latest).unwrap_or(0))
-    }
-
-    fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges> {
-        let conn = self.lock();
-        let oldest: Option<i64> =
-            conn.query_row("SELECT MIN(seq) FROM site_changes", [], |row| row.get(0))?;
-        let rows = conn
-            .prepare("SELECT seq, site FROM site_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?
-            .query_map(
-                params![
-                    i64::try_from(after).unwrap_or(i64::MAX),
-                    i64::try_from(limit).unwrap_or(i64::MAX)
-                ],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(fold_site_changes(
-            after,
-            oldest.and_then(|seq| u64::try_from(seq).ok()),
-            rows.into_iter()
-                .map(|(seq, site)| (u64::try_from(seq).unwrap_or(0), site)),
-        ))
-    }
-
     fn add_event(
         &self,
         site: &str,
@@ -1286,6 +1308,80 @@ impl Store for SqliteStore {
         query_certificates(&self.lock(), "", "")
     }
 
+    fn all_current_coverage(&self) -> Result<Vec<CertificateCoverage>> {
+        let conn = self.lock();
+        let mut statement = conn.prepare(
+            "SELECT site, names, not_before, not_after FROM certificates WHERE superseded_at IS NULL",
+        )?;
+        let mut rows = statement.query([])?;
+        let mut coverage = Vec::new();
+        while let Some(row) = rows.next()? {
+            coverage.push(CertificateCoverage {
+                site: row.get(0)?,
+                names: names_from_json(&row.get::<_, String>(1)?)?,
+                not_before: from_ts(row.get(2)?)?,
+                not_after: from_ts(row.get(3)?)?,
+            });
+        }
+        Ok(coverage)
+    }
+
+    fn latest_change_seq(&self) -> Result<u64> {
+        let latest: i64 = self.lock().query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM site_changes",
+            [],
+            |row| row.get(0),
+        )?;
+        Ok(u64::try_from(latest).unwrap_or(0))
+    }
+
+    fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges> {
+        let conn = self.lock();
+        // Two subqueries: SQLite answers a lone MIN or MAX from the key, both in one SELECT by
+        // scanning the whole log.
+        let (oldest, latest): (Option<i64>, Option<i64>) = conn.query_row(
+            "SELECT (SELECT MIN(seq) FROM site_changes), (SELECT MAX(seq) FROM site_changes)",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let as_seq = |seq: Option<i64>| seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
+        let (oldest, latest) = (as_seq(oldest), as_seq(latest));
+        // Rows after `after` were compacted away (the next one is gone), or `after` is ahead of
+        // this log (it came from another database): the changes cannot be told, only reloaded.
+        if after > latest || (oldest > 0 && after.saturating_add(1) < oldest) {
+            return Ok(SiteChanges {
+                sites: Vec::new(),
+                last_seq: latest,
+                complete: false,
+            });
+        }
+        let mut statement = conn
+            .prepare("SELECT seq, site FROM site_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = statement
+            .query_map(
+                params![
+                    i64::try_from(after).unwrap_or(i64::MAX),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut last_seq = after;
+        let mut seen = std::collections::HashSet::new();
+        let mut sites = Vec::new();
+        for (seq, site) in rows {
+            last_seq = u64::try_from(seq).unwrap_or(last_seq);
+            if seen.insert(site.clone()) {
+                sites.push(site);
+            }
+        }
+        Ok(SiteChanges {
+            sites,
+            last_seq,
+            complete: true,
+        })
+    }
+
     fn certificates_changed(&self) -> watch::Receiver<u64> {
         self.certificates_changed.subscribe()
     }
@@ -1393,5 +1489,221 @@ mod tests {
         assert_eq!(orders.len(), 1);
         assert_eq!(orders[0].order_url, "https://ca/order/1");
         assert!(store.site("blog").unwrap().is_some());
+    }
+}
+
+#[cfg(test)]
+mod change_log_tests {
+    use super::*;
+    use std::time::Duration;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
+
+    fn name(n: &str) -> Hostname {
+        Hostname::parse(n).expect("valid hostname")
+    }
+
+    fn new_site(site: &str, primary: &str) -> NewSite {
+        NewSite {
+            name: site.into(),
+            primary: name(primary),
+            hostnames: Vec::new(),
+            policy: SitePolicy::default(),
+        }
+    }
+
+    fn certificate(site: &str, names: &[&str], serial: &str) -> NewCertificate {
+        NewCertificate {
+            site: site.into(),
+            names: names.iter().map(|n| name(n)).collect(),
+            chain_pem: format!("chain {serial}"),
+            key_pem: PrivateKeyPem::new(format!("key {serial}")),
+            not_before: NOW,
+            not_after: datetime!(2026-06-01 00:00 UTC),
+            serial: serial.into(),
+            ari_id: None,
+        }
+    }
+
+    /// Runs `write` and returns the sites the change log recorded for it (deduplicated).
+    fn logged(store: &SqliteStore, write: impl FnOnce(&SqliteStore)) -> Vec<String> {
+        let before = store.latest_change_seq().expect("latest");
+        write(store);
+        let changes = store.site_changes_since(before, 1000).expect("changes");
+        assert!(changes.complete);
+        assert_eq!(changes.last_seq, store.latest_change_seq().expect("latest"));
+        changes.sites
+    }
+
+    #[test]
+    fn every_write_that_changes_the_feed_logs_its_site_and_scheduling_does_not() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = SqliteStore::open(&dir.path().join("autohttps.db")).expect("store");
+        assert_eq!(store.latest_change_seq().expect("latest"), 0);
+        let both = |s: &SqliteStore| {
+            s.create_site(new_site("blog", "blog.test"), NOW, NOW)
+                .expect("site");
+            s.create_site(new_site("shop", "shop.test"), NOW, NOW)
+                .expect("site");
+        };
+        // A site and its primary hostname, twice: deduplicated, in order of first change.
+        assert_eq!(logged(&store, both), ["blog", "shop"]);
+        let policy = SitePolicy {
+            https: HttpsMode::Force,
+            ..SitePolicy::default()
+        };
+        assert_eq!(
+            logged(&store, |s| {
+                s.set_policy("shop", policy).expect("policy");
+            }),
+            ["shop"]
+        );
+        assert_eq!(
+            logged(&store, |s| {
+                s.add_hostname("blog", &name("www.blog.test"), NOW, NOW)
+                    .expect("added");
+            }),
+            ["blog"]
+        );
+        assert_eq!(
+            logged(&store, |s| {
+                s.remove_hostname("blog", &name("www.blog.test"), NOW, NOW)
+                    .expect("removed");
+            }),
+            ["blog"]
+        );
+        assert_eq!(
+            logged(&store, |s| {
+                s.store_certificate(certificate("shop", &["shop.test"], "01"), None, NOW)
+                    .expect("stored");
+            }),
+            ["shop"]
+        );
+        // The next certificate supersedes the first: the insert and the update both log.
+        let before = store.latest_change_seq().expect("latest");
+        store
+            .store_certificate(certificate("shop", &["shop.test"], "02"), None, NOW)
+            .expect("stored");
+        assert_eq!(store.latest_change_seq().expect("latest"), before + 2);
+
+        // Scheduling and attempts write only the scheduling columns: nothing is logged.
+        let lease = NOW + Duration::from_secs(600);
+        assert_eq!(
+            logged(&store, |s| {
+                s.begin_attempt("blog", NOW, lease).expect("begun");
+                s.finish_attempt("blog", lease, Some(lease), 1, Some("dns"))
+                    .expect("finished");
+                s.schedule("blog", None, 2, Some("again"))
+                    .expect("scheduled");
+                s.request_issuance("blog", NOW, true).expect("requested");
+                s.take_regenerate_request("blog").expect("taken");
+                s.add_event("blog", NOW, "attempt-failed", "x", None, None)
+                    .expect("event");
+            }),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            logged(&store, |s| s.delete_site("shop").expect("deleted")),
+            ["shop"]
+        );
+
+        // The log survives a restart, and reading from where it ends gives nothing.
+        let latest = store.latest_change_seq().expect("latest");
+        drop(store);
+        let store = SqliteStore::open(&dir.path().join("autohttps.db")).expect("reopened");
+        assert_eq!(store.latest_change_seq().expect("latest"), latest);
+        let nothing = store.site_changes_since(latest, 10).expect("changes");
+        assert_eq!(
+            nothing,
+            SiteChanges {
+                sites: Vec::new(),
+                last_seq: latest,
+                complete: true
+            }
+        );
+        // `limit` bounds the rows read; the next call goes on from `last_seq`.
+        let first = store.site_changes_since(0, 2).expect("changes");
+        assert_eq!(
+            (first.sites.as_slice(), first.last_seq),
+            (&["blog".to_string()][..], 2)
+        );
+        let next = store
+            .site_changes_since(first.last_seq, 2)
+            .expect("changes");
+        assert_eq!(next.sites, ["shop"]);
+    }
+
+    #[test]
+    fn coverage_is_the_current_certificates_without_their_pem() {
+        let store = SqliteStore::in_memory().expect("store");
+        store
+            .create_site(new_site("shop", "shop.test"), NOW, NOW)
+            .expect("site");
+        store
+            .add_hostname("shop", &name("www.shop.test"), NOW, NOW)
+            .expect("added");
+        for (names, serial) in [(&["shop.test"][..], "01"), (&["www.shop.test"][..], "02")] {
+            store
+                .store_certificate(certificate("shop", names, serial), None, NOW)
+                .expect("stored");
+        }
+        // One that the next supersedes: not current, not in the coverage.
+        store
+            .store_certificate(
+                certificate("shop", &["shop.test", "www.shop.test"], "03"),
+                None,
+                NOW,
+            )
+            .expect("stored");
+        let mut coverage = store.all_current_coverage().expect("coverage");
+        coverage.sort_by(|a, b| a.names.cmp(&b.names));
+        let mut expected: Vec<CertificateCoverage> = store
+            .all_current_certificates()
+            .expect("certificates")
+            .iter()
+            .map(CertificateCoverage::from)
+            .collect();
+        expected.sort_by(|a, b| a.names.cmp(&b.names));
+        assert_eq!(coverage, expected);
+        assert_eq!(coverage.len(), 1);
+        assert!(coverage[0].covers(&name("www.shop.test")));
+    }
+
+    #[test]
+    fn a_reader_behind_the_compacted_log_or_ahead_of_it_is_told_to_reload() {
+        let store = SqliteStore::in_memory().expect("store");
+        for site in ["a", "b", "c"] {
+            store
+                .create_site(new_site(site, &format!("{site}.test")), NOW, NOW)
+                .expect("site");
+        }
+        let latest = store.latest_change_seq().expect("latest");
+        // Recent rows are kept whatever their number.
+        let kept = store
+            .compact_site_changes(1, SITE_CHANGES_KEEP_SECS, OffsetDateTime::now_utc())
+            .expect("compacted");
+        assert_eq!(kept, 0);
+        assert!(store.site_changes_since(0, 100).expect("changes").complete);
+        // Old rows beyond the newest one go.
+        let later = OffsetDateTime::now_utc() + time::Duration::minutes(1);
+        let deleted = store.compact_site_changes(1, 0, later).expect("compacted");
+        assert_eq!(deleted, usize::try_from(latest - 1).expect("small"));
+        assert_eq!(store.latest_change_seq().expect("latest"), latest);
+        let behind = store.site_changes_since(0, 100).expect("changes");
+        assert_eq!(
+            behind,
+            SiteChanges {
+                sites: Vec::new(),
+                last_seq: latest,
+                complete: false
+            }
+        );
+        // Just before the oldest kept row is still complete.
+        let edge = store.site_changes_since(latest - 1, 100).expect("changes");
+        assert!(edge.complete);
+        assert_eq!(edge.sites, ["c"]);
+        let ahead = store.site_changes_since(latest + 5, 100).expect("changes");
+        assert!(!ahead.complete);
     }
 }
