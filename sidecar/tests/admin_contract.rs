@@ -354,6 +354,17 @@ async fn every_route_answers_the_pinned_json() -> anyhow::Result<()> {
     recorded.push(
         record(
             admin,
+            Exchange::new(
+                "error_bad_query",
+                Method::GET,
+                "/v1/sites/shop/events?limit=many",
+            ),
+        )
+        .await?,
+    );
+    recorded.push(
+        record(
+            admin,
             Exchange::new("error_conflict", Method::POST, "/v1/sites")
                 .body(json!({ "name": "shop", "primary": "other.test" })),
         )

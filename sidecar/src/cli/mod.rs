@@ -78,6 +78,17 @@ pub enum Command {
     },
     /// Print the man page (roff), e.g. `autohttps man > /usr/local/share/man/man1/autohttps.1`.
     Man,
+    /// The admin API's contract.
+    #[command(subcommand)]
+    Api(ApiCommand),
+}
+
+/// `api …`.
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Print the admin API's OpenAPI 3.1 document (JSON), generated from the handlers; no server
+    /// needed (the same document a running sidecar serves at /v1/openapi.json).
+    Openapi,
 }
 
 /// `site …`.
@@ -412,7 +423,8 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Site(SiteCommand::List)
         | Command::Serve { .. }
         | Command::Completions { .. }
-        | Command::Man => {}
+        | Command::Man
+        | Command::Api(_) => {}
     }
     if let Command::Site(SiteCommand::Add { policy, .. } | SiteCommand::Set { policy, .. }) =
         &cli.command
@@ -440,9 +452,11 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         }
     };
     match &cli.command {
-        Command::Serve { .. } | Command::Completions { .. } | Command::Man => Err(CliError::Usage(
-            "`serve`, `completions` and `man` are not admin commands".into(),
-        )),
+        Command::Serve { .. } | Command::Completions { .. } | Command::Man | Command::Api(_) => {
+            Err(CliError::Usage(
+                "`serve`, `completions`, `man` and `api` are not admin commands".into(),
+            ))
+        }
         Command::Site(SiteCommand::Add {
             name,
             primary,
