@@ -289,6 +289,56 @@ pub struct CertificateStatus {
     pub issuance: IssuanceSchedule,
 }
 
+/// A site's certificate state at a glance, as `site list` and the console show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum CertificateState {
+    /// Every name is covered.
+    Ok,
+    /// Some names are covered, others not yet.
+    Partial,
+    /// The last attempt failed.
+    Failing,
+    /// Nothing issued yet.
+    Pending,
+}
+
+/// [`CertificateStatus`] summed up: its state, soonest expiry and uncovered names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CertificateOverview {
+    /// ok, partial, failing or pending.
+    pub state: CertificateState,
+    /// The earliest `not_after` of the certificates served.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub soonest_expiry: Option<OffsetDateTime>,
+    /// How many of the site's names no certificate covers.
+    pub uncovered: usize,
+}
+
+impl CertificateStatus {
+    /// The state at a glance: `failing` when the last attempt failed, else `pending` with no
+    /// certificate, `ok` when every name is covered, `partial` otherwise.
+    pub fn overview(&self) -> CertificateOverview {
+        let state = match (
+            self.certificates.is_empty(),
+            self.uncovered.len(),
+            self.issuance.failures > 0,
+        ) {
+            (_, _, true) => CertificateState::Failing,
+            (true, _, false) => CertificateState::Pending,
+            (false, 0, false) => CertificateState::Ok,
+            (false, _, false) => CertificateState::Partial,
+        };
+        CertificateOverview {
+            state,
+            soonest_expiry: self.certificates.iter().map(|c| c.not_after).min(),
+            uncovered: self.uncovered.len(),
+        }
+    }
+}
+
 /// `POST /v1/sites/{site}/regenerate`: accepted; the attempt runs in the background.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

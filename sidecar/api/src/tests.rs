@@ -78,7 +78,10 @@ fn every_golden_request_body_round_trips_through_its_type() {
     assert_eq!(create.redirect, RedirectKind::Permanent);
     assert_eq!(create.hostnames, ["www.shop.test"]);
     assert_eq!(create.canonical_host.as_deref(), Some("www.shop.test"));
-    assert_eq!(create.hsts.map(|h| (h.enabled, h.preload)), Some((true, false)));
+    assert_eq!(
+        create.hsts.map(|h| (h.enabled, h.preload)),
+        Some((true, false))
+    );
     round_trips::<AddHostname>("add_hostname request", &request("add_hostname"));
     round_trips::<UpdateSite>("update_site request", &request("update_site"));
 }
@@ -106,4 +109,26 @@ fn unknown_request_fields_are_refused() {
     assert!(
         serde_json::from_str::<CreateSite>(r#"{"name":"a","primary":"a.test","x":1}"#).is_err()
     );
+}
+
+#[test]
+fn the_overview_names_the_state_and_soonest_expiry() {
+    let mut status: CertificateStatus =
+        serde_json::from_value(golden("certificate_status")["body"].clone()).expect("parses");
+    assert_eq!(status.overview().state, CertificateState::Failing);
+    status.issuance.failures = 0;
+    let overview = status.overview();
+    assert_eq!(overview.state, CertificateState::Partial);
+    assert_eq!(overview.uncovered, 1);
+    let mut later = status.certificates[0].clone();
+    later.not_after += time::Duration::days(30);
+    status.certificates.insert(0, later);
+    assert_eq!(
+        status.overview().soonest_expiry,
+        Some(time::macros::datetime!(2026-05-30 11:00:00 UTC))
+    );
+    status.uncovered.clear();
+    assert_eq!(status.overview().state, CertificateState::Ok);
+    status.certificates.clear();
+    assert_eq!(status.overview().state, CertificateState::Pending);
 }
