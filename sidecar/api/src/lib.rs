@@ -102,23 +102,25 @@ pub struct CreateSite {
 }
 
 /// `PATCH /v1/sites/{site}`: only the fields present change.
+// The `Option` fields have no `#[serde(default)]` (an absent one is `None` anyway): with it,
+// serde would take an empty JSON array as a body that changes nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSite {
     /// auto, force or disable.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<openapi::HttpsModeSchema>))]
     pub https: Option<HttpsMode>,
     /// permanent or temporary.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<openapi::RedirectKindSchema>))]
     pub redirect: Option<RedirectKind>,
     /// HSTS, replaced whole.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hsts: Option<HstsPolicy>,
     /// off, upgrade or report.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<openapi::MixedContentSchema>))]
     pub mixed_content: Option<MixedContent>,
     /// Absent: unchanged; `null`: none; a name: that one (one of the site's exact hostnames).
