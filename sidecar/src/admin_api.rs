@@ -183,9 +183,11 @@ pub fn admin_router(issuer: Arc<Issuer>, token: &str) -> Router {
     let (public, _) = public_routes().split_for_parts();
     let (protected, _) = protected_routes().split_for_parts();
     let protected = protected
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     public
+        .method_not_allowed_fallback(method_not_allowed)
         .merge(protected)
         .layer(middleware::from_fn(refuse_oversized_bodies))
         .with_state(state)
@@ -291,6 +293,13 @@ async fn not_found() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
         "no such route; routes live under /v1 (sites, diagnose; the document at /v1/openapi.json), plus /healthz and /metrics".into(),
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this route does not take that method; the methods of every route are in the OpenAPI document at /v1/openapi.json (or `autohttps api openapi`)".into(),
     )
 }
 

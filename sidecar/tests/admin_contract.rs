@@ -331,6 +331,13 @@ async fn every_route_answers_the_pinned_json() -> anyhow::Result<()> {
     recorded.push(
         record(
             admin,
+            Exchange::new("error_method_not_allowed", Method::PUT, "/v1/sites/shop"),
+        )
+        .await?,
+    );
+    recorded.push(
+        record(
+            admin,
             Exchange::new("error_no_such_site", Method::GET, "/v1/sites/nosuch"),
         )
         .await?,

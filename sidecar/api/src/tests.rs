@@ -63,6 +63,7 @@ fn every_golden_answer_round_trips_through_its_type() {
         "error_bad_hostname",
         "error_unknown_field",
         "error_bad_query",
+        "error_method_not_allowed",
         "error_conflict",
     ] {
         round_trips::<ErrorBody>(name, &body(name));
