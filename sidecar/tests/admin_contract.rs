@@ -399,3 +399,59 @@ async fn every_route_answers_the_pinned_json() -> anyhow::Result<()> {
     sidecar.running.shutdown().await;
     Ok(())
 }
+
+/// A server of another version cannot be had here, so a small axum server on loopback plays
+/// one: its diagnosis has a renamed field. The CLI must refuse the answer and say why, not
+/// print empty fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_refuses_an_answer_of_another_shape_naming_its_version() -> anyhow::Result<()> {
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(
+        golden_dir().join("diagnose_covered.json"),
+    )?)?;
+    let mut renamed = golden["body"].clone();
+    let verdict = renamed["verdict"].take();
+    renamed
+        .as_object_mut()
+        .expect("a diagnosis is an object")
+        .remove("verdict");
+    renamed["outcome"] = verdict;
+    let other_version = axum::Router::new().route(
+        "/v1/diagnose/{hostname}",
+        axum::routing::get(move || {
+            let renamed = renamed.clone();
+            async move { axum::Json(renamed) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, other_version).await });
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_autohttps"))
+            .args([
+                "--admin-url",
+                &base,
+                "--token",
+                "t",
+                "diagnose",
+                "shop.test",
+            ])
+            .env_remove("AUTOHTTPS_CONFIG")
+            .current_dir(std::env::temp_dir())
+            .output()
+    })
+    .await??;
+    server.abort();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("missing field `verdict`")
+            && stderr.contains(env!("CARGO_PKG_VERSION"))
+            && stderr.contains("another version"),
+        "{stderr}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "printed an answer it could not read"
+    );
+    Ok(())
+}
