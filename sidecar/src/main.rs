@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use autohttps_sidecar::cli::{self, Cli, CliError, Command, StoreCommand};
+use autohttps_sidecar::cli::{self, ApiCommand, Cli, CliError, Command, StoreCommand};
 use autohttps_sidecar::clock::SystemClock;
 use autohttps_sidecar::config::{Config, LogFormat};
 use autohttps_sidecar::service::Sidecar;
@@ -61,6 +61,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Api(ApiCommand::Openapi) => {
+            print!("{}", autohttps_sidecar::admin_api::openapi_json());
+            ExitCode::SUCCESS
+        }
         _ => match runtime.block_on(cli::run(&cli)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(failure) => {

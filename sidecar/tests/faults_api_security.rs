@@ -1,5 +1,5 @@
-//! The admin API under hostile use: every route (read from the router's source, so a new route
-//! cannot be forgotten) refuses a missing or wrong token with 401; bad hostnames and bad
+//! The admin API under hostile use: every route (read from the generated OpenAPI document,
+//! which the router is built from, so a new route cannot be forgotten) refuses a missing or wrong token with 401; bad hostnames and bad
 //! payloads each get a 4xx that says what is wrong; the store's files are owner-only.
 
 mod support;
@@ -12,45 +12,23 @@ use reqwest::Method;
 use serde_json::json;
 use support::{Pebble, TOKEN, start_sidecar_with};
 
-/// Every `(method, path)` the admin router declares, read from `admin_api.rs` itself.
+/// Every `(method, path)` the admin router serves, from its OpenAPI document (which is built
+/// from the same declarations as the router; `openapi_document` checks the two agree).
 fn declared_routes() -> Vec<(Method, String)> {
-    let source = include_str!("../src/admin_api.rs");
+    let document: serde_json::Value =
+        serde_json::from_str(&autohttps_sidecar::admin_api::openapi_json())
+            .expect("the document is JSON");
     let mut routes = Vec::new();
-    let mut rest = source;
-    while let Some(start) = rest.find(".route(") {
-        rest = &rest[start + ".route(".len()..];
-        // The call's text, up to its closing parenthesis.
-        let mut depth = 1usize;
-        let mut end = 0;
-        for (i, c) in rest.char_indices() {
-            match c {
-                '(' => depth += 1,
-                ')' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = i;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        let call = &rest[..end];
-        let Some(path) = call.split('"').nth(1) else {
-            continue;
-        };
+    for (path, item) in document["paths"].as_object().into_iter().flatten() {
         for (word, method) in [
-            ("get(", Method::GET),
-            ("post(", Method::POST),
-            ("patch(", Method::PATCH),
-            ("put(", Method::PUT),
-            ("delete(", Method::DELETE),
+            ("get", Method::GET),
+            ("post", Method::POST),
+            ("patch", Method::PATCH),
+            ("put", Method::PUT),
+            ("delete", Method::DELETE),
         ] {
-            let mentioned = call.match_indices(word).any(|(i, _)| {
-                i == 0 || !call[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_')
-            });
-            if mentioned {
-                routes.push((method, path.to_owned()));
+            if item.get(word).is_some() {
+                routes.push((method, path.clone()));
             }
         }
     }

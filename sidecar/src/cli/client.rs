@@ -1,13 +1,20 @@
-//! The admin API as the CLI sees it: where it is (checked), the token, and requests whose path
-//! segments are percent-encoded one by one, so an identifier can never reach another route.
+//! The admin API as the CLI sees it: where it is (checked), the token, one typed call per route,
+//! and request paths whose segments are percent-encoded one by one, so an identifier can never
+//! reach another route.
 
+use autohttps_api as api;
 use reqwest::{Method, StatusCode, Url};
-use serde_json::Value;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use super::failure::CliError;
 use crate::config::Config;
 
-/// A client of the admin API.
+/// No request body (for the calls that send none).
+const NO_BODY: Option<&()> = None;
+
+/// A client of the admin API: one method per route, taking and returning the contract's types
+/// (`autohttps-api`), so a field renamed there fails to compile here.
 #[derive(Debug)]
 pub struct AdminClient {
     base: Url,
@@ -88,15 +95,150 @@ impl AdminClient {
         url
     }
 
-    /// Sends a request; a 2xx JSON answer is returned (`Value::Null` for an empty one), anything
-    /// else becomes the fitting [`CliError`].
-    pub async fn call(
+    /// `GET /v1/sites`.
+    pub async fn sites(&self) -> Result<Vec<api::Site>, CliError> {
+        self.call(Method::GET, &["v1", "sites"], &[], NO_BODY).await
+    }
+
+    /// `GET /v1/sites/{site}`.
+    pub async fn site(&self, site: &str) -> Result<api::SiteDetail, CliError> {
+        self.call(Method::GET, &["v1", "sites", site], &[], NO_BODY)
+            .await
+    }
+
+    /// `POST /v1/sites`.
+    pub async fn create_site(&self, site: &api::CreateSite) -> Result<api::Site, CliError> {
+        self.call(Method::POST, &["v1", "sites"], &[], Some(site))
+            .await
+    }
+
+    /// `PATCH /v1/sites/{site}`.
+    pub async fn update_site(
+        &self,
+        site: &str,
+        changes: &api::UpdateSite,
+    ) -> Result<api::Site, CliError> {
+        self.call(Method::PATCH, &["v1", "sites", site], &[], Some(changes))
+            .await
+    }
+
+    /// `DELETE /v1/sites/{site}`.
+    pub async fn remove_site(&self, site: &str) -> Result<(), CliError> {
+        self.send(Method::DELETE, &["v1", "sites", site], &[], NO_BODY)
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /v1/sites/{site}/hostnames`.
+    pub async fn add_hostname(&self, site: &str, hostname: &str) -> Result<api::Site, CliError> {
+        let body = api::AddHostname {
+            hostname: hostname.to_owned(),
+        };
+        self.call(
+            Method::POST,
+            &["v1", "sites", site, "hostnames"],
+            &[],
+            Some(&body),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/sites/{site}/hostnames/{hostname}`.
+    pub async fn remove_hostname(&self, site: &str, hostname: &str) -> Result<api::Site, CliError> {
+        self.call(
+            Method::DELETE,
+            &["v1", "sites", site, "hostnames", hostname],
+            &[],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `POST /v1/sites/{site}/regenerate`.
+    pub async fn regenerate(&self, site: &str) -> Result<api::RegenerateAccepted, CliError> {
+        self.call(
+            Method::POST,
+            &["v1", "sites", site, "regenerate"],
+            &[],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /v1/sites/{site}/certificates`.
+    pub async fn certificates(&self, site: &str) -> Result<api::CertificateStatus, CliError> {
+        self.call(
+            Method::GET,
+            &["v1", "sites", site, "certificates"],
+            &[],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /v1/sites/{site}/events?limit=N`: the newest `limit` events, newest first.
+    pub async fn events(&self, site: &str, limit: usize) -> Result<Vec<api::Event>, CliError> {
+        let limit = limit.to_string();
+        self.call(
+            Method::GET,
+            &["v1", "sites", site, "events"],
+            &[("limit", &limit)],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /v1/sites/{site}/mixed-content`.
+    pub async fn mixed_content(
+        &self,
+        site: &str,
+    ) -> Result<Vec<api::MixedContentFinding>, CliError> {
+        self.call(
+            Method::GET,
+            &["v1", "sites", site, "mixed-content"],
+            &[],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /v1/diagnose/{hostname}`.
+    pub async fn diagnose(&self, hostname: &str) -> Result<api::Diagnosis, CliError> {
+        self.call(Method::GET, &["v1", "diagnose", hostname], &[], NO_BODY)
+            .await
+    }
+
+    /// Sends a request and reads a 2xx answer as `T`; an answer that is not `T` (a server of
+    /// another version, or not the admin API) is refused with what did not fit.
+    async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         segments: &[&str],
         query: &[(&str, &str)],
-        body: Option<&Value>,
-    ) -> Result<Value, CliError> {
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, CliError> {
+        let (status, text) = self.send(method, segments, query, body).await?;
+        serde_json::from_str(&text).map_err(|error| {
+            if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_err() {
+                return self.not_the_admin_api(status);
+            }
+            CliError::Server(format!(
+                "the admin API at {} answered {status} with JSON this CLI does not understand ({error}): is the server another version of autohttps than this CLI ({})?",
+                self.base,
+                env!("CARGO_PKG_VERSION")
+            ))
+        })
+    }
+
+    /// Sends a request; a 2xx answer's status and body text are returned, anything else
+    /// becomes the fitting [`CliError`].
+    async fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<(StatusCode, String), CliError> {
         let url = self.url(segments, query);
         let mut request = self.http.request(method, url.clone());
         if let Some(token) = &self.token {
@@ -114,26 +256,12 @@ impl AdminClient {
         })?;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
-        let parsed: Option<Value> = if text.trim().is_empty() {
-            None
-        } else {
-            serde_json::from_str(&text).ok()
-        };
         if status.is_success() {
-            return match parsed {
-                Some(value) => Ok(value),
-                None if text.trim().is_empty() => Ok(Value::Null),
-                None => Err(self.not_the_admin_api(status)),
-            };
+            return Ok((status, text));
         }
         // The admin API answers every failure with {"error": "..."}; anything else is another
         // server (the internal listener, a proxy, another program on the port).
-        let Some(message) = parsed
-            .as_ref()
-            .and_then(|v| v.get("error"))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
+        let Ok(api::ErrorBody { error: message }) = serde_json::from_str(&text) else {
             return Err(self.not_the_admin_api(status));
         };
         Err(match status {

@@ -8,9 +8,9 @@ mod render;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use autohttps_api as api;
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
-use reqwest::Method;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 
 pub use client::{AdminClient, parse_admin_url};
 pub use failure::{CliError, EXIT_CODES, chain_once, exit_codes_help};
@@ -81,6 +81,17 @@ pub enum Command {
     },
     /// Print the man page (roff), e.g. `autohttps man > /usr/local/share/man/man1/autohttps.1`.
     Man,
+    /// The admin API's contract.
+    #[command(subcommand)]
+    Api(ApiCommand),
+}
+
+/// `api …`.
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Print the admin API's OpenAPI 3.1 document (JSON), generated from the handlers; no server
+    /// needed (the same document a running sidecar serves at /v1/openapi.json).
+    Openapi,
 }
 
 /// `store …`.
@@ -238,50 +249,62 @@ impl PolicyArgs {
             || self.hsts_preload.is_some()
     }
 
-    /// The API fields these flags set, the HSTS object merged over `current_hsts` (the API
-    /// replaces it whole).
-    fn to_fields(&self, current_hsts: Option<&Value>) -> Map<String, Value> {
-        let mut fields = Map::new();
-        if let Some(mode) = self.https {
-            fields.insert("https".into(), mode.as_str().into());
+    /// The HSTS these flags ask for, merged over `current` (the API replaces it whole); `None`
+    /// when no HSTS flag is given.
+    fn hsts(&self, current: Option<api::HstsPolicy>) -> Option<api::HstsPolicy> {
+        if !self.touches_hsts() {
+            return None;
         }
-        if let Some(kind) = self.redirect {
-            fields.insert("redirect".into(), kind.as_str().into());
+        // Giving any HSTS detail without --hsts turns it on only if it was on.
+        let mut hsts = current.unwrap_or_default();
+        if let Some(switch) = self.hsts {
+            hsts.enabled = switch.on();
         }
-        if let Some(mode) = self.mixed_content {
-            fields.insert("mixed_content".into(), mode.as_str().into());
+        if let Some(max_age) = self.hsts_max_age {
+            hsts.max_age = max_age;
         }
-        if let Some(host) = &self.canonical_host {
-            let value = if host.eq_ignore_ascii_case("none") {
-                Value::Null
-            } else {
-                Value::from(host.as_str())
-            };
-            fields.insert("canonical_host".into(), value);
+        if let Some(switch) = self.hsts_include_subdomains {
+            hsts.include_subdomains = switch.on();
         }
-        if self.touches_hsts() {
-            let mut hsts = current_hsts
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
-            // Giving any HSTS detail without --hsts turns it on only if it was on.
-            hsts.entry("enabled").or_insert(Value::Bool(false));
-            hsts.entry("max_age").or_insert(Value::from(31_536_000u64));
-            if let Some(switch) = self.hsts {
-                hsts.insert("enabled".into(), switch.on().into());
-            }
-            if let Some(max_age) = self.hsts_max_age {
-                hsts.insert("max_age".into(), max_age.into());
-            }
-            if let Some(switch) = self.hsts_include_subdomains {
-                hsts.insert("include_subdomains".into(), switch.on().into());
-            }
-            if let Some(switch) = self.hsts_preload {
-                hsts.insert("preload".into(), switch.on().into());
-            }
-            fields.insert("hsts".into(), Value::Object(hsts));
+        if let Some(switch) = self.hsts_preload {
+            hsts.preload = switch.on();
         }
-        fields
+        Some(hsts)
+    }
+
+    /// The `--canonical-host` flag: absent, `none` (`Some(None)`) or a name.
+    fn canonical_host(&self) -> Option<Option<String>> {
+        self.canonical_host
+            .as_ref()
+            .map(|host| (!host.eq_ignore_ascii_case("none")).then(|| host.clone()))
+    }
+
+    /// The change these flags make, the HSTS merged over `current_hsts`.
+    fn to_update(&self, current_hsts: Option<api::HstsPolicy>) -> api::UpdateSite {
+        api::UpdateSite {
+            https: self.https.map(Mode::to_api),
+            redirect: self.redirect.map(Redirect::to_api),
+            hsts: self.hsts(current_hsts),
+            mixed_content: self.mixed_content.map(MixedContentMode::to_api),
+            canonical_host: self.canonical_host(),
+        }
+    }
+
+    /// A new site with these flags' policy (flags left out take the API's defaults).
+    fn to_new_site(&self, name: &str, primary: &str, hostnames: &[String]) -> api::CreateSite {
+        api::CreateSite {
+            name: name.to_owned(),
+            primary: primary.to_owned(),
+            hostnames: hostnames.to_vec(),
+            https: self.https.map(Mode::to_api).unwrap_or_default(),
+            redirect: self.redirect.map(Redirect::to_api).unwrap_or_default(),
+            hsts: self.hsts(None),
+            mixed_content: self
+                .mixed_content
+                .map(MixedContentMode::to_api)
+                .unwrap_or_default(),
+            canonical_host: self.canonical_host().flatten(),
+        }
     }
 }
 
@@ -308,11 +331,11 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn as_str(self) -> &'static str {
+    fn to_api(self) -> api::HttpsMode {
         match self {
-            Self::Auto => "auto",
-            Self::Force => "force",
-            Self::Disable => "disable",
+            Self::Auto => api::HttpsMode::Auto,
+            Self::Force => api::HttpsMode::Force,
+            Self::Disable => api::HttpsMode::Disable,
         }
     }
 }
@@ -327,10 +350,10 @@ pub enum Redirect {
 }
 
 impl Redirect {
-    fn as_str(self) -> &'static str {
+    fn to_api(self) -> api::RedirectKind {
         match self {
-            Self::Permanent => "permanent",
-            Self::Temporary => "temporary",
+            Self::Permanent => api::RedirectKind::Permanent,
+            Self::Temporary => api::RedirectKind::Temporary,
         }
     }
 }
@@ -347,11 +370,11 @@ pub enum MixedContentMode {
 }
 
 impl MixedContentMode {
-    fn as_str(self) -> &'static str {
+    fn to_api(self) -> api::MixedContent {
         match self {
-            Self::Off => "off",
-            Self::Upgrade => "upgrade",
-            Self::Report => "report",
+            Self::Off => api::MixedContent::Off,
+            Self::Upgrade => api::MixedContent::Upgrade,
+            Self::Report => api::MixedContent::Report,
         }
     }
 }
@@ -434,7 +457,8 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         | Command::Serve { .. }
         | Command::Store(_)
         | Command::Completions { .. }
-        | Command::Man => {}
+        | Command::Man
+        | Command::Api(_) => {}
     }
     if let Command::Site(SiteCommand::Add { policy, .. } | SiteCommand::Set { policy, .. }) =
         &cli.command
@@ -451,22 +475,14 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         ));
     }
     let client = AdminClient::from_cli(cli)?;
-    let out = |value: &Value, human: &dyn Fn(&Value) -> String| {
-        if cli.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(value).unwrap_or_default()
-            );
-        } else {
-            println!("{}", human(value));
-        }
-    };
     match &cli.command {
-        Command::Serve { .. } | Command::Store(_) | Command::Completions { .. } | Command::Man => {
-            Err(CliError::Usage(
-                "`serve`, `store`, `completions` and `man` are not admin commands".into(),
-            ))
-        }
+        Command::Serve { .. }
+        | Command::Store(_)
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::Api(_) => Err(CliError::Usage(
+            "`serve`, `store`, `completions`, `man` and `api` are not admin commands".into(),
+        )),
         Command::Site(SiteCommand::Add {
             name,
             primary,
@@ -476,118 +492,68 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         }) => {
             // A new site has no earlier events: everything in its log follows this request.
             let since = 0;
-            let mut body = policy.to_fields(None);
-            body.insert("name".into(), name.as_str().into());
-            body.insert("primary".into(), primary.as_str().into());
-            body.insert("hostnames".into(), json!(hosts));
             let site = client
-                .call(
-                    Method::POST,
-                    &["v1", "sites"],
-                    &[],
-                    Some(&Value::Object(body)),
-                )
+                .create_site(&policy.to_new_site(name, primary, hosts))
                 .await?;
-            out(&site, &|s| {
-                format!("created site {name}\n{}", render::site(s))
+            print_answer(cli, &site, || {
+                format!("created site {name}\n{}", render::site(&site))
             });
             wait_if_asked(&client, name, wait, since, cli.json).await
         }
         Command::Site(SiteCommand::Set { name, policy }) => {
             let current = if policy.touches_hsts() {
-                let site = client
-                    .call(Method::GET, &["v1", "sites", name], &[], None)
-                    .await?;
-                site["policy"].get("hsts").cloned()
+                Some(client.site(name).await?.site.policy.hsts)
             } else {
                 None
             };
-            let body = Value::Object(policy.to_fields(current.as_ref()));
-            let site = client
-                .call(Method::PATCH, &["v1", "sites", name], &[], Some(&body))
-                .await?;
-            out(&site, &|s| {
-                format!("updated site {name}\n{}", render::site(s))
+            let site = client.update_site(name, &policy.to_update(current)).await?;
+            print_answer(cli, &site, || {
+                format!("updated site {name}\n{}", render::site(&site))
             });
             Ok(())
         }
         Command::Site(SiteCommand::List) => {
-            let sites = client
-                .call(Method::GET, &["v1", "sites"], &[], None)
-                .await?;
             let mut listed = Vec::new();
-            for site in sites.as_array().into_iter().flatten() {
-                let name = site["name"].as_str().unwrap_or_default();
-                let status = client
-                    .call(
-                        Method::GET,
-                        &["v1", "sites", name, "certificates"],
-                        &[],
-                        None,
-                    )
-                    .await?;
-                let mut site = site.clone();
-                site["certificate"] = render::certificate_summary(&status);
-                listed.push(site);
+            for site in client.sites().await? {
+                let status = client.certificates(&site.name).await?;
+                listed.push(render::SiteListing {
+                    site,
+                    certificate: status.overview(),
+                });
             }
-            out(&Value::Array(listed), &render::site_list);
+            print_answer(cli, &listed, || render::site_list(&listed));
             Ok(())
         }
         Command::Site(SiteCommand::Show { name }) => {
-            let site = client
-                .call(Method::GET, &["v1", "sites", name], &[], None)
-                .await?;
-            let certificates = client
-                .call(
-                    Method::GET,
-                    &["v1", "sites", name, "certificates"],
-                    &[],
-                    None,
-                )
-                .await?;
-            let events = client
-                .call(
-                    Method::GET,
-                    &["v1", "sites", name, "events"],
-                    &[("limit", "10")],
-                    None,
-                )
-                .await?;
-            let all = json!({ "site": site, "certificates": certificates, "events": events });
-            out(&all, &render::site_details);
+            let all = render::SiteDetails {
+                site: client.site(name).await?,
+                certificates: client.certificates(name).await?,
+                events: client.events(name, 10).await?,
+            };
+            print_answer(cli, &all, || render::site_details(&all));
             Ok(())
         }
         Command::Site(SiteCommand::Remove { name }) => {
-            client
-                .call(Method::DELETE, &["v1", "sites", name], &[], None)
-                .await?;
-            out(&json!({ "removed": name }), &|_| {
+            client.remove_site(name).await?;
+            print_answer(cli, &Removed { removed: name }, || {
                 format!("removed site {name}")
             });
             Ok(())
         }
         Command::Site(SiteCommand::MixedContent { name }) => {
-            let findings = client
-                .call(
-                    Method::GET,
-                    &["v1", "sites", name, "mixed-content"],
-                    &[],
-                    None,
-                )
-                .await?;
-            out(&findings, &|v| render::mixed_content(name, v));
+            let findings = client.mixed_content(name).await?;
+            print_answer(cli, &findings, || render::mixed_content(name, &findings));
             Ok(())
         }
         Command::Site(SiteCommand::Https { name, mode }) => {
-            let site = client
-                .call(
-                    Method::PATCH,
-                    &["v1", "sites", name],
-                    &[],
-                    Some(&json!({ "https": mode.as_str() })),
-                )
-                .await?;
-            out(&site, &|_| format!("site {name}: https {}", mode.as_str()));
+            let change = api::UpdateSite {
+                https: Some(mode.to_api()),
+                ..api::UpdateSite::default()
+            };
+            let site = client.update_site(name, &change).await?;
+            print_answer(cli, &site, || {
+                format!("site {name}: https {}", site.policy.https.as_str())
+            });
             Ok(())
         }
         Command::Host(HostCommand::Add {
@@ -596,53 +562,48 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
             wait,
         }) => {
             let since = newest_event_if_waiting(&client, site, wait).await?;
-            let updated = client
-                .call(
-                    Method::POST,
-                    &["v1", "sites", site, "hostnames"],
-                    &[],
-                    Some(&json!({ "hostname": hostname })),
-                )
-                .await?;
-            out(&updated, &|s| {
-                format!("added {hostname} to {site}\n{}", render::site(s))
+            let updated = client.add_hostname(site, hostname).await?;
+            print_answer(cli, &updated, || {
+                format!("added {hostname} to {site}\n{}", render::site(&updated))
             });
             wait_if_asked(&client, site, wait, since, cli.json).await
         }
         Command::Host(HostCommand::Remove { site, hostname }) => {
-            let updated = client
-                .call(
-                    Method::DELETE,
-                    &["v1", "sites", site, "hostnames", hostname],
-                    &[],
-                    None,
-                )
-                .await?;
-            out(&updated, &|s| {
-                format!("removed {hostname} from {site}\n{}", render::site(s))
+            let updated = client.remove_hostname(site, hostname).await?;
+            print_answer(cli, &updated, || {
+                format!("removed {hostname} from {site}\n{}", render::site(&updated))
             });
             Ok(())
         }
         Command::Cert(CertCommand::Regenerate { site, wait }) => {
             let since = newest_event_if_waiting(&client, site, wait).await?;
-            let answer = client
-                .call(
-                    Method::POST,
-                    &["v1", "sites", site, "regenerate"],
-                    &[],
-                    None,
-                )
-                .await?;
-            out(&answer, &|_| format!("regeneration of {site} scheduled"));
+            let answer = client.regenerate(site).await?;
+            print_answer(cli, &answer, || format!("regeneration of {site} scheduled"));
             wait_if_asked(&client, site, wait, since, cli.json).await
         }
         Command::Diagnose { hostname } => {
-            let diagnosis = client
-                .call(Method::GET, &["v1", "diagnose", hostname], &[], None)
-                .await?;
-            out(&diagnosis, &render::diagnosis);
+            let diagnosis = client.diagnose(hostname).await?;
+            print_answer(cli, &diagnosis, || render::diagnosis(&diagnosis));
             Ok(())
         }
+    }
+}
+
+/// `site remove --json`.
+#[derive(Debug, Serialize)]
+struct Removed<'a> {
+    removed: &'a str,
+}
+
+/// Prints an answer: as JSON with `--json`, else in words.
+fn print_answer(cli: &Cli, value: &impl Serialize, human: impl FnOnce() -> String) {
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        println!("{}", human());
     }
 }
 
@@ -658,16 +619,8 @@ async fn newest_event_if_waiting(
     if !wait.wait {
         return Ok(0);
     }
-    match client
-        .call(
-            Method::GET,
-            &["v1", "sites", site, "events"],
-            &[("limit", "1")],
-            None,
-        )
-        .await
-    {
-        Ok(events) => Ok(events[0]["id"].as_i64().unwrap_or(0)),
+    match client.events(site, 1).await {
+        Ok(events) => Ok(events.first().map_or(0, |event| event.id)),
         Err(CliError::NotFound(_)) => Ok(0),
         Err(error) => Err(error),
     }
@@ -697,45 +650,23 @@ async fn wait_if_asked(
                 wait.timeout
             )));
         }
-        let events = client
-            .call(
-                Method::GET,
-                &["v1", "sites", site, "events"],
-                &[("limit", "50")],
-                None,
-            )
-            .await?;
-        let mut fresh: Vec<&Value> = events
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["id"].as_i64().unwrap_or(0) > seen)
-            .collect();
-        fresh.reverse();
-        for event in &fresh {
-            seen = seen.max(event["id"].as_i64().unwrap_or(0));
-            let kind = event["kind"].as_str().unwrap_or("");
-            attempt_started |= kind == "attempt-started";
+        let events = client.events(site, 50).await?;
+        // Oldest first, only those after `seen`.
+        let after = seen;
+        for event in events.iter().rev().filter(|e| e.id > after) {
+            seen = seen.max(event.id);
+            attempt_started |= event.kind == "attempt-started";
             if !json {
                 eprintln!(
-                    "  [{:>5.1}s] {kind}: {}",
+                    "  [{:>5.1}s] {}: {}",
                     started.elapsed().as_secs_f64(),
-                    event["message"].as_str().unwrap_or("")
+                    event.kind,
+                    event.message
                 );
             }
         }
-        let status = client
-            .call(
-                Method::GET,
-                &["v1", "sites", site, "certificates"],
-                &[],
-                None,
-            )
-            .await?;
-        let busy = status["working"].as_bool().unwrap_or(false)
-            || status["orders_in_flight"]
-                .as_array()
-                .is_some_and(|o| !o.is_empty());
+        let status = client.certificates(site).await?;
+        let busy = status.working || !status.orders_in_flight.is_empty();
         if attempt_started && !busy {
             if json {
                 println!(
@@ -745,14 +676,17 @@ async fn wait_if_asked(
             } else {
                 print!("{}", render::certificates(&status));
             }
-            return match status["issuance"]["failures"].as_u64() {
-                Some(n) if n > 0 => Err(CliError::IssuanceFailed(format!(
+            return if status.issuance.failures > 0 {
+                Err(CliError::IssuanceFailed(format!(
                     "issuance for {site} is failing: {}",
-                    status["issuance"]["last_problem"]
-                        .as_str()
+                    status
+                        .issuance
+                        .last_problem
+                        .as_deref()
                         .unwrap_or("see `autohttps site show`")
-                ))),
-                _ => Ok(()),
+                )))
+            } else {
+                Ok(())
             };
         }
         let line = if attempt_started {
@@ -783,12 +717,38 @@ mod tests {
             hsts_max_age: Some(600),
             ..PolicyArgs::default()
         };
-        let current = json!({ "enabled": true, "max_age": 300, "include_subdomains": true, "preload": false });
-        let fields = args.to_fields(Some(&current));
+        let current = api::HstsPolicy {
+            enabled: true,
+            max_age: 300,
+            include_subdomains: true,
+            preload: false,
+        };
+        let update = args.to_update(Some(current));
         assert_eq!(
-            fields["hsts"],
-            json!({ "enabled": true, "max_age": 600, "include_subdomains": true, "preload": false })
+            update.hsts,
+            Some(api::HstsPolicy {
+                max_age: 600,
+                ..current
+            })
         );
-        assert!(!fields.contains_key("https"));
+        assert_eq!(update.https, None);
+        // Only the flags given are sent.
+        assert_eq!(
+            serde_json::to_value(&update).expect("serialises"),
+            serde_json::json!({ "hsts": { "enabled": true, "max_age": 600, "include_subdomains": true, "preload": false } })
+        );
+    }
+
+    #[test]
+    fn canonical_host_none_clears_it() {
+        let args = PolicyArgs {
+            canonical_host: Some("NONE".into()),
+            ..PolicyArgs::default()
+        };
+        assert_eq!(
+            serde_json::to_value(args.to_update(None)).expect("serialises"),
+            serde_json::json!({ "canonical_host": null })
+        );
+        assert_eq!(args.to_new_site("a", "a.test", &[]).canonical_host, None);
     }
 }

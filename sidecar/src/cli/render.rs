@@ -1,32 +1,43 @@
-//! How the CLI prints the admin API's answers for people (`--json` prints them as they are).
+//! How the CLI prints the admin API's answers for people (`--json` prints them as they are),
+//! and the shapes of its own combined answers (`site list`, `site show`).
 
 use std::fmt::Write as _;
 
-use serde_json::{Value, json};
+use autohttps_api as api;
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
-fn text(value: &Value) -> &str {
-    value.as_str().unwrap_or("")
+/// A time as the API writes it (RFC 3339).
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
-fn hostnames(site: &Value) -> Vec<String> {
-    site["hostnames"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| format!("{} ({})", text(&h["name"]), text(&h["kind"])))
+/// The wire name of a value of the policy vocabulary (`force`, `permanent`, `report`…).
+fn wire_name(value: impl Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => format!("{other:?}"),
+    }
+}
+
+fn hostnames(site: &api::Site) -> Vec<String> {
+    site.hostnames
+        .iter()
+        .map(|h| format!("{} ({})", h.name, wire_name(h.kind)))
         .collect()
 }
 
 /// A site: names and the whole policy.
-pub fn site(site: &Value) -> String {
-    let policy = &site["policy"];
-    let hsts = &policy["hsts"];
-    let hsts_text = if hsts["enabled"].as_bool().unwrap_or(false) {
-        let mut words = format!("on, max-age {}", hsts["max_age"]);
-        if hsts["include_subdomains"].as_bool().unwrap_or(false) {
+pub fn site(site: &api::Site) -> String {
+    let policy = &site.policy;
+    let hsts = &policy.hsts;
+    let hsts_text = if hsts.enabled {
+        let mut words = format!("on, max-age {}", hsts.max_age);
+        if hsts.include_subdomains {
             words.push_str(", includeSubDomains");
         }
-        if hsts["preload"].as_bool().unwrap_or(false) {
+        if hsts.preload {
             words.push_str(", preload");
         }
         words
@@ -35,42 +46,27 @@ pub fn site(site: &Value) -> String {
     };
     format!(
         "site {}\n  hostnames:     {}\n  https:         {} (redirects {})\n  canonical:     {}\n  hsts:          {hsts_text}\n  mixed content: {}",
-        text(&site["name"]),
+        site.name,
         hostnames(site).join(", "),
-        text(&policy["https"]),
-        text(&policy["redirect"]),
-        policy["canonical_host"].as_str().unwrap_or("none"),
-        text(&policy["mixed_content"]),
+        policy.https.as_str(),
+        wire_name(policy.redirect),
+        policy.canonical_host.as_deref().unwrap_or("none"),
+        wire_name(policy.mixed_content),
     )
 }
 
-/// One site's certificate state for `site list`: `ok` (every name covered), `partial`,
-/// `failing` (the last attempt failed), `pending` (nothing issued yet), with the soonest expiry.
-pub fn certificate_summary(status: &Value) -> Value {
-    let certificates = status["certificates"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let uncovered = status["uncovered"].as_array().map_or(0, Vec::len);
-    let failing = status["issuance"]["failures"].as_u64().unwrap_or(0) > 0;
-    let state = match (certificates.is_empty(), uncovered, failing) {
-        (_, _, true) => "failing",
-        (true, _, false) => "pending",
-        (false, 0, false) => "ok",
-        (false, _, false) => "partial",
-    };
-    // RFC 3339 timestamps in one offset (UTC) sort as text.
-    let soonest = certificates
-        .iter()
-        .filter_map(|c| c["not_after"].as_str())
-        .min()
-        .map(str::to_owned);
-    json!({ "state": state, "soonest_expiry": soonest, "uncovered": uncovered })
+/// One row of `site list`: the site and its certificate state at a glance.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteListing {
+    /// The site, as the API answers it.
+    #[serde(flatten)]
+    pub site: api::Site,
+    /// Its certificates summed up.
+    pub certificate: api::CertificateOverview,
 }
 
 /// `site list`.
-pub fn site_list(sites: &Value) -> String {
-    let rows: Vec<&Value> = sites.as_array().into_iter().flatten().collect();
+pub fn site_list(rows: &[SiteListing]) -> String {
     if rows.is_empty() {
         return "no sites; add one with `autohttps site add <name> <domain>`".into();
     }
@@ -78,63 +74,64 @@ pub fn site_list(sites: &Value) -> String {
         "{:<20} {:<8} {:<8} {:<21} {}\n",
         "SITE", "HTTPS", "CERT", "EXPIRES", "HOSTNAMES"
     );
-    for site in rows {
-        let summary = &site["certificate"];
+    for row in rows {
+        let summary = &row.certificate;
         let _ = writeln!(
             out,
             "{:<20} {:<8} {:<8} {:<21} {}",
-            text(&site["name"]),
-            text(&site["policy"]["https"]),
-            text(&summary["state"]),
-            summary["soonest_expiry"].as_str().unwrap_or("-"),
-            hostnames(site).join(", ")
+            row.site.name,
+            row.site.policy.https.as_str(),
+            wire_name(summary.state),
+            summary
+                .soonest_expiry
+                .map_or_else(|| "-".to_owned(), rfc3339),
+            hostnames(&row.site).join(", ")
         );
     }
     out.trim_end().to_owned()
 }
 
 /// A site's certificates, what they do not cover yet and the issuance schedule.
-pub fn certificates(status: &Value) -> String {
+pub fn certificates(status: &api::CertificateStatus) -> String {
     let mut out = String::new();
-    for certificate in status["certificates"].as_array().into_iter().flatten() {
-        let names: Vec<&str> = certificate["names"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+    for certificate in &status.certificates {
         let _ = writeln!(
             out,
             "certificate {} valid until {} for {}",
-            text(&certificate["serial"]),
-            text(&certificate["not_after"]),
-            names.join(", ")
+            certificate.serial,
+            rfc3339(certificate.not_after),
+            certificate.names.join(", ")
         );
     }
-    let uncovered: Vec<&str> = status["uncovered"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    if !uncovered.is_empty() {
-        let _ = writeln!(out, "not covered yet: {}", uncovered.join(", "));
+    if !status.uncovered.is_empty() {
+        let _ = writeln!(out, "not covered yet: {}", status.uncovered.join(", "));
     }
-    if let Some(problem) = status["issuance"]["last_problem"].as_str() {
+    if let Some(problem) = &status.issuance.last_problem {
         let _ = writeln!(out, "last problem: {problem}");
     }
-    if let Some(next) = status["issuance"]["next_attempt_at"].as_str() {
-        let _ = writeln!(out, "next attempt: {next}");
+    if let Some(next) = status.issuance.next_attempt_at {
+        let _ = writeln!(out, "next attempt: {}", rfc3339(next));
     }
     out
 }
 
 /// `site show`: the site, its certificates and recent events.
-pub fn site_details(all: &Value) -> String {
-    let mut out = site(&all["site"]);
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteDetails {
+    /// The site, and why the edge cannot serve its entry, if it cannot.
+    pub site: api::SiteDetail,
+    /// Its certificate status.
+    pub certificates: api::CertificateStatus,
+    /// Its recent events, newest first.
+    pub events: Vec<api::Event>,
+}
+
+/// `site show`.
+pub fn site_details(all: &SiteDetails) -> String {
+    let mut out = site(&all.site.site);
     out.push('\n');
-    if let Some(rejected) = all["site"]["policy_rejected"].as_object() {
-        let served = if rejected["previous_kept"].as_bool() == Some(true) {
+    if let Some(rejected) = &all.site.policy_rejected {
+        let served = if rejected.previous_kept {
             "the edge keeps its previous good entry"
         } else {
             "the edge does not know the site's names"
@@ -143,47 +140,45 @@ pub fn site_details(all: &Value) -> String {
             out,
             "policy: REJECTED by the filter's validation ({served}); fix the site:"
         );
-        for problem in rejected["problems"].as_array().into_iter().flatten() {
-            let _ = writeln!(out, "  {}", text(problem));
+        for problem in &rejected.problems {
+            let _ = writeln!(out, "  {problem}");
         }
     }
-    out.push_str(&certificates(&all["certificates"]));
+    out.push_str(&certificates(&all.certificates));
     out.push_str("recent events:\n");
-    for event in all["events"].as_array().into_iter().flatten() {
+    for event in &all.events {
         let _ = writeln!(
             out,
             "  {} {:<20} {}",
-            text(&event["at"]),
-            text(&event["kind"]),
-            text(&event["message"])
+            rfc3339(event.at),
+            event.kind,
+            event.message
         );
     }
     out.trim_end().to_owned()
 }
 
 /// `site mixed-content`.
-pub fn mixed_content(name: &str, findings: &Value) -> String {
-    let list = findings.as_array().cloned().unwrap_or_default();
-    if list.is_empty() {
+pub fn mixed_content(name: &str, findings: &[api::MixedContentFinding]) -> String {
+    if findings.is_empty() {
         return format!(
             "no mixed content reported for {name} (reports arrive while the site's mixed_content is \"report\" and browsers load its pages over HTTPS)"
         );
     }
     let mut out = format!("pages of {name} that load insecure resources:\n");
     let mut page = "";
-    for finding in &list {
-        let this_page = text(&finding["page"]);
-        if this_page != page {
-            let _ = writeln!(out, "  {this_page}");
-            page = this_page;
+    for finding in findings {
+        if finding.page != page {
+            let _ = writeln!(out, "  {}", finding.page);
+            page = &finding.page;
         }
         let _ = writeln!(
             out,
             "    {} ({}, {} report(s), last {})",
-            text(&finding["resource"]),
-            text(&finding["directive"]),
-            finding["reports"],
-            text(&finding["last_seen"])
+            finding.resource,
+            finding.directive,
+            finding.reports,
+            rfc3339(finding.last_seen)
         );
     }
     out.push_str("fix: load these over https:// (or switch the site to mixed_content \"upgrade\")");
@@ -191,82 +186,90 @@ pub fn mixed_content(name: &str, findings: &Value) -> String {
 }
 
 /// `diagnose`.
-pub fn diagnosis(d: &Value) -> String {
-    let addresses: Vec<&str> = d["dns"]["addresses"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+pub fn diagnosis(d: &api::Diagnosis) -> String {
+    let addresses: Vec<String> = d.dns.addresses.iter().map(ToString::to_string).collect();
     let mut out = format!(
         "{}: {}\n  site: {}\n  dns: {} (platform: {})\n",
-        text(&d["hostname"]),
-        text(&d["verdict"]),
-        text(&d["site"]),
+        d.hostname,
+        wire_name(d.verdict),
+        d.site,
         if addresses.is_empty() {
             "no addresses".to_owned()
         } else {
             addresses.join(", ")
         },
-        text(&d["platform"])
+        d.platform
     );
-    match d["certificate"].as_object() {
+    match &d.certificate {
         Some(c) => {
             let _ = writeln!(
                 out,
                 "  certificate: {} expires {}",
-                c["serial"].as_str().unwrap_or(""),
-                c["not_after"].as_str().unwrap_or("")
+                c.serial,
+                rfc3339(c.not_after)
             );
         }
         None => out.push_str("  certificate: none covers this name\n"),
     }
-    if let Some(problem) = d["last_problem"].as_str() {
+    if let Some(problem) = &d.last_problem {
         let _ = writeln!(out, "  last problem: {problem}");
     }
-    let _ = write!(out, "  fix: {}", text(&d["fix"]));
+    let _ = write!(out, "  fix: {}", d.fix);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
 
     #[test]
-    fn list_summary_names_the_state_and_soonest_expiry() {
-        let status = json!({
-            "certificates": [
-                { "not_after": "2027-03-01T00:00:00Z" },
-                { "not_after": "2027-02-01T00:00:00Z" }
-            ],
-            "uncovered": [],
-            "issuance": { "failures": 0 }
-        });
-        let summary = certificate_summary(&status);
-        assert_eq!(summary["state"], "ok");
-        assert_eq!(summary["soonest_expiry"], "2027-02-01T00:00:00Z");
-        let failing =
-            json!({ "certificates": [], "uncovered": ["a.test"], "issuance": { "failures": 2 } });
-        assert_eq!(certificate_summary(&failing)["state"], "failing");
-        let pending =
-            json!({ "certificates": [], "uncovered": ["a.test"], "issuance": { "failures": 0 } });
-        assert_eq!(certificate_summary(&pending)["state"], "pending");
+    fn a_listing_row_is_the_site_with_its_certificate_overview() {
+        let text = include_str!("../../tests/golden/admin_api/show_site.json");
+        let golden: serde_json::Value = serde_json::from_str(text).expect("golden JSON");
+        let site: api::SiteDetail = serde_json::from_value(golden["body"].clone()).expect("a site");
+        let site = site.site;
+        let row = SiteListing {
+            site: site.clone(),
+            certificate: api::CertificateOverview {
+                state: api::CertificateState::Partial,
+                soonest_expiry: Some(time::macros::datetime!(2027-02-01 00:00:00 UTC)),
+                uncovered: 1,
+            },
+        };
+        let json = serde_json::to_value(&row).expect("serialises");
+        assert_eq!(json["name"], "shop");
+        assert_eq!(json["policy"], golden["body"]["policy"]);
+        assert_eq!(
+            json["certificate"],
+            serde_json::json!({ "state": "partial", "soonest_expiry": "2027-02-01T00:00:00Z", "uncovered": 1 })
+        );
+        let table = site_list(&[row]);
+        assert!(
+            table.contains("shop                 force    partial  2027-02-01T00:00:00Z"),
+            "{table}"
+        );
     }
 
     #[test]
     fn site_show_names_a_rejected_policy_entry_and_its_problems() {
+        let golden = |name: &str| -> Value {
+            let text = match name {
+                "show_site" => include_str!("../../tests/golden/admin_api/show_site.json"),
+                _ => include_str!("../../tests/golden/admin_api/certificate_status.json"),
+            };
+            serde_json::from_str::<Value>(text).expect("golden JSON")["body"].clone()
+        };
         let shown = |rejected: Value| {
-            site_details(&json!({
-                "site": {
-                    "name": "shop",
-                    "hostnames": [],
-                    "policy": {},
-                    "issuance": {},
-                    "policy_rejected": rejected
-                },
-                "certificates": { "certificates": [] },
-                "events": []
-            }))
+            let mut site: api::SiteDetail =
+                serde_json::from_value(golden("show_site")).expect("a site");
+            site.policy_rejected = serde_json::from_value(rejected).expect("a rejection");
+            site_details(&SiteDetails {
+                site,
+                certificates: serde_json::from_value(golden("certificate_status"))
+                    .expect("a certificate status"),
+                events: Vec::new(),
+            })
         };
         let fine = shown(Value::Null);
         assert!(!fine.contains("REJECTED"), "{fine}");

@@ -16,9 +16,9 @@ use super::rows::{
 };
 use super::{AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, supersedes};
 use super::{
-    CertificateCoverage, Event, HostnameKind, HstsPolicy, HttpsMode, IssuanceSchedule,
-    MixedContentFinding, NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site,
-    SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
+    CertificateCoverage, Event, HostnameKind, HttpsMode, MixedContentFinding, NewCertificate,
+    NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteHostname, SitePolicy, Store,
+    StoreCounts, StoredCertificate, finding_bytes,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
