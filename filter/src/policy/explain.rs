@@ -130,8 +130,7 @@ impl Policy {
             return explanation;
         };
         let exact = self
-            .exact
-            .get(host.as_str())
+            .exact_entry(&host)
             .is_some_and(|entry| entry.site == site_index);
         explanation.host_match = match wildcard_parent(&host) {
             Some(parent) if !exact => HostMatch::Wildcard {

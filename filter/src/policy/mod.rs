@@ -11,7 +11,7 @@ mod schema;
 mod stream;
 
 pub use cidr::{Cidr, DIRECT_PEER_FILTER_STATE, parse_peer};
-pub use compile::{Policy, Problem, Site};
+pub use compile::{DeltaReport, Policy, Problem, Site};
 pub use decide::{
     ACME_CHALLENGE_PREFIX, Decision, Outcome, Redirect, RequestFacts, ResponseHeaders,
     ResponsePlan, UpstreamHeaders,
@@ -19,7 +19,7 @@ pub use decide::{
 pub use explain::{Explanation, HostMatch, SchemeSource};
 pub use host::{PolicyName, normalise_authority, parse_policy_name, validate_hostname};
 pub use schema::{
-    DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig,
+    DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig, PolicyDelta,
     PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,
 };
 pub use stream::CompiledPluginConfig;
