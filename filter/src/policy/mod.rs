@@ -9,6 +9,7 @@ mod explain;
 mod host;
 mod schema;
 mod stream;
+mod version;
 
 pub use cidr::{Cidr, DIRECT_PEER_FILTER_STATE, parse_peer};
 pub use compile::{DeltaReport, Policy, Problem, Site};
@@ -23,6 +24,7 @@ pub use schema::{
     PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,
 };
 pub use stream::CompiledPluginConfig;
+pub use version::version_is_older;
 
 #[cfg(test)]
 mod tests;
