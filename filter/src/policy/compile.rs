@@ -39,13 +39,39 @@ impl fmt::Display for Problem {
 /// Longest site id and policy version, in bytes.
 const MAX_ID_LEN: usize = 128;
 
-/// Where a hostname leads: the site's slot, where the name's table key sits in the site's
-/// packed names, and whether its certificate is served.
+/// Where a hostname leads: the site's slot, and where the name's table key sits in the site's
+/// packed names (offset in the high 24 bits, length in the low 8; whether its certificate is
+/// served is the mark before it). Eight bytes per name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NameEntry {
+struct NameEntry {
+    site: u32,
+    place: u32,
+}
+
+impl NameEntry {
+    /// `None` when the name sits beyond 16 MiB into its site's names.
+    fn new(site: u32, start: usize, len: usize) -> Option<NameEntry> {
+        let start = u32::try_from(start).ok().filter(|s| *s < 1 << 24)?;
+        let len = u8::try_from(len).ok()?;
+        Some(NameEntry {
+            site,
+            place: (start << 8) | u32::from(len),
+        })
+    }
+
+    fn start(self) -> usize {
+        (self.place >> 8) as usize
+    }
+
+    fn len(self) -> usize {
+        (self.place & 0xff) as usize
+    }
+}
+
+/// A name found in a table: its site and whether its certificate is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NameMatch {
     pub(crate) site: u32,
-    start: u32,
-    len: u16,
     pub(crate) cert_ready: bool,
 }
 
@@ -65,13 +91,13 @@ pub struct Site {
     /// Permanent or temporary redirects.
     pub redirect: RedirectKind,
     /// Where redirects go, when set.
-    pub canonical_host: Option<String>,
+    pub canonical_host: Option<Box<str>>,
     /// The `Strict-Transport-Security` value to add over HTTPS, when enabled.
-    pub hsts: Option<String>,
+    pub hsts: Option<Box<str>>,
     /// Mixed-content mode.
     pub mixed_content: MixedContent,
     /// The `Content-Security-Policy-Report-Only` value for `report` mode.
-    pub report_only_csp: Option<String>,
+    pub report_only_csp: Option<Box<str>>,
     /// Every name the site lists, as its table key (a wildcard's parent), each preceded by a
     /// mark ([`EXACT`], [`EXACT_READY`], [`WILDCARD`], [`WILDCARD_READY`]) and followed by
     /// `\n`. The tables point into this string, so each name is stored once.
@@ -81,7 +107,6 @@ pub struct Site {
 /// One name of [`Site::names`].
 struct NameRecord<'a> {
     wildcard: bool,
-    cert_ready: bool,
     start: u32,
     key: &'a str,
 }
@@ -97,7 +122,6 @@ impl Site {
             let mark = *rest.as_bytes().first()?;
             let record = NameRecord {
                 wildcard: matches!(mark, WILDCARD | WILDCARD_READY),
-                cert_ready: matches!(mark, EXACT_READY | WILDCARD_READY),
                 start: u32::try_from(offset + 1).ok()?,
                 key: rest.get(1..end)?,
             };
@@ -109,12 +133,21 @@ impl Site {
 
 /// The key a table entry names: a slice of its site's packed names.
 fn key_of<'a>(sites: &'a [Option<Arc<Site>>], entry: &NameEntry) -> &'a str {
-    let start = entry.start as usize;
+    let start = entry.start();
     sites
         .get(entry.site as usize)
         .and_then(Option::as_ref)
-        .and_then(|site| site.names.get(start..start + usize::from(entry.len)))
+        .and_then(|site| site.names.get(start..start + entry.len()))
         .unwrap_or("")
+}
+
+/// Whether a table entry's certificate is served: the mark before its key.
+fn ready_of(sites: &[Option<Arc<Site>>], entry: &NameEntry) -> bool {
+    sites
+        .get(entry.site as usize)
+        .and_then(Option::as_ref)
+        .and_then(|site| site.names.as_bytes().get(entry.start().wrapping_sub(1)))
+        .is_some_and(|mark| matches!(*mark, EXACT_READY | WILDCARD_READY))
 }
 
 /// The id of the site in a slot.
@@ -284,11 +317,11 @@ impl Policy {
     }
 
     /// The entry of an exact name.
-    pub(crate) fn exact_entry(&self, host: &str) -> Option<NameEntry> {
+    pub(crate) fn exact_entry(&self, host: &str) -> Option<NameMatch> {
         self.find(false, host)
     }
 
-    fn find(&self, wildcard: bool, key: &str) -> Option<NameEntry> {
+    fn find(&self, wildcard: bool, key: &str) -> Option<NameMatch> {
         let table = if wildcard {
             &self.wildcards
         } else {
@@ -297,7 +330,10 @@ impl Policy {
         let hash = self.hasher.hash_one(key);
         table
             .find(hash, |entry| key_of(&self.sites, entry) == key)
-            .copied()
+            .map(|entry| NameMatch {
+                site: entry.site,
+                cert_ready: ready_of(&self.sites, entry),
+            })
     }
 
     /// Finds the site of a normalised host: exact name first, then a `*.parent` wildcard.
@@ -451,7 +487,7 @@ impl Policy {
                             wildcard,
                             key_of(&self.sites, e).to_string(),
                             id_of(&self.sites, e.site).to_string(),
-                            e.cert_ready,
+                            ready_of(&self.sites, e),
                         )
                     })
                 })
@@ -508,8 +544,9 @@ impl Policy {
                 &mut self.exact
             };
             let hash = self.hasher.hash_one(record.key);
-            if let Ok(entry) = table.find_entry(hash, |e| e.site == slot && e.start == record.start)
-            {
+            if let Ok(entry) = table.find_entry(hash, |e| {
+                e.site == slot && e.start() == record.start as usize
+            }) {
                 entry.remove();
             }
         }
@@ -529,12 +566,11 @@ impl Policy {
     fn reattach(&mut self, site: Arc<Site>) {
         let slot = self.take_slot();
         let hash = self.hasher.hash_one(site.id.as_str());
-        let records: Vec<(bool, bool, u32, usize, u64)> = site
+        let records: Vec<(bool, u32, usize, u64)> = site
             .name_records()
             .map(|r| {
                 (
                     r.wildcard,
-                    r.cert_ready,
                     r.start,
                     r.key.len(),
                     self.hasher.hash_one(r.key),
@@ -553,17 +589,14 @@ impl Policy {
             ..
         } = self;
         ids.insert_unique(hash, slot, |&s| hasher.hash_one(id_of(sites, s)));
-        for (wildcard, cert_ready, start, len, hash) in records {
+        for (wildcard, start, len, hash) in records {
             let table = if wildcard {
                 &mut *wildcards
             } else {
                 &mut *exact
             };
-            let entry = NameEntry {
-                site: slot,
-                start,
-                len: u16::try_from(len).unwrap_or(u16::MAX),
-                cert_ready,
+            let Some(entry) = NameEntry::new(slot, start as usize, len) else {
+                continue;
             };
             let key = key_of(sites, &entry);
             if let hash_table::Entry::Vacant(vacant) = table.entry(
@@ -682,12 +715,12 @@ impl Policy {
             https: spec.https,
             redirect: spec.redirect,
             canonical_host: match &canonical_host {
-                Some(Ok(name)) => Some(name.clone()),
+                Some(Ok(name)) => Some(Box::from(name.as_str())),
                 _ => None,
             },
-            hsts,
+            hsts: hsts.map(String::into_boxed_str),
             mixed_content: spec.mixed_content,
-            report_only_csp,
+            report_only_csp: report_only_csp.map(String::into_boxed_str),
             names: Box::from(scratch.names.as_str()),
         };
         if let Some(place) = self.sites.get_mut(slot as usize) {
@@ -781,12 +814,16 @@ impl Policy {
                             }
                         }
                     }
-                    vacant.insert(NameEntry {
-                        site: slot,
-                        start: u32::try_from(span.start).unwrap_or(u32::MAX),
-                        len: u16::try_from(span.len).unwrap_or(u16::MAX),
-                        cert_ready,
-                    });
+                    match NameEntry::new(slot, span.start, span.len) {
+                        Some(entry) => {
+                            vacant.insert(entry);
+                        }
+                        None => problem(
+                            at(&format!("hostnames[{h}]")),
+                            "the site lists more than 16 MiB of names; split it into several sites"
+                                .into(),
+                        ),
+                    }
                 }
             }
         }

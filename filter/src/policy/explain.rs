@@ -149,7 +149,7 @@ impl Policy {
                 .canonical_host
                 .as_deref()
                 .map(|canonical| self.cert_ready(site_index, canonical));
-            explanation.canonical_host = site.canonical_host.clone();
+            explanation.canonical_host = site.canonical_host.as_deref().map(String::from);
         }
         explanation
     }
