@@ -341,8 +341,8 @@ impl ScenarioFile {
     }
 }
 
-/// A test stand-in for the sidecar's policy feed, speaking protocol v1 (README, "Policy
-/// feed"): it holds the policy's states as versions `<epoch>-<n>` of one epoch, answers a
+/// A test stand-in for the sidecar's policy feed, speaking protocol v1 (`PolicyDelta`, the
+/// filter's feed module): it holds the policy's states as versions `<epoch>-<n>` of one epoch, answers a
 /// request with a snapshot, a delta or 304 as the sidecar would, and counts what it sent. It is
 /// the conformance suites' feed in both hosts (the wasmtime test calls [`FeedStandIn::answer`]
 /// itself; the Envoy test serves it over HTTP), so it is the protocol's reference for tests, not

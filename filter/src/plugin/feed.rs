@@ -1,4 +1,4 @@
-//! The policy feed (protocol in the README, "Policy feed"): ask the sidecar for what changed
+//! The policy feed, protocol v1 (see [`PolicyDelta`]): ask the sidecar for what changed
 //! since the version held (`since`), let it hold the request until something does (`wait_ms`),
 //! and name the last version seen, applied or rejected, in `If-None-Match`, so a document that
 //! was refused is not sent and parsed again until it changes. A delta is applied in place; a
