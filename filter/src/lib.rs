@@ -19,6 +19,17 @@ pub enum Error {
     /// with its JSON path.
     #[error("invalid policy: {}", ProblemList(.0))]
     InvalidPolicy(Vec<policy::Problem>),
+    /// A policy delta starts from another version than the one held: nothing was applied; ask
+    /// the feed for a snapshot (a request without `since`).
+    #[error(
+        "the policy delta applies to version {from:?} but this policy is at {current:?}; ask for a snapshot"
+    )]
+    DeltaBase {
+        /// The version the delta starts from.
+        from: String,
+        /// The version held.
+        current: String,
+    },
 }
 
 impl Error {
@@ -26,6 +37,7 @@ impl Error {
     pub fn problems(&self) -> &[policy::Problem] {
         match self {
             Error::InvalidPolicy(problems) => problems,
+            Error::DeltaBase { .. } => &[],
         }
     }
 }

@@ -340,3 +340,223 @@ impl ScenarioFile {
         }
     }
 }
+
+/// A test stand-in for the sidecar's policy feed, speaking protocol v1 (`PolicyDelta`, the
+/// filter's feed module): it holds the policy's states as versions `<epoch>-<n>` of one epoch, answers a
+/// request with a snapshot, a delta or 304 as the sidecar would, and counts what it sent. It is
+/// the conformance suites' feed in both hosts (the wasmtime test calls [`FeedStandIn::answer`]
+/// itself; the Envoy test serves it over HTTP), so it is the protocol's reference for tests, not
+/// the sidecar's implementation.
+#[derive(Debug)]
+pub struct FeedStandIn {
+    epoch: String,
+    /// The states, oldest first; `states[i]` is version `<epoch>-<first + i>`.
+    states: Vec<autohttps_filter::policy::PolicyDocument>,
+    first: u64,
+    /// How many versions back a delta is still served; older `since` gets a snapshot.
+    pub history: u64,
+    /// Requests answered (304 included).
+    pub requests: u64,
+    /// Body bytes sent.
+    pub body_bytes: u64,
+    /// Snapshots sent.
+    pub snapshots: u64,
+    /// Deltas sent.
+    pub deltas: u64,
+}
+
+/// What the filter asked: `since`, `wait_ms` and `If-None-Match` (unquoted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedRequest {
+    /// The version the filter holds.
+    pub since: Option<String>,
+    /// How long it lets the feed hold the request.
+    pub wait_ms: u64,
+    /// The last version it saw.
+    pub if_none_match: Option<String>,
+}
+
+impl FeedRequest {
+    /// Reads a request's path (`/v1/policy?since=…&wait_ms=…`) and `If-None-Match` header.
+    pub fn parse(path: &str, if_none_match: Option<&str>) -> anyhow::Result<FeedRequest> {
+        let mut request = FeedRequest {
+            if_none_match: if_none_match.map(|v| v.trim().trim_matches('"').to_string()),
+            ..FeedRequest::default()
+        };
+        let query = path.split_once('?').map_or("", |(_, q)| q);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "since" => request.since = Some(percent_decode(value)?),
+                "wait_ms" => request.wait_ms = value.parse().context("wait_ms")?,
+                other => bail!("the filter sent an unknown query parameter {other:?}"),
+            }
+        }
+        Ok(request)
+    }
+}
+
+fn percent_decode(value: &str) -> anyhow::Result<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value.get(i + 1..i + 3).context("a short %-escape")?;
+            out.push(u8::from_str_radix(hex, 16).context("a bad %-escape")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(String::from_utf8(out)?)
+}
+
+/// A feed answer: status, headers, body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedReply {
+    /// HTTP status (200 or 304).
+    pub status: u16,
+    /// Response headers (`etag`, `autohttps-policy-kind`).
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl FeedReply {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl FeedStandIn {
+    /// A feed whose first state is `document` (its version is replaced by the feed's).
+    pub fn new(epoch: &str, document: autohttps_filter::policy::PolicyDocument) -> FeedStandIn {
+        let mut feed = FeedStandIn {
+            epoch: epoch.to_string(),
+            states: Vec::new(),
+            first: 1,
+            history: 1024,
+            requests: 0,
+            body_bytes: 0,
+            snapshots: 0,
+            deltas: 0,
+        };
+        feed.publish(document);
+        feed
+    }
+
+    /// The version of the newest state.
+    pub fn current_version(&self) -> String {
+        self.version(self.first + self.states.len() as u64 - 1)
+    }
+
+    fn version(&self, n: u64) -> String {
+        format!("{}-{n}", self.epoch)
+    }
+
+    /// The newest state.
+    pub fn current(&self) -> &autohttps_filter::policy::PolicyDocument {
+        self.states.last().expect("a feed has a state")
+    }
+
+    /// Adds a state (a new version); returns its version.
+    pub fn publish(&mut self, mut document: autohttps_filter::policy::PolicyDocument) -> String {
+        let version = self.version(self.first + self.states.len() as u64);
+        document.version = version.clone();
+        self.states.push(document);
+        version
+    }
+
+    /// Answers a request as the sidecar does; `None` when there is nothing newer to say yet
+    /// (a long poll holds the request, then answers 304 when its wait is over).
+    pub fn answer(&mut self, request: &FeedRequest) -> Option<FeedReply> {
+        let current = self.current_version();
+        let unchanged = request.if_none_match.as_deref() == Some(current.as_str())
+            || request.since.as_deref() == Some(current.as_str());
+        if unchanged {
+            return None;
+        }
+        let base = request
+            .since
+            .as_deref()
+            .and_then(|since| since.strip_prefix(&format!("{}-", self.epoch)))
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|n| {
+                let newest = self.first + self.states.len() as u64 - 1;
+                *n >= self.first && *n < newest && newest - n <= self.history
+            });
+        self.requests += 1;
+        let reply = match base {
+            Some(n) => {
+                let from = &self.states[(n - self.first) as usize];
+                let to = self.current();
+                let upsert: Vec<_> = to
+                    .sites
+                    .iter()
+                    .filter(|site| !from.sites.contains(site))
+                    .cloned()
+                    .collect();
+                let remove: Vec<String> = from
+                    .sites
+                    .iter()
+                    .filter(|old| !to.sites.iter().any(|s| s.id == old.id))
+                    .map(|s| s.id.clone())
+                    .collect();
+                let delta = autohttps_filter::policy::PolicyDelta {
+                    schema: 1,
+                    from: self.version(n),
+                    version: current.clone(),
+                    upsert,
+                    remove,
+                };
+                self.deltas += 1;
+                self.reply(
+                    "delta",
+                    &current,
+                    serde_json::to_string(&delta).expect("json"),
+                )
+            }
+            None => {
+                self.snapshots += 1;
+                let body = serde_json::to_string(self.current()).expect("json");
+                self.reply("snapshot", &current, body)
+            }
+        };
+        Some(reply)
+    }
+
+    /// The answer to a request whose long-poll wait ran out with nothing new.
+    pub fn not_modified(&mut self) -> FeedReply {
+        self.requests += 1;
+        FeedReply {
+            status: 304,
+            headers: vec![("etag".into(), format!("\"{}\"", self.current_version()))],
+            body: String::new(),
+        }
+    }
+
+    /// A reply that carries `body` as it is (a delta written by hand, a document of another
+    /// version), counted like any other.
+    pub fn raw(&mut self, kind: &str, version: &str, body: String) -> FeedReply {
+        self.requests += 1;
+        self.reply(kind, version, body)
+    }
+
+    fn reply(&mut self, kind: &str, version: &str, body: String) -> FeedReply {
+        self.body_bytes += body.len() as u64;
+        FeedReply {
+            status: 200,
+            headers: vec![
+                ("etag".into(), format!("\"{version}\"")),
+                ("autohttps-policy-kind".into(), kind.into()),
+            ],
+            body,
+        }
+    }
+}

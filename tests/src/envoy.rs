@@ -184,6 +184,22 @@ impl Envoy {
         )
     }
 
+    /// [`Envoy::start`] with `workers` worker threads (`--concurrency`), each with its own
+    /// filter VM.
+    pub fn start_workers(
+        config_yaml: &str,
+        admin_port: u16,
+        workers: u32,
+    ) -> anyhow::Result<Envoy> {
+        Envoy::spawn(
+            config_yaml,
+            admin_port,
+            None,
+            Lifetime::Limited(ENVOY_TEST_LIFETIME),
+            workers,
+        )
+    }
+
     /// [`Envoy::start`] with its configuration and `envoy.log` in `dir` (a temporary folder
     /// when `None`), living for `lifetime`.
     pub fn start_in(
@@ -191,6 +207,16 @@ impl Envoy {
         admin_port: u16,
         dir: Option<&Path>,
         lifetime: Lifetime,
+    ) -> anyhow::Result<Envoy> {
+        Envoy::spawn(config_yaml, admin_port, dir, lifetime, 1)
+    }
+
+    fn spawn(
+        config_yaml: &str,
+        admin_port: u16,
+        dir: Option<&Path>,
+        lifetime: Lifetime,
+        workers: u32,
     ) -> anyhow::Result<Envoy> {
         let binary = envoy_binary()?;
         let (dir, temp) = match dir {
@@ -210,7 +236,9 @@ impl Envoy {
             .arg(&binary)
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", "1", "--use-dynamic-base-id", "-l", "info"])
+            .arg("--concurrency")
+            .arg(workers.to_string())
+            .args(["--use-dynamic-base-id", "-l", "info"])
             .arg("--log-path")
             .arg(&log)
             .stdin(Stdio::null())

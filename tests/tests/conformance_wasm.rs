@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use autohttps_filter::policy::DIRECT_PEER_FILTER_STATE;
-use autohttps_tests::conformance::{FEED_TIMEOUT_MS, Observed, Request, ScenarioFile, Upstream};
+use autohttps_filter::policy::{PolicyDocument, SiteSpec};
+use autohttps_tests::conformance::{
+    FEED_TIMEOUT_MS, FeedReply, FeedRequest, FeedStandIn, Observed, Request, ScenarioFile, Upstream,
+};
 use autohttps_tests::envoy::filter_wasm;
 use proxy_wasm_host::{FilterModule, Host, HostBuilder};
 
@@ -221,4 +224,259 @@ fn feed_scenarios_in_wasmtime() {
             );
         }
     }
+}
+
+/// The long-poll hold the protocol scenarios ask for.
+const WAIT_MS: u64 = 5_000;
+
+/// A feed-only VM (no inline policy) that long-polls the stand-in.
+fn protocol_host(module: &FilterModule) -> Host {
+    let config = format!(
+        r#"{{"feed": {{"cluster": "feed", "path": "/v1/policy", "interval_ms": 200, "timeout_ms": 500, "wait_ms": {WAIT_MS}}}}}"#
+    );
+    let host = host(module, &config);
+    assert!(host.configuration_accepted(), "{:?}", host.logs());
+    host
+}
+
+/// The one call the filter has in flight, as the stand-in reads it, with its token.
+fn pending_request(host: &Host) -> (u32, FeedRequest) {
+    let calls = host.pending_http_calls();
+    assert_eq!(calls.len(), 1, "one feed call in flight: {calls:?}");
+    let call = calls[0];
+    assert_eq!(
+        call.timeout,
+        Duration::from_millis(WAIT_MS + FEED_TIMEOUT_MS),
+        "the call may last the hold plus timeout_ms"
+    );
+    let request = FeedRequest::parse(
+        call.headers.get(":path").expect(":path"),
+        call.headers.get("if-none-match"),
+    )
+    .expect("a protocol request");
+    assert_eq!(request.wait_ms, WAIT_MS);
+    (call.token, request)
+}
+
+fn respond(host: &mut Host, token: u32, reply: &FeedReply) {
+    let status = reply.status.to_string();
+    let mut headers = vec![(":status", status.as_str())];
+    headers.extend(reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    host.respond_to_http_call(token, &headers, reply.body.as_bytes())
+        .expect("respond");
+}
+
+/// Answers the call in flight from the stand-in; returns what the filter asked.
+fn serve(host: &mut Host, feed: &mut FeedStandIn) -> FeedRequest {
+    let (token, request) = pending_request(host);
+    let reply = feed
+        .answer(&request)
+        .unwrap_or_else(|| panic!("the stand-in has nothing newer for {request:?}"));
+    respond(host, token, &reply);
+    request
+}
+
+fn metric(host: &Host, name: &str) -> u64 {
+    host.metric(&format!("autohttps.{name}"))
+        .map_or(0, |m| m.value)
+}
+
+fn status_of(host: &mut Host, hostname: &str) -> u16 {
+    let request = Request {
+        scheme: "http".into(),
+        method: "GET".into(),
+        host: hostname.into(),
+        path: "/".into(),
+        headers: Default::default(),
+        http_version: None,
+        peer: autohttps_tests::conformance::CLIENT_PEER.into(),
+    };
+    observe(host, &request, Upstream::Plain).status
+}
+
+fn main_document(file: &ScenarioFile) -> PolicyDocument {
+    serde_json::from_str(&file.policy_json("main").expect("main policy")).expect("a document")
+}
+
+fn site_mut<'a>(document: &'a mut PolicyDocument, id: &str) -> &'a mut SiteSpec {
+    document
+        .sites
+        .iter_mut()
+        .find(|s| s.id == id)
+        .expect("site in the main policy")
+}
+
+/// Protocol v1 in the wasmtime host: a snapshot first, then deltas applied in place; an invalid
+/// entry isolated; a snapshot when too far behind; a delta that does not fit answered by asking
+/// for a snapshot; an older version refused; a rejected document not sent again.
+#[test]
+fn feed_protocol_in_wasmtime() {
+    let file = ScenarioFile::load().expect("scenario file");
+    let module = module();
+    let mut host = protocol_host(&module);
+    let mut feed = FeedStandIn::new("00000000000000aa", main_document(&file));
+
+    // First poll: no version held, so no `since`; a snapshot arrives.
+    host.advance_clock(Duration::from_millis(250))
+        .expect("tick");
+    let first = serve(&mut host, &mut feed);
+    assert_eq!(first.since, None);
+    assert_eq!(first.if_none_match, None);
+    assert_eq!(metric(&host, "policy_snapshots_applied_total"), 1);
+    assert_eq!(status_of(&mut host, "plain.test"), 200);
+
+    // Long poll: asked again at once, naming the version held; nothing new, so held.
+    let (_, held) = pending_request(&host);
+    assert_eq!(held.since.as_deref(), Some(feed.current_version().as_str()));
+    assert_eq!(held.if_none_match, held.since);
+    assert!(
+        feed.answer(&held).is_none(),
+        "nothing newer: the feed holds it"
+    );
+
+    // A one-site change arrives as a delta and is applied in place.
+    let snapshot_bytes = feed.body_bytes;
+    let mut next = feed.current().clone();
+    let plain = site_mut(&mut next, "plain");
+    plain.https = autohttps_filter::policy::HttpsMode::Force;
+    plain.cert_ready = vec!["plain.test".into()];
+    feed.publish(next);
+    serve(&mut host, &mut feed);
+    assert_eq!(metric(&host, "policy_deltas_applied_total"), 1);
+    assert_eq!(status_of(&mut host, "plain.test"), 301);
+    let delta_bytes = feed.body_bytes - snapshot_bytes;
+    assert!(
+        delta_bytes < 1024,
+        "a one-site delta is small: {delta_bytes} bytes"
+    );
+
+    // One invalid entry is skipped, the other change applied; the version advances.
+    let mut next = feed.current().clone();
+    site_mut(&mut next, "canon")
+        .hostnames
+        .push("not a host".into());
+    site_mut(&mut next, "plain").https = autohttps_filter::policy::HttpsMode::Auto;
+    let version = feed.publish(next);
+    let before = metric(&host, "policy_entries_rejected_total");
+    serve(&mut host, &mut feed);
+    assert_eq!(metric(&host, "policy_entries_rejected_total"), before + 1);
+    assert_eq!(
+        status_of(&mut host, "plain.test"),
+        200,
+        "the valid entry applied"
+    );
+    assert_eq!(
+        status_of(&mut host, "canon.test"),
+        302,
+        "canon keeps its entry"
+    );
+    let (_, asked) = pending_request(&host);
+    assert_eq!(asked.since.as_deref(), Some(version.as_str()));
+
+    // Too far behind the feed's history: a snapshot (with canon's entry fixed, so the whole
+    // document is valid).
+    feed.history = 1;
+    let canon = site_mut(&mut main_document(&file), "canon").clone();
+    for mode in ["force", "auto"] {
+        let mut next = feed.current().clone();
+        site_mut(&mut next, "plain").https = serde_json::from_value(mode.into()).expect("mode");
+        *site_mut(&mut next, "canon") = canon.clone();
+        feed.publish(next);
+    }
+    serve(&mut host, &mut feed);
+    assert_eq!(metric(&host, "policy_snapshots_applied_total"), 2);
+    feed.history = 1024;
+
+    // A delta from another version: dropped, and the filter asks for a snapshot at once.
+    let (token, _) = pending_request(&host);
+    let mut next = feed.current().clone();
+    site_mut(&mut next, "plain").https = autohttps_filter::policy::HttpsMode::Force;
+    let version = feed.publish(next);
+    let stray = format!(
+        r#"{{"schema":1,"from":"00000000000000aa-1","version":"{version}","upsert":[],"remove":["forced"]}}"#
+    );
+    let reply = feed.raw("delta", &version, stray);
+    respond(&mut host, token, &reply);
+    let resync = serve(&mut host, &mut feed);
+    assert_eq!(resync.since, None, "asks for a snapshot");
+    assert_eq!(resync.if_none_match, None);
+    assert_eq!(
+        status_of(&mut host, "force.test"),
+        301,
+        "the stray delta did nothing"
+    );
+    assert_eq!(
+        status_of(&mut host, "plain.test"),
+        301,
+        "the snapshot applied"
+    );
+
+    // An older version of the same epoch (a feed gone back): refused.
+    let (token, _) = pending_request(&host);
+    let mut older = feed.current().clone();
+    older.version = "00000000000000aa-2".into();
+    site_mut(&mut older, "plain").https = autohttps_filter::policy::HttpsMode::Auto;
+    let rejected_before = metric(&host, "policy_updates_total.result.rejected");
+    let reply = feed.raw(
+        "snapshot",
+        "00000000000000aa-2",
+        serde_json::to_string(&older).expect("json"),
+    );
+    respond(&mut host, token, &reply);
+    assert_eq!(
+        metric(&host, "policy_updates_total.result.rejected"),
+        rejected_before + 1
+    );
+    assert!(
+        host.logs()
+            .iter()
+            .any(|l| l.message.contains("older than the policy held")),
+        "{:?}",
+        host.logs()
+    );
+    assert_eq!(status_of(&mut host, "plain.test"), 301, "never goes back");
+
+    // A rejected snapshot is not sent again: the next requests name it in If-None-Match, and
+    // the feed has nothing newer for them.
+    host.advance_clock(Duration::from_millis(250))
+        .expect("tick");
+    let (token, asked) = pending_request(&host);
+    let mut broken = feed.current().clone();
+    broken.sites.push(broken.sites[0].clone());
+    let broken_version = feed.publish(broken);
+    // Sent whole, as the feed does when the settings change or its history is short.
+    let reply = feed
+        .answer(&FeedRequest {
+            since: None,
+            ..asked
+        })
+        .expect("the broken document");
+    let bytes_before = feed.body_bytes;
+    respond(&mut host, token, &reply);
+    assert_eq!(
+        metric(&host, "policy_updates_total.result.rejected"),
+        rejected_before + 2
+    );
+    for _ in 0..3 {
+        host.advance_clock(Duration::from_millis(250))
+            .expect("tick");
+        let (token, asked) = pending_request(&host);
+        assert_eq!(
+            asked.if_none_match.as_deref(),
+            Some(broken_version.as_str())
+        );
+        assert!(feed.answer(&asked).is_none(), "nothing newer: {asked:?}");
+        let reply = feed.not_modified();
+        respond(&mut host, token, &reply);
+    }
+    assert_eq!(
+        feed.body_bytes, bytes_before,
+        "the rejected document was sent once"
+    );
+    assert_eq!(status_of(&mut host, "plain.test"), 301);
+    assert!(
+        host.host_call_errors().is_empty(),
+        "{:?}",
+        host.host_call_errors()
+    );
 }

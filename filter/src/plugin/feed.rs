@@ -1,26 +1,60 @@
-//! The policy feed: poll the sidecar with `If-None-Match`, apply a new version only when it
-//! validates, keep the last good policy otherwise.
+//! The policy feed, protocol v1 (see [`PolicyDelta`]): ask the sidecar for what changed
+//! since the version held (`since`), let it hold the request until something does (`wait_ms`),
+//! and name the last version seen, applied or rejected, in `If-None-Match`, so a document that
+//! was refused is not sent and parsed again until it changes. A delta is applied in place; a
+//! snapshot replaces the policy when it validates and is not older; the last good policy is
+//! kept otherwise.
 
-use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
-use crate::policy::{FeedConfig, Policy};
+use crate::Error;
+use crate::policy::{FeedConfig, Policy, PolicyDelta, version_is_older};
 
 use super::metrics::Metrics;
 use super::{SharedPolicy, log, millis};
 
-/// Shortest poll interval accepted, in milliseconds.
+/// Shortest poll interval accepted, in milliseconds; also the shortest held answer after which
+/// the next request goes out at once (so a feed that ignores `wait_ms` is not asked in a loop).
 const MIN_INTERVAL_MS: u64 = 100;
+
+/// Longest long-poll hold the sidecar grants, in milliseconds.
+const MAX_WAIT_MS: u64 = 30_000;
+
+/// The response header that says what a 200 carries.
+const KIND_HEADER: &str = "autohttps-policy-kind";
+
+/// Problems shown per rejected document or entry in the log.
+const SHOWN_PROBLEMS: usize = 20;
 
 pub(crate) struct Feed {
     config: FeedConfig,
-    etag: Option<String>,
+    /// The version of the last policy taken from the feed (sent as `since`); `None` until the
+    /// feed delivered one, or after a delta did not fit, so the next answer is a snapshot.
+    since: Option<String>,
+    /// The last version the feed sent, applied or rejected, as its quoted ETag.
+    last_seen: Option<String>,
     in_flight: Option<u32>,
+    /// When the call in flight started.
+    started: Option<SystemTime>,
     /// The last failure logged, so that a feed that stays down logs once, not every poll.
     last_failure: Option<String>,
+}
+
+/// What to do once an answer is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Ask again at once: a delta did not fit, a snapshot is needed.
+    AskNow,
+    /// Something changed: ask again at once when long polling (the feed holds the next
+    /// request until the next change), else at the next tick as plain polling always did.
+    Changed,
+    /// Ask again at once if the feed held the request (long poll), else at the next tick.
+    AskIfHeld,
+    /// Wait for the next tick (an error: back off).
+    Wait,
 }
 
 impl Feed {
@@ -30,8 +64,11 @@ impl Feed {
                 "feed.cluster is empty; name the Envoy cluster that serves the policy".into(),
             );
         }
-        if !config.path.starts_with('/') {
-            return Err(format!("feed.path {:?} must start with '/'", config.path));
+        if !config.path.starts_with('/') || config.path.contains(['?', '#']) {
+            return Err(format!(
+                "feed.path {:?} must start with '/' and have no query (the filter adds since and wait_ms)",
+                config.path
+            ));
         }
         if config.interval_ms < MIN_INTERVAL_MS {
             return Err(format!(
@@ -42,10 +79,18 @@ impl Feed {
         if config.timeout_ms == 0 {
             return Err("feed.timeout_ms must be more than 0".into());
         }
+        if config.wait_ms > MAX_WAIT_MS {
+            return Err(format!(
+                "feed.wait_ms is {}; the feed holds a request at most {MAX_WAIT_MS} ms, use that or less",
+                config.wait_ms
+            ));
+        }
         Ok(Feed {
             config,
-            etag: None,
+            since: None,
+            last_seen: None,
             in_flight: None,
+            started: None,
             last_failure: None,
         })
     }
@@ -55,10 +100,32 @@ impl Feed {
     }
 
     pub(crate) fn describe(&self) -> String {
-        format!(
+        let mut text = format!(
             "cluster {} path {} every {} ms",
             self.config.cluster, self.config.path, self.config.interval_ms
-        )
+        );
+        if self.config.wait_ms > 0 {
+            text.push_str(&format!(", held up to {} ms", self.config.wait_ms));
+        }
+        text
+    }
+
+    /// The request path: `feed.path`, `since` when a feed version is held, `wait_ms` when the
+    /// feed may hold the request.
+    fn request_path(&self) -> String {
+        let mut path = self.config.path.clone();
+        let mut separator = '?';
+        if let Some(since) = &self.since {
+            path.push(separator);
+            path.push_str("since=");
+            percent_encode_into(&mut path, since);
+            separator = '&';
+        }
+        if self.config.wait_ms > 0 {
+            path.push(separator);
+            path.push_str(&format!("wait_ms={}", self.config.wait_ms));
+        }
+        path
     }
 
     /// Starts a poll unless one is already waiting for its answer (the host ends every call
@@ -67,23 +134,27 @@ impl Feed {
         if self.in_flight.is_some() {
             return;
         }
+        let path = self.request_path();
         let mut headers = vec![
             (":method", "GET"),
-            (":path", self.config.path.as_str()),
+            (":path", path.as_str()),
             (":authority", self.config.authority.as_str()),
             ("accept", "application/json"),
         ];
-        if let Some(etag) = &self.etag {
-            headers.push(("if-none-match", etag.as_str()));
+        if let Some(seen) = &self.last_seen {
+            headers.push(("if-none-match", seen.as_str()));
         }
         match hostcalls::dispatch_http_call(
             &self.config.cluster,
             headers,
             None,
             vec![],
-            millis(self.config.timeout_ms),
+            millis(self.config.wait_ms + self.config.timeout_ms),
         ) {
-            Ok(token) => self.in_flight = Some(token),
+            Ok(token) => {
+                self.in_flight = Some(token);
+                self.started = hostcalls::get_current_time().ok();
+            }
             Err(status) => {
                 metrics.feed_error();
                 self.failure(format!(
@@ -108,80 +179,223 @@ impl Feed {
             return;
         }
         self.in_flight = None;
+        let started = self.started.take();
         let current = policy.borrow().version().to_string();
         let status = if num_headers == 0 {
             None
         } else {
-            hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-                .ok()
-                .flatten()
+            response_header(":status")
         };
-        match status.as_deref() {
+        let next = match status.as_deref() {
             None => {
                 metrics.feed_error();
                 self.failure(format!(
                     "the policy feed did not answer (unreachable or timed out); keeping policy {current:?}"
                 ));
+                Next::Wait
             }
             Some("304") => {
                 metrics.not_modified();
                 self.recovered();
+                Next::AskIfHeld
             }
-            Some("200") => self.apply(body_size, policy, metrics, &current),
+            Some("200") => self.on_document(body_size, policy, metrics, &current),
             Some(other) => {
                 metrics.feed_error();
                 self.failure(format!(
                     "the policy feed answered {other}; keeping policy {current:?}"
                 ));
+                Next::Wait
             }
+        };
+        let held = started
+            .zip(hostcalls::get_current_time().ok())
+            .and_then(|(start, now)| now.duration_since(start).ok())
+            .is_some_and(|d| d >= millis(MIN_INTERVAL_MS));
+        let ask_now = match next {
+            Next::AskNow => true,
+            Next::Changed => self.config.wait_ms > 0,
+            Next::AskIfHeld => self.config.wait_ms > 0 && held,
+            Next::Wait => false,
+        };
+        if ask_now {
+            self.poll(metrics);
         }
     }
 
-    fn apply(&mut self, body_size: usize, policy: &SharedPolicy, metrics: &Metrics, current: &str) {
+    /// A 200: a delta or a snapshot.
+    fn on_document(
+        &mut self,
+        body_size: usize,
+        policy: &SharedPolicy,
+        metrics: &Metrics,
+        current: &str,
+    ) -> Next {
+        let etag = response_header("etag");
+        let kind = response_header(KIND_HEADER);
+        // Whatever becomes of this document, it is not asked for again until it changes.
+        self.last_seen.clone_from(&etag);
         if body_size > self.config.max_bytes {
             metrics.update_rejected();
             self.failure(format!(
                 "the policy feed sent {body_size} bytes, more than feed.max_bytes ({}); keeping policy {current:?}",
                 self.config.max_bytes
             ));
-            return;
+            return Next::Wait;
         }
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        match Policy::from_json(&body) {
-            Ok(new_policy) => {
-                let etag = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, "etag")
-                    .ok()
-                    .flatten();
-                self.etag = etag;
+        match kind.as_deref() {
+            Some("delta") => self.apply_delta(body_size, policy, metrics, current),
+            None | Some("snapshot") => {
+                self.apply_snapshot(etag.as_deref(), body_size, policy, metrics, current)
+            }
+            Some(other) => {
+                metrics.update_rejected();
+                self.failure(format!(
+                    "the policy feed sent a document of kind {other:?}; this filter reads \"snapshot\" and \"delta\" (upgrade the filter); keeping policy {current:?}"
+                ));
+                Next::Wait
+            }
+        }
+    }
+
+    fn apply_snapshot(
+        &mut self,
+        etag: Option<&str>,
+        body_size: usize,
+        policy: &SharedPolicy,
+        metrics: &Metrics,
+        current: &str,
+    ) -> Next {
+        // The ETag names the version: an older one is refused before its body is parsed.
+        if let Some(version) = etag.map(|e| e.trim_matches('"'))
+            && version_is_older(version, current)
+        {
+            return self.refuse_older(version, metrics, current);
+        }
+        let body = response_body(body_size);
+        let new_policy = match Policy::from_json(&body) {
+            Ok(new_policy) => new_policy,
+            Err(error) => {
+                metrics.update_rejected();
+                self.failure(format!(
+                    "the policy feed sent an invalid policy ({}); keeping policy {current:?}",
+                    problem_summary(&error)
+                ));
+                return Next::Wait;
+            }
+        };
+        drop(body);
+        self.recovered();
+        if new_policy.version() == current {
+            self.since = Some(current.to_string());
+            metrics.not_modified();
+            return Next::AskIfHeld;
+        }
+        if version_is_older(new_policy.version(), current) {
+            return self.refuse_older(new_policy.version(), metrics, current);
+        }
+        log(
+            LogLevel::Info,
+            &format!(
+                "policy {:?} applied ({} sites), replacing {current:?}",
+                new_policy.version(),
+                new_policy.site_count()
+            ),
+        );
+        self.since = Some(new_policy.version().to_string());
+        if self.last_seen.is_none() {
+            self.last_seen = Some(format!("\"{}\"", new_policy.version()));
+        }
+        metrics.snapshot_applied(&new_policy);
+        // The old policy is dropped before anything else allocates, so its memory is reused.
+        *policy.borrow_mut() = new_policy;
+        Next::Changed
+    }
+
+    fn refuse_older(&mut self, version: &str, metrics: &Metrics, current: &str) -> Next {
+        metrics.update_rejected();
+        self.failure(format!(
+            "the policy feed sent version {version:?}, older than the policy held ({current:?}); keeping it (a policy never goes back)"
+        ));
+        Next::Wait
+    }
+
+    fn apply_delta(
+        &mut self,
+        body_size: usize,
+        policy: &SharedPolicy,
+        metrics: &Metrics,
+        current: &str,
+    ) -> Next {
+        let body = response_body(body_size);
+        let delta: PolicyDelta = match serde_json::from_slice(&body) {
+            Ok(delta) => delta,
+            Err(error) => {
+                metrics.update_rejected();
+                self.failure(format!(
+                    "the policy feed sent an invalid delta (not a valid delta document: {error}); keeping policy {current:?}"
+                ));
+                return Next::Wait;
+            }
+        };
+        drop(body);
+        let mut held = policy.borrow_mut();
+        match held.apply_delta(&delta) {
+            Ok(report) => {
                 self.recovered();
-                if new_policy.version() == current {
-                    metrics.not_modified();
-                    return;
+                for (site, problems) in &report.rejected {
+                    let shown: Vec<String> = problems
+                        .iter()
+                        .take(SHOWN_PROBLEMS)
+                        .map(|p| p.to_string())
+                        .collect();
+                    log(
+                        LogLevel::Warn,
+                        &format!(
+                            "policy {:?}: site {site:?} keeps its previous entry, its new one is invalid: {}",
+                            delta.version,
+                            shown.join("; ")
+                        ),
+                    );
                 }
                 log(
                     LogLevel::Info,
                     &format!(
-                        "policy {:?} applied ({} sites), replacing {current:?}",
-                        new_policy.version(),
-                        new_policy.site_count()
+                        "policy {:?} applied (delta from {current:?}: {} upserted, {} removed, {} rejected; {} sites)",
+                        delta.version,
+                        report.upserted,
+                        report.removed,
+                        report.rejected.len(),
+                        held.site_count()
                     ),
                 );
-                metrics.update_applied(&new_policy);
-                *policy.borrow_mut() = Rc::new(new_policy);
+                self.since = Some(delta.version.clone());
+                if self.last_seen.is_none() {
+                    self.last_seen = Some(format!("\"{}\"", delta.version));
+                }
+                metrics.delta_applied(&held, report.rejected.len());
+                Next::Changed
+            }
+            Err(Error::DeltaBase { from, current }) => {
+                // Not for this VM's version: ask for a snapshot, and do not name this version
+                // in If-None-Match (the feed would answer 304 instead of the snapshot).
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "the policy feed sent a delta from {from:?} but this VM holds {current:?}; asking for a snapshot"
+                    ),
+                );
+                self.since = None;
+                self.last_seen = None;
+                Next::AskNow
             }
             Err(error) => {
                 metrics.update_rejected();
-                let problems = error.problems();
-                let shown: Vec<String> = problems.iter().take(20).map(|p| p.to_string()).collect();
                 self.failure(format!(
-                    "the policy feed sent an invalid policy ({} problem(s): {}{}); keeping policy {current:?}",
-                    problems.len(),
-                    shown.join("; "),
-                    if problems.len() > shown.len() { "; …" } else { "" }
+                    "the policy feed sent an invalid delta ({}); keeping policy {current:?}",
+                    problem_summary(&error)
                 ));
+                Next::Wait
             }
         }
     }
@@ -196,6 +410,53 @@ impl Feed {
     fn recovered(&mut self) {
         if self.last_failure.take().is_some() {
             log(LogLevel::Info, "the policy feed answers again");
+        }
+    }
+}
+
+fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name)
+        .ok()
+        .flatten()
+}
+
+fn response_body(body_size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// `N problem(s): first; second; …` for the log.
+fn problem_summary(error: &Error) -> String {
+    let problems = error.problems();
+    if problems.is_empty() {
+        return error.to_string();
+    }
+    let shown: Vec<String> = problems
+        .iter()
+        .take(SHOWN_PROBLEMS)
+        .map(|p| p.to_string())
+        .collect();
+    format!(
+        "{} problem(s): {}{}",
+        problems.len(),
+        shown.join("; "),
+        if problems.len() > shown.len() {
+            "; …"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Appends `value` to a query string, percent-encoding every byte but the unreserved ones.
+fn percent_encode_into(out: &mut String, value: &str) {
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
         }
     }
 }

@@ -27,6 +27,9 @@ pub(crate) struct Metrics {
     policy_updates_rejected: Option<u32>,
     policy_not_modified: Option<u32>,
     policy_feed_errors: Option<u32>,
+    snapshots_applied: Option<u32>,
+    deltas_applied: Option<u32>,
+    entries_rejected: Option<u32>,
     policy_version: Option<u32>,
     policy_sites: Option<u32>,
 }
@@ -91,6 +94,9 @@ impl Metrics {
                 "autohttps.policy_updates_total.result.not_modified",
             ),
             policy_feed_errors: define(Counter, "autohttps.policy_updates_total.result.feed_error"),
+            snapshots_applied: define(Counter, "autohttps.policy_snapshots_applied_total"),
+            deltas_applied: define(Counter, "autohttps.policy_deltas_applied_total"),
+            entries_rejected: define(Counter, "autohttps.policy_entries_rejected_total"),
             policy_version: define(Gauge, "autohttps.policy_version"),
             policy_sites: define(Gauge, "autohttps.policy_sites"),
         }
@@ -136,9 +142,22 @@ impl Metrics {
         set(self.policy_sites, policy.site_count() as u64);
     }
 
-    /// Counts a policy update from the feed.
-    pub(crate) fn update_applied(&self, policy: &Policy) {
+    /// Counts a snapshot from the feed (also an applied update).
+    pub(crate) fn snapshot_applied(&self, policy: &Policy) {
         add(self.policy_updates_applied);
+        add(self.snapshots_applied);
+        self.policy_applied(policy);
+    }
+
+    /// Counts a delta from the feed (also an applied update), and the entries it skipped.
+    pub(crate) fn delta_applied(&self, policy: &Policy, entries_rejected: usize) {
+        add(self.policy_updates_applied);
+        add(self.deltas_applied);
+        if let Some(id) = self.entries_rejected
+            && entries_rejected > 0
+        {
+            let _ = hostcalls::increment_metric(id, entries_rejected as i64);
+        }
         self.policy_applied(policy);
     }
 }

@@ -32,8 +32,9 @@ pub(crate) fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-/// The policy the HTTP contexts read; replaced as a whole when a new version validates.
-pub(crate) type SharedPolicy = Rc<RefCell<Rc<Policy>>>;
+/// The policy the HTTP contexts read: replaced as a whole by a snapshot, updated in place by a
+/// delta (a stream that needs its site after the request keeps that site, not the policy).
+pub(crate) type SharedPolicy = Rc<RefCell<Policy>>;
 
 /// The plugin's root context: configuration, metrics and the policy feed.
 #[derive(Default)]
@@ -106,7 +107,7 @@ impl Root {
                 "could not start the policy feed timer: {status:?}"
             )]);
         }
-        *self.policy.borrow_mut() = Rc::new(policy);
+        *self.policy.borrow_mut() = policy;
         self.metrics = Some(metrics);
         self.feed = feed;
         Ok(())
@@ -155,10 +156,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let metrics = self.metrics.clone()?;
-        Some(Box::new(Stream::new(
-            Rc::clone(&self.policy.borrow()),
-            metrics,
-        )))
+        Some(Box::new(Stream::new(Rc::clone(&self.policy), metrics)))
     }
 
     fn get_type(&self) -> Option<ContextType> {

@@ -13,27 +13,29 @@
 //! peer is known and no proxy is trusted.
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
 
 use crate::policy::{
-    DIRECT_PEER_FILTER_STATE, Decision, Policy, RequestFacts, ResponsePlan, UpstreamHeaders,
+    DIRECT_PEER_FILTER_STATE, Decision, RequestFacts, ResponsePlan, Site, UpstreamHeaders,
     parse_peer,
 };
 
-use super::log;
 use super::metrics::Metrics;
+use super::{SharedPolicy, log};
 
 pub(crate) struct Stream {
-    policy: Rc<Policy>,
+    policy: SharedPolicy,
     metrics: Rc<Metrics>,
-    plan: Option<ResponsePlan>,
+    /// What to add to the response, with the site it was planned for.
+    plan: Option<(ResponsePlan, Arc<Site>)>,
 }
 
 impl Stream {
-    pub(crate) fn new(policy: Rc<Policy>, metrics: Rc<Metrics>) -> Stream {
+    pub(crate) fn new(policy: SharedPolicy, metrics: Rc<Metrics>) -> Stream {
         Stream {
             policy,
             metrics,
@@ -69,11 +71,12 @@ impl HttpContext for Stream {
         let path = header(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
         let authority = header(MapType::HttpRequestHeaders, ":authority").unwrap_or_default();
         let tls = downstream_tls();
-        let (peer, forwarded_proto) = if self.policy.trusts_any_proxy() {
+        let policy = self.policy.borrow();
+        let (peer, forwarded_proto) = if policy.trusts_any_proxy() {
             let peer = property(vec!["filter_state", DIRECT_PEER_FILTER_STATE])
                 .and_then(|raw| parse_peer(&String::from_utf8_lossy(&raw)));
             let forwarded = match peer {
-                Some(address) if self.policy.trusts(address) => {
+                Some(address) if policy.trusts(address) => {
                     header(MapType::HttpRequestHeaders, "x-forwarded-proto")
                 }
                 _ => None,
@@ -82,7 +85,7 @@ impl HttpContext for Stream {
         } else {
             (None, None)
         };
-        let decision = self.policy.decide(&RequestFacts {
+        let decision = policy.decide(&RequestFacts {
             tls,
             peer,
             authority: &authority,
@@ -92,8 +95,11 @@ impl HttpContext for Stream {
         self.metrics.outcome(decision.outcome());
         match decision {
             Decision::Continue { plan, .. } => {
-                if plan.site.is_some() && (plan.hsts || plan.mixed_content_on()) {
-                    self.plan = Some(plan);
+                if plan.hsts || plan.mixed_content_on() {
+                    self.plan = plan
+                        .site
+                        .and_then(|site| policy.shared_site(site))
+                        .map(|site| (plan, site));
                 }
                 Action::Continue
             }
@@ -115,7 +121,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let Some(plan) = self.plan.take() else {
+        let Some((plan, site)) = self.plan.take() else {
             return Action::Continue;
         };
         let hsts_present = plan.hsts
@@ -125,7 +131,7 @@ impl HttpContext for Stream {
         } else {
             None
         };
-        let add = self.policy.response_headers(
+        let add = site.response_headers(
             &plan,
             &UpstreamHeaders {
                 hsts_present,

@@ -1,16 +1,24 @@
-//! Validation of a [`PolicyDocument`] and the lookup tables built from it.
+//! Validation of a [`PolicyDocument`], the lookup tables built from it, and their update in
+//! place by a [`PolicyDelta`].
+//!
+//! Each site keeps its names once, packed in one string; the hash tables hold small entries
+//! that point into it (site slot, offset, length), so a name costs its bytes plus 12 bytes of
+//! table, and a site can be replaced or removed by walking its own names: time proportional to
+//! the change, never to the number of sites.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use hashbrown::{DefaultHashBuilder, HashTable, hash_table};
 
 use crate::Error;
 
 use super::cidr::Cidr;
-use super::host::{PolicyName, parse_policy_name, wildcard_parent};
+use super::host::{check_lowered_policy_name, wildcard_parent};
 use super::schema::{
-    DEFAULT_REPORT_URI, HttpsMode, MixedContent, PolicyDocument, RedirectKind, SCHEMA_VERSION,
-    Settings, SiteSpec,
+    DEFAULT_REPORT_URI, HttpsMode, MixedContent, PolicyDelta, PolicyDocument, RedirectKind,
+    SCHEMA_VERSION, Settings, SiteEntry,
 };
 
 /// One thing wrong with a policy, located by its JSON path.
@@ -31,15 +39,50 @@ impl fmt::Display for Problem {
 /// Longest site id and policy version, in bytes.
 const MAX_ID_LEN: usize = 128;
 
-/// Where a hostname leads: the site's index and whether its certificate is served.
+/// Where a hostname leads: the site's slot, and where the name's table key sits in the site's
+/// packed names (offset in the high 24 bits, length in the low 8; whether its certificate is
+/// served is the mark before it). Eight bytes per name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct NameEntry {
+struct NameEntry {
+    site: u32,
+    place: u32,
+}
+
+impl NameEntry {
+    /// `None` when the name sits beyond 16 MiB into its site's names.
+    fn new(site: u32, start: usize, len: usize) -> Option<NameEntry> {
+        let start = u32::try_from(start).ok().filter(|s| *s < 1 << 24)?;
+        let len = u8::try_from(len).ok()?;
+        Some(NameEntry {
+            site,
+            place: (start << 8) | u32::from(len),
+        })
+    }
+
+    fn start(self) -> usize {
+        (self.place >> 8) as usize
+    }
+
+    fn len(self) -> usize {
+        (self.place & 0xff) as usize
+    }
+}
+
+/// A name found in a table: its site and whether its certificate is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NameMatch {
     pub(crate) site: u32,
     pub(crate) cert_ready: bool,
 }
 
+/// Marks before each name in [`Site::names`]: exact or wildcard, certificate served or not.
+const EXACT: u8 = b'e';
+const EXACT_READY: u8 = b'E';
+const WILDCARD: u8 = b'w';
+const WILDCARD_READY: u8 = b'W';
+
 /// A site, compiled for the decision function.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Site {
     /// The site's id.
     pub id: String,
@@ -48,13 +91,71 @@ pub struct Site {
     /// Permanent or temporary redirects.
     pub redirect: RedirectKind,
     /// Where redirects go, when set.
-    pub canonical_host: Option<String>,
+    pub canonical_host: Option<Box<str>>,
     /// The `Strict-Transport-Security` value to add over HTTPS, when enabled.
-    pub hsts: Option<String>,
+    pub hsts: Option<Box<str>>,
     /// Mixed-content mode.
     pub mixed_content: MixedContent,
     /// The `Content-Security-Policy-Report-Only` value for `report` mode.
-    pub report_only_csp: Option<String>,
+    pub report_only_csp: Option<Box<str>>,
+    /// Every name the site lists, as its table key (a wildcard's parent), each preceded by a
+    /// mark ([`EXACT`], [`EXACT_READY`], [`WILDCARD`], [`WILDCARD_READY`]) and followed by
+    /// `\n`. The tables point into this string, so each name is stored once.
+    names: Box<str>,
+}
+
+/// One name of [`Site::names`].
+struct NameRecord<'a> {
+    wildcard: bool,
+    start: u32,
+    key: &'a str,
+}
+
+impl Site {
+    /// The site's names, as recorded.
+    fn name_records(&self) -> impl Iterator<Item = NameRecord<'_>> + '_ {
+        let names = &*self.names;
+        let mut offset = 0usize;
+        std::iter::from_fn(move || {
+            let rest = names.get(offset..)?;
+            let end = rest.find('\n')?;
+            let mark = *rest.as_bytes().first()?;
+            let record = NameRecord {
+                wildcard: matches!(mark, WILDCARD | WILDCARD_READY),
+                start: u32::try_from(offset + 1).ok()?,
+                key: rest.get(1..end)?,
+            };
+            offset += end + 1;
+            Some(record)
+        })
+    }
+}
+
+/// The key a table entry names: a slice of its site's packed names.
+fn key_of<'a>(sites: &'a [Option<Arc<Site>>], entry: &NameEntry) -> &'a str {
+    let start = entry.start();
+    sites
+        .get(entry.site as usize)
+        .and_then(Option::as_ref)
+        .and_then(|site| site.names.get(start..start + entry.len()))
+        .unwrap_or("")
+}
+
+/// Whether a table entry's certificate is served: the mark before its key.
+fn ready_of(sites: &[Option<Arc<Site>>], entry: &NameEntry) -> bool {
+    sites
+        .get(entry.site as usize)
+        .and_then(Option::as_ref)
+        .and_then(|site| site.names.as_bytes().get(entry.start().wrapping_sub(1)))
+        .is_some_and(|mark| matches!(*mark, EXACT_READY | WILDCARD_READY))
+}
+
+/// The id of the site in a slot.
+fn id_of(sites: &[Option<Arc<Site>>], slot: u32) -> &str {
+    sites
+        .get(slot as usize)
+        .and_then(Option::as_ref)
+        .map_or("", |site| site.id.as_str())
 }
 
 /// A validated policy with its lookup tables. Per-request lookups cost the same whatever the
@@ -65,15 +166,93 @@ pub struct Policy {
     pub(crate) trusted_proxies: Vec<Cidr>,
     pub(crate) http_port: u16,
     pub(crate) https_port: u16,
-    pub(crate) sites: Vec<Site>,
-    pub(crate) exact: HashMap<Box<str>, NameEntry>,
-    pub(crate) wildcards: HashMap<Box<str>, NameEntry>,
+    /// Sites by slot; a removed site leaves its slot empty until a new site takes it.
+    sites: Vec<Option<Arc<Site>>>,
+    /// Empty slots.
+    free: Vec<u32>,
+    /// Number of sites present.
+    live: usize,
+    /// Site slots, keyed by site id.
+    ids: HashTable<u32>,
+    exact: HashTable<NameEntry>,
+    wildcards: HashTable<NameEntry>,
+    hasher: DefaultHashBuilder,
 }
 
 impl Default for Policy {
     fn default() -> Self {
         Policy::empty()
     }
+}
+
+/// What applying a delta did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeltaReport {
+    /// Sites added or replaced.
+    pub upserted: usize,
+    /// Sites removed.
+    pub removed: usize,
+    /// Upserts skipped because their entry is invalid: the site id and every problem. The site
+    /// keeps its previous entry (or stays absent).
+    pub rejected: Vec<(String, Vec<Problem>)>,
+}
+
+/// A policy's contents, for comparing two policies in tests (see [`Policy::contents`]).
+#[cfg(test)]
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct PolicyContents {
+    pub(crate) version: String,
+    pub(crate) names: Vec<(bool, String, String, bool)>,
+    pub(crate) sites: Vec<Site>,
+}
+
+/// Where a site entry sits, for problem paths and messages.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    /// `sites[i]` of a document: the slot is the index, and conflicts name it.
+    Document(usize),
+    /// `upsert[i]` of a delta.
+    Delta(usize),
+}
+
+impl Place {
+    fn at(self, field: &str) -> String {
+        match self {
+            Place::Document(i) => format!("sites[{i}].{field}"),
+            Place::Delta(i) => format!("upsert[{i}].{field}"),
+        }
+    }
+}
+
+/// A name as parsed from an entry: where its key sits in a scratch buffer.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    wildcard: bool,
+    start: usize,
+    len: usize,
+}
+
+/// Buffers reused from one site to the next, so compiling a site allocates only what it keeps.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    lowered: String,
+    names: String,
+    hostnames: Vec<Result<(Span, bool), String>>,
+    cert_keys: String,
+    cert_names: Vec<Result<Span, String>>,
+    owned: Vec<bool>,
+}
+
+/// Lower-cases a raw policy name into `buffer` (minus one trailing dot) and checks it.
+fn lower_into(buffer: &mut String, raw: &str) -> Result<bool, String> {
+    buffer.clear();
+    buffer.push_str(raw);
+    buffer.make_ascii_lowercase();
+    if buffer.ends_with('.') {
+        buffer.pop();
+    }
+    check_lowered_policy_name(buffer)
+        .map_err(|message| format!("{raw:?} is not a valid hostname: {message}"))
 }
 
 impl Policy {
@@ -97,17 +276,21 @@ impl Policy {
             http_port: 80,
             https_port: 443,
             sites: Vec::new(),
-            exact: HashMap::new(),
-            wildcards: HashMap::new(),
+            free: Vec::new(),
+            live: 0,
+            ids: HashTable::new(),
+            exact: HashTable::new(),
+            wildcards: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
         }
     }
 
     /// Validates a document and builds the lookup tables. Every problem is reported, each with
     /// its JSON path; nothing is built unless there are none.
     pub fn compile(document: &PolicyDocument) -> Result<Policy, Error> {
-        let mut compiler = Compiler::default();
+        let mut compiler = Compiler::with_capacity(document.sites.len());
         for spec in &document.sites {
-            compiler.add_site(spec);
+            compiler.add_site(&spec.as_entry());
         }
         compiler.finish(document.schema, &document.version, &document.settings)
     }
@@ -119,20 +302,45 @@ impl Policy {
 
     /// Number of sites.
     pub fn site_count(&self) -> usize {
-        self.sites.len()
+        self.live
     }
 
     /// The site at an index handed out by [`Policy::lookup`] or a decision.
     pub fn site(&self, index: u32) -> Option<&Site> {
-        self.sites.get(index as usize)
+        self.sites.get(index as usize)?.as_deref()
+    }
+
+    /// The site at an index, shared: a stream keeps it for its response even if a delta
+    /// replaces the site meanwhile.
+    pub fn shared_site(&self, index: u32) -> Option<Arc<Site>> {
+        self.sites.get(index as usize)?.clone()
+    }
+
+    /// The entry of an exact name.
+    pub(crate) fn exact_entry(&self, host: &str) -> Option<NameMatch> {
+        self.find(false, host)
+    }
+
+    fn find(&self, wildcard: bool, key: &str) -> Option<NameMatch> {
+        let table = if wildcard {
+            &self.wildcards
+        } else {
+            &self.exact
+        };
+        let hash = self.hasher.hash_one(key);
+        table
+            .find(hash, |entry| key_of(&self.sites, entry) == key)
+            .map(|entry| NameMatch {
+                site: entry.site,
+                cert_ready: ready_of(&self.sites, entry),
+            })
     }
 
     /// Finds the site of a normalised host: exact name first, then a `*.parent` wildcard.
     /// Returns the site's index and whether a served certificate covers this host.
     pub fn lookup(&self, host: &str) -> Option<(u32, bool)> {
-        let wildcard =
-            || wildcard_parent(host).and_then(|parent| self.wildcards.get(parent).copied());
-        if let Some(entry) = self.exact.get(host) {
+        let wildcard = || wildcard_parent(host).and_then(|parent| self.find(true, parent));
+        if let Some(entry) = self.find(false, host) {
             let covered = entry.cert_ready
                 || wildcard().is_some_and(|w| w.site == entry.site && w.cert_ready);
             return Some((entry.site, covered));
@@ -144,157 +352,344 @@ impl Policy {
     pub(crate) fn cert_ready(&self, site: u32, host: &str) -> bool {
         matches!(self.lookup(host), Some((s, true)) if s == site)
     }
-}
 
-/// Builds a [`Policy`] one site at a time, so that a policy streamed from JSON never exists
-/// as a whole document in memory (see [`super::stream`]). Sites are checked in order, exactly
-/// as [`Policy::compile`] checks a document; the document-level checks run in
-/// [`Compiler::finish`] and their problems are listed first.
-#[derive(Debug, Default)]
-pub(crate) struct Compiler {
-    problems: Vec<Problem>,
-    sites: Vec<Site>,
-    exact: HashMap<Box<str>, NameEntry>,
-    wildcards: HashMap<Box<str>, NameEntry>,
-    /// Site ids seen, each with the index of the latest site that used it.
-    ids: HashMap<Box<str>, usize>,
-    /// Set when there are more sites than a `u32` counts; later sites are not read.
-    full: bool,
-}
-
-impl Compiler {
-    /// Checks one site (the next in the document) and adds its names to the tables.
-    pub(crate) fn add_site(&mut self, spec: &SiteSpec) {
-        if self.full {
-            return;
+    /// Applies a delta in place, in time proportional to its size. The delta must start from
+    /// this policy's version (else nothing changes and the error says to ask for a snapshot).
+    /// An invalid upsert is skipped, its site keeping its previous entry, and reported in the
+    /// [`DeltaReport`]; every other change is applied and the version advances.
+    pub fn apply_delta(&mut self, delta: &PolicyDelta) -> Result<DeltaReport, Error> {
+        if delta.from != self.version {
+            return Err(Error::DeltaBase {
+                from: delta.from.clone(),
+                current: self.version.clone(),
+            });
         }
-        let s = self.sites.len();
-        let problems = &mut self.problems;
+        let mut problems = Vec::new();
         let mut problem = |path: String, message: String| problems.push(Problem { path, message });
-        let at = |field: &str| format!("sites[{s}].{field}");
-        let Ok(site_index) = u32::try_from(s) else {
-            problem(at("id"), "too many sites".into());
-            self.full = true;
-            return;
-        };
-        if let Err(message) = check_token(&spec.id, "site id", true) {
-            problem(at("id"), message);
-        } else if let Some(first) = self.ids.insert(spec.id.as_str().into(), s) {
+        if delta.schema != SCHEMA_VERSION {
             problem(
-                at("id"),
-                format!("site id {:?} is already used by sites[{first}]", spec.id),
+                "schema".into(),
+                format!(
+                    "schema {} is not supported by this filter (it reads schema {SCHEMA_VERSION}); upgrade the filter or the sidecar so they match",
+                    delta.schema
+                ),
             );
         }
-        if spec.hostnames.is_empty() {
-            problem(at("hostnames"), "a site needs at least one hostname".into());
+        if let Err(message) = check_token(&delta.version, "version", false) {
+            problem("version".into(), message);
         }
-        // The names with a served certificate, parsed first (their problems are reported after
-        // the hostnames'), so each hostname is inserted with its flag already set: one hash per
-        // name instead of two. A `cert_ready` name is valid when this site inserted it.
-        let cert_names: Vec<Result<(bool, String), String>> = spec
-            .cert_ready
+        // A site id at most once across upsert and remove: otherwise the result would depend
+        // on the order the changes are applied in.
+        let mut seen: HashTable<(bool, usize)> =
+            HashTable::with_capacity(delta.upsert.len() + delta.remove.len());
+        let ids = delta
+            .upsert
             .iter()
-            .map(|raw| match parse_policy_name(raw) {
-                Ok(PolicyName::Exact(name)) => Ok((false, name)),
-                Ok(PolicyName::Wildcard(parent)) => Ok((true, parent)),
-                Err(message) => Err(format!("{raw:?} is not a valid hostname: {message}")),
+            .map(|s| s.id.as_str())
+            .enumerate()
+            .map(|(i, id)| (false, i, id))
+            .chain(
+                delta
+                    .remove
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| (true, i, id.as_str())),
+            );
+        let id_at = |(removed, i): (bool, usize)| -> &str {
+            if removed {
+                &delta.remove[i]
+            } else {
+                &delta.upsert[i].id
+            }
+        };
+        let path_of = |(removed, i): (bool, usize)| {
+            if removed {
+                format!("remove[{i}]")
+            } else {
+                format!("upsert[{i}].id")
+            }
+        };
+        for (removed, i, id) in ids {
+            let hash = self.hasher.hash_one(id);
+            match seen.entry(
+                hash,
+                |&at| id_at(at) == id,
+                |&at| self.hasher.hash_one(id_at(at)),
+            ) {
+                hash_table::Entry::Occupied(first) => problem(
+                    path_of((removed, i)),
+                    format!(
+                        "site id {id:?} is already changed by {}; a delta names each site once",
+                        path_of(*first.get())
+                    ),
+                ),
+                hash_table::Entry::Vacant(slot) => {
+                    slot.insert((removed, i));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::InvalidPolicy(problems));
+        }
+
+        let mut report = DeltaReport::default();
+        for id in &delta.remove {
+            if let Some(slot) = self.slot_of(id) {
+                self.detach(slot);
+                report.removed += 1;
+            }
+        }
+        // Every replaced site lets go of its names first, so a name can move between sites
+        // within one delta whatever the order of the upserts.
+        let previous: Vec<Option<Arc<Site>>> = delta
+            .upsert
+            .iter()
+            .map(|spec| self.slot_of(&spec.id).and_then(|slot| self.detach(slot)))
+            .collect();
+        let mut scratch = Scratch::default();
+        let mut restore = Vec::new();
+        for (i, (spec, previous)) in delta.upsert.iter().zip(previous).enumerate() {
+            let mut site_problems = Vec::new();
+            let slot = self.add_site(
+                &spec.as_entry(),
+                Place::Delta(i),
+                &mut scratch,
+                &mut site_problems,
+            );
+            if site_problems.is_empty() {
+                report.upserted += 1;
+                continue;
+            }
+            self.detach(slot);
+            report.rejected.push((spec.id.clone(), site_problems));
+            if let Some(previous) = previous {
+                restore.push(previous);
+            }
+        }
+        for site in restore {
+            self.reattach(site);
+        }
+        self.version.clone_from(&delta.version);
+        Ok(report)
+    }
+
+    /// What the policy holds, independent of slots and table order: its version, every name
+    /// (wildcard or not, key, site id, certificate served) and every site, sorted. Two policies
+    /// with equal contents decide every request alike.
+    #[cfg(test)]
+    pub(crate) fn contents(&self) -> PolicyContents {
+        let mut names: Vec<(bool, String, String, bool)> =
+            [(false, &self.exact), (true, &self.wildcards)]
+                .into_iter()
+                .flat_map(|(wildcard, table)| {
+                    table.iter().map(move |e| {
+                        (
+                            wildcard,
+                            key_of(&self.sites, e).to_string(),
+                            id_of(&self.sites, e.site).to_string(),
+                            ready_of(&self.sites, e),
+                        )
+                    })
+                })
+                .collect();
+        names.sort();
+        let mut sites: Vec<Site> = self
+            .sites
+            .iter()
+            .flatten()
+            .map(|s| Site::clone(s))
+            .collect();
+        sites.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut ids: Vec<String> = self
+            .ids
+            .iter()
+            .map(|&s| id_of(&self.sites, s).to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids.len(), self.live, "every live site has its id indexed");
+        assert_eq!(sites.len(), self.live, "the live count matches the slots");
+        PolicyContents {
+            version: self.version.clone(),
+            names,
+            sites,
+        }
+    }
+
+    /// The slot of a site id.
+    fn slot_of(&self, id: &str) -> Option<u32> {
+        let hash = self.hasher.hash_one(id);
+        self.ids
+            .find(hash, |&slot| id_of(&self.sites, slot) == id)
+            .copied()
+    }
+
+    /// A free slot.
+    fn take_slot(&mut self) -> u32 {
+        self.live += 1;
+        if let Some(slot) = self.free.pop() {
+            return slot;
+        }
+        self.sites.push(None);
+        // The compiler stops before a document has more sites than a u32 counts.
+        u32::try_from(self.sites.len() - 1).unwrap_or(u32::MAX)
+    }
+
+    /// Takes a site out: its names, its id and its slot. Returns the site.
+    fn detach(&mut self, slot: u32) -> Option<Arc<Site>> {
+        let site = self.sites.get(slot as usize)?.clone()?;
+        for record in site.name_records() {
+            let table = if record.wildcard {
+                &mut self.wildcards
+            } else {
+                &mut self.exact
+            };
+            let hash = self.hasher.hash_one(record.key);
+            if let Ok(entry) = table.find_entry(hash, |e| {
+                e.site == slot && e.start() == record.start as usize
+            }) {
+                entry.remove();
+            }
+        }
+        let hash = self.hasher.hash_one(site.id.as_str());
+        if let Ok(entry) = self.ids.find_entry(hash, |&s| s == slot) {
+            entry.remove();
+        }
+        if let Some(place) = self.sites.get_mut(slot as usize) {
+            *place = None;
+        }
+        self.free.push(slot);
+        self.live -= 1;
+        Some(site)
+    }
+
+    /// Puts a previously detached site back, with each of its names still free.
+    fn reattach(&mut self, site: Arc<Site>) {
+        let slot = self.take_slot();
+        let hash = self.hasher.hash_one(site.id.as_str());
+        let records: Vec<(bool, u32, usize, u64)> = site
+            .name_records()
+            .map(|r| {
+                (
+                    r.wildcard,
+                    r.start,
+                    r.key.len(),
+                    self.hasher.hash_one(r.key),
+                )
             })
             .collect();
-        // Which `cert_ready` names this site owns (it listed them first).
-        let mut owned = vec![false; cert_names.len()];
-        // The site's exact names, needed only to check its canonical host.
-        let mut own_exact: Vec<String> = Vec::new();
-        for (h, raw) in spec.hostnames.iter().enumerate() {
-            let (table, key, wildcard) = match parse_policy_name(raw) {
-                Ok(PolicyName::Exact(name)) => {
-                    if spec.canonical_host.is_some() {
-                        own_exact.push(name.clone());
-                    }
-                    (&mut self.exact, name, false)
-                }
-                Ok(PolicyName::Wildcard(parent)) => (&mut self.wildcards, parent, true),
-                Err(message) => {
-                    problem(
-                        at(&format!("hostnames[{h}]")),
-                        format!("{raw:?} is not a valid hostname: {message}"),
-                    );
-                    continue;
-                }
+        if let Some(place) = self.sites.get_mut(slot as usize) {
+            *place = Some(site);
+        }
+        let Policy {
+            sites,
+            ids,
+            exact,
+            wildcards,
+            hasher,
+            ..
+        } = self;
+        ids.insert_unique(hash, slot, |&s| hasher.hash_one(id_of(sites, s)));
+        for (wildcard, start, len, hash) in records {
+            let table = if wildcard {
+                &mut *wildcards
+            } else {
+                &mut *exact
             };
-            // A name belongs to one site: the first that lists it.
-            match table.entry(key.into_boxed_str()) {
-                Entry::Occupied(first) => {
-                    let other = first.get().site as usize;
-                    let shown = shown_name(first.key(), wildcard);
-                    let message = if other == s {
-                        format!("{shown} is listed twice in this site")
-                    } else {
-                        format!(
-                            "{shown} already belongs to sites[{other}] ({:?}); a name can belong to one site only",
-                            self.sites.get(other).map_or("", |site| site.id.as_str())
-                        )
-                    };
-                    problem(at(&format!("hostnames[{h}]")), message);
-                }
-                Entry::Vacant(slot) => {
-                    let mut cert_ready = false;
-                    for (c, parsed) in cert_names.iter().enumerate() {
-                        if matches!(parsed, Ok((w, k)) if *w == wildcard && **k == **slot.key()) {
-                            owned[c] = true;
-                            cert_ready = true;
-                        }
-                    }
-                    slot.insert(NameEntry {
-                        site: site_index,
-                        cert_ready,
-                    });
-                }
+            let Some(entry) = NameEntry::new(slot, start as usize, len) else {
+                continue;
+            };
+            let key = key_of(sites, &entry);
+            if let hash_table::Entry::Vacant(vacant) = table.entry(
+                hash,
+                |e| key_of(sites, e) == key,
+                |e| hasher.hash_one(key_of(sites, e)),
+            ) {
+                vacant.insert(entry);
             }
         }
-        for (c, parsed) in cert_names.iter().enumerate() {
-            match parsed {
-                Ok((wildcard, key)) => {
-                    if !owned[c] {
-                        problem(
-                            at(&format!("cert_ready[{c}]")),
-                            format!(
-                                "{} has a certificate but is not one of this site's hostnames; list it in hostnames first",
-                                shown_name(key, *wildcard)
-                            ),
-                        );
-                    }
+    }
+
+    /// Checks one site entry and adds it with every name it may have. Problems are pushed with
+    /// paths under `place`; the site is added even when there are some (a document with any
+    /// is refused as a whole; a delta takes the site out again). Returns its slot.
+    fn add_site(
+        &mut self,
+        spec: &SiteEntry<'_>,
+        place: Place,
+        scratch: &mut Scratch,
+        problems: &mut Vec<Problem>,
+    ) -> u32 {
+        let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+        let at = |field: &str| place.at(field);
+        let id_problem = check_token(&spec.id, "site id", true).err();
+        // The names with a served certificate, parsed first (their problems are reported after
+        // the hostnames'), so each hostname is recorded with its flag already set.
+        scratch.cert_keys.clear();
+        scratch.cert_names.clear();
+        for raw in &spec.cert_ready {
+            let parsed = lower_into(&mut scratch.lowered, raw).map(|wildcard| {
+                let key = if wildcard {
+                    &scratch.lowered[2..]
+                } else {
+                    &scratch.lowered[..]
+                };
+                let start = scratch.cert_keys.len();
+                scratch.cert_keys.push_str(key);
+                Span {
+                    wildcard,
+                    start,
+                    len: key.len(),
                 }
-                Err(message) => problem(at(&format!("cert_ready[{c}]")), message.clone()),
-            }
+            });
+            scratch.cert_names.push(parsed);
         }
-        let canonical_host = match &spec.canonical_host {
+        scratch.owned.clear();
+        scratch.owned.resize(scratch.cert_names.len(), false);
+        // The hostnames, packed into the site's names with their marks.
+        scratch.names.clear();
+        scratch.hostnames.clear();
+        let mut canonical_listed = false;
+        let canonical = spec.canonical_host.as_deref().map(|raw| {
+            let mut lowered = String::new();
+            let parsed = lower_into(&mut lowered, raw);
+            (parsed, lowered)
+        });
+        for raw in &spec.hostnames {
+            let parsed = lower_into(&mut scratch.lowered, raw).map(|wildcard| {
+                let key = if wildcard { &scratch.lowered[2..] } else { &scratch.lowered[..] };
+                let cert_keys = &scratch.cert_keys;
+                let cert_ready = scratch.cert_names.iter().any(|c| {
+                    matches!(c, Ok(c) if c.wildcard == wildcard && &cert_keys[c.start..c.start + c.len] == key)
+                });
+                if !wildcard
+                    && let Some((Ok(false), canonical)) = &canonical
+                    && canonical == key
+                {
+                    canonical_listed = true;
+                }
+                scratch.names.push(char::from(match (wildcard, cert_ready) {
+                    (false, false) => EXACT,
+                    (false, true) => EXACT_READY,
+                    (true, false) => WILDCARD,
+                    (true, true) => WILDCARD_READY,
+                }));
+                let start = scratch.names.len();
+                scratch.names.push_str(key);
+                scratch.names.push('\n');
+                (Span { wildcard, start, len: key.len() }, cert_ready)
+            });
+            scratch.hostnames.push(parsed);
+        }
+        let canonical_host = match canonical {
             None => None,
-            Some(raw) => match parse_policy_name(raw) {
-                Ok(PolicyName::Exact(name)) if own_exact.contains(&name) => Some(name),
-                Ok(PolicyName::Exact(name)) => {
-                    problem(
-                        at("canonical_host"),
-                        format!(
-                            "{name} is not one of this site's hostnames; the canonical host must be one of them"
-                        ),
-                    );
-                    None
-                }
-                Ok(PolicyName::Wildcard(_)) => {
-                    problem(
-                        at("canonical_host"),
-                        "the canonical host must be an exact name, not a wildcard".into(),
-                    );
-                    None
-                }
-                Err(message) => {
-                    problem(
-                        at("canonical_host"),
-                        format!("{raw:?} is not a valid hostname: {message}"),
-                    );
-                    None
-                }
-            },
+            Some((Ok(false), name)) if canonical_listed => Some(Ok(name)),
+            Some((Ok(false), name)) => Some(Err(format!(
+                "{name} is not one of this site's hostnames; the canonical host must be one of them"
+            ))),
+            Some((Ok(true), _)) => Some(Err(
+                "the canonical host must be an exact name, not a wildcard".into(),
+            )),
+            Some((Err(message), _)) => Some(Err(message)),
         };
         let hsts = spec.hsts.enabled.then(|| {
             let mut value = format!("max-age={}", spec.hsts.max_age);
@@ -306,13 +701,160 @@ impl Compiler {
             }
             value
         });
+        let report_uri = spec.report_uri.as_deref().unwrap_or(DEFAULT_REPORT_URI);
+        let report_only_csp = (spec.mixed_content == MixedContent::Report).then(|| {
+            let report_uri = report_uri_with_token(report_uri, &spec.id, spec.report_token.as_deref());
+            format!(
+                "default-src https: wss: data: blob: 'unsafe-inline' 'unsafe-eval'; form-action https:; report-uri {report_uri}"
+            )
+        });
+
+        let slot = self.take_slot();
+        let site = Site {
+            id: spec.id.to_string(),
+            https: spec.https,
+            redirect: spec.redirect,
+            canonical_host: match &canonical_host {
+                Some(Ok(name)) => Some(Box::from(name.as_str())),
+                _ => None,
+            },
+            hsts: hsts.map(String::into_boxed_str),
+            mixed_content: spec.mixed_content,
+            report_only_csp: report_only_csp.map(String::into_boxed_str),
+            names: Box::from(scratch.names.as_str()),
+        };
+        if let Some(place) = self.sites.get_mut(slot as usize) {
+            *place = Some(Arc::new(site));
+        }
+        let Policy {
+            sites,
+            ids,
+            exact,
+            wildcards,
+            hasher,
+            ..
+        } = self;
+        let sites = &*sites;
+
+        if let Some(message) = id_problem {
+            problem(at("id"), message);
+        } else {
+            let hash = hasher.hash_one(&*spec.id);
+            match ids.entry(
+                hash,
+                |&s| s != slot && id_of(sites, s) == &*spec.id,
+                |&s| hasher.hash_one(id_of(sites, s)),
+            ) {
+                hash_table::Entry::Occupied(mut first) => {
+                    let shown = match place {
+                        Place::Document(_) => format!("sites[{}]", first.get()),
+                        Place::Delta(_) => "another site".to_string(),
+                    };
+                    problem(
+                        at("id"),
+                        format!("site id {:?} is already used by {shown}", &*spec.id),
+                    );
+                    *first.get_mut() = slot;
+                }
+                hash_table::Entry::Vacant(vacant) => {
+                    vacant.insert(slot);
+                }
+            }
+        }
+        if spec.hostnames.is_empty() {
+            problem(at("hostnames"), "a site needs at least one hostname".into());
+        }
+        for (h, parsed) in scratch.hostnames.iter().enumerate() {
+            let (span, cert_ready) = match parsed {
+                Ok(parsed) => *parsed,
+                Err(message) => {
+                    problem(at(&format!("hostnames[{h}]")), message.clone());
+                    continue;
+                }
+            };
+            let table = if span.wildcard {
+                &mut *wildcards
+            } else {
+                &mut *exact
+            };
+            let key = &scratch.names[span.start..span.start + span.len];
+            let hash = hasher.hash_one(key);
+            // A name belongs to one site: the first that lists it.
+            match table.entry(
+                hash,
+                |e| key_of(sites, e) == key,
+                |e| hasher.hash_one(key_of(sites, e)),
+            ) {
+                hash_table::Entry::Occupied(first) => {
+                    let other = first.get().site;
+                    let shown = shown_name(key, span.wildcard);
+                    let message = if other == slot {
+                        format!("{shown} is listed twice in this site")
+                    } else {
+                        match place {
+                            Place::Document(_) => format!(
+                                "{shown} already belongs to sites[{other}] ({:?}); a name can belong to one site only",
+                                id_of(sites, other)
+                            ),
+                            Place::Delta(_) => format!(
+                                "{shown} already belongs to site {:?}; a name can belong to one site only",
+                                id_of(sites, other)
+                            ),
+                        }
+                    };
+                    problem(at(&format!("hostnames[{h}]")), message);
+                }
+                hash_table::Entry::Vacant(vacant) => {
+                    if cert_ready {
+                        let cert_keys = &scratch.cert_keys;
+                        for (c, parsed) in scratch.cert_names.iter().enumerate() {
+                            if matches!(parsed, Ok(c) if c.wildcard == span.wildcard && &cert_keys[c.start..c.start + c.len] == key)
+                            {
+                                scratch.owned[c] = true;
+                            }
+                        }
+                    }
+                    match NameEntry::new(slot, span.start, span.len) {
+                        Some(entry) => {
+                            vacant.insert(entry);
+                        }
+                        None => problem(
+                            at(&format!("hostnames[{h}]")),
+                            "the site lists more than 16 MiB of names; split it into several sites"
+                                .into(),
+                        ),
+                    }
+                }
+            }
+        }
+        for (c, parsed) in scratch.cert_names.iter().enumerate() {
+            match parsed {
+                Ok(span) => {
+                    if !scratch.owned[c] {
+                        problem(
+                            at(&format!("cert_ready[{c}]")),
+                            format!(
+                                "{} has a certificate but is not one of this site's hostnames; list it in hostnames first",
+                                shown_name(
+                                    &scratch.cert_keys[span.start..span.start + span.len],
+                                    span.wildcard
+                                )
+                            ),
+                        );
+                    }
+                }
+                Err(message) => problem(at(&format!("cert_ready[{c}]")), message.clone()),
+            }
+        }
+        if let Some(Err(message)) = canonical_host {
+            problem(at("canonical_host"), message);
+        }
         if spec.hsts.preload && (spec.hsts.max_age < 31_536_000 || !spec.hsts.include_subdomains) {
             problem(
                 at("hsts.preload"),
                 "preload needs max_age of at least 31536000 and include_subdomains".into(),
             );
         }
-        let report_uri = spec.report_uri.as_deref().unwrap_or(DEFAULT_REPORT_URI);
         if let Err(message) = check_report_uri(report_uri) {
             problem(at("report_uri"), message);
         }
@@ -321,21 +863,68 @@ impl Compiler {
         {
             problem(at("report_token"), message);
         }
-        let report_only_csp = (spec.mixed_content == MixedContent::Report).then(|| {
-            let report_uri = report_uri_with_token(report_uri, &spec.id, spec.report_token.as_deref());
-            format!(
-                "default-src https: wss: data: blob: 'unsafe-inline' 'unsafe-eval'; form-action https:; report-uri {report_uri}"
-            )
+        slot
+    }
+}
+
+/// Builds a [`Policy`] one site at a time, so that a policy streamed from JSON never exists
+/// as a whole document in memory (see [`super::stream`]). Sites are checked in order, exactly
+/// as [`Policy::compile`] checks a document; the document-level checks run in
+/// [`Compiler::finish`] and their problems are listed first.
+#[derive(Debug, Default)]
+pub(crate) struct Compiler {
+    policy: Policy,
+    problems: Vec<Problem>,
+    scratch: Scratch,
+    /// Set when there are more sites than a `u32` counts; later sites are not read.
+    full: bool,
+}
+
+impl Compiler {
+    /// A compiler with room for `sites` sites of about three names each.
+    pub(crate) fn with_capacity(sites: usize) -> Compiler {
+        let mut compiler = Compiler::default();
+        compiler.reserve(sites);
+        compiler
+    }
+
+    /// Makes room for `sites` more sites of about three names each.
+    pub(crate) fn reserve(&mut self, sites: usize) {
+        let policy = &mut self.policy;
+        let Policy {
+            sites: slots,
+            ids,
+            exact,
+            hasher,
+            ..
+        } = policy;
+        slots.reserve(sites);
+        ids.reserve(sites, |&s| hasher.hash_one(id_of(slots, s)));
+        exact.reserve(sites.saturating_mul(3), |e| {
+            hasher.hash_one(key_of(slots, e))
         });
-        self.sites.push(Site {
-            id: spec.id.clone(),
-            https: spec.https,
-            redirect: spec.redirect,
-            canonical_host,
-            hsts,
-            mixed_content: spec.mixed_content,
-            report_only_csp,
-        });
+    }
+
+    /// Checks one site (the next in the document) and adds its names to the tables.
+    pub(crate) fn add_site(&mut self, spec: &SiteEntry<'_>) {
+        if self.full {
+            return;
+        }
+        let s = self.policy.sites.len();
+        if u32::try_from(s).is_err() || s == u32::MAX as usize {
+            self.problems.push(Problem {
+                path: format!("sites[{s}].id"),
+                message: "too many sites".into(),
+            });
+            self.full = true;
+            return;
+        }
+        self.policy.add_site(
+            spec,
+            Place::Document(s),
+            &mut self.scratch,
+            &mut self.problems,
+        );
     }
 
     /// Runs the document-level checks and, when nothing is wrong, hands out the policy.
@@ -380,24 +969,26 @@ impl Compiler {
         if !problems.is_empty() {
             return Err(Error::InvalidPolicy(problems));
         }
-        let Compiler {
-            mut sites,
-            mut exact,
-            mut wildcards,
-            ..
-        } = self;
-        sites.shrink_to_fit();
-        exact.shrink_to_fit();
-        wildcards.shrink_to_fit();
-        Ok(Policy {
-            version: version.to_string(),
-            trusted_proxies,
-            http_port: settings.http_port,
-            https_port: settings.https_port,
-            sites,
-            exact,
-            wildcards,
-        })
+        let mut policy = self.policy;
+        {
+            let Policy {
+                sites,
+                ids,
+                exact,
+                wildcards,
+                hasher,
+                ..
+            } = &mut policy;
+            sites.shrink_to_fit();
+            ids.shrink_to_fit(|&s| hasher.hash_one(id_of(sites, s)));
+            exact.shrink_to_fit(|e| hasher.hash_one(key_of(sites, e)));
+            wildcards.shrink_to_fit(|e| hasher.hash_one(key_of(sites, e)));
+        }
+        policy.version = version.to_string();
+        policy.trusted_proxies = trusted_proxies;
+        policy.http_port = settings.http_port;
+        policy.https_port = settings.https_port;
+        Ok(policy)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use super::compile::Policy;
+use super::compile::{Policy, Site};
 use super::host::normalise_authority;
 use super::schema::{HttpsMode, MixedContent, RedirectKind};
 
@@ -248,29 +248,10 @@ impl Policy {
         plan: &ResponsePlan,
         upstream: &UpstreamHeaders<'_>,
     ) -> ResponseHeaders<'_> {
-        let Some(site) = plan.site.and_then(|s| self.site(s)) else {
-            return ResponseHeaders::default();
-        };
-        let hsts = if plan.hsts && !upstream.hsts_present {
-            site.hsts.as_deref()
-        } else {
-            None
-        };
-        let csp = match plan.mixed_content {
-            MixedContent::Off => None,
-            MixedContent::Upgrade => {
-                let already = upstream.csp.is_some_and(|csp| {
-                    csp.split([';', ','])
-                        .any(|d| d.trim().eq_ignore_ascii_case(UPGRADE))
-                });
-                (!already).then_some(("content-security-policy", UPGRADE))
-            }
-            MixedContent::Report => site
-                .report_only_csp
-                .as_deref()
-                .map(|value| ("content-security-policy-report-only", value)),
-        };
-        ResponseHeaders { hsts, csp }
+        match plan.site.and_then(|s| self.site(s)) {
+            Some(site) => site.response_headers(plan, upstream),
+            None => ResponseHeaders::default(),
+        }
     }
 
     /// The scheme the client used: the connection's, or `X-Forwarded-Proto` from a trusted
@@ -318,5 +299,37 @@ impl Policy {
             }
         }
         location
+    }
+}
+
+impl Site {
+    /// The headers to add to a passed request's response, for the site the plan was made for
+    /// (a stream keeps its site, so a policy update between request and response cannot make
+    /// it add another site's headers).
+    pub fn response_headers(
+        &self,
+        plan: &ResponsePlan,
+        upstream: &UpstreamHeaders<'_>,
+    ) -> ResponseHeaders<'_> {
+        let hsts = if plan.hsts && !upstream.hsts_present {
+            self.hsts.as_deref()
+        } else {
+            None
+        };
+        let csp = match plan.mixed_content {
+            MixedContent::Off => None,
+            MixedContent::Upgrade => {
+                let already = upstream.csp.is_some_and(|csp| {
+                    csp.split([';', ','])
+                        .any(|d| d.trim().eq_ignore_ascii_case(UPGRADE))
+                });
+                (!already).then_some(("content-security-policy", UPGRADE))
+            }
+            MixedContent::Report => self
+                .report_only_csp
+                .as_deref()
+                .map(|value| ("content-security-policy-report-only", value)),
+        };
+        ResponseHeaders { hsts, csp }
     }
 }

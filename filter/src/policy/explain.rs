@@ -130,8 +130,7 @@ impl Policy {
             return explanation;
         };
         let exact = self
-            .exact
-            .get(host.as_str())
+            .exact_entry(&host)
             .is_some_and(|entry| entry.site == site_index);
         explanation.host_match = match wildcard_parent(&host) {
             Some(parent) if !exact => HostMatch::Wildcard {
@@ -150,7 +149,7 @@ impl Policy {
                 .canonical_host
                 .as_deref()
                 .map(|canonical| self.cert_ready(site_index, canonical));
-            explanation.canonical_host = site.canonical_host.clone();
+            explanation.canonical_host = site.canonical_host.as_deref().map(String::from);
         }
         explanation
     }

@@ -25,6 +25,17 @@ pub fn parse_policy_name(raw: &str) -> Result<PolicyName, String> {
     if name.ends_with('.') {
         name.pop();
     }
+    if check_lowered_policy_name(&name)? {
+        name.drain(..2);
+        return Ok(PolicyName::Wildcard(name));
+    }
+    Ok(PolicyName::Exact(name))
+}
+
+/// Checks a policy name that is already lower case without its trailing dot; returns whether it
+/// is a `*.parent` wildcard (its table key is then the part after `*.`). The compiler writes
+/// names straight into a site's packed name buffer and checks them there, with no allocation.
+pub(crate) fn check_lowered_policy_name(name: &str) -> Result<bool, String> {
     if let Some(parent) = name.strip_prefix("*.") {
         if parent.contains('*') {
             return Err("a wildcard may only be the whole first label, as in *.example.com".into());
@@ -35,14 +46,13 @@ pub fn parse_policy_name(raw: &str) -> Result<PolicyName, String> {
                 "wildcard *.{parent} would cover a whole top-level domain; use *.name.{parent}"
             ));
         }
-        name.drain(..2);
-        return Ok(PolicyName::Wildcard(name));
+        return Ok(true);
     }
     if name.contains('*') {
         return Err("a wildcard may only be the whole first label, as in *.example.com".into());
     }
-    validate_hostname(&name)?;
-    Ok(PolicyName::Exact(name))
+    validate_hostname(name)?;
+    Ok(false)
 }
 
 /// Checks a lower-case hostname against the DNS rules: ASCII letters, digits and hyphens,

@@ -9,9 +9,10 @@ mod explain;
 mod host;
 mod schema;
 mod stream;
+mod version;
 
 pub use cidr::{Cidr, DIRECT_PEER_FILTER_STATE, parse_peer};
-pub use compile::{Policy, Problem, Site};
+pub use compile::{DeltaReport, Policy, Problem, Site};
 pub use decide::{
     ACME_CHALLENGE_PREFIX, Decision, Outcome, Redirect, RequestFacts, ResponseHeaders,
     ResponsePlan, UpstreamHeaders,
@@ -19,10 +20,11 @@ pub use decide::{
 pub use explain::{Explanation, HostMatch, SchemeSource};
 pub use host::{PolicyName, normalise_authority, parse_policy_name, validate_hostname};
 pub use schema::{
-    DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig,
+    DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig, PolicyDelta,
     PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,
 };
 pub use stream::CompiledPluginConfig;
+pub use version::version_is_older;
 
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,8 @@
 //! its Envoy configuration or from the feed. [`super::Policy::compile`] validates a document and
 //! builds the lookup tables the decision function uses.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 /// The only schema version this build understands.
@@ -27,6 +29,27 @@ pub struct PolicyDocument {
     /// The sites.
     #[serde(default)]
     pub sites: Vec<SiteSpec>,
+}
+
+/// The changes that turn policy version `from` into `version`: the feed's answer when the
+/// filter already holds `from` (header `autohttps-policy-kind: delta`). A site id appears at
+/// most once across `upsert` and `remove`; settings never change in a delta (a settings change
+/// is sent as a snapshot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDelta {
+    /// Schema version; must equal [`SCHEMA_VERSION`].
+    pub schema: u32,
+    /// The version this delta applies to (the filter's current version).
+    pub from: String,
+    /// The version the policy has once the delta is applied.
+    pub version: String,
+    /// Sites added or changed: each replaces the site's whole entry.
+    #[serde(default)]
+    pub upsert: Vec<SiteSpec>,
+    /// Ids of sites removed.
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 /// Settings shared by every site.
@@ -96,6 +119,98 @@ pub struct SiteSpec {
     /// The names (from `hostnames`) whose certificate is issued and served.
     #[serde(default)]
     pub cert_ready: Vec<String>,
+}
+
+impl SiteSpec {
+    /// The entry as the compiler reads it, borrowing every string.
+    pub(crate) fn as_entry(&self) -> SiteEntry<'_> {
+        fn text(value: &str) -> Text<'_> {
+            Text(Cow::Borrowed(value))
+        }
+        SiteEntry {
+            id: text(&self.id),
+            hostnames: self.hostnames.iter().map(|n| text(n)).collect(),
+            https: self.https,
+            redirect: self.redirect,
+            canonical_host: self.canonical_host.as_deref().map(text),
+            hsts: self.hsts.clone(),
+            mixed_content: self.mixed_content,
+            report_uri: self.report_uri.as_deref().map(text),
+            report_token: self.report_token.as_deref().map(text),
+            cert_ready: self.cert_ready.iter().map(|n| text(n)).collect(),
+        }
+    }
+}
+
+/// [`SiteSpec`] as the streamed compiler deserializes it: the same fields, defaults and
+/// errors, but strings borrowed from the JSON where they need no unescaping, so a 100,000-site
+/// snapshot is read without allocating each name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename = "SiteSpec")]
+pub(crate) struct SiteEntry<'a> {
+    #[serde(borrow)]
+    pub(crate) id: Text<'a>,
+    #[serde(borrow)]
+    pub(crate) hostnames: Vec<Text<'a>>,
+    #[serde(default)]
+    pub(crate) https: HttpsMode,
+    #[serde(default)]
+    pub(crate) redirect: RedirectKind,
+    #[serde(default, borrow)]
+    pub(crate) canonical_host: Option<Text<'a>>,
+    #[serde(default)]
+    pub(crate) hsts: HstsSpec,
+    #[serde(default)]
+    pub(crate) mixed_content: MixedContent,
+    #[serde(default, borrow)]
+    pub(crate) report_uri: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    pub(crate) report_token: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    pub(crate) cert_ready: Vec<Text<'a>>,
+}
+
+/// A string borrowed from the JSON when it has no escapes, owned otherwise.
+#[derive(Debug)]
+pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                value: &'de str,
+            ) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(value)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(value.to_owned())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, value: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(value)))
+            }
+        }
+
+        deserializer.deserialize_str(TextVisitor)
+    }
 }
 
 /// What the edge does with the two schemes.
@@ -207,9 +322,14 @@ pub struct FeedConfig {
     /// Milliseconds between polls.
     #[serde(default = "default_feed_interval_ms")]
     pub interval_ms: u64,
-    /// Milliseconds before a poll is abandoned.
+    /// Milliseconds before a poll is abandoned (after `wait_ms`, when the feed holds it).
     #[serde(default = "default_feed_timeout_ms")]
     pub timeout_ms: u64,
+    /// Long poll: how long the feed may hold a request until something changes, in
+    /// milliseconds (sent as `wait_ms`; 0 = answer at once, polling every `interval_ms`). After
+    /// a held request is answered the filter asks again at once.
+    #[serde(default)]
+    pub wait_ms: u64,
     /// Largest policy body accepted, in bytes.
     #[serde(default = "default_feed_max_bytes")]
     pub max_bytes: usize,

@@ -1264,3 +1264,367 @@ fn ipv6_literal_normalises_to_canonical_text_and_matches_no_site() {
     });
     assert_eq!(decision.outcome(), Outcome::UnknownHost);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deltas applied in place
+
+fn spec(id: &str, hostnames: &[&str], cert_ready: &[&str]) -> SiteSpec {
+    SiteSpec {
+        id: id.into(),
+        hostnames: hostnames.iter().map(|h| h.to_string()).collect(),
+        https: HttpsMode::Force,
+        redirect: RedirectKind::Permanent,
+        canonical_host: None,
+        hsts: HstsSpec::default(),
+        mixed_content: MixedContent::Off,
+        report_uri: None,
+        report_token: None,
+        cert_ready: cert_ready.iter().map(|h| h.to_string()).collect(),
+    }
+}
+
+fn document(version: &str, sites: Vec<SiteSpec>) -> PolicyDocument {
+    PolicyDocument {
+        schema: SCHEMA_VERSION,
+        version: version.into(),
+        settings: Settings::default(),
+        sites,
+    }
+}
+
+fn delta(from: &str, version: &str, upsert: Vec<SiteSpec>, remove: &[&str]) -> PolicyDelta {
+    PolicyDelta {
+        schema: SCHEMA_VERSION,
+        from: from.into(),
+        version: version.into(),
+        upsert,
+        remove: remove.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+const E: &str = "00000000000000aa";
+
+fn v(n: u64) -> String {
+    format!("{E}-{n}")
+}
+
+fn compiled(version: &str, sites: Vec<SiteSpec>) -> Policy {
+    Policy::compile(&document(version, sites)).expect("valid document")
+}
+
+#[test]
+fn delta_upserts_and_removes_in_place() {
+    let mut policy = compiled(
+        &v(1),
+        vec![
+            spec("a", &["a.test", "www.a.test"], &["a.test"]),
+            spec("b", &["b.test"], &[]),
+            spec("c", &["c.test", "*.c.test"], &["*.c.test"]),
+        ],
+    );
+    let report = policy
+        .apply_delta(&delta(
+            &v(1),
+            &v(2),
+            vec![
+                spec("a", &["a.test", "www.a.test"], &["a.test", "www.a.test"]),
+                spec("d", &["d.test"], &["d.test"]),
+            ],
+            &["b"],
+        ))
+        .expect("applies");
+    assert_eq!((report.upserted, report.removed), (2, 1));
+    assert!(report.rejected.is_empty());
+    assert_eq!(policy.version(), v(2));
+    assert_eq!(policy.site_count(), 3);
+    assert_eq!(
+        policy.lookup("b.test"),
+        None,
+        "a removed site's names are gone"
+    );
+    assert!(policy.lookup("www.a.test").is_some_and(|(_, ready)| ready));
+    assert!(policy.lookup("d.test").is_some_and(|(_, ready)| ready));
+    assert!(policy.lookup("x.c.test").is_some_and(|(_, ready)| ready));
+    assert_eq!(
+        policy.contents(),
+        compiled(
+            &v(2),
+            vec![
+                spec("a", &["a.test", "www.a.test"], &["a.test", "www.a.test"]),
+                spec("c", &["c.test", "*.c.test"], &["*.c.test"]),
+                spec("d", &["d.test"], &["d.test"]),
+            ]
+        )
+        .contents()
+    );
+}
+
+#[test]
+fn delta_renamed_site_loses_its_old_names_and_a_name_moves_in_one_delta() {
+    let mut policy = compiled(
+        &v(1),
+        vec![
+            spec("a", &["a.test", "old.a.test"], &[]),
+            spec("b", &["b.test"], &[]),
+        ],
+    );
+    // b takes old.a.test, listed before a lets go of it: the order of upserts does not matter.
+    policy
+        .apply_delta(&delta(
+            &v(1),
+            &v(2),
+            vec![
+                spec("b", &["b.test", "old.a.test"], &[]),
+                spec("a", &["a.test", "new.a.test"], &[]),
+            ],
+            &[],
+        ))
+        .expect("applies");
+    let owner = |host: &str| {
+        policy
+            .lookup(host)
+            .and_then(|(s, _)| policy.site(s))
+            .map(|s| s.id.clone())
+    };
+    assert_eq!(owner("old.a.test").as_deref(), Some("b"));
+    assert_eq!(owner("new.a.test").as_deref(), Some("a"));
+    assert_eq!(owner("a.test").as_deref(), Some("a"));
+}
+
+#[test]
+fn delta_from_another_version_changes_nothing() {
+    let mut policy = compiled(&v(5), vec![spec("a", &["a.test"], &[])]);
+    let before = policy.contents();
+    let error = policy
+        .apply_delta(&delta(&v(4), &v(6), vec![], &["a"]))
+        .expect_err("not from the version held");
+    assert!(matches!(error, crate::Error::DeltaBase { .. }), "{error}");
+    assert!(error.to_string().contains("ask for a snapshot"), "{error}");
+    assert_eq!(policy.contents(), before);
+}
+
+#[test]
+fn delta_invalid_entry_is_skipped_and_the_others_applied() {
+    let mut policy = compiled(
+        &v(1),
+        vec![
+            spec("a", &["a.test"], &["a.test"]),
+            spec("b", &["b.test"], &[]),
+        ],
+    );
+    let report = policy
+        .apply_delta(&delta(
+            &v(1),
+            &v(2),
+            vec![
+                // Invalid: a bad name, and a name that belongs to b.
+                spec("a", &["a.test", "bad host", "b.test"], &[]),
+                spec("c", &["c.test"], &[]),
+                // Invalid and new: stays absent.
+                spec("d", &["d.test"], &["elsewhere.test"]),
+            ],
+            &[],
+        ))
+        .expect("applies");
+    assert_eq!(report.upserted, 1);
+    let rejected: Vec<&str> = report.rejected.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(rejected, ["a", "d"]);
+    let (_, problems) = &report.rejected[0];
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["upsert[0].hostnames[1]", "upsert[0].hostnames[2]"]);
+    assert!(
+        problems[1]
+            .message
+            .contains("already belongs to site \"b\""),
+        "{problems:?}"
+    );
+    assert_eq!(policy.version(), v(2), "the version advances");
+    assert_eq!(
+        policy.contents(),
+        compiled(
+            &v(2),
+            vec![
+                spec("a", &["a.test"], &["a.test"]),
+                spec("b", &["b.test"], &[]),
+                spec("c", &["c.test"], &[]),
+            ]
+        )
+        .contents(),
+        "a keeps its previous entry (certificate flag included), d stays absent"
+    );
+}
+
+#[test]
+fn delta_that_names_a_site_twice_or_is_malformed_is_refused_whole() {
+    let mut policy = compiled(&v(1), vec![spec("a", &["a.test"], &[])]);
+    let before = policy.contents();
+    let error = policy
+        .apply_delta(&delta(
+            &v(1),
+            &v(2),
+            vec![spec("b", &["b.test"], &[])],
+            &["b"],
+        ))
+        .expect_err("b twice");
+    assert_eq!(error.problems()[0].path, "remove[0]");
+    let mut bad_schema = delta(&v(1), "has space", vec![], &[]);
+    bad_schema.schema = 2;
+    let error = policy.apply_delta(&bad_schema).expect_err("bad schema");
+    let paths: Vec<&str> = error.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["schema", "version"]);
+    assert_eq!(policy.contents(), before);
+}
+
+#[test]
+fn delta_json_rejects_unknown_fields() {
+    let json = format!(
+        r#"{{"schema":1,"from":"{}","version":"{}","upsert":[],"remove":[],"settings":{{}}}}"#,
+        v(1),
+        v(2)
+    );
+    let error = serde_json::from_str::<PolicyDelta>(&json).expect_err("unknown field");
+    assert!(
+        error.to_string().contains("unknown field `settings`"),
+        "{error}"
+    );
+}
+
+/// A small deterministic generator (xorshift64*), so a failing sequence can be replayed from
+/// its seed.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// Property: applying random deltas (upserts, removals, renames, names moving between sites,
+/// invalid entries) gives the same policy as compiling the resulting document from scratch.
+#[test]
+fn deltas_applied_equal_the_snapshot_compiled_from_scratch() {
+    const SITES: usize = 8;
+    let pool: Vec<String> = (0..14)
+        .map(|i| {
+            if i % 5 == 4 {
+                format!("*.w{i}.test")
+            } else {
+                format!("n{i}.test")
+            }
+        })
+        .collect();
+    for seed in 1..=40u64 {
+        let mut random = Random(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut state: std::collections::BTreeMap<String, SiteSpec> = Default::default();
+        let mut policy = compiled(&v(0), vec![]);
+        for step in 1..=60u64 {
+            let mut next = state.clone();
+            let mut changed: Vec<String> = Vec::new();
+            for _ in 0..1 + random.below(3) {
+                let id = format!("s{}", random.below(SITES));
+                if changed.contains(&id) {
+                    continue;
+                }
+                changed.push(id.clone());
+                if next.contains_key(&id) && random.chance(25) {
+                    next.remove(&id);
+                    continue;
+                }
+                let taken: Vec<String> = next
+                    .values()
+                    .filter(|s| s.id != id)
+                    .flat_map(|s| s.hostnames.clone())
+                    .collect();
+                let mut free: Vec<&String> = pool.iter().filter(|n| !taken.contains(n)).collect();
+                if free.is_empty() {
+                    next.remove(&id);
+                    continue;
+                }
+                let mut names = Vec::new();
+                for _ in 0..1 + random.below(3) {
+                    if free.is_empty() {
+                        break;
+                    }
+                    names.push(free.remove(random.below(free.len())).clone());
+                }
+                let ready: Vec<&str> = names
+                    .iter()
+                    .filter(|_| random.chance(50))
+                    .map(String::as_str)
+                    .collect();
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let mut spec = spec(&id, &names, &ready);
+                spec.https =
+                    [HttpsMode::Auto, HttpsMode::Force, HttpsMode::Disable][random.below(3)];
+                spec.hsts.enabled = random.chance(30);
+                next.insert(id, spec);
+            }
+            let mut upsert: Vec<SiteSpec> = changed
+                .iter()
+                .filter_map(|id| next.get(id).cloned())
+                .collect();
+            let remove: Vec<&str> = changed
+                .iter()
+                .filter(|id| state.contains_key(*id) && !next.contains_key(*id))
+                .map(String::as_str)
+                .collect();
+            // Sometimes an invalid entry for a site this delta leaves alone: it keeps its
+            // previous entry, and the others are applied.
+            let untouched: Vec<String> = next
+                .keys()
+                .filter(|id| !changed.contains(id))
+                .cloned()
+                .collect();
+            let mut expect_rejected = None;
+            if !untouched.is_empty() && random.chance(30) {
+                let id = untouched[random.below(untouched.len())].clone();
+                let mut bad = next[&id].clone();
+                bad.hostnames.push("not a host".into());
+                upsert.push(bad);
+                expect_rejected = Some(id);
+            }
+            if random.chance(50) {
+                upsert.reverse();
+            }
+            let report = policy
+                .apply_delta(&delta(&v(step - 1), &v(step), upsert, &remove))
+                .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+            let rejected: Vec<String> = report.rejected.iter().map(|(id, _)| id.clone()).collect();
+            assert_eq!(
+                rejected,
+                expect_rejected.into_iter().collect::<Vec<_>>(),
+                "seed {seed} step {step}"
+            );
+            state = next;
+            let scratch = compiled(&v(step), state.values().cloned().collect());
+            assert_eq!(
+                policy.contents(),
+                scratch.contents(),
+                "seed {seed} step {step}: delta-applied policy differs from the snapshot"
+            );
+            for name in &pool {
+                let host = name.replace('*', "x");
+                let id_of = |p: &Policy| {
+                    p.lookup(&host)
+                        .map(|(s, ready)| (p.site(s).map(|s| s.id.clone()), ready))
+                };
+                assert_eq!(
+                    id_of(&policy),
+                    id_of(&scratch),
+                    "seed {seed} step {step}: {host}"
+                );
+            }
+        }
+    }
+}
