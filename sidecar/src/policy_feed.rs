@@ -376,22 +376,9 @@ const HISTORY_MAX_SITE_IDS: usize = 262_144;
 /// Change-log rows read per store call.
 const CHANGE_BATCH_ROWS: usize = 10_000;
 
-/// The changes that turn the feed's version `from` into `version` (protocol B's delta body).
-/// The sidecar's own copy of the filter's type, with exactly its JSON.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyDelta {
-    /// Always [`SCHEMA_VERSION`].
-    pub schema: u32,
-    /// The version this delta applies to (the request's `since`).
-    pub from: String,
-    /// The version it makes.
-    pub version: String,
-    /// Sites added or changed: their whole new entries.
-    pub upsert: Vec<SiteSpec>,
-    /// Sites removed, by id.
-    pub remove: Vec<String>,
-}
+/// The delta body's type is the filter's own (deltas are assembled from entries already
+/// serialised, so this is what tests and other readers parse them with).
+pub use autohttps_filter::policy::PolicyDelta;
 
 /// What the feed answers a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
