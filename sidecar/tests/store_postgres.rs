@@ -219,8 +219,10 @@ async fn the_listener_and_calls_recover_after_the_database_restarts() {
     };
     let one = store(&url, "node-1", Duration::from_secs(3600));
     let two = store(&url, "node-2", Duration::from_secs(3600));
-    create(&one, "before", "before.test");
+    // Watch before the change: node 2's listener may hear it (or find it at connect) before
+    // this line would otherwise run, and a watch subscribed after a bump never sees that bump.
     let mut sites = two.sites_changed();
+    create(&one, "before", "before.test");
     tokio::time::timeout(PATIENCE, sites.changed())
         .await
         .expect("node 2 learns of the first change")
