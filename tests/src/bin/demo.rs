@@ -97,7 +97,7 @@ Try, in another terminal:
   {bin} --config {config} diagnose {DEMO_WWW}
   # add a name and watch it get a certificate
   {bin} --config {config} host add {DEMO_SITE} blog.demo.autohttps.test --wait
-  # change the policy: it reaches Envoy within about a second
+  # change the policy: it is pushed to Envoy as soon as it is saved (milliseconds)
   {bin} --config {config} site set {DEMO_SITE} --https disable
   # the filter's stats
   curl -s http://127.0.0.1:{admin}/stats | grep autohttps
