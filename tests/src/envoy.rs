@@ -72,10 +72,39 @@ pub fn filter_wasm() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A loopback port nothing listens on right now.
+/// The ports [`free_port`] hands out: below Linux's ephemeral range (32768–60999), which the
+/// kernel also gives to every outgoing connection and every `bind(:0)`. A port taken from that
+/// range by binding `:0` and releasing it could be handed to another socket before its server
+/// bound it (seen in CI: Envoy's listener failed with "Address already in use").
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port nothing listens on right now (TCP and UDP, so the mock DNS can use it too),
+/// from [`TEST_PORTS`], never handed out twice by this process; where a process starts in the
+/// range depends on its pid, so two test processes rarely walk the same ports.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(listener.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = TEST_PORTS.start + u16::try_from(offset).unwrap_or(0);
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return Ok(port);
+        }
+    }
+    bail!(
+        "no free loopback port in {}..{}: is something holding them all?",
+        TEST_PORTS.start,
+        TEST_PORTS.end
+    )
 }
 
 /// Replaces every `${NAME}` in `template`; fails naming any placeholder left without a value.
