@@ -101,50 +101,8 @@ impl PolicyFile {
     }
 }
 
-/// A request URL split as the filter sees it: the scheme when given, the authority, and the
-/// raw path with its query (byte for byte; `/` when absent).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RequestUrl {
-    pub(crate) https: Option<bool>,
-    pub(crate) authority: String,
-    pub(crate) path: String,
-}
-
-impl RequestUrl {
-    /// Parses `http://host[:port]/path?query`, `https://…` or `host/path` (no scheme).
-    pub(crate) fn parse(url: &str) -> anyhow::Result<RequestUrl> {
-        let (https, rest) = if let Some(rest) = strip_prefix_ignore_case(url, "https://") {
-            (Some(true), rest)
-        } else if let Some(rest) = strip_prefix_ignore_case(url, "http://") {
-            (Some(false), rest)
-        } else if url.contains("://") {
-            bail!("{url:?}: only http:// and https:// URLs are requests the edge serves");
-        } else {
-            (None, url)
-        };
-        let split = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(split);
-        if authority.is_empty() {
-            bail!("{url:?} has no host: write it as http://HOST/PATH");
-        }
-        let path = match path {
-            "" => "/".to_owned(),
-            p if p.starts_with('?') => format!("/{p}"),
-            p => p.to_owned(),
-        };
-        Ok(RequestUrl {
-            https,
-            authority: authority.to_owned(),
-            path,
-        })
-    }
-}
-
-fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = text.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &text[prefix.len()..])
-}
+/// Request URLs are read as the filter's own engine reads them.
+pub(crate) use autohttps_filter::policy::RequestUrl;
 
 /// Splits `NAME:VALUE` (the value trimmed of surrounding spaces).
 pub(crate) fn parse_header(raw: &str) -> anyhow::Result<(String, String)> {

@@ -9,6 +9,7 @@ mod explain;
 mod host;
 mod schema;
 mod stream;
+mod url;
 mod version;
 
 pub use cidr::{Cidr, DIRECT_PEER_FILTER_STATE, parse_peer};
@@ -24,6 +25,7 @@ pub use schema::{
     PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,
 };
 pub use stream::CompiledPluginConfig;
+pub use url::{RequestUrl, RequestUrlError};
 pub use version::version_is_older;
 
 #[cfg(test)]

@@ -185,7 +185,8 @@ fn outcome_name(outcome: Outcome) -> &'static str {
 }
 
 /// A request URL split as the filter sees it: the connection's scheme, the authority, and the
-/// raw path with its query, byte for byte.
+/// raw path with its query, byte for byte. The preview needs the scheme, which the engine's
+/// reader leaves optional.
 #[derive(Debug, PartialEq, Eq)]
 struct RequestUrl {
     https: bool,
@@ -196,37 +197,23 @@ struct RequestUrl {
 impl RequestUrl {
     fn parse(url: &str) -> Result<RequestUrl, String> {
         let url = url.trim();
-        let (https, rest) = if let Some(rest) = strip_prefix_ignore_case(url, "https://") {
-            (true, rest)
-        } else if let Some(rest) = strip_prefix_ignore_case(url, "http://") {
-            (false, rest)
-        } else {
-            return Err(format!(
-                "{url:?} is not an http:// or https:// URL: write it as http://HOST/PATH?QUERY"
-            ));
+        let not_http = || {
+            format!("{url:?} is not an http:// or https:// URL: write it as http://HOST/PATH?QUERY")
         };
-        let split = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(split);
-        if authority.is_empty() {
-            return Err(format!("{url:?} has no host: write it as http://HOST/PATH"));
+        match autohttps_filter::policy::RequestUrl::parse(url) {
+            Ok(autohttps_filter::policy::RequestUrl {
+                https: Some(https),
+                authority,
+                path,
+            }) => Ok(RequestUrl {
+                https,
+                authority,
+                path,
+            }),
+            Ok(_) | Err(autohttps_filter::policy::RequestUrlError::NotHttp(_)) => Err(not_http()),
+            Err(error) => Err(error.to_string()),
         }
-        let path = match path {
-            "" => "/".to_owned(),
-            p if p.starts_with('?') => format!("/{p}"),
-            p => p.to_owned(),
-        };
-        Ok(RequestUrl {
-            https,
-            authority: authority.to_owned(),
-            path,
-        })
     }
-}
-
-fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    let head = text.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix)
-        .then(|| &text[prefix.len()..])
 }
 
 #[cfg(test)]
