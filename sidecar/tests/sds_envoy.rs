@@ -4,6 +4,7 @@
 //! gets.
 
 mod envoy_support;
+mod support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -40,13 +40,9 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
+/// Loopback ports below the ephemeral range: the one allocator of `support` (a test binary
+/// using this module also declares `mod support`), so no two servers get the same port.
+pub use crate::support::free_port;
 
 /// Replaces every `${NAME}` placeholder (the project's template convention). Panics when a
 /// value replaces nothing or a placeholder is left, so a renamed one cannot go unnoticed.

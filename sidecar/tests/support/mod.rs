@@ -24,25 +24,9 @@ use tokio::sync::watch;
 /// The admin token every test sidecar uses.
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
-/// A free loopback TCP port (bind :0, read, release). Another process or a parallel test can
-/// take it before it is used; where the port's user is ours, prefer a listener bound once and
-/// handed over (see [`Pebble::take_http_listener`]).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// A free loopback UDP+TCP port for the mock DNS.
-fn free_dns_port() -> u16 {
-    loop {
-        let port = free_port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+mod ports;
+/// Loopback ports below the ephemeral range (free for TCP and UDP, so also for the mock DNS).
+pub use ports::free_port;
 
 /// Child processes killed (SIGKILL) and reaped on drop.
 #[derive(Debug, Default)]
@@ -147,7 +131,7 @@ impl Pebble {
         std::fs::write(dir.path().join("cert.pem"), leaf.pem())?;
         std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem())?;
 
-        let dns_port = free_dns_port();
+        let dns_port = free_port();
         let challtestsrv_port = free_port();
         let acme_port = free_port();
         let management_port = free_port();
