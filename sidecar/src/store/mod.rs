@@ -6,6 +6,7 @@
 
 mod postgres;
 mod rows;
+mod rules;
 mod sqlite;
 
 use std::fmt;
@@ -15,6 +16,10 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 pub use postgres::{CopyReport, PostgresStore, PostgresStoreOptions, copy_store};
+pub use rules::{
+    FindingWeight, SITE_CHANGES_KEEP_ROWS, SITE_CHANGES_KEEP_SECS, SiteEventKind,
+    change_log_cutoff, counts_from_tallies, findings_to_evict, next_attempt_after, still_the_lease,
+};
 pub use sqlite::{SqliteStore, create_private_dir};
 
 /// The schema version both backends migrate to: migration `n` of the SQLite store and
@@ -377,7 +382,7 @@ pub struct Event {
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     /// What happened (`order-created`, `certificate-issued`, `attempt-failed`, `dns-not-pointing`…).
-    pub kind: String,
+    pub kind: SiteEventKind,
     /// Words for humans.
     pub message: String,
     /// The RFC 8555 §6.7 problem type when the CA sent one.
@@ -495,6 +500,22 @@ pub trait Store: Send + Sync + fmt::Debug {
         failures: u32,
         last_problem: Option<&str>,
     ) -> Result<()>;
+    /// Extends this node's lease on a site from `held_until` to `until` while its attempt is
+    /// still working (the next attempt time moves with it unless a change made meanwhile set
+    /// another). Answers false, changing nothing, when this node no longer holds that lease
+    /// (it expired and another node took it).
+    fn renew_lease(
+        &self,
+        site: &str,
+        held_until: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool>;
+    /// Releases every lease held under this node's id, for a node that just started: one
+    /// process runs per node id, so such a lease is the work of this node's previous run, which
+    /// died. Each released site is due at `now` (or keeps an earlier time a change set) and
+    /// gets an `attempt-interrupted` event; answers their names. Never touches another node's
+    /// lease.
+    fn release_own_leases(&self, now: OffsetDateTime) -> Result<Vec<String>>;
     /// Sets a site's next attempt time, failure count and last problem.
     fn schedule(
         &self,
@@ -575,7 +596,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         &self,
         site: &str,
         at: OffsetDateTime,
-        kind: &str,
+        kind: SiteEventKind,
         message: &str,
         problem_type: Option<&str>,
         reason: Option<&str>,
