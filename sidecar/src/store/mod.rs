@@ -659,20 +659,34 @@ pub(crate) fn supersedes(
         .all(|name| new.contains(name))
 }
 
-/// Folds change-log rows `(seq, site)` (ascending) read after `after` into a [`SiteChanges`];
-/// `oldest_kept` is the smallest sequence number still in the log, if any row is.
-pub(crate) fn fold_site_changes(
+/// The answer for a reader at `after` whose changes can no longer be told, if so: the rows right
+/// after it were compacted away (the oldest kept row, `oldest_kept`, is beyond `after + 1`), or
+/// `after` is ahead of this log's newest row `latest` (it came from another database). The
+/// reader reloads everything and goes on from `latest`. (A rolled-back insert can leave a gap
+/// right after `after` too: the reader then reloads once, harmless.)
+pub(crate) fn unknowable_changes(
     after: u64,
     oldest_kept: Option<u64>,
+    latest: u64,
+) -> Option<SiteChanges> {
+    let compacted = oldest_kept.is_some_and(|oldest| oldest > after.saturating_add(1));
+    (compacted || after > latest).then(|| SiteChanges {
+        sites: Vec::new(),
+        last_seq: latest,
+        complete: false,
+    })
+}
+
+/// Folds change-log rows `(seq, site)` (ascending) read after `after` into a complete
+/// [`SiteChanges`] (see [`unknowable_changes`] for when it cannot be complete).
+pub(crate) fn fold_site_changes(
+    after: u64,
     rows: impl IntoIterator<Item = (u64, String)>,
 ) -> SiteChanges {
-    // The rows right after `after` are gone when the oldest kept row is beyond `after + 1`.
-    // (A rolled-back insert can leave a gap there too: the reader then reloads once, harmless.)
-    let complete = oldest_kept.is_none_or(|oldest| oldest <= after.saturating_add(1));
     let mut changes = SiteChanges {
         sites: Vec::new(),
         last_seq: after,
-        complete,
+        complete: true,
     };
     let mut seen = std::collections::HashSet::new();
     for (seq, site) in rows {
@@ -698,18 +712,22 @@ mod tests {
     fn change_batches_deduplicate_in_order_of_first_change() {
         let rows =
             [(4, "b"), (5, "a"), (6, "b"), (7, "c")].map(|(seq, site)| (seq, site.to_owned()));
-        let changes = fold_site_changes(3, Some(1), rows);
+        let changes = fold_site_changes(3, rows);
         assert_eq!(changes.sites, ["b", "a", "c"]);
         assert_eq!(changes.last_seq, 7);
         assert!(changes.complete);
-        let nothing = fold_site_changes(7, Some(1), []);
+        let nothing = fold_site_changes(7, []);
         assert_eq!((nothing.last_seq, nothing.sites.len()), (7, 0));
     }
 
     #[test]
     fn a_reader_behind_the_oldest_kept_change_must_reload() {
-        assert!(!fold_site_changes(10, Some(12), []).complete);
-        assert!(fold_site_changes(10, Some(11), []).complete);
-        assert!(fold_site_changes(0, None, []).complete);
+        let reload = unknowable_changes(10, Some(12), 20).unwrap();
+        assert_eq!((reload.complete, reload.last_seq), (false, 20));
+        assert!(unknowable_changes(10, Some(11), 20).is_none());
+        assert!(unknowable_changes(0, None, 0).is_none());
+        // A position ahead of this log (another database's) cannot be read from either.
+        assert_eq!(unknowable_changes(30, Some(1), 20).unwrap().last_seq, 20);
+        assert!(unknowable_changes(5, None, 0).is_some());
     }
 }

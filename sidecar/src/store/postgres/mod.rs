@@ -31,7 +31,7 @@ use super::{
     AttemptLease, CHALLENGE_LIFETIME, Event, HostnameKind, HttpsMode, MixedContentFinding,
     NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteChanges,
     SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
-    fold_site_changes, supersedes,
+    fold_site_changes, supersedes, unknowable_changes,
 };
 use super::{
     FindingWeight, SiteEventKind, counts_from_tallies, findings_to_evict, next_attempt_after,
@@ -1175,9 +1175,17 @@ impl Store for PostgresStore {
                 .isolation_level(IsolationLevel::RepeatableRead)
                 .read_only(true)
                 .start()?;
-            let oldest: Option<i64> = tx
-                .query_one("SELECT MIN(seq) FROM site_changes", &[])?
-                .try_get(0)?;
+            let bounds = tx.query_one(
+                "SELECT (SELECT MIN(seq) FROM site_changes), (SELECT MAX(seq) FROM site_changes)",
+                &[],
+            )?;
+            let oldest: Option<i64> = bounds.try_get(0)?;
+            let latest: Option<i64> = bounds.try_get(1)?;
+            if let Some(reload) =
+                unknowable_changes(after, oldest.map(count), latest.map_or(0, count))
+            {
+                return Ok(reload);
+            }
             let rows = tx.query(
                 "SELECT seq, site FROM site_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
                 &[&i64::try_from(after).unwrap_or(i64::MAX), &sql_limit(limit)],
@@ -1187,7 +1195,7 @@ impl Store for PostgresStore {
                 .map(|row| Ok((count(row.try_get(0)?), row.try_get(1)?)))
                 .collect::<Result<Vec<(u64, String)>>>()?;
             tx.commit()?;
-            Ok(fold_site_changes(after, oldest.map(count), rows))
+            Ok(fold_site_changes(after, rows))
         })
     }
 

@@ -26,7 +26,10 @@ use super::rows::{
     CERT_COLUMNS, RawCertificate, enum_from, enum_text, from_ts, names_from_json, names_json, ts,
 };
 use super::rules::INTERRUPTED_MESSAGE;
-use super::{AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, supersedes};
+use super::{
+    AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, fold_site_changes, supersedes,
+    unknowable_changes,
+};
 use super::{
     CertificateCoverage, Event, HostnameKind, HttpsMode, MixedContentFinding, NewCertificate,
     NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SitePolicy, Store, StoreCounts,
@@ -1111,16 +1114,11 @@ impl Store for SqliteStore {
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
-        let as_seq = |seq: Option<i64>| seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
-        let (oldest, latest) = (as_seq(oldest), as_seq(latest));
-        // Rows after `after` were compacted away (the next one is gone), or `after` is ahead of
-        // this log (it came from another database): the changes cannot be told, only reloaded.
-        if after > latest || (oldest > 0 && after.saturating_add(1) < oldest) {
-            return Ok(SiteChanges {
-                sites: Vec::new(),
-                last_seq: latest,
-                complete: false,
-            });
+        let as_seq = |seq: i64| u64::try_from(seq).unwrap_or(0);
+        if let Some(reload) =
+            unknowable_changes(after, oldest.map(as_seq), latest.map_or(0, as_seq))
+        {
+            return Ok(reload);
         }
         let mut statement = conn
             .prepare("SELECT seq, site FROM site_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
@@ -1133,20 +1131,10 @@ impl Store for SqliteStore {
                 |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut last_seq = after;
-        let mut seen = std::collections::HashSet::new();
-        let mut sites = Vec::new();
-        for (seq, site) in rows {
-            last_seq = u64::try_from(seq).unwrap_or(last_seq);
-            if seen.insert(site.clone()) {
-                sites.push(site);
-            }
-        }
-        Ok(SiteChanges {
-            sites,
-            last_seq,
-            complete: true,
-        })
+        Ok(fold_site_changes(
+            after,
+            rows.into_iter().map(|(seq, site)| (as_seq(seq), site)),
+        ))
     }
 
     fn certificates_changed(&self) -> watch::Receiver<u64> {
