@@ -29,7 +29,7 @@ use crate::error::Error;
 use crate::hostname::Hostname;
 use crate::issuance::Issuer;
 use crate::policy_feed::PolicyFeed;
-use crate::store::{HstsPolicy, NewSite, SitePolicy, validate_site_name};
+use crate::store::{HstsPolicy, NewSite, SiteEventKind, SitePolicy, validate_site_name};
 
 /// Shared state of the admin handlers.
 #[derive(Debug, Clone)]
@@ -636,7 +636,7 @@ async fn regenerate(
     issuer.store().add_event(
         &site,
         now,
-        "regenerate-requested",
+        SiteEventKind::RegenerateRequested,
         "regenerate requested",
         None,
         None,

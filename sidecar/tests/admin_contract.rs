@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use autohttps_sidecar::clock::ManualClock;
 use autohttps_sidecar::hostname::Hostname;
-use autohttps_sidecar::store::{NewCertificate, PrivateKeyPem};
+use autohttps_sidecar::store::{NewCertificate, PrivateKeyPem, SiteEventKind};
 use reqwest::Method;
 use serde_json::{Value, json};
 use support::{Admin, Pebble, start_sidecar_with};
@@ -221,7 +221,7 @@ async fn every_route_answers_the_pinned_json() -> anyhow::Result<()> {
     store.add_event(
         "shop",
         start,
-        "attempt-failed",
+        SiteEventKind::AttemptFailed,
         "www.shop.test: the CA could not connect to it",
         Some("urn:ietf:params:acme:error:connection"),
         Some("acme:connection"),

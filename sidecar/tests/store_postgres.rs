@@ -1,8 +1,8 @@
 //! What only the PostgreSQL store does, on a real throwaway cluster: another node's commit
 //! wakes this node's watches (LISTEN/NOTIFY), the database going away is a clear "unavailable"
 //! (503 at the admin API) and everything resumes when it returns, a node started while the
-//! database is down waits for it, and an HTTP-01 token is answered by a node that did not
-//! place the order.
+//! database is down waits for it, an HTTP-01 token is answered by a node that did not place
+//! the order, and the change log is compacted safely by nodes doing it at once.
 
 mod support;
 
@@ -15,7 +15,8 @@ use autohttps_sidecar::hostname::Hostname;
 use autohttps_sidecar::http01::{ChallengeResponder, internal_router};
 use autohttps_sidecar::service::{Sidecar, open_store};
 use autohttps_sidecar::store::{
-    NewSite, PostgresStore, PostgresStoreOptions, SCHEMA_VERSION, SitePolicy, SqliteStore, Store,
+    NewSite, PostgresStore, PostgresStoreOptions, SCHEMA_VERSION, SITE_CHANGES_KEEP_SECS,
+    SitePolicy, SqliteStore, Store,
 };
 use reqwest::Method;
 use support::pg_cluster::{PgCluster, shared_cluster};
@@ -80,6 +81,68 @@ async fn another_nodes_commit_wakes_this_nodes_watches_through_notify() {
         two.site_changes_since(latest - 1, 10).unwrap().sites,
         ["second"]
     );
+}
+
+#[test]
+fn two_nodes_compact_the_change_log_at_once_and_a_reader_behind_it_reloads() {
+    let database = shared_cluster().database().unwrap();
+    let one = store(&database.url(), "node-1", Duration::from_secs(3600));
+    let two = store(&database.url(), "node-2", Duration::from_secs(3600));
+    for (index, site) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
+        let node: &dyn Store = if index % 2 == 0 { &one } else { &two };
+        create(node, site, &format!("{site}.test"));
+    }
+    let latest = one.latest_change_seq().unwrap();
+    assert!(latest >= 6, "latest {latest}");
+    // Young rows are kept whatever their number.
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(
+        one.compact_site_changes(1, SITE_CHANGES_KEEP_SECS, now)
+            .unwrap(),
+        0
+    );
+    assert!(two.site_changes_since(0, 100).unwrap().complete);
+    // Both nodes compact at once (from a minute on, every row but the newest is old): each
+    // call succeeds and together they delete each row once.
+    let later = now + time::Duration::minutes(1);
+    let barrier = std::sync::Barrier::new(2);
+    let (by_one, by_two) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| {
+            barrier.wait();
+            one.compact_site_changes(1, 0, later)
+        });
+        let second = scope.spawn(|| {
+            barrier.wait();
+            two.compact_site_changes(1, 0, later)
+        });
+        (
+            first.join().unwrap().unwrap(),
+            second.join().unwrap().unwrap(),
+        )
+    });
+    let deleted = by_one + by_two;
+    // The loser of the lock may have skipped (0) or run after the winner (nothing left).
+    assert_eq!(
+        deleted,
+        usize::try_from(latest - 1).unwrap(),
+        "{by_one} + {by_two}"
+    );
+    assert_eq!(one.compact_site_changes(1, 0, later).unwrap(), 0);
+    assert_eq!(two.latest_change_seq().unwrap(), latest);
+    // A reader whose position was compacted away is told to reload; one just before the
+    // oldest kept row is not.
+    assert!(!two.site_changes_since(0, 100).unwrap().complete);
+    let edge = two.site_changes_since(latest - 1, 100).unwrap();
+    assert!(edge.complete);
+    assert_eq!(
+        (edge.sites.as_slice(), edge.last_seq),
+        (["f".to_owned()].as_slice(), latest)
+    );
+    // New changes are logged after the compacted ones as usual.
+    create(&one, "g", "g.test");
+    let next = two.site_changes_since(latest, 100).unwrap();
+    assert!(next.complete);
+    assert_eq!(next.sites, ["g"]);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use autohttps_sidecar::error::Error;
 use autohttps_sidecar::hostname::Hostname;
 use autohttps_sidecar::store::{
     AttemptLease, HttpsMode, NewCertificate, NewSite, PostgresStore, PostgresStoreOptions,
-    PrivateKeyPem, Site, SitePolicy, SqliteStore, Store,
+    PrivateKeyPem, Site, SiteEventKind, SitePolicy, SqliteStore, Store,
 };
 use support::pg_cluster::{PgDatabase, shared_cluster};
 use tempfile::TempDir;
@@ -68,6 +68,8 @@ suite!(
     reopening_keeps_sites_orders_and_history,
     two_nodes_cannot_both_take_a_sites_lease,
     an_expired_lease_is_taken_by_the_other_node,
+    a_renewed_lease_is_never_taken_and_keeps_a_change_made_meanwhile,
+    a_restarted_node_releases_its_own_dead_leases_and_no_one_elses,
     the_acme_account_is_created_once_when_two_nodes_race,
     the_change_log_sees_changes_made_through_the_other_handle,
     http01_challenges_are_answered_through_any_handle,
@@ -104,6 +106,10 @@ fn certificate(site: &str, names: &[&str], serial: &str) -> NewCertificate {
         serial: serial.into(),
         ari_id: None,
     }
+}
+
+fn next_attempt(store: &dyn Store, site: &str) -> Option<OffsetDateTime> {
+    store.site(site).unwrap().unwrap().issuance.next_attempt_at
 }
 
 fn taken(lease: AttemptLease) -> Site {
@@ -349,7 +355,7 @@ fn storing_certificate_completes_its_order_and_notifies(backend: &dyn Backend) {
         .events("blog", 10)
         .unwrap()
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert_eq!(
         kinds,
@@ -476,6 +482,99 @@ fn an_expired_lease_is_taken_by_the_other_node(backend: &dyn Backend) {
         one.begin_attempt("blog", lease, lease + Duration::from_secs(600)).unwrap(),
         AttemptLease::HeldElsewhere { node, .. } if node == "node-2"
     ));
+}
+
+fn a_renewed_lease_is_never_taken_and_keeps_a_change_made_meanwhile(backend: &dyn Backend) {
+    let (one, two) = (backend.open("node-1"), backend.open("node-2"));
+    create(&*one, "blog", &["example.com"]);
+    let lease = NOW + Duration::from_secs(120);
+    taken(one.begin_attempt("blog", NOW, lease).unwrap());
+    // node-1 renews while it works: past the first lease's end node-2 still may not take it,
+    // and the next attempt time moved with the lease.
+    let renewed = lease + Duration::from_secs(90);
+    assert!(one.renew_lease("blog", lease, renewed).unwrap());
+    assert_eq!(next_attempt(&*one, "blog"), Some(renewed));
+    let after_first = lease + Duration::from_secs(1);
+    assert!(two.due_sites(after_first).unwrap().is_empty());
+    assert!(matches!(
+        two.begin_attempt("blog", after_first, after_first + Duration::from_secs(120)).unwrap(),
+        AttemptLease::HeldElsewhere { node, until } if node == "node-1" && until == renewed
+    ));
+    // Renewing from a time this node does not hold, or another node's lease, changes nothing.
+    assert!(
+        !one.renew_lease("blog", lease, renewed + Duration::from_secs(60))
+            .unwrap()
+    );
+    assert!(
+        !two.renew_lease("blog", renewed, renewed + Duration::from_secs(60))
+            .unwrap()
+    );
+    // A change during the attempt (a hostname added) keeps its time through the renewal...
+    let change = NOW + Duration::from_secs(5);
+    one.add_hostname("blog", &name("www.example.com"), NOW, change)
+        .unwrap();
+    let again = renewed + Duration::from_secs(90);
+    assert!(one.renew_lease("blog", renewed, again).unwrap());
+    assert_eq!(next_attempt(&*one, "blog"), Some(change));
+    // ...and the finished attempt (planning a renewal months away) keeps it too.
+    one.finish_attempt(
+        "blog",
+        again,
+        Some(NOW + Duration::from_secs(86_400 * 60)),
+        0,
+        None,
+    )
+    .unwrap();
+    assert_eq!(next_attempt(&*one, "blog"), Some(change));
+    // Once it ran out unrenewed, node-2 takes it and node-1's renewal is refused.
+    taken(one.begin_attempt("blog", NOW, lease).unwrap());
+    taken(
+        two.begin_attempt("blog", lease, lease + Duration::from_secs(120))
+            .unwrap(),
+    );
+    assert!(
+        !one.renew_lease("blog", lease, lease + Duration::from_secs(120))
+            .unwrap()
+    );
+}
+
+fn a_restarted_node_releases_its_own_dead_leases_and_no_one_elses(backend: &dyn Backend) {
+    let (one, two) = (backend.open("node-1"), backend.open("node-2"));
+    for site in ["mine", "theirs", "changed"] {
+        create(&*one, site, &[&format!("{site}.example")]);
+    }
+    let lease = NOW + Duration::from_secs(120);
+    taken(one.begin_attempt("mine", NOW, lease).unwrap());
+    taken(one.begin_attempt("changed", NOW, lease).unwrap());
+    taken(two.begin_attempt("theirs", NOW, lease).unwrap());
+    // During node-1's dead attempt someone asked for "changed" (debounced to a time that is
+    // past when node-1 restarts).
+    let asked = NOW + Duration::from_secs(5);
+    two.request_issuance("changed", asked, false).unwrap();
+    // node-1 restarts (a new process, the same node id): its leases go, node-2's stays.
+    let restarted = NOW + Duration::from_secs(10);
+    let one = backend.open("node-1");
+    assert_eq!(
+        one.release_own_leases(restarted).unwrap(),
+        ["changed", "mine"]
+    );
+    assert_eq!(one.due_sites(restarted).unwrap(), ["changed", "mine"]);
+    assert_eq!(next_attempt(&*one, "changed"), Some(asked));
+    assert_eq!(next_attempt(&*one, "mine"), Some(restarted));
+    assert!(matches!(
+        one.begin_attempt("theirs", restarted, restarted + Duration::from_secs(120)).unwrap(),
+        AttemptLease::HeldElsewhere { node, .. } if node == "node-2"
+    ));
+    assert_eq!(
+        one.events("mine", 1).unwrap()[0].kind,
+        SiteEventKind::AttemptInterrupted
+    );
+    // Released leases are gone: node-2 may take them now, and a second release finds none.
+    taken(
+        two.begin_attempt("mine", restarted, restarted + Duration::from_secs(120))
+            .unwrap(),
+    );
+    assert!(one.release_own_leases(restarted).unwrap().is_empty());
 }
 
 fn the_acme_account_is_created_once_when_two_nodes_race(backend: &dyn Backend) {

@@ -19,7 +19,9 @@ pub use decide::{
     ResponsePlan, UpstreamHeaders,
 };
 pub use explain::{Explanation, HostMatch, SchemeSource};
-pub use host::{PolicyName, normalise_authority, parse_policy_name, validate_hostname};
+pub use host::{
+    PolicyName, normalise_authority, parse_policy_name, validate_hostname, wildcard_parent,
+};
 pub use schema::{
     DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig, PolicyDelta,
     PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,

@@ -127,7 +127,7 @@ impl From<Event> for api::Event {
             id: event.id,
             site: event.site,
             at: event.at,
-            kind: event.kind,
+            kind: event.kind.to_string(),
             message: event.message,
             problem_type: event.problem_type,
             reason: event.reason,

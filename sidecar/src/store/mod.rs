@@ -6,6 +6,7 @@
 
 mod postgres;
 mod rows;
+mod rules;
 mod sqlite;
 
 use std::fmt;
@@ -15,6 +16,10 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 pub use postgres::{CopyReport, PostgresStore, PostgresStoreOptions, copy_store};
+pub use rules::{
+    FindingWeight, SITE_CHANGES_KEEP_ROWS, SITE_CHANGES_KEEP_SECS, SiteEventKind,
+    change_log_cutoff, counts_from_tallies, findings_to_evict, next_attempt_after, still_the_lease,
+};
 pub use sqlite::{SqliteStore, create_private_dir};
 
 /// The schema version both backends migrate to: migration `n` of the SQLite store and
@@ -377,7 +382,7 @@ pub struct Event {
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     /// What happened (`order-created`, `certificate-issued`, `attempt-failed`, `dns-not-pointing`…).
-    pub kind: String,
+    pub kind: SiteEventKind,
     /// Words for humans.
     pub message: String,
     /// The RFC 8555 §6.7 problem type when the CA sent one.
@@ -495,6 +500,22 @@ pub trait Store: Send + Sync + fmt::Debug {
         failures: u32,
         last_problem: Option<&str>,
     ) -> Result<()>;
+    /// Extends this node's lease on a site from `held_until` to `until` while its attempt is
+    /// still working (the next attempt time moves with it unless a change made meanwhile set
+    /// another). Answers false, changing nothing, when this node no longer holds that lease
+    /// (it expired and another node took it).
+    fn renew_lease(
+        &self,
+        site: &str,
+        held_until: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool>;
+    /// Releases every lease held under this node's id, for a node that just started: one
+    /// process runs per node id, so such a lease is the work of this node's previous run, which
+    /// died. Each released site is due at `now` (or keeps an earlier time a change set) and
+    /// gets an `attempt-interrupted` event; answers their names. Never touches another node's
+    /// lease.
+    fn release_own_leases(&self, now: OffsetDateTime) -> Result<Vec<String>>;
     /// Sets a site's next attempt time, failure count and last problem.
     fn schedule(
         &self,
@@ -575,7 +596,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         &self,
         site: &str,
         at: OffsetDateTime,
-        kind: &str,
+        kind: SiteEventKind,
         message: &str,
         problem_type: Option<&str>,
         reason: Option<&str>,
@@ -638,20 +659,34 @@ pub(crate) fn supersedes(
         .all(|name| new.contains(name))
 }
 
-/// Folds change-log rows `(seq, site)` (ascending) read after `after` into a [`SiteChanges`];
-/// `oldest_kept` is the smallest sequence number still in the log, if any row is.
-pub(crate) fn fold_site_changes(
+/// The answer for a reader at `after` whose changes can no longer be told, if so: the rows right
+/// after it were compacted away (the oldest kept row, `oldest_kept`, is beyond `after + 1`), or
+/// `after` is ahead of this log's newest row `latest` (it came from another database). The
+/// reader reloads everything and goes on from `latest`. (A rolled-back insert can leave a gap
+/// right after `after` too: the reader then reloads once, harmless.)
+pub(crate) fn unknowable_changes(
     after: u64,
     oldest_kept: Option<u64>,
+    latest: u64,
+) -> Option<SiteChanges> {
+    let compacted = oldest_kept.is_some_and(|oldest| oldest > after.saturating_add(1));
+    (compacted || after > latest).then(|| SiteChanges {
+        sites: Vec::new(),
+        last_seq: latest,
+        complete: false,
+    })
+}
+
+/// Folds change-log rows `(seq, site)` (ascending) read after `after` into a complete
+/// [`SiteChanges`] (see [`unknowable_changes`] for when it cannot be complete).
+pub(crate) fn fold_site_changes(
+    after: u64,
     rows: impl IntoIterator<Item = (u64, String)>,
 ) -> SiteChanges {
-    // The rows right after `after` are gone when the oldest kept row is beyond `after + 1`.
-    // (A rolled-back insert can leave a gap there too: the reader then reloads once, harmless.)
-    let complete = oldest_kept.is_none_or(|oldest| oldest <= after.saturating_add(1));
     let mut changes = SiteChanges {
         sites: Vec::new(),
         last_seq: after,
-        complete,
+        complete: true,
     };
     let mut seen = std::collections::HashSet::new();
     for (seq, site) in rows {
@@ -677,18 +712,22 @@ mod tests {
     fn change_batches_deduplicate_in_order_of_first_change() {
         let rows =
             [(4, "b"), (5, "a"), (6, "b"), (7, "c")].map(|(seq, site)| (seq, site.to_owned()));
-        let changes = fold_site_changes(3, Some(1), rows);
+        let changes = fold_site_changes(3, rows);
         assert_eq!(changes.sites, ["b", "a", "c"]);
         assert_eq!(changes.last_seq, 7);
         assert!(changes.complete);
-        let nothing = fold_site_changes(7, Some(1), []);
+        let nothing = fold_site_changes(7, []);
         assert_eq!((nothing.last_seq, nothing.sites.len()), (7, 0));
     }
 
     #[test]
     fn a_reader_behind_the_oldest_kept_change_must_reload() {
-        assert!(!fold_site_changes(10, Some(12), []).complete);
-        assert!(fold_site_changes(10, Some(11), []).complete);
-        assert!(fold_site_changes(0, None, []).complete);
+        let reload = unknowable_changes(10, Some(12), 20).unwrap();
+        assert_eq!((reload.complete, reload.last_seq), (false, 20));
+        assert!(unknowable_changes(10, Some(11), 20).is_none());
+        assert!(unknowable_changes(0, None, 0).is_none());
+        // A position ahead of this log (another database's) cannot be read from either.
+        assert_eq!(unknowable_changes(30, Some(1), 20).unwrap().last_seq, 20);
+        assert!(unknowable_changes(5, None, 0).is_some());
     }
 }

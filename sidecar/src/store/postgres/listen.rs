@@ -12,12 +12,16 @@ use postgres::fallible_iterator::FallibleIterator;
 
 use super::connections::Shared;
 use crate::error::Result;
+use crate::store::{SITE_CHANGES_KEEP_ROWS, SITE_CHANGES_KEEP_SECS};
 
 /// The notification channel the change-log triggers notify.
 pub(super) const CHANNEL: &str = "autohttps_changes";
 
 /// How often the listener looks up from waiting (to notice the store was dropped).
 const WAKE_EVERY: Duration = Duration::from_millis(200);
+
+/// How often each node's listener compacts the change log (also once per connection).
+const COMPACT_EVERY: Duration = Duration::from_secs(600);
 
 /// How long to wait before reconnecting after the database went away.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
@@ -49,6 +53,23 @@ fn latest_seq(client: &mut Client) -> Result<u64> {
     Ok(u64::try_from(latest).unwrap_or(0))
 }
 
+/// Compacts the change log to [`SITE_CHANGES_KEEP_ROWS`] rows or [`SITE_CHANGES_KEEP_SECS`];
+/// a failure is logged and retried at the next turn.
+fn compact(client: &mut Client) {
+    match super::compact_site_changes(
+        client,
+        SITE_CHANGES_KEEP_ROWS,
+        SITE_CHANGES_KEEP_SECS,
+        time::OffsetDateTime::now_utc(),
+    ) {
+        Ok(0) => {}
+        Ok(deleted) => tracing::debug!(deleted, "compacted the store's change log"),
+        Err(error) => {
+            tracing::warn!(%error, "compacting the store's change log failed; it is retried later");
+        }
+    }
+}
+
 /// One connection's life: listens until the connection fails or the store is dropped.
 fn listen(shared: &Shared, reconcile_every: Duration, seen: &mut u64) -> Result<()> {
     let mut client = shared.connect()?;
@@ -60,6 +81,8 @@ fn listen(shared: &Shared, reconcile_every: Duration, seen: &mut u64) -> Result<
         shared.bump_sites();
         shared.bump_certificates();
     }
+    compact(&mut client);
+    let mut compacted_at = Instant::now();
     let mut reconciled_at = Instant::now();
     while !shared.stopping.load(Ordering::SeqCst) {
         {
@@ -74,6 +97,10 @@ fn listen(shared: &Shared, reconcile_every: Duration, seen: &mut u64) -> Result<
                     return Ok(());
                 }
             }
+        }
+        if compacted_at.elapsed() >= COMPACT_EVERY {
+            compacted_at = Instant::now();
+            compact(&mut client);
         }
         if reconciled_at.elapsed() >= reconcile_every {
             reconciled_at = Instant::now();

@@ -16,23 +16,30 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use postgres::{Client, GenericClient, Row, Transaction};
+use postgres::{Client, GenericClient, IsolationLevel, Row, Transaction};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use self::connections::{Connections, Shared, conflict_on_duplicate};
+use super::change_log_cutoff;
 use super::rows::{
-    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json,
-    names_json, site_hostname, ts,
+    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_from, enum_text, from_ts,
+    names_from_json, names_json, site_hostname, ts,
 };
+use super::rules::INTERRUPTED_MESSAGE;
 use super::{
     AttemptLease, CHALLENGE_LIFETIME, Event, HostnameKind, HttpsMode, MixedContentFinding,
     NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteChanges,
     SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
-    fold_site_changes, supersedes,
+    fold_site_changes, supersedes, unknowable_changes,
+};
+use super::{
+    FindingWeight, SiteEventKind, counts_from_tallies, findings_to_evict, next_attempt_after,
+    still_the_lease,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
+use autohttps_filter::policy::wildcard_parent;
 
 #[cfg(test)]
 pub(super) use schema::MIGRATIONS;
@@ -140,6 +147,20 @@ impl PostgresStore {
 
     fn node_id(&self) -> String {
         self.connections.shared.node_id.clone()
+    }
+
+    /// Deletes change-log rows that are both older than the newest `keep_rows` and older than
+    /// `keep_secs` before `now`; returns how many (0 when another node is compacting right
+    /// now). Every node's change listener runs this now and then; a reader whose position was
+    /// deleted is told `complete: false` by [`Store::site_changes_since`] and reloads.
+    pub fn compact_site_changes(
+        &self,
+        keep_rows: u64,
+        keep_secs: i64,
+        now: OffsetDateTime,
+    ) -> Result<usize> {
+        self.connections
+            .run(move |client| compact_site_changes(client, keep_rows, keep_secs, now))
     }
 
     fn bump_sites(&self) {
@@ -291,18 +312,70 @@ fn insert_hostname(
     Ok(())
 }
 
+/// Compacts the change log (see [`PostgresStore::compact_site_changes`]). Nodes compacting at
+/// once do not queue up behind each other's row locks: one takes the compaction lock, the
+/// others skip (the work is the same). Readers are safe either way: they read the oldest kept
+/// row and the rows after their position in one snapshot.
+pub(super) fn compact_site_changes(
+    client: &mut Client,
+    keep_rows: u64,
+    keep_secs: i64,
+    now: OffsetDateTime,
+) -> Result<usize> {
+    let mut tx = client.transaction()?;
+    let ours: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[&schema::COMPACTION_LOCK],
+        )?
+        .try_get(0)?;
+    if !ours {
+        return Ok(0);
+    }
+    let latest: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(seq), 0)::BIGINT FROM site_changes",
+            &[],
+        )?
+        .try_get(0)?;
+    let Some((last_deleted, before)) = change_log_cutoff(count(latest), keep_rows, keep_secs, now)
+    else {
+        return Ok(0);
+    };
+    let deleted = tx.execute(
+        "DELETE FROM site_changes WHERE seq <= $1 AND at < $2",
+        &[&i64::try_from(last_deleted).unwrap_or(i64::MAX), &before],
+    )?;
+    tx.commit()?;
+    Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+}
+
+/// A site's next attempt time, its row locked until the transaction ends (`None` when there
+/// is no such site).
+fn next_attempt_for_update(
+    tx: &mut Transaction<'_>,
+    site: &str,
+) -> Result<Option<Option<OffsetDateTime>>> {
+    tx.query_opt(
+        "SELECT next_attempt_at FROM sites WHERE name = $1 FOR UPDATE",
+        &[&site],
+    )?
+    .map(|row| row.try_get::<_, Option<i64>>(0)?.map(from_ts).transpose())
+    .transpose()
+}
+
 fn insert_event(
     client: &mut impl GenericClient,
     site: &str,
     at: OffsetDateTime,
-    kind: &str,
+    kind: &SiteEventKind,
     message: &str,
     problem_type: Option<&str>,
     reason: Option<&str>,
 ) -> Result<()> {
     client.execute(
         "INSERT INTO events (site, at, kind, message, problem_type, reason) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&site, &ts(at), &kind, &message, &problem_type, &reason],
+        &[&site, &ts(at), &kind.as_str(), &message, &problem_type, &reason],
     )?;
     Ok(())
 }
@@ -404,7 +477,7 @@ impl Store for PostgresStore {
                 &mut tx,
                 &site.name,
                 now,
-                "site-created",
+                &SiteEventKind::SiteCreated,
                 &format!("site created with {} hostname(s)", 1 + others.len()),
                 None,
                 None,
@@ -506,7 +579,7 @@ impl Store for PostgresStore {
                 &mut tx,
                 &site,
                 now,
-                "hostname-added",
+                &SiteEventKind::HostnameAdded,
                 &format!("{} {name} added", enum_text(&kind)),
                 None,
                 None,
@@ -557,7 +630,7 @@ impl Store for PostgresStore {
                 &mut tx,
                 &site,
                 now,
-                "hostname-removed",
+                &SiteEventKind::HostnameRemoved,
                 &format!("{name} removed"),
                 None,
                 None,
@@ -663,28 +736,97 @@ impl Store for PostgresStore {
         let (site, node) = (site.to_owned(), self.node_id());
         let last_problem = last_problem.map(str::to_owned);
         self.connections.run(move |client| {
-            client.execute(
-                "UPDATE sites SET
-                     next_attempt_at = CASE
-                         WHEN next_attempt_at IS NULL OR next_attempt_at = $2 THEN $3
-                         WHEN $3::BIGINT IS NULL THEN next_attempt_at
-                         ELSE LEAST(next_attempt_at, $3)
-                     END,
-                     failures = $4,
-                     last_problem = $5,
-                     leased_by = CASE WHEN leased_by = $6 THEN NULL ELSE leased_by END,
-                     leased_until = CASE WHEN leased_by = $6 THEN NULL ELSE leased_until END
+            let mut tx = client.transaction()?;
+            let Some(stored) = next_attempt_for_update(&mut tx, &site)? else {
+                return Ok(());
+            };
+            let next = next_attempt_after(stored, lease_until, next);
+            tx.execute(
+                "UPDATE sites SET next_attempt_at = $2, failures = $3, last_problem = $4,
+                     leased_by = CASE WHEN leased_by = $5 THEN NULL ELSE leased_by END,
+                     leased_until = CASE WHEN leased_by = $5 THEN NULL ELSE leased_until END
                  WHERE name = $1",
                 &[
                     &site,
-                    &ts(lease_until),
                     &next.map(ts),
                     &i64::from(failures),
                     &last_problem,
                     &node,
                 ],
             )?;
+            tx.commit()?;
             Ok(())
+        })
+    }
+
+    fn renew_lease(
+        &self,
+        site: &str,
+        held_until: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool> {
+        let (site, node) = (site.to_owned(), self.node_id());
+        self.connections.run(move |client| {
+            let mut tx = client.transaction()?;
+            let held = tx.query_opt(
+                "SELECT next_attempt_at FROM sites
+                 WHERE name = $1 AND leased_by = $2 AND leased_until = $3 FOR UPDATE",
+                &[&site, &node, &ts(held_until)],
+            )?;
+            let Some(held) = held else {
+                return Ok(false);
+            };
+            let stored = held
+                .try_get::<_, Option<i64>>(0)?
+                .map(from_ts)
+                .transpose()?;
+            let next = if still_the_lease(stored, held_until) {
+                Some(until)
+            } else {
+                stored
+            };
+            tx.execute(
+                "UPDATE sites SET leased_until = $2, next_attempt_at = $3 WHERE name = $1",
+                &[&site, &ts(until), &next.map(ts)],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    fn release_own_leases(&self, now: OffsetDateTime) -> Result<Vec<String>> {
+        let node = self.node_id();
+        self.connections.run(move |client| {
+            let mut tx = client.transaction()?;
+            let held = tx.query(
+                "SELECT name, next_attempt_at, leased_until FROM sites
+                 WHERE leased_by = $1 AND leased_until IS NOT NULL ORDER BY name FOR UPDATE",
+                &[&node],
+            )?;
+            let mut released = Vec::with_capacity(held.len());
+            for row in held {
+                let name: String = row.try_get(0)?;
+                let stored = row.try_get::<_, Option<i64>>(1)?.map(from_ts).transpose()?;
+                let leased_until = from_ts(row.try_get(2)?)?;
+                let next = next_attempt_after(stored, leased_until, Some(now));
+                tx.execute(
+                    "UPDATE sites SET next_attempt_at = $2, leased_by = NULL, leased_until = NULL
+                     WHERE name = $1",
+                    &[&name, &next.map(ts)],
+                )?;
+                insert_event(
+                    &mut tx,
+                    &name,
+                    now,
+                    &SiteEventKind::AttemptInterrupted,
+                    INTERRUPTED_MESSAGE,
+                    None,
+                    None,
+                )?;
+                released.push(name);
+            }
+            tx.commit()?;
+            Ok(released)
         })
     }
 
@@ -746,10 +888,8 @@ impl Store for PostgresStore {
     fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>> {
         let name = name.clone();
         self.connections.run(move |client| {
-            let wildcard = name
-                .as_str()
-                .split_once('.')
-                .map(|(_, parent)| format!("*.{parent}"))
+            let wildcard = wildcard_parent(name.as_str())
+                .map(|parent| format!("*.{parent}"))
                 .unwrap_or_default();
             let columns = CERT_COLUMNS
                 .split(", ")
@@ -829,7 +969,7 @@ impl Store for PostgresStore {
                 &mut tx,
                 &certificate.site,
                 now,
-                "certificate-issued",
+                &SiteEventKind::CertificateIssued,
                 &format!(
                     "certificate {} for {} valid until {}",
                     certificate.serial,
@@ -889,7 +1029,7 @@ impl Store for PostgresStore {
                 &mut tx,
                 &site,
                 now,
-                "order-created",
+                &SiteEventKind::OrderCreated,
                 &format!(
                     "ordered a certificate for {} ({order_url})",
                     names
@@ -1028,10 +1168,25 @@ impl Store for PostgresStore {
 
     fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges> {
         self.connections.run(move |client| {
-            let oldest: Option<i64> = client
-                .query_one("SELECT MIN(seq) FROM site_changes", &[])?
-                .try_get(0)?;
-            let rows = client.query(
+            // One snapshot for both reads: a compaction committed between them would otherwise
+            // delete rows after the oldest one read, and the batch would claim to be complete.
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let bounds = tx.query_one(
+                "SELECT (SELECT MIN(seq) FROM site_changes), (SELECT MAX(seq) FROM site_changes)",
+                &[],
+            )?;
+            let oldest: Option<i64> = bounds.try_get(0)?;
+            let latest: Option<i64> = bounds.try_get(1)?;
+            if let Some(reload) =
+                unknowable_changes(after, oldest.map(count), latest.map_or(0, count))
+            {
+                return Ok(reload);
+            }
+            let rows = tx.query(
                 "SELECT seq, site FROM site_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
                 &[&i64::try_from(after).unwrap_or(i64::MAX), &sql_limit(limit)],
             )?;
@@ -1039,7 +1194,8 @@ impl Store for PostgresStore {
                 .iter()
                 .map(|row| Ok((count(row.try_get(0)?), row.try_get(1)?)))
                 .collect::<Result<Vec<(u64, String)>>>()?;
-            Ok(fold_site_changes(after, oldest.map(count), rows))
+            tx.commit()?;
+            Ok(fold_site_changes(after, rows))
         })
     }
 
@@ -1047,12 +1203,12 @@ impl Store for PostgresStore {
         &self,
         site: &str,
         at: OffsetDateTime,
-        kind: &str,
+        kind: SiteEventKind,
         message: &str,
         problem_type: Option<&str>,
         reason: Option<&str>,
     ) -> Result<()> {
-        let (site, kind, message) = (site.to_owned(), kind.to_owned(), message.to_owned());
+        let (site, message) = (site.to_owned(), message.to_owned());
         let (problem_type, reason) = (problem_type.map(str::to_owned), reason.map(str::to_owned));
         self.connections.run(move |client| {
             insert_event(
@@ -1082,7 +1238,7 @@ impl Store for PostgresStore {
                         id: row.try_get(0)?,
                         site: row.try_get(1)?,
                         at: from_ts(row.try_get(2)?)?,
-                        kind: row.try_get(3)?,
+                        kind: SiteEventKind::from(row.try_get::<_, String>(3)?),
                         message: row.try_get(4)?,
                         problem_type: row.try_get(5)?,
                         reason: row.try_get(6)?,
@@ -1094,40 +1250,37 @@ impl Store for PostgresStore {
 
     fn counts(&self) -> Result<StoreCounts> {
         self.connections.run(|client| {
-            let attempts: i64 = client
-                .query_one(
-                    "SELECT COUNT(*) FROM events WHERE kind = 'attempt-started'",
-                    &[],
-                )?
-                .try_get(0)?;
-            let failures_by_reason = client
+            let events = client
                 .query(
-                    "SELECT COALESCE(reason, 'unknown') AS reason, COUNT(*) FROM events
-                     WHERE kind = 'attempt-failed' GROUP BY 1 ORDER BY 1",
+                    "SELECT kind, reason, COUNT(*) FROM events GROUP BY kind, reason",
                     &[],
                 )?
                 .iter()
-                .map(|row| Ok((row.try_get(0)?, count(row.try_get(1)?))))
+                .map(|row| {
+                    Ok((
+                        SiteEventKind::from(row.try_get::<_, String>(0)?),
+                        row.try_get(1)?,
+                        count(row.try_get(2)?),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let modes = client
+                .query(
+                    "SELECT https_mode, COUNT(*) FROM sites GROUP BY https_mode",
+                    &[],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok((
+                        enum_from::<HttpsMode>(row.try_get(0)?)?,
+                        count(row.try_get(1)?),
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
             let orders_in_flight: i64 = client
                 .query_one("SELECT COUNT(*) FROM orders", &[])?
                 .try_get(0)?;
-            let mut sites_by_mode = Vec::new();
-            for mode in [HttpsMode::Auto, HttpsMode::Force, HttpsMode::Disable] {
-                let n: i64 = client
-                    .query_one(
-                        "SELECT COUNT(*) FROM sites WHERE https_mode = $1",
-                        &[&enum_text(&mode)],
-                    )?
-                    .try_get(0)?;
-                sites_by_mode.push((mode, count(n)));
-            }
-            Ok(StoreCounts {
-                attempts: count(attempts),
-                failures_by_reason,
-                orders_in_flight: count(orders_in_flight),
-                sites_by_mode,
-            })
+            Ok(counts_from_tallies(events, modes, count(orders_in_flight)))
         })
     }
 
@@ -1186,28 +1339,31 @@ impl Store for PostgresStore {
                 tx.commit()?;
                 return Ok(Recorded::Counted);
             }
-            let mut used = site_findings_bytes(&mut tx, &site)?;
             let mut evicted = 0;
-            while used.saturating_add(bytes) > budget_bytes {
-                let Some(least_useful) = tx.query_opt(
-                    "SELECT page, resource, bytes FROM mixed_content WHERE site = $1
-                     ORDER BY reports ASC, last_seen ASC LIMIT 1",
-                    &[&site],
-                )?
-                else {
-                    break;
-                };
-                let (old_page, old_resource, row_bytes): (String, String, i64) = (
-                    least_useful.try_get(0)?,
-                    least_useful.try_get(1)?,
-                    least_useful.try_get(2)?,
-                );
-                tx.execute(
-                    "DELETE FROM mixed_content WHERE site = $1 AND page = $2 AND resource = $3",
-                    &[&site, &old_page, &old_resource],
-                )?;
-                used = used.saturating_sub(count(row_bytes));
-                evicted += 1;
+            if site_findings_bytes(&mut tx, &site)?.saturating_add(bytes) > budget_bytes {
+                let findings = tx
+                    .query(
+                        "SELECT page, resource, reports, last_seen, bytes FROM mixed_content
+                         WHERE site = $1 FOR UPDATE",
+                        &[&site],
+                    )?
+                    .iter()
+                    .map(|row| {
+                        Ok(FindingWeight {
+                            key: (row.try_get::<_, String>(0)?, row.try_get::<_, String>(1)?),
+                            reports: count(row.try_get(2)?),
+                            last_seen: row.try_get(3)?,
+                            bytes: count(row.try_get(4)?),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                for (old_page, old_resource) in findings_to_evict(findings, bytes, budget_bytes) {
+                    tx.execute(
+                        "DELETE FROM mixed_content WHERE site = $1 AND page = $2 AND resource = $3",
+                        &[&site, &old_page, &old_resource],
+                    )?;
+                    evicted += 1;
+                }
             }
             // Another node may have added the same pair meanwhile: then it is counted.
             tx.execute(

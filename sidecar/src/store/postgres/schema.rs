@@ -10,6 +10,10 @@ use crate::error::{Error, Result};
 /// saw `seq` never later finds a smaller one appear.
 pub(super) const CHANGE_LOG_LOCK: i64 = 0x6175_746f_6874_7470;
 
+/// The advisory lock a node holds while it compacts the change log (`pg_try_advisory_xact_lock`:
+/// the others skip instead of waiting).
+pub(super) const COMPACTION_LOCK: i64 = 0x6175_746f_636f_6d70;
+
 /// The advisory lock key held while migrating, so nodes starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x6175_746f_6d69_6772;
 

@@ -1,6 +1,12 @@
 //! The issuer: decides when each site needs an order (change, renewal, retry), runs the DNS
 //! pre-check, splits names over the CA's limit, drives orders and stores the results.
 
+mod seams;
+#[cfg(test)]
+mod tests;
+
+pub use seams::{CertificateAuthority, NameCheck, Pending};
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,10 +25,16 @@ use crate::hostname::Hostname;
 use crate::http01::ChallengeResponder;
 use crate::metrics::AcmeRequestMetrics;
 use crate::renewal::{ari_renew_at, renew_at, retry_at};
-use crate::store::{AttemptLease, NewCertificate, Site, Store, StoredCertificate};
+use crate::store::{AttemptLease, NewCertificate, Site, SiteEventKind, Store, StoredCertificate};
 
-/// A site being worked on is leased for this long, so a crash mid-attempt retries later.
-const ATTEMPT_LEASE: Duration = Duration::from_secs(600);
+/// A site being worked on is leased for this long at a time, and the lease is renewed every
+/// [`LEASE_RENEW_EVERY`] while the attempt works: a node that dies mid-attempt (under any node
+/// id) holds the site for at most this long, a live one never loses it.
+const ATTEMPT_LEASE: Duration = Duration::from_secs(120);
+
+/// How often a working attempt renews its lease (a quarter of it: three renewals may fail, e.g.
+/// while the database is briefly away, before the lease runs out).
+const LEASE_RENEW_EVERY: Duration = Duration::from_secs(30);
 
 /// Renewal is never scheduled sooner than this after an attempt, so a certificate that is
 /// already inside its renewal window when it arrives (clock skew, a CA issuing very short
@@ -38,9 +50,9 @@ pub struct Issuer {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: AcmeConfig,
-    dns: DnsPrecheck,
+    dns: Arc<dyn NameCheck>,
     responder: ChallengeResponder,
-    acme: OnceCell<AcmeClient>,
+    acme: OnceCell<Arc<dyn CertificateAuthority>>,
     wake: Notify,
     working: Mutex<HashSet<String>>,
     orders: Semaphore,
@@ -69,6 +81,20 @@ impl Issuer {
         responder: ChallengeResponder,
         hooks: Hooks,
     ) -> Arc<Self> {
+        Self::with_seams(store, clock, config, Arc::new(dns), None, responder, hooks)
+    }
+
+    /// Assembles an issuer on given seams: `dns` answers the pre-check, and `ca`, when given,
+    /// is the CA (else the ACME account of `config` is connected on the first attempt).
+    pub fn with_seams(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: AcmeConfig,
+        dns: Arc<dyn NameCheck>,
+        ca: Option<Arc<dyn CertificateAuthority>>,
+        responder: ChallengeResponder,
+        hooks: Hooks,
+    ) -> Arc<Self> {
         let orders = Semaphore::new(config.orders_in_flight);
         Arc::new(Self {
             store,
@@ -76,7 +102,7 @@ impl Issuer {
             config,
             dns,
             responder,
-            acme: OnceCell::new(),
+            acme: OnceCell::new_with(ca),
             wake: Notify::new(),
             working: Mutex::new(HashSet::new()),
             orders,
@@ -106,8 +132,8 @@ impl Issuer {
     }
 
     /// The DNS pre-check.
-    pub fn dns(&self) -> &DnsPrecheck {
-        &self.dns
+    pub fn dns(&self) -> &dyn NameCheck {
+        self.dns.as_ref()
     }
 
     /// When a change made now should be acted on (debounce: changes within the window coalesce).
@@ -131,17 +157,21 @@ impl Issuer {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn acme(&self) -> Result<&AcmeClient> {
-        self.acme
-            .get_or_try_init(|| {
-                AcmeClient::connect(
+    async fn acme(&self) -> Result<&dyn CertificateAuthority> {
+        let ca = self
+            .acme
+            .get_or_try_init(|| async {
+                let client = AcmeClient::connect(
                     &self.config,
                     self.store.as_ref(),
                     self.clock.now(),
                     &self.acme_requests,
                 )
+                .await?;
+                Ok::<_, Error>(Arc::new(client) as Arc<dyn CertificateAuthority>)
             })
-            .await
+            .await?;
+        Ok(ca.as_ref())
     }
 
     /// Runs the scheduler until the task is dropped: resumes orders left in flight by a previous
@@ -186,46 +216,14 @@ impl Issuer {
         }
     }
 
-    /// Makes due now every site whose attempt a previous process started and never finished
-    /// (killed or stopped mid-attempt, e.g. during the DNS pre-check): its lease would
-    /// otherwise hold the site for [`ATTEMPT_LEASE`]. A lease is recognised as a next attempt
-    /// exactly `ATTEMPT_LEASE` after the site's last `attempt-started` event, with no outcome
-    /// recorded since. (With one process per store no live attempt can hold it.)
+    /// Makes due now every site whose attempt this node's previous run started and never
+    /// finished (killed or stopped mid-attempt, e.g. during the DNS pre-check): the lease it
+    /// holds under this node's id would otherwise hold the site until it runs out. One process
+    /// runs per node id, so no live attempt holds such a lease; a lease held under another id is
+    /// left alone (a live node renews it; a dead one's runs out within [`ATTEMPT_LEASE`]).
     fn release_stale_leases(&self) -> Result<()> {
-        let now = self.clock.now();
-        for name in self.store.due_sites(now + ATTEMPT_LEASE)? {
-            let Some(site) = self.store.site(&name)? else {
-                continue;
-            };
-            let Some(next) = site.issuance.next_attempt_at.filter(|next| *next > now) else {
-                continue;
-            };
-            let interrupted = self
-                .store
-                .events(&name, 50)?
-                .into_iter()
-                .take_while(|e| e.kind != "attempt-failed" && e.kind != "certificate-issued")
-                .find(|e| e.kind == "attempt-started")
-                .is_some_and(|started| {
-                    (started.at + ATTEMPT_LEASE).unix_timestamp() == next.unix_timestamp()
-                });
-            if interrupted {
-                tracing::info!(site = %name, "retrying an attempt a previous process did not finish");
-                self.store.add_event(
-                    &name,
-                    now,
-                    "attempt-interrupted",
-                    "the previous attempt was interrupted (the sidecar stopped); retrying now",
-                    None,
-                    None,
-                )?;
-                self.store.schedule(
-                    &name,
-                    Some(now),
-                    site.issuance.failures,
-                    site.issuance.last_problem.as_deref(),
-                )?;
-            }
+        for site in self.store.release_own_leases(self.clock.now())? {
+            tracing::info!(%site, "retrying an attempt a previous run of this node did not finish");
         }
         Ok(())
     }
@@ -272,13 +270,51 @@ impl Issuer {
             }
             AttemptLease::NoSuchSite => return Ok(AttemptReport::default()),
         };
+        let lease = HeldLease::new(lease_until);
+        tokio::select! {
+            report = self.work_on(site_name, site, now, &lease) => report,
+            never = self.keep_lease(site_name, &lease) => match never {},
+        }
+    }
+
+    /// Renews this node's lease on `site` every [`LEASE_RENEW_EVERY`] while the attempt works
+    /// (the attempt ends this future). A failed renewal is retried at the next turn; a lease
+    /// found taken by another node (it ran out, e.g. the database was away too long) is marked
+    /// lost and no longer renewed.
+    async fn keep_lease(&self, site: &str, lease: &HeldLease) -> std::convert::Infallible {
+        loop {
+            tokio::time::sleep(LEASE_RENEW_EVERY).await;
+            let held = lease.until();
+            let until = self.clock.now() + ATTEMPT_LEASE;
+            match self.store.renew_lease(site, held, until) {
+                Ok(true) => lease.renewed(until),
+                Ok(false) => {
+                    tracing::warn!(%site, "this node's issuance lease ran out and another node took the site; leaving it to that node");
+                    lease.lose();
+                    return std::future::pending().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%site, %error, "cannot renew the issuance lease; retrying");
+                }
+            }
+        }
+    }
+
+    /// The attempt itself, while this node holds the site's lease (`lease`).
+    async fn work_on(
+        &self,
+        site_name: &str,
+        site: Site,
+        now: OffsetDateTime,
+        lease: &HeldLease,
+    ) -> Result<AttemptReport> {
         let failures_before = site.issuance.failures;
         let regenerate = self.store.take_regenerate_request(site_name)?;
         tracing::debug!(site = %site_name, names = site.names().len(), regenerate, "issuance attempt started");
         self.store.add_event(
             site_name,
             now,
-            "attempt-started",
+            SiteEventKind::AttemptStarted,
             "issuance attempt started",
             None,
             None,
@@ -292,7 +328,7 @@ impl Issuer {
             self.store.add_event(
                 site_name,
                 self.clock.now(),
-                "order-resumed",
+                SiteEventKind::OrderResumed,
                 &format!("resuming {}", row.order_url),
                 None,
                 None,
@@ -319,7 +355,7 @@ impl Issuer {
                 self.store.add_event(
                     site_name,
                     self.clock.now(),
-                    "dns-not-pointing",
+                    SiteEventKind::DnsNotPointing,
                     &why,
                     None,
                     Some("dns"),
@@ -338,10 +374,13 @@ impl Issuer {
         }
 
         // 3. Order what is needed, in chunks of the CA's per-certificate limit.
-        if order_failure.is_none() && !passing.is_empty() {
+        if order_failure.is_none() && !passing.is_empty() && !lease.is_lost() {
             let current = self.store.current_certificates(site_name)?;
             if regenerate || needs_order(&site, &passing, &current, self.clock.now()) {
                 for chunk in passing.chunks(self.config.names_per_certificate()) {
+                    if lease.is_lost() {
+                        break;
+                    }
                     match self.order_chunk(site_name, chunk).await {
                         Ok(id) => report.issued.push(id),
                         Err(error) => {
@@ -373,7 +412,7 @@ impl Issuer {
             self.store.add_event(
                 site_name,
                 now,
-                "attempt-failed",
+                SiteEventKind::AttemptFailed,
                 &error.to_string(),
                 problem_type.as_deref(),
                 Some(&error.reason()),
@@ -384,7 +423,7 @@ impl Issuer {
             self.store.add_event(
                 site_name,
                 now,
-                "attempt-failed",
+                SiteEventKind::AttemptFailed,
                 "no hostname of the site points at the platform",
                 None,
                 Some("dns"),
@@ -409,12 +448,16 @@ impl Issuer {
                 )
             });
         }
+        if lease.is_lost() {
+            // The site is another node's now: its attempt records the outcome.
+            return Ok(report);
+        }
         // A change made while we worked (anything but our lease) keeps its earlier schedule;
         // the store decides in one step (reading here, then writing, lost a change that landed
         // in between: a hostname added as an attempt ended waited for the renewal date).
         self.store.finish_attempt(
             site_name,
-            lease_until,
+            lease.until(),
             next,
             failures,
             last_problem.as_deref(),
@@ -528,6 +571,45 @@ impl Issuer {
         event.not_after = Some(stored.not_after);
         self.hooks.emit(&event);
         Ok(stored.id)
+    }
+}
+
+/// This node's lease on a site while an attempt works on it: when it runs out (renewals move
+/// it) and whether another node took it.
+#[derive(Debug)]
+struct HeldLease {
+    until: Mutex<OffsetDateTime>,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl HeldLease {
+    fn new(until: OffsetDateTime) -> Self {
+        Self {
+            until: Mutex::new(until),
+            lost: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn until(&self) -> OffsetDateTime {
+        *self
+            .until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn renewed(&self, until: OffsetDateTime) {
+        *self
+            .until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = until;
+    }
+
+    fn lose(&self) {
+        self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -1,171 +1,49 @@
 //! The embedded store: one SQLite file in WAL mode, owner-only, migrated on open.
 
-use std::collections::HashMap;
+#[cfg(test)]
+mod change_log_tests;
+mod queries;
+mod schema;
+#[cfg(test)]
+mod tests;
+
+use queries::{
+    insert_event, insert_hostname, load_all_sites, load_site, next_attempt_of, query_certificates,
+    require_site, site_findings_bytes,
+};
+pub(super) use schema::MIGRATIONS;
+
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::rows::{
-    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json,
-    names_json, site_hostname, ts,
+    CERT_COLUMNS, RawCertificate, enum_from, enum_text, from_ts, names_from_json, names_json, ts,
 };
-use super::{AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, supersedes};
+use super::rules::INTERRUPTED_MESSAGE;
+use super::{
+    AttemptLease, CHALLENGE_LIFETIME, LOCAL_NODE, SiteChanges, fold_site_changes, supersedes,
+    unknowable_changes,
+};
 use super::{
     CertificateCoverage, Event, HostnameKind, HttpsMode, MixedContentFinding, NewCertificate,
-    NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteHostname, SitePolicy, Store,
-    StoreCounts, StoredCertificate, finding_bytes,
+    NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SitePolicy, Store, StoreCounts,
+    StoredCertificate, finding_bytes,
 };
+use super::{
+    FindingWeight, SiteEventKind, counts_from_tallies, findings_to_evict, next_attempt_after,
+    still_the_lease,
+};
+use super::{SITE_CHANGES_KEEP_ROWS, SITE_CHANGES_KEEP_SECS, change_log_cutoff};
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
+use autohttps_filter::policy::wildcard_parent;
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-pub(super) const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE sites (
-    name TEXT PRIMARY KEY,
-    primary_hostname TEXT NOT NULL,
-    https_mode TEXT NOT NULL,
-    redirect TEXT NOT NULL,
-    hsts_enabled INTEGER NOT NULL,
-    hsts_max_age INTEGER NOT NULL,
-    mixed_content TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    next_attempt_at INTEGER,
-    failures INTEGER NOT NULL DEFAULT 0,
-    last_problem TEXT,
-    regenerate INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE hostnames (
-    hostname TEXT PRIMARY KEY,
-    site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
-    kind TEXT NOT NULL,
-    added_at INTEGER NOT NULL
-);
-CREATE INDEX hostnames_site ON hostnames(site);
-CREATE TABLE certificates (
-    id INTEGER PRIMARY KEY,
-    site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
-    names TEXT NOT NULL,
-    chain_pem TEXT NOT NULL,
-    key_pem TEXT NOT NULL,
-    not_before INTEGER NOT NULL,
-    not_after INTEGER NOT NULL,
-    serial TEXT NOT NULL,
-    ari_id TEXT,
-    issued_at INTEGER NOT NULL,
-    superseded_at INTEGER
-);
-CREATE INDEX certificates_site ON certificates(site);
-CREATE TABLE certificate_names (
-    certificate_id INTEGER NOT NULL REFERENCES certificates(id) ON DELETE CASCADE,
-    hostname TEXT NOT NULL,
-    PRIMARY KEY (hostname, certificate_id)
-);
-CREATE TABLE orders (
-    id INTEGER PRIMARY KEY,
-    site TEXT NOT NULL REFERENCES sites(name) ON DELETE CASCADE,
-    names TEXT NOT NULL,
-    order_url TEXT NOT NULL,
-    key_pem TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE accounts (
-    directory_url TEXT PRIMARY KEY,
-    credentials TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY,
-    site TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    message TEXT NOT NULL,
-    problem_type TEXT,
-    reason TEXT
-);
-CREATE INDEX events_site ON events(site, id);
-"#,
-    r#"
-CREATE TABLE mixed_content (
-    site TEXT NOT NULL,
-    page TEXT NOT NULL,
-    resource TEXT NOT NULL,
-    directive TEXT NOT NULL,
-    reports INTEGER NOT NULL,
-    first_seen INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL,
-    PRIMARY KEY (site, page, resource)
-);
-"#,
-    r#"
-ALTER TABLE sites ADD COLUMN hsts_include_subdomains INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE sites ADD COLUMN hsts_preload INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE sites ADD COLUMN canonical_host TEXT;
-"#,
-    // Findings are kept under a byte budget per site, evicting the fewest reports, then the
-    // least recently seen: each row carries its size, and the eviction order has an index.
-    r#"
-ALTER TABLE mixed_content ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
-UPDATE mixed_content SET bytes = length(CAST(page AS BLOB)) + length(CAST(resource AS BLOB))
-    + length(CAST(directive AS BLOB)) + 64;
-CREATE INDEX mixed_content_eviction ON mixed_content(site, reports, last_seen);
-"#,
-    // The change log the policy feed reads to rebuild only the sites that changed: triggers
-    // append the site's id in the writing transaction, so no code path can forget it. The
-    // scheduling columns (next_attempt_at, failures, last_problem, regenerate) change on every
-    // attempt and never alter the feed, so they do not log.
-    r#"
-CREATE TABLE site_changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    site TEXT NOT NULL,
-    at INTEGER NOT NULL
-);
-CREATE TRIGGER site_changes_site_inserted AFTER INSERT ON sites BEGIN
-    INSERT INTO site_changes (site, at) VALUES (NEW.name, unixepoch());
-END;
-CREATE TRIGGER site_changes_site_deleted AFTER DELETE ON sites BEGIN
-    INSERT INTO site_changes (site, at) VALUES (OLD.name, unixepoch());
-END;
-CREATE TRIGGER site_changes_policy_updated AFTER UPDATE OF
-    https_mode, redirect, hsts_enabled, hsts_max_age, hsts_include_subdomains, hsts_preload,
-    mixed_content, canonical_host, primary_hostname ON sites BEGIN
-    INSERT INTO site_changes (site, at) VALUES (NEW.name, unixepoch());
-END;
-CREATE TRIGGER site_changes_hostname_inserted AFTER INSERT ON hostnames BEGIN
-    INSERT INTO site_changes (site, at) VALUES (NEW.site, unixepoch());
-END;
-CREATE TRIGGER site_changes_hostname_deleted AFTER DELETE ON hostnames BEGIN
-    INSERT INTO site_changes (site, at) VALUES (OLD.site, unixepoch());
-END;
-CREATE TRIGGER site_changes_certificate_inserted AFTER INSERT ON certificates BEGIN
-    INSERT INTO site_changes (site, at) VALUES (NEW.site, unixepoch());
-END;
-CREATE TRIGGER site_changes_certificate_superseded AFTER UPDATE OF superseded_at ON certificates BEGIN
-    INSERT INTO site_changes (site, at) VALUES (NEW.site, unixepoch());
-END;
-"#,
-    // Fleet mode: the issuance lease is explicit (which node holds it, until when), and HTTP-01
-    // key authorisations live in the store so any node answers the CA.
-    r#"
-ALTER TABLE sites ADD COLUMN leased_by TEXT;
-ALTER TABLE sites ADD COLUMN leased_until INTEGER;
-CREATE TABLE acme_challenges (
-    token TEXT PRIMARY KEY,
-    key_authorization TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-"#,
-];
-
-/// The change log keeps at least this many newest rows...
-pub const SITE_CHANGES_KEEP_ROWS: u64 = 100_000;
-/// ...and every row younger than this many seconds; older rows beyond both are compacted away.
-pub const SITE_CHANGES_KEEP_SECS: i64 = 24 * 60 * 60;
 /// The change log is compacted after this many change notifications (and when the store opens).
 const COMPACT_EVERY_CHANGES: u64 = 4096;
 
@@ -269,11 +147,20 @@ impl SqliteStore {
         keep_secs: i64,
         now: OffsetDateTime,
     ) -> Result<usize> {
-        let keep_rows = i64::try_from(keep_rows).unwrap_or(i64::MAX);
-        Ok(self.lock().execute(
-            "DELETE FROM site_changes
-             WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM site_changes) - ?1 AND at < ?2",
-            params![keep_rows, ts(now).saturating_sub(keep_secs)],
+        let conn = self.lock();
+        let latest: i64 = conn.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM site_changes",
+            [],
+            |row| row.get(0),
+        )?;
+        let latest = u64::try_from(latest).unwrap_or(0);
+        let Some((last_deleted, before)) = change_log_cutoff(latest, keep_rows, keep_secs, now)
+        else {
+            return Ok(0);
+        };
+        Ok(conn.execute(
+            "DELETE FROM site_changes WHERE seq <= ?1 AND at < ?2",
+            params![i64::try_from(last_deleted).unwrap_or(i64::MAX), before],
         )?)
     }
 
@@ -346,182 +233,6 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(|source| Error::io("restrict data directory", dir, source))
 }
 
-impl RawCertificate {
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            id: row.get(0)?,
-            site: row.get(1)?,
-            names: row.get(2)?,
-            chain_pem: row.get(3)?,
-            key_pem: row.get(4)?,
-            not_before: row.get(5)?,
-            not_after: row.get(6)?,
-            serial: row.get(7)?,
-            ari_id: row.get(8)?,
-            issued_at: row.get(9)?,
-        })
-    }
-}
-
-impl RawSite {
-    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
-        Ok(Self {
-            name: row.get(0)?,
-            primary: row.get(1)?,
-            https: row.get(2)?,
-            redirect: row.get(3)?,
-            hsts_enabled: row.get(4)?,
-            max_age: row.get(5)?,
-            mixed: row.get(6)?,
-            created: row.get(7)?,
-            next: row.get(8)?,
-            failures: row.get(9)?,
-            last_problem: row.get(10)?,
-            regenerate_requested: row.get(11)?,
-            include_subdomains: row.get(12)?,
-            preload: row.get(13)?,
-            canonical_host: row.get(14)?,
-        })
-    }
-}
-
-fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
-    let row = conn
-        .query_row(
-            &format!("SELECT {SITE_COLUMNS} FROM sites WHERE name = ?1"),
-            [name],
-            RawSite::from_row,
-        )
-        .optional()?;
-    let Some(raw) = row else {
-        return Ok(None);
-    };
-    let mut statement =
-        conn.prepare("SELECT hostname, kind FROM hostnames WHERE site = ?1 ORDER BY hostname")?;
-    let hostnames = statement
-        .query_map([&raw.name], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-        })?
-        .map(|row| {
-            let (hostname, kind) = row?;
-            site_hostname(&hostname, &kind)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    raw.decode(hostnames).map(Some)
-}
-
-/// Every site with its hostnames in two queries (not one per site): the sites by name, and all
-/// hostnames grouped by site.
-fn load_all_sites(conn: &Connection) -> Result<Vec<Site>> {
-    let raw_sites = conn
-        .prepare(&format!("SELECT {SITE_COLUMNS} FROM sites ORDER BY name"))?
-        .query_map([], RawSite::from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut by_site: HashMap<String, Vec<SiteHostname>> = HashMap::with_capacity(raw_sites.len());
-    let mut statement =
-        conn.prepare("SELECT site, hostname, kind FROM hostnames ORDER BY site, hostname")?;
-    let mut rows = statement.query([])?;
-    while let Some(row) = rows.next()? {
-        let site: String = row.get(0)?;
-        let hostname: String = row.get(1)?;
-        let kind: String = row.get(2)?;
-        by_site
-            .entry(site)
-            .or_default()
-            .push(site_hostname(&hostname, &kind)?);
-    }
-    raw_sites
-        .into_iter()
-        .map(|raw| {
-            let hostnames = by_site.remove(&raw.name).unwrap_or_default();
-            raw.decode(hostnames)
-        })
-        .collect()
-}
-
-fn require_site(conn: &Connection, name: &str) -> Result<Site> {
-    load_site(conn, name)?.ok_or_else(|| {
-        Error::NotFound(format!(
-            "no site named {name:?}; list sites with `autohttps site list`"
-        ))
-    })
-}
-
-fn insert_hostname(
-    tx: &Transaction<'_>,
-    site: &str,
-    name: &Hostname,
-    kind: HostnameKind,
-    now: OffsetDateTime,
-) -> Result<()> {
-    let owner: Option<String> = tx
-        .query_row(
-            "SELECT site FROM hostnames WHERE hostname = ?1",
-            [name.as_str()],
-            |row| row.get(0),
-        )
-        .optional()?;
-    if let Some(owner) = owner {
-        return Err(Error::Conflict(if owner == site {
-            format!("{name} is already a hostname of site {site:?}")
-        } else {
-            format!("{name} already belongs to site {owner:?}; remove it there first")
-        }));
-    }
-    tx.execute(
-        "INSERT INTO hostnames (hostname, site, kind, added_at) VALUES (?1, ?2, ?3, ?4)",
-        params![name.as_str(), site, enum_text(&kind), ts(now)],
-    )?;
-    Ok(())
-}
-
-/// The bytes a site's findings count against its budget.
-fn site_findings_bytes(conn: &Connection, site: &str) -> Result<u64> {
-    let total: i64 = conn.query_row(
-        "SELECT COALESCE(SUM(bytes), 0) FROM mixed_content WHERE site = ?1",
-        [site],
-        |row| row.get(0),
-    )?;
-    Ok(u64::try_from(total).unwrap_or(0))
-}
-
-fn insert_event(
-    tx: &Connection,
-    site: &str,
-    at: OffsetDateTime,
-    kind: &str,
-    message: &str,
-    problem_type: Option<&str>,
-    reason: Option<&str>,
-) -> Result<()> {
-    tx.execute(
-        "INSERT INTO events (site, at, kind, message, problem_type, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![site, ts(at), kind, message, problem_type, reason],
-    )?;
-    Ok(())
-}
-
-fn query_certificates(
-    conn: &Connection,
-    sql_where: &str,
-    param: &str,
-) -> Result<Vec<StoredCertificate>> {
-    let mut statement = conn.prepare(&format!(
-        "SELECT {CERT_COLUMNS} FROM certificates WHERE superseded_at IS NULL {sql_where}
-         ORDER BY not_after DESC, id DESC"
-    ))?;
-    let rows = if sql_where.contains("?1") {
-        statement
-            .query_map([param], RawCertificate::from_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-    } else {
-        statement
-            .query_map([], RawCertificate::from_row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-    };
-    rows.into_iter().map(RawCertificate::decode).collect()
-}
-
 impl Store for SqliteStore {
     fn create_site(
         &self,
@@ -580,7 +291,7 @@ impl Store for SqliteStore {
             &tx,
             &site.name,
             now,
-            "site-created",
+            &SiteEventKind::SiteCreated,
             &format!(
                 "site created with {} hostname(s)",
                 1 + site
@@ -674,7 +385,7 @@ impl Store for SqliteStore {
             &tx,
             site,
             now,
-            "hostname-added",
+            &SiteEventKind::HostnameAdded,
             &format!("{} {name} added", enum_text(&kind)),
             None,
             None,
@@ -723,7 +434,7 @@ impl Store for SqliteStore {
             &tx,
             site,
             now,
-            "hostname-removed",
+            &SiteEventKind::HostnameRemoved,
             &format!("{name} removed"),
             None,
             None,
@@ -815,28 +526,83 @@ impl Store for SqliteStore {
         failures: u32,
         last_problem: Option<&str>,
     ) -> Result<()> {
-        self.lock().execute(
-            "UPDATE sites SET
-                 next_attempt_at = CASE
-                     WHEN next_attempt_at IS NULL OR next_attempt_at = ?2 THEN ?3
-                     WHEN ?3 IS NULL THEN next_attempt_at
-                     ELSE MIN(next_attempt_at, ?3)
-                 END,
-                 failures = ?4,
-                 last_problem = ?5,
-                 leased_by = CASE WHEN leased_by = ?6 THEN NULL ELSE leased_by END,
-                 leased_until = CASE WHEN leased_by = ?6 THEN NULL ELSE leased_until END
-             WHERE name = ?1",
-            params![
-                site,
-                ts(lease_until),
-                next.map(ts),
-                failures,
-                last_problem,
-                self.node_id
-            ],
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let Some(stored) = next_attempt_of(&tx, site)? else {
+            return Ok(());
+        };
+        let next = next_attempt_after(stored, lease_until, next);
+        tx.execute(
+            "UPDATE sites SET next_attempt_at = ?2, failures = ?3, last_problem = ?4 WHERE name = ?1",
+            params![site, next.map(ts), failures, last_problem],
         )?;
+        tx.execute(
+            "UPDATE sites SET leased_by = NULL, leased_until = NULL WHERE name = ?1 AND leased_by = ?2",
+            params![site, self.node_id],
+        )?;
+        tx.commit()?;
         Ok(())
+    }
+
+    fn renew_lease(
+        &self,
+        site: &str,
+        held_until: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let renewed = tx.execute(
+            "UPDATE sites SET leased_until = ?4 WHERE name = ?1 AND leased_by = ?2 AND leased_until = ?3",
+            params![site, self.node_id, ts(held_until), ts(until)],
+        )?;
+        if renewed == 0 {
+            return Ok(false);
+        }
+        if still_the_lease(next_attempt_of(&tx, site)?.flatten(), held_until) {
+            tx.execute(
+                "UPDATE sites SET next_attempt_at = ?2 WHERE name = ?1",
+                params![site, ts(until)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn release_own_leases(&self, now: OffsetDateTime) -> Result<Vec<String>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let held: Vec<(String, Option<i64>, i64)> = tx
+            .prepare(
+                "SELECT name, next_attempt_at, leased_until FROM sites
+                 WHERE leased_by = ?1 AND leased_until IS NOT NULL ORDER BY name",
+            )?
+            .query_map([&self.node_id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut released = Vec::with_capacity(held.len());
+        for (name, stored, leased_until) in held {
+            let stored = stored.map(from_ts).transpose()?;
+            let next = next_attempt_after(stored, from_ts(leased_until)?, Some(now));
+            tx.execute(
+                "UPDATE sites SET next_attempt_at = ?2, leased_by = NULL, leased_until = NULL
+                 WHERE name = ?1",
+                params![name, next.map(ts)],
+            )?;
+            insert_event(
+                &tx,
+                &name,
+                now,
+                &SiteEventKind::AttemptInterrupted,
+                INTERRUPTED_MESSAGE,
+                None,
+                None,
+            )?;
+            released.push(name);
+        }
+        tx.commit()?;
+        Ok(released)
     }
 
     fn schedule(
@@ -882,10 +648,8 @@ impl Store for SqliteStore {
 
     fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>> {
         let conn = self.lock();
-        let wildcard = name
-            .as_str()
-            .split_once('.')
-            .map(|(_, parent)| format!("*.{parent}"))
+        let wildcard = wildcard_parent(name.as_str())
+            .map(|parent| format!("*.{parent}"))
             .unwrap_or_default();
         let row = conn
             .query_row(
@@ -964,7 +728,7 @@ impl Store for SqliteStore {
             &tx,
             &certificate.site,
             now,
-            "certificate-issued",
+            &SiteEventKind::CertificateIssued,
             &format!(
                 "certificate {} for {} valid until {}",
                 certificate.serial,
@@ -1011,7 +775,7 @@ impl Store for SqliteStore {
             &tx,
             site,
             now,
-            "order-created",
+            &SiteEventKind::OrderCreated,
             &format!(
                 "ordered a certificate for {} ({order_url})",
                 names
@@ -1135,12 +899,12 @@ impl Store for SqliteStore {
         &self,
         site: &str,
         at: OffsetDateTime,
-        kind: &str,
+        kind: SiteEventKind,
         message: &str,
         problem_type: Option<&str>,
         reason: Option<&str>,
     ) -> Result<()> {
-        insert_event(&self.lock(), site, at, kind, message, problem_type, reason)
+        insert_event(&self.lock(), site, at, &kind, message, problem_type, reason)
     }
 
     fn record_mixed_content(
@@ -1165,23 +929,25 @@ impl Store for SqliteStore {
             tx.commit()?;
             return Ok(Recorded::Counted);
         }
-        let mut used = site_findings_bytes(&tx, site)?;
         let mut evicted = 0;
-        while used.saturating_add(bytes) > budget_bytes {
-            let least_useful: Option<(i64, i64)> = tx
-                .query_row(
-                    "SELECT rowid, bytes FROM mixed_content WHERE site = ?1
-                     ORDER BY reports ASC, last_seen ASC LIMIT 1",
-                    [site],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .optional()?;
-            let Some((rowid, row_bytes)) = least_useful else {
-                break;
-            };
-            tx.execute("DELETE FROM mixed_content WHERE rowid = ?1", [rowid])?;
-            used = used.saturating_sub(u64::try_from(row_bytes).unwrap_or(0));
-            evicted += 1;
+        if site_findings_bytes(&tx, site)?.saturating_add(bytes) > budget_bytes {
+            let findings = tx
+                .prepare(
+                    "SELECT rowid, reports, last_seen, bytes FROM mixed_content WHERE site = ?1",
+                )?
+                .query_map([site], |row| {
+                    Ok(FindingWeight {
+                        key: row.get::<_, i64>(0)?,
+                        reports: u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+                        last_seen: row.get(2)?,
+                        bytes: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for rowid in findings_to_evict(findings, bytes, budget_bytes) {
+                tx.execute("DELETE FROM mixed_content WHERE rowid = ?1", [rowid])?;
+                evicted += 1;
+            }
         }
         tx.execute(
             "INSERT INTO mixed_content (site, page, resource, directive, reports, first_seen, last_seen, bytes)
@@ -1256,7 +1022,7 @@ impl Store for SqliteStore {
                     id,
                     site,
                     at: from_ts(at)?,
-                    kind,
+                    kind: SiteEventKind::from(kind),
                     message,
                     problem_type,
                     reason,
@@ -1275,33 +1041,37 @@ impl Store for SqliteStore {
 
     fn counts(&self) -> Result<StoreCounts> {
         let conn = self.lock();
-        let attempts: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM events WHERE kind = 'attempt-started'",
-            [],
-            |row| row.get(0),
-        )?;
-        let failures_by_reason = conn
-            .prepare("SELECT COALESCE(reason, 'unknown'), COUNT(*) FROM events WHERE kind = 'attempt-failed' GROUP BY 1 ORDER BY 1")?
-            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?
-            .map(|row| row.map(|(reason, n)| (reason, u64::try_from(n).unwrap_or_default())))
+        let events = conn
+            .prepare("SELECT kind, reason, COUNT(*) FROM events GROUP BY kind, reason")?
+            .query_map([], |row| {
+                Ok((
+                    SiteEventKind::from(row.get::<_, String>(0)?),
+                    row.get::<_, Option<String>>(1)?,
+                    u64::try_from(row.get::<_, i64>(2)?).unwrap_or_default(),
+                ))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        let modes = conn
+            .prepare("SELECT https_mode, COUNT(*) FROM sites GROUP BY https_mode")?
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .map(|(mode, n)| {
+                Ok((
+                    enum_from::<HttpsMode>(&mode)?,
+                    u64::try_from(n).unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let orders_in_flight: i64 =
             conn.query_row("SELECT COUNT(*) FROM orders", [], |row| row.get(0))?;
-        let mut sites_by_mode = Vec::new();
-        for mode in [HttpsMode::Auto, HttpsMode::Force, HttpsMode::Disable] {
-            let n: i64 = conn.query_row(
-                "SELECT COUNT(*) FROM sites WHERE https_mode = ?1",
-                [enum_text(&mode)],
-                |row| row.get(0),
-            )?;
-            sites_by_mode.push((mode, u64::try_from(n).unwrap_or_default()));
-        }
-        Ok(StoreCounts {
-            attempts: u64::try_from(attempts).unwrap_or_default(),
-            failures_by_reason,
-            orders_in_flight: u64::try_from(orders_in_flight).unwrap_or_default(),
-            sites_by_mode,
-        })
+        Ok(counts_from_tallies(
+            events,
+            modes,
+            u64::try_from(orders_in_flight).unwrap_or_default(),
+        ))
     }
 
     fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>> {
@@ -1344,16 +1114,11 @@ impl Store for SqliteStore {
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
-        let as_seq = |seq: Option<i64>| seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
-        let (oldest, latest) = (as_seq(oldest), as_seq(latest));
-        // Rows after `after` were compacted away (the next one is gone), or `after` is ahead of
-        // this log (it came from another database): the changes cannot be told, only reloaded.
-        if after > latest || (oldest > 0 && after.saturating_add(1) < oldest) {
-            return Ok(SiteChanges {
-                sites: Vec::new(),
-                last_seq: latest,
-                complete: false,
-            });
+        let as_seq = |seq: i64| u64::try_from(seq).unwrap_or(0);
+        if let Some(reload) =
+            unknowable_changes(after, oldest.map(as_seq), latest.map_or(0, as_seq))
+        {
+            return Ok(reload);
         }
         let mut statement = conn
             .prepare("SELECT seq, site FROM site_changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
@@ -1366,20 +1131,10 @@ impl Store for SqliteStore {
                 |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut last_seq = after;
-        let mut seen = std::collections::HashSet::new();
-        let mut sites = Vec::new();
-        for (seq, site) in rows {
-            last_seq = u64::try_from(seq).unwrap_or(last_seq);
-            if seen.insert(site.clone()) {
-                sites.push(site);
-            }
-        }
-        Ok(SiteChanges {
-            sites,
-            last_seq,
-            complete: true,
-        })
+        Ok(fold_site_changes(
+            after,
+            rows.into_iter().map(|(seq, site)| (as_seq(seq), site)),
+        ))
     }
 
     fn certificates_changed(&self) -> watch::Receiver<u64> {
@@ -1388,322 +1143,5 @@ impl Store for SqliteStore {
 
     fn sites_changed(&self) -> watch::Receiver<u64> {
         self.sites_changed.subscribe()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::MetadataExt;
-    use time::macros::datetime;
-
-    const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
-
-    fn name(n: &str) -> Hostname {
-        Hostname::parse(n).unwrap()
-    }
-
-    fn site(store: &SqliteStore, names: &[&str]) -> Site {
-        store
-            .create_site(
-                NewSite {
-                    name: "blog".into(),
-                    primary: name(names[0]),
-                    hostnames: names[1..].iter().map(|n| name(n)).collect(),
-                    policy: SitePolicy::default(),
-                },
-                NOW,
-                NOW,
-            )
-            .unwrap()
-    }
-
-    #[test]
-    fn a_database_of_the_first_schema_upgrades_keeping_its_sites() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("autohttps.db");
-        {
-            let connection = Connection::open(&path).unwrap();
-            connection.execute_batch(MIGRATIONS[0]).unwrap();
-            connection.pragma_update(None, "user_version", 1).unwrap();
-            connection
-                .execute(
-                    "INSERT INTO sites (name, primary_hostname, https_mode, redirect, hsts_enabled,
-                                        hsts_max_age, mixed_content, created_at)
-                     VALUES ('old', 'old.example.com', 'force', 'permanent', 1, 300, 'off', 0)",
-                    [],
-                )
-                .unwrap();
-        }
-        let store = SqliteStore::open(&path).unwrap();
-        let site = store.site("old").unwrap().expect("the site survives");
-        assert!(site.policy.hsts.enabled);
-        assert_eq!(site.policy.hsts.max_age, 300);
-        assert!(!site.policy.hsts.include_subdomains && !site.policy.hsts.preload);
-        assert_eq!(site.policy.canonical_host, None);
-        let mut policy = site.policy.clone();
-        policy.hsts.include_subdomains = true;
-        policy.canonical_host = Some(name("old.example.com"));
-        let before = store.latest_change_seq().unwrap();
-        let updated = store.set_policy("old", policy.clone()).unwrap();
-        assert_eq!(updated.policy, policy);
-        // The upgraded database has the change log and its triggers.
-        assert_eq!(store.site_changes_since(before, 10).unwrap().sites, ["old"]);
-        assert_eq!(
-            store.schema_version().unwrap(),
-            crate::store::SCHEMA_VERSION
-        );
-    }
-
-    #[test]
-    fn files_are_owner_only_and_reopen_keeps_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        create_private_dir(&data).unwrap();
-        let path = data.join("autohttps.db");
-        {
-            let store = SqliteStore::open(&path).unwrap();
-            site(&store, &["example.com"]);
-            store
-                .insert_order(
-                    "blog",
-                    &[name("example.com")],
-                    "https://ca/order/1",
-                    &PrivateKeyPem::new("k".into()),
-                    NOW,
-                )
-                .unwrap();
-        }
-        assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
-        for entry in std::fs::read_dir(&data).unwrap() {
-            let entry = entry.unwrap();
-            assert_eq!(
-                entry.metadata().unwrap().mode() & 0o077,
-                0,
-                "{:?} is readable by others",
-                entry.path()
-            );
-        }
-        let store = SqliteStore::open(&path).unwrap();
-        let orders = store.orders_in_flight(None).unwrap();
-        assert_eq!(orders.len(), 1);
-        assert_eq!(orders[0].order_url, "https://ca/order/1");
-        assert!(store.site("blog").unwrap().is_some());
-    }
-}
-
-#[cfg(test)]
-mod change_log_tests {
-    use super::*;
-    use std::time::Duration;
-    use time::macros::datetime;
-
-    const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);
-
-    fn name(n: &str) -> Hostname {
-        Hostname::parse(n).expect("valid hostname")
-    }
-
-    fn new_site(site: &str, primary: &str) -> NewSite {
-        NewSite {
-            name: site.into(),
-            primary: name(primary),
-            hostnames: Vec::new(),
-            policy: SitePolicy::default(),
-        }
-    }
-
-    fn certificate(site: &str, names: &[&str], serial: &str) -> NewCertificate {
-        NewCertificate {
-            site: site.into(),
-            names: names.iter().map(|n| name(n)).collect(),
-            chain_pem: format!("chain {serial}"),
-            key_pem: PrivateKeyPem::new(format!("key {serial}")),
-            not_before: NOW,
-            not_after: datetime!(2026-06-01 00:00 UTC),
-            serial: serial.into(),
-            ari_id: None,
-        }
-    }
-
-    /// Runs `write` and returns the sites the change log recorded for it (deduplicated).
-    fn logged(store: &SqliteStore, write: impl FnOnce(&SqliteStore)) -> Vec<String> {
-        let before = store.latest_change_seq().expect("latest");
-        write(store);
-        let changes = store.site_changes_since(before, 1000).expect("changes");
-        assert!(changes.complete);
-        assert_eq!(changes.last_seq, store.latest_change_seq().expect("latest"));
-        changes.sites
-    }
-
-    #[test]
-    fn every_write_that_changes_the_feed_logs_its_site_and_scheduling_does_not() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let store = SqliteStore::open(&dir.path().join("autohttps.db")).expect("store");
-        assert_eq!(store.latest_change_seq().expect("latest"), 0);
-        let both = |s: &SqliteStore| {
-            s.create_site(new_site("blog", "blog.test"), NOW, NOW)
-                .expect("site");
-            s.create_site(new_site("shop", "shop.test"), NOW, NOW)
-                .expect("site");
-        };
-        // A site and its primary hostname, twice: deduplicated, in order of first change.
-        assert_eq!(logged(&store, both), ["blog", "shop"]);
-        let policy = SitePolicy {
-            https: HttpsMode::Force,
-            ..SitePolicy::default()
-        };
-        assert_eq!(
-            logged(&store, |s| {
-                s.set_policy("shop", policy).expect("policy");
-            }),
-            ["shop"]
-        );
-        assert_eq!(
-            logged(&store, |s| {
-                s.add_hostname("blog", &name("www.blog.test"), NOW, NOW)
-                    .expect("added");
-            }),
-            ["blog"]
-        );
-        assert_eq!(
-            logged(&store, |s| {
-                s.remove_hostname("blog", &name("www.blog.test"), NOW, NOW)
-                    .expect("removed");
-            }),
-            ["blog"]
-        );
-        assert_eq!(
-            logged(&store, |s| {
-                s.store_certificate(certificate("shop", &["shop.test"], "01"), None, NOW)
-                    .expect("stored");
-            }),
-            ["shop"]
-        );
-        // The next certificate supersedes the first: the insert and the update both log.
-        let before = store.latest_change_seq().expect("latest");
-        store
-            .store_certificate(certificate("shop", &["shop.test"], "02"), None, NOW)
-            .expect("stored");
-        assert_eq!(store.latest_change_seq().expect("latest"), before + 2);
-
-        // Scheduling and attempts write only the scheduling columns: nothing is logged.
-        let lease = NOW + Duration::from_secs(600);
-        assert_eq!(
-            logged(&store, |s| {
-                s.begin_attempt("blog", NOW, lease).expect("begun");
-                s.finish_attempt("blog", lease, Some(lease), 1, Some("dns"))
-                    .expect("finished");
-                s.schedule("blog", None, 2, Some("again"))
-                    .expect("scheduled");
-                s.request_issuance("blog", NOW, true).expect("requested");
-                s.take_regenerate_request("blog").expect("taken");
-                s.add_event("blog", NOW, "attempt-failed", "x", None, None)
-                    .expect("event");
-            }),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            logged(&store, |s| s.delete_site("shop").expect("deleted")),
-            ["shop"]
-        );
-
-        // The log survives a restart, and reading from where it ends gives nothing.
-        let latest = store.latest_change_seq().expect("latest");
-        drop(store);
-        let store = SqliteStore::open(&dir.path().join("autohttps.db")).expect("reopened");
-        assert_eq!(store.latest_change_seq().expect("latest"), latest);
-        let nothing = store.site_changes_since(latest, 10).expect("changes");
-        assert_eq!(
-            nothing,
-            SiteChanges {
-                sites: Vec::new(),
-                last_seq: latest,
-                complete: true
-            }
-        );
-        // `limit` bounds the rows read; the next call goes on from `last_seq`.
-        let first = store.site_changes_since(0, 2).expect("changes");
-        assert_eq!(
-            (first.sites.as_slice(), first.last_seq),
-            (&["blog".to_string()][..], 2)
-        );
-        let next = store
-            .site_changes_since(first.last_seq, 2)
-            .expect("changes");
-        assert_eq!(next.sites, ["shop"]);
-    }
-
-    #[test]
-    fn coverage_is_the_current_certificates_without_their_pem() {
-        let store = SqliteStore::in_memory().expect("store");
-        store
-            .create_site(new_site("shop", "shop.test"), NOW, NOW)
-            .expect("site");
-        store
-            .add_hostname("shop", &name("www.shop.test"), NOW, NOW)
-            .expect("added");
-        for (names, serial) in [(&["shop.test"][..], "01"), (&["www.shop.test"][..], "02")] {
-            store
-                .store_certificate(certificate("shop", names, serial), None, NOW)
-                .expect("stored");
-        }
-        // One that the next supersedes: not current, not in the coverage.
-        store
-            .store_certificate(
-                certificate("shop", &["shop.test", "www.shop.test"], "03"),
-                None,
-                NOW,
-            )
-            .expect("stored");
-        let mut coverage = store.all_current_coverage().expect("coverage");
-        coverage.sort_by(|a, b| a.names.cmp(&b.names));
-        let mut expected: Vec<CertificateCoverage> = store
-            .all_current_certificates()
-            .expect("certificates")
-            .iter()
-            .map(CertificateCoverage::from)
-            .collect();
-        expected.sort_by(|a, b| a.names.cmp(&b.names));
-        assert_eq!(coverage, expected);
-        assert_eq!(coverage.len(), 1);
-        assert!(coverage[0].covers(&name("www.shop.test")));
-    }
-
-    #[test]
-    fn a_reader_behind_the_compacted_log_or_ahead_of_it_is_told_to_reload() {
-        let store = SqliteStore::in_memory().expect("store");
-        for site in ["a", "b", "c"] {
-            store
-                .create_site(new_site(site, &format!("{site}.test")), NOW, NOW)
-                .expect("site");
-        }
-        let latest = store.latest_change_seq().expect("latest");
-        // Recent rows are kept whatever their number.
-        let kept = store
-            .compact_site_changes(1, SITE_CHANGES_KEEP_SECS, OffsetDateTime::now_utc())
-            .expect("compacted");
-        assert_eq!(kept, 0);
-        assert!(store.site_changes_since(0, 100).expect("changes").complete);
-        // Old rows beyond the newest one go.
-        let later = OffsetDateTime::now_utc() + time::Duration::minutes(1);
-        let deleted = store.compact_site_changes(1, 0, later).expect("compacted");
-        assert_eq!(deleted, usize::try_from(latest - 1).expect("small"));
-        assert_eq!(store.latest_change_seq().expect("latest"), latest);
-        let behind = store.site_changes_since(0, 100).expect("changes");
-        assert_eq!(
-            behind,
-            SiteChanges {
-                sites: Vec::new(),
-                last_seq: latest,
-                complete: false
-            }
-        );
-        // Just before the oldest kept row is still complete.
-        let edge = store.site_changes_since(latest - 1, 100).expect("changes");
-        assert!(edge.complete);
-        assert_eq!(edge.sites, ["c"]);
-        let ahead = store.site_changes_since(latest + 5, 100).expect("changes");
-        assert!(!ahead.complete);
     }
 }

@@ -1,0 +1,205 @@
+//! Reading rows into the store's types and the statements several store calls share (loading
+//! sites, adding a hostname or an event, selecting certificates).
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use time::OffsetDateTime;
+
+use super::super::rows::{
+    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, site_hostname, ts,
+};
+use super::super::{HostnameKind, Site, SiteEventKind, SiteHostname, StoredCertificate};
+use crate::error::{Error, Result};
+use crate::hostname::Hostname;
+
+impl RawCertificate {
+    pub(super) fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            site: row.get(1)?,
+            names: row.get(2)?,
+            chain_pem: row.get(3)?,
+            key_pem: row.get(4)?,
+            not_before: row.get(5)?,
+            not_after: row.get(6)?,
+            serial: row.get(7)?,
+            ari_id: row.get(8)?,
+            issued_at: row.get(9)?,
+        })
+    }
+}
+
+impl RawSite {
+    pub(super) fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            name: row.get(0)?,
+            primary: row.get(1)?,
+            https: row.get(2)?,
+            redirect: row.get(3)?,
+            hsts_enabled: row.get(4)?,
+            max_age: row.get(5)?,
+            mixed: row.get(6)?,
+            created: row.get(7)?,
+            next: row.get(8)?,
+            failures: row.get(9)?,
+            last_problem: row.get(10)?,
+            regenerate_requested: row.get(11)?,
+            include_subdomains: row.get(12)?,
+            preload: row.get(13)?,
+            canonical_host: row.get(14)?,
+        })
+    }
+}
+
+pub(super) fn load_site(conn: &Connection, name: &str) -> Result<Option<Site>> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {SITE_COLUMNS} FROM sites WHERE name = ?1"),
+            [name],
+            RawSite::from_row,
+        )
+        .optional()?;
+    let Some(raw) = row else {
+        return Ok(None);
+    };
+    let mut statement =
+        conn.prepare("SELECT hostname, kind FROM hostnames WHERE site = ?1 ORDER BY hostname")?;
+    let hostnames = statement
+        .query_map([&raw.name], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?
+        .map(|row| {
+            let (hostname, kind) = row?;
+            site_hostname(&hostname, &kind)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    raw.decode(hostnames).map(Some)
+}
+
+/// Every site with its hostnames in two queries (not one per site): the sites by name, and all
+/// hostnames grouped by site.
+pub(super) fn load_all_sites(conn: &Connection) -> Result<Vec<Site>> {
+    let raw_sites = conn
+        .prepare(&format!("SELECT {SITE_COLUMNS} FROM sites ORDER BY name"))?
+        .query_map([], RawSite::from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut by_site: HashMap<String, Vec<SiteHostname>> = HashMap::with_capacity(raw_sites.len());
+    let mut statement =
+        conn.prepare("SELECT site, hostname, kind FROM hostnames ORDER BY site, hostname")?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        let site: String = row.get(0)?;
+        let hostname: String = row.get(1)?;
+        let kind: String = row.get(2)?;
+        by_site
+            .entry(site)
+            .or_default()
+            .push(site_hostname(&hostname, &kind)?);
+    }
+    raw_sites
+        .into_iter()
+        .map(|raw| {
+            let hostnames = by_site.remove(&raw.name).unwrap_or_default();
+            raw.decode(hostnames)
+        })
+        .collect()
+}
+
+pub(super) fn require_site(conn: &Connection, name: &str) -> Result<Site> {
+    load_site(conn, name)?.ok_or_else(|| {
+        Error::NotFound(format!(
+            "no site named {name:?}; list sites with `autohttps site list`"
+        ))
+    })
+}
+
+pub(super) fn insert_hostname(
+    tx: &Transaction<'_>,
+    site: &str,
+    name: &Hostname,
+    kind: HostnameKind,
+    now: OffsetDateTime,
+) -> Result<()> {
+    let owner: Option<String> = tx
+        .query_row(
+            "SELECT site FROM hostnames WHERE hostname = ?1",
+            [name.as_str()],
+            |row| row.get(0),
+        )
+        .optional()?;
+    if let Some(owner) = owner {
+        return Err(Error::Conflict(if owner == site {
+            format!("{name} is already a hostname of site {site:?}")
+        } else {
+            format!("{name} already belongs to site {owner:?}; remove it there first")
+        }));
+    }
+    tx.execute(
+        "INSERT INTO hostnames (hostname, site, kind, added_at) VALUES (?1, ?2, ?3, ?4)",
+        params![name.as_str(), site, enum_text(&kind), ts(now)],
+    )?;
+    Ok(())
+}
+
+/// The bytes a site's findings count against its budget.
+pub(super) fn site_findings_bytes(conn: &Connection, site: &str) -> Result<u64> {
+    let total: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(bytes), 0) FROM mixed_content WHERE site = ?1",
+        [site],
+        |row| row.get(0),
+    )?;
+    Ok(u64::try_from(total).unwrap_or(0))
+}
+
+/// A site's next attempt time (`None` when there is no such site).
+pub(super) fn next_attempt_of(
+    conn: &Connection,
+    site: &str,
+) -> Result<Option<Option<OffsetDateTime>>> {
+    let stored: Option<Option<i64>> = conn
+        .query_row(
+            "SELECT next_attempt_at FROM sites WHERE name = ?1",
+            [site],
+            |row| row.get(0),
+        )
+        .optional()?;
+    stored.map(|next| next.map(from_ts).transpose()).transpose()
+}
+
+pub(super) fn insert_event(
+    tx: &Connection,
+    site: &str,
+    at: OffsetDateTime,
+    kind: &SiteEventKind,
+    message: &str,
+    problem_type: Option<&str>,
+    reason: Option<&str>,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO events (site, at, kind, message, problem_type, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![site, ts(at), kind.as_str(), message, problem_type, reason],
+    )?;
+    Ok(())
+}
+
+pub(super) fn query_certificates(
+    conn: &Connection,
+    sql_where: &str,
+    param: &str,
+) -> Result<Vec<StoredCertificate>> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT {CERT_COLUMNS} FROM certificates WHERE superseded_at IS NULL {sql_where}
+         ORDER BY not_after DESC, id DESC"
+    ))?;
+    let rows = if sql_where.contains("?1") {
+        statement
+            .query_map([param], RawCertificate::from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    } else {
+        statement
+            .query_map([], RawCertificate::from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    rows.into_iter().map(RawCertificate::decode).collect()
+}
