@@ -12,10 +12,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use autohttps_filter::policy::Settings;
 use autohttps_sidecar::clock::{Clock, SystemClock};
 use autohttps_sidecar::csp_reports::ReportTokens;
 use autohttps_sidecar::hostname::Hostname;
-use autohttps_sidecar::policy_feed::{EdgeSettings, FeedAnswer, PolicyFeed};
+use autohttps_sidecar::policy_feed::{FeedAnswer, PolicyFeed};
 use autohttps_sidecar::store::{
     HttpsMode, NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore, Store,
 };
@@ -84,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         let feed = PolicyFeed::new(
             Arc::clone(&store) as Arc<dyn Store>,
             Arc::new(SystemClock),
-            EdgeSettings::default(),
+            Settings::default(),
             ReportTokens::from_key(b"policy_build_scale measuring key"),
         );
         let seeded_rss = status_mib("VmRSS:");

@@ -361,7 +361,10 @@ fn check_hsts(hsts: &HstsPolicy) -> Result<(), Error> {
         )));
     }
     // The filter refuses a policy breaking this rule (hstspreload.org's), so it is refused here.
-    if hsts.preload && (hsts.max_age < 31_536_000 || !hsts.include_subdomains) {
+    if hsts.preload
+        && (hsts.max_age < autohttps_filter::policy::HSTS_PRELOAD_MIN_MAX_AGE
+            || !hsts.include_subdomains)
+    {
         return Err(Error::InvalidInput(
             "hsts preload needs include_subdomains and a max_age of at least 31536000 (one year); set both, or leave preload off".into(),
         ));

@@ -26,6 +26,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use autohttps_filter::policy::Settings as EdgeSettings;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -54,12 +55,13 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Where the SDS server listens and the certificate for clients without SNI.
     pub sds: SdsSettings,
-    /// The edge's public ports and trusted proxies, as the filter sees them (policy feed).
-    pub edge: EdgeConfig,
+    /// The edge's public ports and trusted proxies: the filter's own [`EdgeSettings`], written
+    /// into every policy the feed serves.
+    pub edge: EdgeSettings,
     /// How `serve` writes its log.
     pub log: LogConfig,
     /// What the metrics endpoint exposes.
-    pub metrics: crate::metrics::MetricsConfig,
+    pub metrics: MetricsConfig,
     /// Event hooks (webhooks, commands).
     pub hooks: crate::hooks::HooksConfig,
 }
@@ -275,39 +277,6 @@ pub struct SdsSettings {
     pub default_key: Option<PathBuf>,
 }
 
-/// The edge as the filter sees it: public ports (written into redirects) and trusted proxies.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct EdgeConfig {
-    /// The public plain-HTTP port; redirects to HTTP name it when it is not 80.
-    pub http_port: u16,
-    /// The public HTTPS port; redirects to HTTPS name it when it is not 443.
-    pub https_port: u16,
-    /// Peers (addresses or CIDRs) whose `X-Forwarded-Proto` the filter believes.
-    pub trusted_proxies: Vec<String>,
-}
-
-impl Default for EdgeConfig {
-    fn default() -> Self {
-        Self {
-            http_port: 80,
-            https_port: 443,
-            trusted_proxies: Vec::new(),
-        }
-    }
-}
-
-impl EdgeConfig {
-    /// The settings the policy feed writes into every policy.
-    pub fn settings(&self) -> crate::policy_feed::EdgeSettings {
-        crate::policy_feed::EdgeSettings {
-            trusted_proxies: self.trusted_proxies.clone(),
-            http_port: self.http_port,
-            https_port: self.https_port,
-        }
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -319,9 +288,9 @@ impl Default for Config {
             platform: PlatformConfig::default(),
             dns: DnsConfig::default(),
             sds: SdsSettings::default(),
-            edge: EdgeConfig::default(),
+            edge: EdgeSettings::default(),
             log: LogConfig::default(),
-            metrics: crate::metrics::MetricsConfig::default(),
+            metrics: MetricsConfig::default(),
             hooks: crate::hooks::HooksConfig::default(),
         }
     }
@@ -376,6 +345,21 @@ impl PlatformConfig {
     }
 }
 
+/// `[metrics]`: what the operations listener's `/metrics` exposes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Per-site series (expiration, renewal, ready status). Turn off for very large fleets
+    /// where one series per site is too many; the aggregates stay.
+    pub per_site: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { per_site: true }
+    }
+}
+
 /// The file read when `--config` (and `AUTOHTTPS_CONFIG`) is not given, if it exists; else
 /// [`LOCAL_CONFIG_PATH`] in the current directory; else no file (the defaults).
 pub const SYSTEM_CONFIG_PATH: &str = "/etc/autohttps/autohttps.toml";
@@ -386,9 +370,10 @@ pub const LOCAL_CONFIG_PATH: &str = "autohttps.toml";
 /// The prefix of every environment variable that overrides a configuration key.
 pub const ENV_PREFIX: &str = "AUTOHTTPS_";
 
-/// Environment variable names from before every key had its generic name; still read, each
-/// one a second name for the key it used to set (the generic name wins when both are set).
-const LEGACY_ENV_NAMES: &[(&str, &str)] = &[
+/// Second names some keys answer to besides their generic `AUTOHTTPS_<PATH>` (the generic name
+/// wins when both are set); [`keys`] gives each key its second name, so the overrides are the
+/// one list [`keys`] returns.
+const SECOND_ENV_NAMES: &[(&str, &str)] = &[
     ("AUTOHTTPS_ADMIN_LISTEN", "listen.admin"),
     ("AUTOHTTPS_INTERNAL_LISTEN", "listen.internal"),
     ("AUTOHTTPS_METRICS_LISTEN", "listen.metrics"),
@@ -418,6 +403,9 @@ pub struct ConfigKey {
     pub path: String,
     /// `AUTOHTTPS_` and the path in upper case with `.` as `_`, e.g. `AUTOHTTPS_ACME_ORDERS_IN_FLIGHT`.
     pub env: String,
+    /// A second variable that sets the key when `env` is unset, e.g. `AUTOHTTPS_ACME_DIRECTORY`
+    /// for `acme.directory_url`.
+    pub second_env: Option<&'static str>,
     shape: KeyShape,
 }
 
@@ -514,7 +502,16 @@ pub fn keys() -> Vec<ConfigKey> {
                 "{ENV_PREFIX}{}",
                 path.replace('.', "_").to_ascii_uppercase()
             );
-            out.push(ConfigKey { path, env, shape });
+            let second_env = SECOND_ENV_NAMES
+                .iter()
+                .find(|(_, key)| *key == path)
+                .map(|(name, _)| *name);
+            out.push(ConfigKey {
+                path,
+                env,
+                second_env,
+                shape,
+            });
         }
     }
     let mut out = Vec::new();
@@ -593,13 +590,10 @@ impl Config {
         let keys = keys();
         let mut overrides: Vec<(&ConfigKey, String, String)> = Vec::new();
         for key in &keys {
-            let legacy = LEGACY_ENV_NAMES
-                .iter()
-                .find(|(_, path)| *path == key.path)
-                .map(|(name, _)| *name);
-            let set = var(&key.env)
-                .map(|raw| (key.env.clone(), raw))
-                .or_else(|| legacy.and_then(|name| var(name).map(|raw| (name.to_owned(), raw))));
+            let set = var(&key.env).map(|raw| (key.env.clone(), raw)).or_else(|| {
+                key.second_env
+                    .and_then(|name| var(name).map(|raw| (name.to_owned(), raw)))
+            });
             if let Some((name, raw)) = set {
                 overrides.push((key, name, raw));
             }
@@ -684,24 +678,16 @@ impl Config {
                 "set sds.socket or sds.tcp, not both: the SDS server listens on one of them".into(),
             ));
         }
-        if self.edge.http_port == 0 || self.edge.https_port == 0 {
-            return Err(Error::Config(
-                "edge.http_port and edge.https_port must be the public ports (1-65535) Envoy listens on"
-                    .into(),
-            ));
+        // The filter's own checks, so a mistake is refused at start, not at Envoy's first poll.
+        if let Some(problem) = self.edge.problems().first() {
+            let key = problem
+                .path
+                .strip_prefix("settings.")
+                .unwrap_or(&problem.path);
+            return Err(Error::Config(format!("edge.{key}: {}", problem.message)));
         }
-        self.edge.settings().validate()?;
         self.hooks.validate()?;
         Ok(())
-    }
-
-    /// Where the SDS server listens: `sds.tcp` if set, else the Unix socket `sds.socket`,
-    /// by default `<data_dir>/sds.sock`.
-    pub fn sds_listen(&self) -> crate::sds::SdsListen {
-        match self.sds.tcp {
-            Some(address) => crate::sds::SdsListen::Tcp(address),
-            None => crate::sds::SdsListen::Unix(self.sds_socket_path()),
-        }
     }
 
     /// The SDS Unix socket path: `sds.socket`, by default `<data_dir>/sds.sock`.
@@ -748,10 +734,8 @@ mod tests {
         assert!(config.listen.admin.ip().is_loopback());
         assert!(config.listen.internal.ip().is_loopback());
         assert_eq!(config.acme.names_per_certificate(), 100);
-        assert_eq!(
-            config.sds_listen(),
-            crate::sds::SdsListen::Unix(PathBuf::from("./data/sds.sock"))
-        );
+        assert_eq!(config.sds.tcp, None);
+        assert_eq!(config.sds_socket_path(), PathBuf::from("./data/sds.sock"));
         assert_eq!((config.edge.http_port, config.edge.https_port), (80, 443));
         assert!(config.edge.trusted_proxies.is_empty());
         assert_eq!(config.sds.default_certificate, None);
@@ -778,8 +762,8 @@ mod tests {
             config.sds_socket_path(),
             PathBuf::from("/var/lib/autohttps/sds.sock")
         );
-        assert_eq!(config.edge.settings().https_port, 8443);
-        assert_eq!(config.edge.settings().trusted_proxies, vec!["10.0.0.0/8"]);
+        assert_eq!(config.edge.https_port, 8443);
+        assert_eq!(config.edge.trusted_proxies, vec!["10.0.0.0/8"]);
         let env: HashMap<&str, &str> = [
             ("AUTOHTTPS_SDS_TCP", "127.0.0.1:18000"),
             ("AUTOHTTPS_EDGE_HTTP_PORT", "80"),
@@ -792,10 +776,7 @@ mod tests {
         let config = config
             .with_env(|name| env.get(name).map(|v| v.to_string()))
             .unwrap();
-        assert_eq!(
-            config.sds_listen(),
-            crate::sds::SdsListen::Tcp(([127, 0, 0, 1], 18000).into())
-        );
+        assert_eq!(config.sds.tcp, Some(([127, 0, 0, 1], 18000).into()));
         assert_eq!(config.edge.http_port, 80);
         assert_eq!(config.edge.trusted_proxies.len(), 2);
         let config = Config::default()
@@ -828,7 +809,19 @@ mod tests {
         let err = Config::default()
             .with_env(|name| (name == "AUTOHTTPS_EDGE_TRUSTED_PROXIES").then(|| "not-an-ip".into()))
             .unwrap_err();
-        assert!(err.to_string().contains("trusted_proxies"), "{err}");
+        assert!(
+            err.to_string().contains("edge.trusted_proxies[0]: "),
+            "{err}"
+        );
+        // The filter's own settings rule, named by the configuration key.
+        let err = Config::default()
+            .with_env(|name| (name == "AUTOHTTPS_EDGE_HTTP_PORT").then(|| "0".into()))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("edge.http_port: the port must be 1 to 65535"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -889,7 +882,7 @@ mod tests {
     #[test]
     fn every_key_is_settable_from_its_environment_variable() {
         let keys = keys();
-        // The keys the hand-written list used to miss are among them, with generic names.
+        // Keys of every section and kind are among them, each with its generic name.
         for (path, env) in [
             ("acme.contact", "AUTOHTTPS_ACME_CONTACT"),
             ("acme.orders_in_flight", "AUTOHTTPS_ACME_ORDERS_IN_FLIGHT"),
@@ -948,6 +941,23 @@ mod tests {
                     other.path
                 );
             }
+        }
+    }
+
+    #[test]
+    fn every_second_name_belongs_to_one_key_and_names_no_other() {
+        let keys = keys();
+        for (name, path) in SECOND_ENV_NAMES {
+            let owners: Vec<&ConfigKey> = keys
+                .iter()
+                .filter(|k| k.second_env == Some(*name))
+                .collect();
+            assert_eq!(owners.len(), 1, "{name} should set exactly {path}");
+            assert_eq!(owners[0].path, *path);
+            assert!(
+                keys.iter().all(|k| k.env != *name),
+                "{name} is also the generic name of a key"
+            );
         }
     }
 

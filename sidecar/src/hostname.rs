@@ -1,13 +1,13 @@
-//! Hostname validation and normalisation: lower case, no trailing dot, IDN as punycode A-labels.
+//! The hostnames a site is made of: a name must pass the policy engine's one hostname rule
+//! ([`validate_hostname`], the rule the filter applies at the edge) and, on top of it, the
+//! [`check_issuable`] rule: what an ACME CA issues an HTTP-01 certificate for. Input is
+//! normalised first: lower case, no trailing dot, IDN as punycode A-labels.
 
 use std::fmt;
 
-use crate::error::{Error, Result};
+use autohttps_filter::policy::{fold_hostname, validate_hostname};
 
-/// The longest hostname DNS can carry in presentation form (RFC 1035 §2.3.4, minus the root dot).
-const MAX_HOSTNAME_LEN: usize = 253;
-/// The longest DNS label (RFC 1035 §2.3.4).
-const MAX_LABEL_LEN: usize = 63;
+use crate::error::{Error, Result};
 
 /// A validated, normalised DNS hostname that a certificate can name (RFC 5280 §4.2.1.6 dNSName).
 ///
@@ -57,23 +57,22 @@ impl Hostname {
                 "it contains ':'; give the hostname without a port (and IP addresses are not accepted)",
             ));
         }
-        if input.starts_with("*.") || input.contains('*') {
-            return Err(refuse(
-                "wildcards need the DNS-01 challenge, which this platform does not use; add each subdomain instead",
-            ));
+        if input.contains('*') {
+            return Err(refuse(WILDCARD_REFUSAL));
         }
         let trimmed = input.strip_suffix('.').unwrap_or(input);
         if trimmed.is_empty() || trimmed.ends_with('.') {
             return Err(refuse("it ends with more than one dot"));
         }
         let ascii = if trimmed.is_ascii() {
-            trimmed.to_ascii_lowercase()
+            fold_hostname(trimmed)
         } else {
             idna::domain_to_ascii(trimmed).map_err(|_| {
                 refuse("it is not a valid internationalised domain name (IDNA 2008 / UTS #46 rejected it)")
             })?
         };
-        check_ascii_rules(&ascii).map_err(|reason| refuse(&reason))?;
+        validate_hostname(&ascii).map_err(|reason| refuse(&reason))?;
+        check_issuable(&ascii).map_err(|reason| refuse(&reason))?;
         if ascii.split('.').any(|label| label.starts_with("xn--")) {
             let (_, result) = idna::domain_to_unicode(&ascii);
             if result.is_err() {
@@ -103,48 +102,19 @@ impl fmt::Display for Hostname {
     }
 }
 
-fn check_ascii_rules(name: &str) -> std::result::Result<(), String> {
-    if name.len() > MAX_HOSTNAME_LEN {
-        return Err(format!(
-            "it is {} characters long; DNS allows at most {MAX_HOSTNAME_LEN}",
-            name.len()
-        ));
+/// Why a wildcard is refused: the certificate of a wildcard name needs the DNS-01 challenge.
+const WILDCARD_REFUSAL: &str = "wildcards need the DNS-01 challenge, which this platform does not use; add each subdomain instead";
+
+/// The issuable rule, on top of the engine's hostname rule: a name an ACME CA issues an HTTP-01
+/// certificate for has at least two labels (no CA issues for `localhost` or a bare top-level
+/// domain) and is not a wildcard. `name` is normalised and has passed [`validate_hostname`].
+pub fn check_issuable(name: &str) -> std::result::Result<(), String> {
+    if name.contains('*') {
+        return Err(WILDCARD_REFUSAL.into());
     }
-    let labels: Vec<&str> = name.split('.').collect();
-    if labels.len() < 2 {
+    if !name.contains('.') {
         return Err(
-            "it has a single label; certificates need a full domain name such as example.com"
-                .into(),
-        );
-    }
-    for label in &labels {
-        if label.is_empty() {
-            return Err("it has an empty label (two dots in a row, or a leading dot)".into());
-        }
-        if label.len() > MAX_LABEL_LEN {
-            return Err(format!(
-                "the label {label:?} is {} characters long; DNS allows at most {MAX_LABEL_LEN} per label",
-                label.len()
-            ));
-        }
-        if let Some(bad) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
-        {
-            return Err(format!(
-                "the label {label:?} contains {bad:?}; only letters, digits and '-' are allowed"
-            ));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!(
-                "the label {label:?} starts or ends with '-', which DNS does not allow"
-            ));
-        }
-    }
-    let top = labels[labels.len() - 1];
-    if top.chars().all(|c| c.is_ascii_digit()) {
-        return Err(
-            "it looks like an IP address; certificates here are issued for domain names only"
+            "it has a single label, and a CA issues certificates only for full domain names; give one such as example.com"
                 .into(),
         );
     }
@@ -194,9 +164,26 @@ mod tests {
         assert!(reason("-a.example.com").contains("'-'"));
         assert!(reason("a_b.example.com").contains("'_'"));
         assert!(reason("10.0.0.1").contains("IP address"));
-        assert!(reason(&format!("{}.com", "a".repeat(64))).contains("at most 63"));
+        assert!(reason(&format!("{}.com", "a".repeat(64))).contains("the limit is 63"));
         let long = format!("{}.com", ["abcdefghi"; 26].join("."));
-        assert!(reason(&long).contains("at most 253"));
+        assert!(reason(&long).contains("the limit is 253"));
+    }
+
+    /// The syntax rule is the engine's, which the filter applies too; a single-label name
+    /// passes it (a policy may list `localhost`) and is refused only by the named issuable rule.
+    #[test]
+    fn single_labels_pass_the_engine_rule_but_are_not_issuable() {
+        assert_eq!(validate_hostname("localhost"), Ok(()));
+        let refusal = check_issuable("localhost").expect_err("not issuable");
+        assert!(refusal.contains("single label"), "{refusal}");
+        assert_eq!(reason("localhost"), refusal);
+        assert_eq!(check_issuable("shop.example.com"), Ok(()));
+        assert!(reason("*.example.com").contains("DNS-01"));
+        // The engine's wording for what both sides refuse.
+        assert_eq!(
+            reason("a_b.example.com"),
+            validate_hostname("a_b.example.com").expect_err("refused")
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub mod hostname;
 pub mod http01;
 pub mod issuance;
 pub mod metrics;
+#[cfg(test)]
+mod name_coverage;
 pub mod policy_feed;
 pub mod renewal;
 pub mod sds;

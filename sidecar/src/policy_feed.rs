@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use autohttps_filter::policy::{
-    HstsSpec, Policy, PolicyDocument, SCHEMA_VERSION, Settings, SiteSpec,
+    HstsSpec, Policy, PolicyDocument, SCHEMA_VERSION, Settings, SiteSpec, content_hash,
 };
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -32,38 +32,6 @@ use crate::store::{CertificateCoverage, MixedContent, Site, Store, StoredCertifi
 
 /// The path the filter polls.
 pub const POLICY_PATH: &str = "/v1/policy";
-
-/// Edge-wide settings that go into every policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EdgeSettings {
-    /// Proxies whose `X-Forwarded-Proto` the filter believes.
-    pub trusted_proxies: Vec<String>,
-    /// The public HTTP port (in redirects when not 80).
-    pub http_port: u16,
-    /// The public HTTPS port (in redirects when not 443).
-    pub https_port: u16,
-}
-
-impl Default for EdgeSettings {
-    fn default() -> Self {
-        EdgeSettings {
-            trusted_proxies: Vec::new(),
-            http_port: 80,
-            https_port: 443,
-        }
-    }
-}
-
-impl EdgeSettings {
-    /// Checks these settings with the filter's own rules (a bad trusted-proxy CIDR would make
-    /// every policy invalid), so a mistake is refused at start, not at Envoy's first poll.
-    pub fn validate(&self) -> Result<()> {
-        let document = build_document(&[], &[], self, None, OffsetDateTime::UNIX_EPOCH);
-        Policy::compile(&document)
-            .map(|_| ())
-            .map_err(|error| Error::Config(format!("edge settings: {error}")))
-    }
-}
 
 /// A built policy document and how long what it says stays true.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +56,7 @@ pub struct BuiltPolicy {
 pub fn build_policy(
     sites: &[Site],
     certificates: &[StoredCertificate],
-    settings: &EdgeSettings,
+    settings: &Settings,
     tokens: Option<&ReportTokens>,
     now: OffsetDateTime,
 ) -> BuiltPolicy {
@@ -107,11 +75,7 @@ pub fn build_policy(
     let mut document = PolicyDocument {
         schema: SCHEMA_VERSION,
         version: String::new(),
-        settings: Settings {
-            trusted_proxies: settings.trusted_proxies.clone(),
-            http_port: settings.http_port,
-            https_port: settings.https_port,
-        },
+        settings: settings.clone(),
         sites: specs,
     };
     stamp_version(&mut document);
@@ -125,7 +89,7 @@ pub fn build_policy(
 pub fn build_document(
     sites: &[Site],
     certificates: &[StoredCertificate],
-    settings: &EdgeSettings,
+    settings: &Settings,
     tokens: Option<&ReportTokens>,
     now: OffsetDateTime,
 ) -> PolicyDocument {
@@ -237,7 +201,7 @@ fn site_spec(
 fn stamp_version(document: &mut PolicyDocument) {
     document.version.clear();
     let content = serde_json::to_vec(&*document).unwrap_or_default();
-    document.version = format!("{:016x}", fnv1a64(&content));
+    document.version = format!("{:016x}", content_hash(&content));
 }
 
 /// A site left out of the served policy because its entry fails the filter's validation.
@@ -346,16 +310,6 @@ fn site_problem(path: &str) -> Option<(usize, &str)> {
     Some((index, rest.strip_prefix('.').unwrap_or(rest)))
 }
 
-/// FNV-1a, 64 bits: a stable content hash for the version (not a security boundary).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in bytes {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
-}
-
 /// The header that says what a 200 from the feed carries: [`KIND_SNAPSHOT`] or [`KIND_DELTA`].
 pub const POLICY_KIND_HEADER: &str = "autohttps-policy-kind";
 /// A whole [`PolicyDocument`].
@@ -455,7 +409,7 @@ struct FeedState {
 pub struct PolicyFeed {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    settings: EdgeSettings,
+    settings: Settings,
     tokens: ReportTokens,
     /// 16 lowercase hex digits chosen at start: versions of other epochs are not comparable.
     epoch: Arc<str>,
@@ -478,7 +432,7 @@ impl PolicyFeed {
     pub fn new(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
-        settings: EdgeSettings,
+        settings: Settings,
         tokens: ReportTokens,
     ) -> Self {
         let sites_changed = store.sites_changed();
@@ -779,11 +733,7 @@ impl PolicyFeed {
         PolicyDocument {
             schema: SCHEMA_VERSION,
             version: self.version_text(0),
-            settings: Settings {
-                trusted_proxies: self.settings.trusted_proxies.clone(),
-                http_port: self.settings.http_port,
-                https_port: self.settings.https_port,
-            },
+            settings: self.settings.clone(),
             sites,
         }
     }
@@ -890,11 +840,7 @@ impl PolicyFeed {
     /// The whole document's JSON, assembled from the entries' JSON (the same bytes a
     /// [`PolicyDocument`] serialises to).
     fn snapshot_body(&self, state: &FeedState, version: &str) -> Bytes {
-        let settings = Settings {
-            trusted_proxies: self.settings.trusted_proxies.clone(),
-            http_port: self.settings.http_port,
-            https_port: self.settings.https_port,
-        };
+        let settings = &self.settings;
         let sites_bytes: usize = state.entries.values().map(|e| e.json.len() + 1).sum();
         let mut body = Vec::with_capacity(sites_bytes + 256);
         body.extend_from_slice(format!("{{\"schema\":{SCHEMA_VERSION},\"version\":").as_bytes());
@@ -1188,7 +1134,7 @@ mod tests {
         build_document(
             &store.list_sites().expect("sites"),
             &store.all_current_certificates().expect("certificates"),
-            &EdgeSettings::default(),
+            &Settings::default(),
             Some(&test_tokens()),
             now,
         )
@@ -1251,17 +1197,6 @@ mod tests {
         assert!(Policy::compile(&after).is_ok());
     }
 
-    #[test]
-    fn edge_settings_with_a_bad_trusted_proxy_are_refused() {
-        let settings = EdgeSettings {
-            trusted_proxies: vec!["not-an-address".into()],
-            ..EdgeSettings::default()
-        };
-        let error = settings.validate().expect_err("refused");
-        assert!(error.to_string().contains("trusted_proxies"), "{error}");
-        assert!(EdgeSettings::default().validate().is_ok());
-    }
-
     fn cert_ready_of(feed: &PolicyFeed) -> Vec<String> {
         let (body, _, _) = feed.current().expect("a policy");
         let document: PolicyDocument = serde_json::from_slice(&body).expect("a policy document");
@@ -1288,7 +1223,7 @@ mod tests {
         let feed = PolicyFeed::new(
             Arc::clone(&store) as Arc<dyn Store>,
             Arc::clone(&clock) as Arc<dyn Clock>,
-            EdgeSettings::default(),
+            Settings::default(),
             test_tokens(),
         );
         assert_eq!(cert_ready_of(&feed), vec!["shop.test"]);
@@ -1328,7 +1263,7 @@ mod tests {
         let built = build_policy(
             &store.list_sites().expect("sites"),
             &store.all_current_certificates().expect("certificates"),
-            &EdgeSettings::default(),
+            &Settings::default(),
             None,
             NOW,
         );
@@ -1337,7 +1272,7 @@ mod tests {
         let none = build_policy(
             &store.list_sites().expect("sites"),
             &[],
-            &EdgeSettings::default(),
+            &Settings::default(),
             None,
             NOW,
         );
@@ -1474,9 +1409,9 @@ mod tests {
         let feed = PolicyFeed::new(
             Arc::clone(&store) as Arc<dyn Store>,
             Arc::new(ManualClock::new(NOW)),
-            EdgeSettings {
+            Settings {
                 https_port: 8443,
-                ..EdgeSettings::default()
+                ..Settings::default()
             },
             test_tokens(),
         );
@@ -1551,7 +1486,7 @@ mod tests {
         let feed = PolicyFeed::new(
             Arc::clone(&store) as Arc<dyn Store>,
             Arc::clone(&clock) as Arc<dyn Clock>,
-            EdgeSettings::default(),
+            Settings::default(),
             test_tokens(),
         );
         let token_in = |body: &[u8]| {

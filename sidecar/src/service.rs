@@ -167,7 +167,7 @@ impl Sidecar {
         let feed = PolicyFeed::new(
             Arc::clone(&store),
             Arc::clone(&clock),
-            config.edge.settings(),
+            config.edge.clone(),
             report_tokens.clone(),
         );
         Ok(Self {
@@ -194,7 +194,7 @@ impl Sidecar {
             crate::console::ConsoleContext {
                 issuer: Arc::clone(&self.issuer),
                 admin_token: Arc::from(self.admin_token.as_str()),
-                edge: self.config.edge.settings(),
+                edge: self.config.edge.clone(),
                 report_tokens: Some(self.report_tokens.clone()),
             },
         )
@@ -227,7 +227,7 @@ impl Sidecar {
         let source =
             StoreCertificateSource::new(Arc::clone(&self.store), Arc::clone(&self.clock), default)?;
         let refresh = source.spawn_refresh();
-        let listen = self.config.sds_listen();
+        let listen = SdsListen::from_config(&self.config);
         if let SdsListen::Unix(path) = &listen {
             warn_unless_private_parent(path);
         }

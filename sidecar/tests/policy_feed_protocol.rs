@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use autohttps_filter::policy::{HttpsMode, Policy, PolicyDocument};
+use autohttps_filter::policy::{HttpsMode, Policy, PolicyDocument, Settings};
 use autohttps_sidecar::clock::{Clock, ManualClock};
 use autohttps_sidecar::csp_reports::ReportTokens;
 use autohttps_sidecar::hostname::Hostname;
 use autohttps_sidecar::policy_feed::{
-    EdgeSettings, HISTORY_MAX_VERSIONS, KIND_DELTA, KIND_SNAPSHOT, POLICY_KIND_HEADER, POLICY_PATH,
-    PolicyDelta, PolicyFeed,
+    HISTORY_MAX_VERSIONS, KIND_DELTA, KIND_SNAPSHOT, POLICY_KIND_HEADER, POLICY_PATH, PolicyDelta,
+    PolicyFeed,
 };
 use autohttps_sidecar::store::{
     HstsPolicy, NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore, Store,
@@ -97,7 +97,7 @@ impl Served {
         let feed = PolicyFeed::new(
             Arc::clone(&store) as Arc<dyn Store>,
             Arc::clone(&clock) as Arc<dyn Clock>,
-            EdgeSettings::default(),
+            Settings::default(),
             ReportTokens::from_key(b"the feed protocol's test key"),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

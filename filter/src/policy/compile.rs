@@ -17,8 +17,8 @@ use crate::Error;
 use super::cidr::Cidr;
 use super::host::{check_lowered_policy_name, wildcard_parent};
 use super::schema::{
-    DEFAULT_REPORT_URI, HttpsMode, MixedContent, PolicyDelta, PolicyDocument, RedirectKind,
-    SCHEMA_VERSION, Settings, SiteEntry,
+    DEFAULT_REPORT_URI, HSTS_PRELOAD_MIN_MAX_AGE, HttpsMode, MixedContent, PolicyDelta,
+    PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteEntry,
 };
 
 /// One thing wrong with a policy, located by its JSON path.
@@ -849,7 +849,9 @@ impl Policy {
         if let Some(Err(message)) = canonical_host {
             problem(at("canonical_host"), message);
         }
-        if spec.hsts.preload && (spec.hsts.max_age < 31_536_000 || !spec.hsts.include_subdomains) {
+        if spec.hsts.preload
+            && (spec.hsts.max_age < HSTS_PRELOAD_MIN_MAX_AGE || !spec.hsts.include_subdomains)
+        {
             problem(
                 at("hsts.preload"),
                 "preload needs max_age of at least 31536000 and include_subdomains".into(),
@@ -947,24 +949,13 @@ impl Compiler {
         if let Err(message) = check_token(version, "version", false) {
             problem("version".into(), message);
         }
-        let mut trusted_proxies = Vec::with_capacity(settings.trusted_proxies.len());
-        for (i, raw) in settings.trusted_proxies.iter().enumerate() {
-            match Cidr::parse(raw) {
-                Ok(cidr) => trusted_proxies.push(cidr),
-                Err(message) => problem(format!("settings.trusted_proxies[{i}]"), message),
+        let trusted_proxies = match parse_settings(settings) {
+            Ok(trusted_proxies) => trusted_proxies,
+            Err(settings_problems) => {
+                problems.extend(settings_problems);
+                Vec::new()
             }
-        }
-        for (field, port) in [
-            ("http_port", settings.http_port),
-            ("https_port", settings.https_port),
-        ] {
-            if port == 0 {
-                problem(
-                    format!("settings.{field}"),
-                    "the port must be 1 to 65535".into(),
-                );
-            }
-        }
+        };
         problems.extend(self.problems);
         if !problems.is_empty() {
             return Err(Error::InvalidPolicy(problems));
@@ -989,6 +980,46 @@ impl Compiler {
         policy.http_port = settings.http_port;
         policy.https_port = settings.https_port;
         Ok(policy)
+    }
+}
+
+impl Settings {
+    /// Everything wrong with these settings, each with its path (`settings.http_port`): the
+    /// checks [`Policy::compile`] makes, for a caller that holds edge settings before it has
+    /// any policy (the sidecar's configuration).
+    pub fn problems(&self) -> Vec<Problem> {
+        parse_settings(self).err().unwrap_or_default()
+    }
+}
+
+/// The trusted proxies of valid settings, or every problem of invalid ones.
+fn parse_settings(settings: &Settings) -> Result<Vec<Cidr>, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut trusted_proxies = Vec::with_capacity(settings.trusted_proxies.len());
+    for (i, raw) in settings.trusted_proxies.iter().enumerate() {
+        match Cidr::parse(raw) {
+            Ok(cidr) => trusted_proxies.push(cidr),
+            Err(message) => problems.push(Problem {
+                path: format!("settings.trusted_proxies[{i}]"),
+                message,
+            }),
+        }
+    }
+    for (field, port) in [
+        ("http_port", settings.http_port),
+        ("https_port", settings.https_port),
+    ] {
+        if port == 0 {
+            problems.push(Problem {
+                path: format!("settings.{field}"),
+                message: "the port must be 1 to 65535".into(),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(trusted_proxies)
+    } else {
+        Err(problems)
     }
 }
 

@@ -1,4 +1,6 @@
-//! Hostnames: validation of the names a policy lists, and normalisation of request authorities.
+//! Hostnames: the one validity rule for a name, the one wildcard rule for what a certificate or
+//! a policy wildcard covers, and the normalisation of request authorities. The filter applies
+//! them at the edge; the sidecar's hostnames, SDS index and store call the same functions.
 
 use std::net::Ipv6Addr;
 
@@ -20,11 +22,7 @@ pub enum PolicyName {
 ///
 /// Returns the reason in words when the name is not acceptable.
 pub fn parse_policy_name(raw: &str) -> Result<PolicyName, String> {
-    // One allocation per name: lower-cased in place, then trimmed.
-    let mut name = raw.to_ascii_lowercase();
-    if name.ends_with('.') {
-        name.pop();
-    }
+    let mut name = fold_hostname(raw);
     if check_lowered_policy_name(&name)? {
         name.drain(..2);
         return Ok(PolicyName::Wildcard(name));
@@ -144,12 +142,52 @@ fn is_port(digits: &str) -> bool {
     !digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The parent a single-label child falls under for wildcard lookup: `a.example.com` →
-/// `example.com`. A host whose first label is empty (`.example.com`) has none: a wildcard
-/// covers one whole label, and a redirect must never name a host that is not a hostname.
+/// Folds a hostname into the form names are compared in: ASCII lower case, without one
+/// trailing dot (`WWW.Example.COM.` → `www.example.com`). It validates nothing: callers that
+/// take names from outside validate them ([`validate_hostname`]) or look them up and miss.
+pub fn fold_hostname(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// The parent a wildcard covering `host` names: `a.example.com` → `example.com`, so
+/// `*.example.com` covers `a.example.com`. `host` is folded ([`fold_hostname`]).
+///
+/// This is the one wildcard rule (RFC 6125 §6.4.3): a wildcard stands for exactly one whole,
+/// non-empty label, never for a label that is itself `*`, and never directly under a top-level
+/// domain (no `*.com`; policies refuse such a wildcard too). So there is no parent for a host
+/// whose first label is empty (`.example.com`) or `*`, nor for one with fewer than three
+/// labels.
 pub fn wildcard_parent(host: &str) -> Option<&str> {
     match host.split_once('.') {
-        Some((label, parent)) if !label.is_empty() => Some(parent),
+        Some((label, parent))
+            if !label.is_empty()
+                && label != "*"
+                && parent.contains('.')
+                && !parent.starts_with('.') =>
+        {
+            Some(parent)
+        }
         _ => None,
     }
+}
+
+/// The wildcard name that covers `host`, as a certificate SAN or an SDS secret names it:
+/// `a.example.com` → `*.example.com` (see [`wildcard_parent`] for when there is none).
+pub fn wildcard_name(host: &str) -> Option<String> {
+    wildcard_parent(host).map(|parent| format!("*.{parent}"))
+}
+
+/// Whether the certificate name `san` (an exact name or a `*.parent` wildcard) covers `host`:
+/// the same name, or a wildcard whose parent is [`wildcard_parent`] of `host`. Both are folded
+/// ([`fold_hostname`]); what a certificate covers is decided here and nowhere else.
+pub fn san_covers(san: &str, host: &str) -> bool {
+    san == host
+        || san
+            .strip_prefix("*.")
+            .is_some_and(|parent| wildcard_parent(host) == Some(parent))
+}
+
+/// Whether any of a certificate's names covers `host` ([`san_covers`]).
+pub fn sans_cover<'a>(sans: impl IntoIterator<Item = &'a str>, host: &str) -> bool {
+    sans.into_iter().any(|san| san_covers(san, host))
 }

@@ -6,7 +6,7 @@ mod cidr;
 mod compile;
 mod decide;
 mod explain;
-mod host;
+pub mod host;
 mod schema;
 mod stream;
 mod url;
@@ -20,15 +20,17 @@ pub use decide::{
 };
 pub use explain::{Explanation, HostMatch, SchemeSource};
 pub use host::{
-    PolicyName, normalise_authority, parse_policy_name, validate_hostname, wildcard_parent,
+    PolicyName, fold_hostname, normalise_authority, parse_policy_name, san_covers, sans_cover,
+    validate_hostname, wildcard_name, wildcard_parent,
 };
 pub use schema::{
-    DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig, PolicyDelta,
-    PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,
+    DEFAULT_HSTS_MAX_AGE, DEFAULT_REPORT_URI, FeedConfig, HSTS_PRELOAD_MIN_MAX_AGE, HstsSpec,
+    HttpsMode, MixedContent, PluginConfig, PolicyDelta, PolicyDocument, RedirectKind,
+    SCHEMA_VERSION, Settings, SiteSpec,
 };
 pub use stream::CompiledPluginConfig;
 pub use url::{RequestUrl, RequestUrlError};
-pub use version::version_is_older;
+pub use version::{content_hash, version_is_older};
 
 #[cfg(test)]
 mod tests;

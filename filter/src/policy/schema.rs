@@ -277,8 +277,15 @@ impl Default for HstsSpec {
     }
 }
 
+/// The HSTS `max-age` a site gets when none is given: one year, in seconds.
+pub const DEFAULT_HSTS_MAX_AGE: u64 = 31_536_000;
+
+/// The smallest `max-age` that may carry `preload` (with `includeSubDomains`): one year, as the
+/// browsers' preload list requires.
+pub const HSTS_PRELOAD_MIN_MAX_AGE: u64 = 31_536_000;
+
 fn default_hsts_max_age() -> u64 {
-    31_536_000
+    DEFAULT_HSTS_MAX_AGE
 }
 
 /// Mixed-content protection mode.

@@ -1248,6 +1248,89 @@ fn wildcard_never_matches_an_empty_first_label() {
 /// Found by the `normalise_authority` fuzz target: an IPv4-mapped IPv6 literal comes back in
 /// its canonical text, which can be longer than what came in (`[::ffff:7f00:1]` →
 /// `::ffff:127.0.0.1`). Harmless: no policy name is an address, so it matches no site.
+/// The sidecar checks its edge settings with [`Settings::problems`] at start: the same
+/// problems, with the same paths, as compiling a policy with those settings.
+#[test]
+fn settings_problems_are_the_ones_compile_reports() {
+    assert!(Settings::default().problems().is_empty());
+    let settings = Settings {
+        trusted_proxies: vec!["10.0.0.0/8".into(), "not-an-address".into()],
+        http_port: 0,
+        https_port: 443,
+    };
+    let problems: Vec<String> = settings
+        .problems()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems[0].starts_with("settings.trusted_proxies[1]: "),
+        "{problems:?}"
+    );
+    assert_eq!(
+        problems[1],
+        "settings.http_port: the port must be 1 to 65535"
+    );
+    let document = PolicyDocument {
+        schema: SCHEMA_VERSION,
+        version: "v1".into(),
+        settings,
+        sites: Vec::new(),
+    };
+    let compiled: Vec<String> = Policy::compile(&document)
+        .expect_err("refused")
+        .problems()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(compiled, problems);
+}
+
+/// The one wildcard rule (RFC 6125 §6.4.3): a wildcard covers exactly one whole, non-empty
+/// label, never a `*` label, and never sits directly under a top-level domain.
+#[test]
+fn wildcard_covers_exactly_one_label_below_a_registrable_parent() {
+    assert_eq!(wildcard_parent("a.example.test"), Some("example.test"));
+    assert_eq!(
+        wildcard_name("a.example.test").as_deref(),
+        Some("*.example.test")
+    );
+    for host in [
+        "example.test",
+        ".example.test",
+        "*.example.test",
+        "localhost",
+        "a..test",
+        "",
+    ] {
+        assert_eq!(wildcard_parent(host), None, "{host:?}");
+        assert_eq!(wildcard_name(host), None, "{host:?}");
+    }
+    assert!(san_covers("*.example.test", "a.example.test"));
+    assert!(san_covers("a.example.test", "a.example.test"));
+    assert!(
+        !san_covers("*.example.test", "x.y.example.test"),
+        "two labels"
+    );
+    assert!(
+        !san_covers("*.example.test", "example.test"),
+        "the parent itself"
+    );
+    assert!(
+        !san_covers("*.example.test", ".example.test"),
+        "an empty label"
+    );
+    assert!(
+        !san_covers("*.test", "example.test"),
+        "under a top-level domain"
+    );
+    assert!(!san_covers("b.example.test", "a.example.test"));
+    assert!(sans_cover(["b.test", "*.example.test"], "a.example.test"));
+    assert!(!sans_cover([], "a.example.test"));
+    assert_eq!(fold_hostname("WWW.Example.TEST."), "www.example.test");
+}
+
 #[test]
 fn ipv6_literal_normalises_to_canonical_text_and_matches_no_site() {
     assert_eq!(

@@ -1,5 +1,6 @@
 //! Feed versions: `"<epoch>-<n>"` (16 lowercase hex digits, then a decimal counter) are ordered
-//! within one epoch; any other version is opaque, and only equality means anything.
+//! within one epoch; any other version is opaque, and only equality means anything. Versions
+//! that name content are built from [`content_hash`].
 
 /// A version of the `"<epoch>-<n>"` form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +35,26 @@ pub fn version_is_older(candidate: &str, current: &str) -> bool {
     }
 }
 
+/// FNV-1a, 64 bits: a stable hash of some content, for versions that name what they hold (a
+/// policy document, a configured certificate). The same bytes give the same hash on every
+/// machine and every build; it is not a security boundary.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::version_is_older;
+    use super::{content_hash, version_is_older};
+
+    /// The FNV-1a reference values (draft-eastlake-fnv, test vectors for FNV-1a 64).
+    #[test]
+    fn content_hash_is_fnv1a_64() {
+        assert_eq!(content_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(content_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(content_hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
 
     #[test]
     fn only_versions_of_one_epoch_are_ordered() {

@@ -17,13 +17,10 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 // The policy vocabulary is the filter's own: what the API accepts is what the edge enforces.
-pub use autohttps_filter::policy::{HttpsMode, MixedContent, RedirectKind};
+pub use autohttps_filter::policy::{DEFAULT_HSTS_MAX_AGE, HttpsMode, MixedContent, RedirectKind};
 
 #[cfg(feature = "openapi")]
 pub mod openapi;
-
-/// The HSTS `max-age` a policy gets when none is given: one year, in seconds.
-pub const DEFAULT_HSTS_MAX_AGE: u64 = 31_536_000;
 
 /// Every failure: `{"error": "..."}`, the message saying what was wrong and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,7 +28,7 @@ use tower::ServiceExt as _;
 
 use crate::csp_reports::ReportTokens;
 use crate::issuance::Issuer;
-use crate::policy_feed::{EdgeSettings, build_document};
+use crate::policy_feed::build_document;
 use crate::store::validate_site_name;
 
 pub use session::{COOKIE_NAME, CSRF_HEADER};
@@ -46,7 +46,7 @@ pub struct ConsoleContext {
     /// The admin token sign-in checks against, and the console adds to the API calls it relays.
     pub admin_token: Arc<str>,
     /// The edge settings the policy feed uses, so the preview sees the policy Envoy gets.
-    pub edge: EdgeSettings,
+    pub edge: autohttps_filter::policy::Settings,
     /// The report-token key, so a `report` site's preview shows its real report URI.
     pub report_tokens: Option<ReportTokens>,
 }

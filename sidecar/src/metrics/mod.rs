@@ -30,7 +30,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Deserialize;
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -43,20 +42,7 @@ use crate::store::{Site, StoredCertificate};
 pub use acme_requests::AcmeRequestMetrics;
 pub use process::ProcessFacts;
 
-/// `[metrics]` in the configuration.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Per-site series (expiration, renewal, ready status). Turn off for very large fleets
-    /// where one series per site is too many; the aggregates stay.
-    pub per_site: bool,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self { per_site: true }
-    }
-}
+pub use crate::config::MetricsConfig;
 
 /// How long a readiness check waits for the store's write lock or the SDS socket.
 const READINESS_PATIENCE: Duration = Duration::from_millis(1000);

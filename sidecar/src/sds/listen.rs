@@ -14,6 +14,7 @@ use tonic::transport::Server;
 
 use super::service::SecretDiscovery;
 use super::source::CertificateSource;
+use crate::config::Config;
 use crate::error::Error;
 
 /// How long [`SdsServer::shutdown`] waits for open streams to close before cutting them off.
@@ -27,6 +28,17 @@ pub enum SdsListen {
     Unix(PathBuf),
     /// A TCP address (port 0 picks a free port; see [`SdsServer::local_addr`]).
     Tcp(SocketAddr),
+}
+
+impl SdsListen {
+    /// Where the configuration says to listen: `sds.tcp` if set, else the Unix socket
+    /// `sds.socket`, by default `<data_dir>/sds.sock`.
+    pub fn from_config(config: &Config) -> Self {
+        match config.sds.tcp {
+            Some(address) => SdsListen::Tcp(address),
+            None => SdsListen::Unix(config.sds_socket_path()),
+        }
+    }
 }
 
 /// The SDS server's settings.

@@ -40,9 +40,7 @@ mod test_resolver;
 pub use listen::{SdsConfig, SdsListen, SdsServer};
 pub use secret::{SECRET_TYPE_URL, self_signed_default_certificate};
 pub use service::SecretDiscovery;
-pub use source::{
-    CertificateSource, MemoryCertificateSource, ServedCertificate, normalize_name, wildcard_name,
-};
+pub use source::{CertificateSource, MemoryCertificateSource, ServedCertificate};
 pub use store_source::{
     StoreCertificateSource, check_key_matches_leaf, default_certificate_from_files,
 };

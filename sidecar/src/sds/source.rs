@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use autohttps_filter::policy::{fold_hostname, wildcard_name};
 use tokio::sync::watch;
 
 /// A certificate ready to be served to Envoy: PEM chain, PEM private key and a version.
@@ -68,9 +69,9 @@ impl fmt::Debug for ServedCertificate {
 pub trait CertificateSource: Send + Sync + 'static {
     /// The certificate to serve for a TLS server name.
     ///
-    /// Resolution order: the certificate for exactly `name`, then a wildcard certificate
-    /// `*.parent` when `name` is a single-label child of `parent` (see [`wildcard_name`]),
-    /// else `None`. Implementations compare names after [`normalize_name`].
+    /// Resolution order: the certificate for exactly `name`, then the wildcard certificate
+    /// that covers it ([`wildcard_name`], the engine's one wildcard rule), else `None`.
+    /// Implementations compare names after [`fold_hostname`].
     fn lookup(&self, name: &str) -> Option<Arc<ServedCertificate>>;
 
     /// The certificate for clients that send no SNI, when the operator configured one.
@@ -85,26 +86,6 @@ pub trait CertificateSource: Send + Sync + 'static {
     /// Each SDS stream holds one receiver; on a change it looks its names up again and pushes
     /// only those whose version changed.
     fn changes(&self) -> watch::Receiver<u64>;
-}
-
-/// The form names are compared in: ASCII lower case, without a trailing dot.
-///
-/// Hostnames reach the store already validated and in punycode; this only absorbs the
-/// variations a TLS client may put in its SNI.
-pub fn normalize_name(name: &str) -> String {
-    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
-}
-
-/// The wildcard certificate name that covers `name`: `a.example.test` → `*.example.test`.
-///
-/// A wildcard covers exactly one label (RFC 6125 §6.4.3), so there is none for a name with
-/// fewer than three labels, for an empty first label, or for a name that is itself a wildcard.
-pub fn wildcard_name(name: &str) -> Option<String> {
-    let (first, parent) = name.split_once('.')?;
-    if first.is_empty() || first == "*" || parent.is_empty() || !parent.contains('.') {
-        return None;
-    }
-    Some(format!("*.{parent}"))
 }
 
 /// An in-memory [`CertificateSource`]: the reference implementation, used in tests.
@@ -143,7 +124,7 @@ impl MemoryCertificateSource {
             for name in names {
                 certificates
                     .by_name
-                    .insert(normalize_name(name.as_ref()), Arc::clone(&certificate));
+                    .insert(fold_hostname(name.as_ref()), Arc::clone(&certificate));
             }
         }
         self.announce();
@@ -151,7 +132,7 @@ impl MemoryCertificateSource {
 
     /// Stops serving a certificate for `name`, then announces one change.
     pub fn remove(&self, name: &str) {
-        self.write().by_name.remove(&normalize_name(name));
+        self.write().by_name.remove(&fold_hostname(name));
         self.announce();
     }
 
@@ -178,15 +159,19 @@ impl MemoryCertificateSource {
     }
 }
 
+/// What `name` is served from a map keyed by folded names: its exact entry, else the entry of
+/// the wildcard that covers it (the engine's [`wildcard_name`]). Every [`CertificateSource`]
+/// here looks names up through this one function.
+pub(crate) fn find_served<'a, T>(by_name: &'a HashMap<String, T>, name: &str) -> Option<&'a T> {
+    let name = fold_hostname(name);
+    by_name
+        .get(&name)
+        .or_else(|| by_name.get(&wildcard_name(&name)?))
+}
+
 impl CertificateSource for MemoryCertificateSource {
     fn lookup(&self, name: &str) -> Option<Arc<ServedCertificate>> {
-        let name = normalize_name(name);
-        let certificates = self.read();
-        if let Some(found) = certificates.by_name.get(&name) {
-            return Some(Arc::clone(found));
-        }
-        let wildcard = wildcard_name(&name)?;
-        certificates.by_name.get(&wildcard).cloned()
+        find_served(&self.read().by_name, name).cloned()
     }
 
     fn default_certificate(&self) -> Option<Arc<ServedCertificate>> {
@@ -245,18 +230,6 @@ mod tests {
         let source = MemoryCertificateSource::new();
         source.insert(&["A.Example.Test"], cert("1"));
         assert_eq!(version_of(&source, "a.example.TEST.").as_deref(), Some("1"));
-    }
-
-    #[test]
-    fn wildcard_name_needs_a_parent_with_two_labels() {
-        assert_eq!(
-            wildcard_name("a.example.test").as_deref(),
-            Some("*.example.test")
-        );
-        assert_eq!(wildcard_name("example.test"), None);
-        assert_eq!(wildcard_name(".example.test"), None);
-        assert_eq!(wildcard_name("*.example.test"), None);
-        assert_eq!(wildcard_name("localhost"), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use autohttps_filter::policy::{content_hash, fold_hostname};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
@@ -22,7 +23,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::source::{CertificateSource, ServedCertificate, normalize_name, wildcard_name};
+use super::source::{CertificateSource, ServedCertificate, find_served};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::store::{Store, StoredCertificate};
@@ -123,7 +124,7 @@ impl StoreCertificateSource {
                 if owner.get(name.as_str()) != Some(&certificate.site.as_str()) {
                     continue;
                 }
-                let key = normalize_name(name.as_str());
+                let key = fold_hostname(name.as_str());
                 match &served {
                     Some(served) => {
                         next.by_name.entry(key).or_insert_with(|| Entry {
@@ -218,13 +219,7 @@ impl StoreCertificateSource {
 
 impl CertificateSource for StoreCertificateSource {
     fn lookup(&self, name: &str) -> Option<Arc<ServedCertificate>> {
-        let name = normalize_name(name);
-        let index = self.read();
-        let entry = match index.by_name.get(&name) {
-            Some(entry) => entry,
-            None => index.by_name.get(&wildcard_name(&name)?)?,
-        };
-        Some(Arc::clone(&entry.certificate))
+        find_served(&self.read().by_name, name).map(|entry| Arc::clone(&entry.certificate))
     }
 
     fn default_certificate(&self) -> Option<Arc<ServedCertificate>> {
@@ -294,15 +289,8 @@ pub fn default_certificate_from_files(chain: &Path, key: &Path) -> Result<Served
             key.display()
         ))
     })?;
-    let version = format!("configured-{:016x}", fnv1a64(chain_pem.as_bytes()));
+    let version = format!("configured-{:016x}", content_hash(chain_pem.as_bytes()));
     Ok(ServedCertificate::new(version, chain_pem, key_pem))
-}
-
-/// FNV-1a, 64 bits: names a configured certificate's content in its version.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 #[cfg(test)]

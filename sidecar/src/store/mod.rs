@@ -90,7 +90,7 @@ impl Default for HstsPolicy {
     fn default() -> Self {
         Self {
             enabled: false,
-            max_age: 31_536_000,
+            max_age: autohttps_filter::policy::DEFAULT_HSTS_MAX_AGE,
             include_subdomains: false,
             preload: false,
         }
@@ -289,16 +289,10 @@ impl StoredCertificate {
     }
 }
 
-/// Whether `name` is among `sans` (exactly, or through a `*.` wildcard SAN).
+/// Whether `name` is among `sans` (exactly, or through a `*.` wildcard SAN): the policy
+/// engine's one wildcard rule, the same the filter and SDS apply.
 fn sans_cover(sans: &[Hostname], name: &Hostname) -> bool {
-    sans.iter().any(|san| {
-        san == name
-            || san.as_str().strip_prefix("*.").is_some_and(|parent| {
-                name.as_str()
-                    .split_once('.')
-                    .is_some_and(|(_, rest)| rest == parent)
-            })
-    })
+    autohttps_filter::policy::sans_cover(sans.iter().map(Hostname::as_str), name.as_str())
 }
 
 /// What the policy feed needs of a current certificate: whose it is, its names and when it is

@@ -39,7 +39,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
-use autohttps_filter::policy::wildcard_parent;
+use autohttps_filter::policy::wildcard_name;
 
 #[cfg(test)]
 pub(super) use schema::MIGRATIONS;
@@ -888,8 +888,7 @@ impl Store for PostgresStore {
     fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>> {
         let name = name.clone();
         self.connections.run(move |client| {
-            let wildcard = wildcard_parent(name.as_str())
-                .map(|parent| format!("*.{parent}"))
+            let wildcard = wildcard_name(name.as_str())
                 .unwrap_or_default();
             let columns = CERT_COLUMNS
                 .split(", ")

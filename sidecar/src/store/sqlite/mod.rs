@@ -42,7 +42,7 @@ use super::{
 use super::{SITE_CHANGES_KEEP_ROWS, SITE_CHANGES_KEEP_SECS, change_log_cutoff};
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
-use autohttps_filter::policy::wildcard_parent;
+use autohttps_filter::policy::wildcard_name;
 
 /// The change log is compacted after this many change notifications (and when the store opens).
 const COMPACT_EVERY_CHANGES: u64 = 4096;
@@ -648,8 +648,7 @@ impl Store for SqliteStore {
 
     fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>> {
         let conn = self.lock();
-        let wildcard = wildcard_parent(name.as_str())
-            .map(|parent| format!("*.{parent}"))
+        let wildcard = wildcard_name(name.as_str())
             .unwrap_or_default();
         let row = conn
             .query_row(
