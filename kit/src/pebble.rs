@@ -295,20 +295,86 @@ fn curl_ok(args: &[&str]) -> Option<Vec<u8>> {
 }
 
 /// Pebble's own HTTPS listener needs a certificate (none ships with the package): a throwaway
-/// CA and a leaf for localhost and 127.0.0.1. Returns the CA file to trust.
+/// CA and a leaf for 127.0.0.1, made with openssl. Returns the CA file to trust.
 fn write_listener_certificate(dir: &Path) -> anyhow::Result<PathBuf> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate()?;
-    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
-        .signed_by(&leaf_key, &issuer)?;
-    let listener_ca = dir.join("pebble-listener-ca.pem");
-    std::fs::write(&listener_ca, ca_cert.pem())?;
-    std::fs::write(dir.join("pebble-cert.pem"), leaf.pem())?;
-    std::fs::write(dir.join("pebble-key.pem"), leaf_key.serialize_pem())?;
-    Ok(listener_ca)
+    let ca_key = dir.join("pebble-listener-ca-key.pem");
+    let ca = dir.join("pebble-listener-ca.pem");
+    let csr = dir.join("pebble.csr");
+    let ext = dir.join("pebble-ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )?;
+    let steps: [Vec<String>; 3] = [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=autohttps local Pebble listener CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-keyout",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            ca_key.display().to_string(),
+            "-out".into(),
+            ca.display().to_string(),
+        ])
+        .collect(),
+        vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            dir.join("pebble-key.pem").display().to_string(),
+            "-out".into(),
+            csr.display().to_string(),
+        ])
+        .collect(),
+        vec!["x509", "-req", "-days", "30", "-in"]
+            .into_iter()
+            .map(String::from)
+            .chain([
+                csr.display().to_string(),
+                "-CA".into(),
+                ca.display().to_string(),
+                "-CAkey".into(),
+                ca_key.display().to_string(),
+                "-CAcreateserial".into(),
+                "-extfile".into(),
+                ext.display().to_string(),
+                "-out".into(),
+                dir.join("pebble-cert.pem").display().to_string(),
+            ])
+            .collect(),
+    ];
+    for args in steps {
+        let output = Command::new("openssl").args(&args).output()?;
+        if !output.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    Ok(ca)
 }
