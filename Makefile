@@ -10,7 +10,8 @@ TOOLS := .tools
 VENV := $(TOOLS)/venv
 ENVOY := $(VENV)/bin/envoy
 WASM := target/wasm32-wasip1/wasm-release/autohttps_filter.wasm
-RENDER := python3 tests/scripts/render.py
+# The one ${NAME} template renderer (kit/src/render.rs), the same the harnesses use.
+RENDER := target/debug/autohttps-render
 OPENAPI_VALIDATOR_VERSION := 0.9.0
 OPENAPI_VENV := $(TOOLS)/openapi-venv
 OPENAPI_VALIDATOR := $(OPENAPI_VENV)/bin/openapi-spec-validator
@@ -72,7 +73,7 @@ $(TOOLS)/.pebble:
 	@touch $@
 
 ## PostgreSQL (Debian package postgresql): the store tests start their own throwaway cluster
-## from its initdb/pg_ctl (sidecar/tests/support/pg_cluster.rs); the package's own cluster is
+## from its initdb/pg_ctl (kit/src/pg.rs); the package's own cluster is
 ## not used.
 $(TOOLS)/.postgres:
 	@mkdir -p $(TOOLS)
@@ -142,6 +143,7 @@ lint: $(TOOLS)/.wasm-target $(TOOLS)/.web-tools-$(WASM_BINDGEN_VERSION)
 ## validate-envoy: every envoy/*.yaml rendered with envoy/validate.env (and the trusted proxies of
 ## the sidecar configuration envoy/validate.toml) and checked by Envoy.
 validate-envoy: $(ENVOY) build
+	cargo build --locked -q -p autohttps-kit --bin autohttps-render
 	@mkdir -p $(VALIDATE_DIR)
 	@test -s $(VALIDATE_DIR)/cert.pem || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
 	  -keyout $(VALIDATE_DIR)/key.pem -out $(VALIDATE_DIR)/cert.pem -days 3650 -subj "/CN=autohttps validate" \
@@ -169,9 +171,10 @@ test: tools build lint validate-envoy $(TOOLS)/.nginx
 	target/debug/autohttps-policy test filter/cli/examples/policy.json filter/cli/examples/cases.yaml --wasm $(WASM)
 
 ## run: the whole stack on loopback (Pebble, sidecar, Envoy + filter, demo backend) with a demo
-## site; Ctrl-C stops it. The launcher is built without the wasmtime host, to keep this quick.
+## site; Ctrl-C stops it. The launcher is a binary of the test kit (kit/), which links neither
+## the sidecar nor the wasmtime host, to keep this quick.
 run: tools build
-	cargo build --locked -p autohttps-tests --no-default-features --bin autohttps-demo
+	cargo build --locked -p autohttps-kit --bin autohttps-demo
 	target/debug/autohttps-demo
 
 ## fuzz: every fuzz target of fuzz/ for FUZZ_SECONDS each (libFuzzer via cargo-fuzz), then
@@ -203,11 +206,11 @@ fuzz: $(CARGO_FUZZ)
 	done; \
 	echo "==> fuzz summary (logs in .run/fuzz-<target>.log)"; printf "$$summary"; exit $$failed
 
-## bench: tests/bench/RESULTS.md (tests/src/bin/bench.rs): the filter's cost beside its baselines.
+## bench: tests/bench/RESULTS.md (bench/, crate autohttps-bench): the filter's cost beside its baselines.
 ## BENCH_ROUNDS, BENCH_SECONDS and BENCH_SIZES shorten or lengthen it (see the driver's header).
 ## Part 4 (issuance) runs the whole stack, so Pebble and the release sidecar come first.
 bench: tools build $(TOOLS)/.bench-tools
-	cargo build --locked --release -p autohttps-tests --bin bench
+	cargo build --locked --release -p autohttps-bench --bin bench
 	target/release/bench
 
 $(TOOLS)/.bench-tools: $(TOOLS)/.nginx

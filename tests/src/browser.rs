@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::envoy::{Lifetime, curl, free_port};
-use crate::stack::{Process, wait_until};
+use autohttps_kit::{Process, wait_until};
 
 /// The key W3C WebDriver names an element reference by.
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";

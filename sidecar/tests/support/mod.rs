@@ -3,19 +3,21 @@
 #![allow(dead_code)]
 
 pub mod ca_proxy;
-pub mod pg_cluster;
+/// A throwaway PostgreSQL (the kit's).
+#[allow(unused_imports)] // only the store suites use it
+pub use autohttps_kit::pg as pg_cluster;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
+use autohttps_kit::process::LogMode;
+use autohttps_kit::{Lifetime, Process};
 use autohttps_sidecar::clock::Clock;
 use autohttps_sidecar::config::Config;
 use autohttps_sidecar::service::{RunningSidecar, Sidecar};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,61 +26,37 @@ use tokio::sync::watch;
 /// The admin token every test sidecar uses.
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
-mod ports;
-/// Loopback ports below the ephemeral range (free for TCP and UDP, so also for the mock DNS).
-pub use ports::free_port;
+/// The longest a process started by a sidecar test may live.
+const TEST_LIFETIME: Lifetime = Lifetime::Limited(Duration::from_secs(900));
 
-/// Child processes killed (SIGKILL) and reaped on drop.
-#[derive(Debug, Default)]
-pub struct Processes(Vec<Child>);
-
-impl Processes {
-    fn push(&mut self, child: Child) {
-        self.0.push(child);
-    }
+/// A loopback port below the ephemeral range, free for TCP and UDP (the kit's allocator).
+pub fn free_port() -> u16 {
+    autohttps_kit::free_port().expect("a free loopback port")
 }
 
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A running Pebble + pebble-challtestsrv pair, stopped on drop.
+/// The kit's Pebble + pebble-challtestsrv (files in a temporary folder), with the listener
+/// Pebble validates HTTP-01 on held for an in-process sidecar; stopped on drop.
 #[derive(Debug)]
 pub struct Pebble {
-    /// ACME directory URL.
-    pub directory_url: String,
-    /// Pebble's management base URL (roots, intermediates).
-    pub management_url: String,
-    /// challtestsrv's management base URL.
-    pub challtestsrv_url: String,
-    /// challtestsrv's mock DNS server.
-    pub dns: SocketAddr,
-    /// The CA certificate that signed Pebble's own HTTPS listener certificate (PEM file).
-    pub listener_ca: PathBuf,
-    /// The port Pebble validates HTTP-01 on.
-    pub http_port: u16,
+    kit: autohttps_kit::pebble::Pebble,
     /// The listener on `http_port`, bound before Pebble learnt the port and held until a
     /// sidecar or gate takes it, so that no one else can take the port meanwhile.
     http_listener: Mutex<Option<std::net::TcpListener>>,
-    http: reqwest::Client,
-    dir: TempDir,
-    processes: Processes,
+    _dir: TempDir,
+}
+
+impl std::ops::Deref for Pebble {
+    type Target = autohttps_kit::pebble::Pebble;
+
+    fn deref(&self) -> &Self::Target {
+        &self.kit
+    }
 }
 
 impl Pebble {
-    /// Starts challtestsrv and Pebble (PEBBLE_VA_NOSLEEP=1, PEBBLE_WFE_NONCEREJECT=0)
-    /// validating HTTP-01 on a loopback port bound here and held: [`start_sidecar`] serves the
-    /// sidecar's internal listener on it (or a [`Gate`] takes it with
-    /// [`Pebble::take_http_listener`]).
-    ///
-    /// Pebble's and challtestsrv's own ports are picked free then released (they are other
-    /// processes), so a parallel test or another process can take one first; a start that
-    /// does not come up is retried on fresh ports.
+    /// Starts challtestsrv and Pebble validating HTTP-01 on a loopback port bound here and
+    /// held: [`start_sidecar`] serves the sidecar's internal listener on it (or a [`Gate`]
+    /// takes it with [`Pebble::take_http_listener`]).
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with_env(&[]).await
     }
@@ -99,14 +77,30 @@ impl Pebble {
     }
 
     async fn start_on_with_env(http_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut last_error = None;
-        for _ in 0..3 {
-            match Self::start_once(http_port, env).await {
-                Ok(pebble) => return Ok(pebble),
-                Err(error) => last_error = Some(error),
-            }
-        }
-        Err(last_error.expect("at least one attempt"))
+        autohttps_sidecar::acme::install_crypto_provider();
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().to_path_buf();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // The kit waits for Pebble by polling: off the test's runtime thread.
+        let kit = tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            autohttps_kit::pebble::Pebble::start_on_free_ports(
+                &path,
+                http_port,
+                &env,
+                TEST_LIFETIME,
+            )
+        })
+        .await??;
+        Ok(Self {
+            kit,
+            http_listener: Mutex::new(None),
+            _dir: dir,
+        })
     }
 
     /// The held listener on [`Pebble::http_port`], once (`None` for [`Pebble::start_on`]).
@@ -114,239 +108,35 @@ impl Pebble {
         self.http_listener.lock().expect("listener").take()
     }
 
-    async fn start_once(http_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        autohttps_sidecar::acme::install_crypto_provider();
-        let dir = tempfile::tempdir()?;
-        // Pebble's HTTPS listener: a throwaway CA and a leaf for localhost / 127.0.0.1.
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate()?;
-        let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
-            .signed_by(&leaf_key, &issuer)?;
-        let listener_ca = dir.path().join("listener-ca.pem");
-        std::fs::write(&listener_ca, ca_cert.pem())?;
-        std::fs::write(dir.path().join("cert.pem"), leaf.pem())?;
-        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem())?;
-
-        let dns_port = free_port();
-        let challtestsrv_port = free_port();
-        let acme_port = free_port();
-        let management_port = free_port();
-        let mut processes = Processes::default();
-        let challtestsrv_log = std::fs::File::create(dir.path().join("challtestsrv.log"))?;
-        processes.push(
-            Command::new("pebble-challtestsrv")
-                .args([
-                    "-http01",
-                    "",
-                    "-https01",
-                    "",
-                    "-tlsalpn01",
-                    "",
-                    "-dns01",
-                    &format!("127.0.0.1:{dns_port}"),
-                    "-management",
-                    &format!("127.0.0.1:{challtestsrv_port}"),
-                    "-defaultIPv4",
-                    "127.0.0.1",
-                    "-defaultIPv6",
-                    "",
-                ])
-                .stdout(challtestsrv_log.try_clone()?)
-                .stderr(challtestsrv_log)
-                .spawn()
-                .context("starting pebble-challtestsrv (apt-get install pebble)")?,
-        );
-        let config = serde_json::json!({
-            "pebble": {
-                "listenAddress": format!("127.0.0.1:{acme_port}"),
-                "managementListenAddress": format!("127.0.0.1:{management_port}"),
-                "certificate": dir.path().join("cert.pem"),
-                "privateKey": dir.path().join("key.pem"),
-                "httpPort": http_port,
-                "tlsPort": free_port(),
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false
-            }
-        });
-        let config_path = dir.path().join("pebble.json");
-        std::fs::write(&config_path, config.to_string())?;
-        let log = std::fs::File::create(dir.path().join("pebble.log"))?;
-        processes.push(
-            Command::new("pebble")
-                .arg("-config")
-                .arg(&config_path)
-                .arg("-dnsserver")
-                .arg(format!("127.0.0.1:{dns_port}"))
-                .env("PEBBLE_VA_NOSLEEP", "1")
-                // Pebble rejects 5% of nonces by design; instant-acme retries a badNonce twice,
-                // so about one order in a hundred failed its attempt and waited a minute for
-                // the retry (a flaky adding_alias test). Nonce faults have their own tests
-                // (`PEBBLE_WFE_NONCEREJECT=50` through `env`, which overrides this).
-                .env("PEBBLE_WFE_NONCEREJECT", "0")
-                .envs(env.iter().copied())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("starting pebble (apt-get install pebble)")?,
-        );
-        let http = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(ca_cert.pem().as_bytes())?)
-            .no_proxy()
-            .build()?;
-        let pebble = Self {
-            directory_url: format!("https://127.0.0.1:{acme_port}/dir"),
-            management_url: format!("https://127.0.0.1:{management_port}"),
-            challtestsrv_url: format!("http://127.0.0.1:{challtestsrv_port}"),
-            dns: SocketAddr::from(([127, 0, 0, 1], dns_port)),
-            listener_ca,
-            http_port,
-            http_listener: Mutex::new(None),
-            http,
-            dir,
-            processes,
-        };
-        pebble.wait_ready().await?;
-        Ok(pebble)
-    }
-
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let pebble_up = self
-                .http
-                .get(&self.directory_url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            let dns_up = reqwest::Client::new()
-                .post(format!("{}/clear-a", self.challtestsrv_url))
-                .json(&serde_json::json!({ "host": "ready.test." }))
-                .send()
-                .await
-                .is_ok();
-            // challtestsrv only logs a server it could not start (its DNS port, picked free and
-            // released, may have been taken meanwhile) and answers its management API anyway.
-            let challtestsrv_log =
-                std::fs::read_to_string(self.dir.path().join("challtestsrv.log"))
-                    .unwrap_or_default();
-            if challtestsrv_log.contains("address already in use") {
-                bail!("pebble-challtestsrv lost a port; its log: {challtestsrv_log}");
-            }
-            if pebble_up && dns_up {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "pebble did not come up; its log: {}\nchalltestsrv's log: {challtestsrv_log}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Pebble's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
-    }
-
-    /// Orders Pebble created so far (its "Added order" log lines): what the CA saw, including
-    /// any order the sidecar never recorded.
-    pub fn orders_created(&self) -> usize {
-        self.log().matches("Added order").count()
-    }
-
-    /// The certificate and key of Pebble's own HTTPS listener (for a proxy posing as Pebble).
-    pub fn listener_identity(&self) -> (PathBuf, PathBuf) {
-        (
-            self.dir.path().join("cert.pem"),
-            self.dir.path().join("key.pem"),
-        )
-    }
-
     /// Makes `host` resolve (A) to `address` only, in the mock DNS.
     pub async fn set_a(&self, host: &str, address: &str) -> anyhow::Result<()> {
-        let response = reqwest::Client::new()
-            .post(format!("{}/clear-a", self.challtestsrv_url))
-            .json(&serde_json::json!({ "host": format!("{host}.") }))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "clear-a: {}",
-            response.status()
-        );
-        let response = reqwest::Client::new()
-            .post(format!("{}/add-a", self.challtestsrv_url))
-            .json(&serde_json::json!({ "host": format!("{host}."), "addresses": [address] }))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "add-a: {}",
-            response.status()
-        );
-        Ok(())
+        self.kit.set_a(host, address)
     }
 
     /// Pebble's current root CA (PEM).
     pub async fn root_pem(&self) -> anyhow::Result<String> {
-        Ok(self
-            .http
-            .get(format!("{}/roots/0", self.management_url))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?)
+        self.kit.root_pem()
     }
 
-    /// A sidecar configuration pointing at this Pebble and its DNS, data in `data_dir`.
+    /// A sidecar configuration pointing at this Pebble and its DNS, data in `data_dir`, admin
+    /// API on any free port: the kit's configuration file ([`Pebble::sidecar_toml`]) read by
+    /// the sidecar's own parser.
     pub fn sidecar_config(&self, data_dir: &Path, internal_port: u16) -> Config {
-        let mut config = Config {
-            data_dir: data_dir.to_owned(),
-            ..Config::default()
-        };
-        config.listen.admin = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.listen.internal = SocketAddr::from(([127, 0, 0, 1], internal_port));
-        config.listen.metrics = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.admin.token = Some(TOKEN.into());
-        config.acme.directory_url = self.directory_url.clone();
-        config.acme.extra_root_ca = Some(self.listener_ca.clone());
-        config.acme.debounce_ms = 100;
-        config.platform.addresses = vec!["127.0.0.1".parse().expect("address")];
-        config.dns.nameservers = vec![self.dns];
-        config
+        let text = self.sidecar_toml(data_dir, 0, internal_port);
+        Config::from_toml(&text).unwrap_or_else(|e| panic!("the kit's configuration: {e}\n{text}"))
     }
 
-    /// The same configuration as TOML, for the `autohttps` binary.
+    /// The same configuration as TOML, for the `autohttps` binary (the kit's typed
+    /// configuration, which `kit_config` checks against the sidecar's loader).
     pub fn sidecar_toml(&self, data_dir: &Path, admin_port: u16, internal_port: u16) -> String {
-        format!(
-            r#"data_dir = "{data}"
-[listen]
-admin = "127.0.0.1:{admin_port}"
-internal = "127.0.0.1:{internal_port}"
-metrics = "127.0.0.1:0"
-[admin]
-token = "{TOKEN}"
-[acme]
-directory_url = "{directory}"
-extra_root_ca = "{ca}"
-debounce_ms = 100
-[platform]
-addresses = ["127.0.0.1"]
-[dns]
-nameservers = ["{dns}"]
-"#,
-            data = data_dir.display(),
-            directory = self.directory_url,
-            ca = self.listener_ca.display(),
-            dns = self.dns,
+        autohttps_kit::sidecar::SidecarConfig::for_pebble(
+            &self.kit,
+            data_dir,
+            admin_port,
+            internal_port,
+            TOKEN,
         )
+        .to_toml()
     }
 }
 
@@ -397,21 +187,19 @@ pub async fn start_sidecar_with(
     })
 }
 
-/// A small admin API client for tests.
+/// The kit's admin API client, for async tests: each call runs off the runtime's threads, so
+/// an in-process sidecar on the same runtime keeps serving meanwhile.
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub base: String,
-    http: reqwest::Client,
+    kit: autohttps_kit::admin::AdminClient,
 }
 
 impl Admin {
     pub fn new(base: &str) -> Self {
         Self {
             base: base.to_owned(),
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("client"),
+            kit: autohttps_kit::admin::AdminClient::new(base, TOKEN),
         }
     }
 
@@ -432,22 +220,12 @@ impl Admin {
         body: Option<serde_json::Value>,
         token: Option<&str>,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await?;
-        let status = response.status().as_u16();
-        let text = response.text().await?;
-        let json = if text.is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
-        };
-        Ok((status, json))
+        let kit = self.kit.clone();
+        let (path, token) = (path.to_owned(), token.map(str::to_owned));
+        tokio::task::spawn_blocking(move || {
+            kit.call_with_token(method.as_str(), &path, body.as_ref(), token.as_deref())
+        })
+        .await?
     }
 
     /// Polls the certificate status until `done` accepts it.
@@ -626,10 +404,11 @@ pub async fn eventually(
     Ok(())
 }
 
-/// The `autohttps serve` binary as a child process, SIGKILLed on drop.
+/// The `autohttps serve` binary as a child process (the kit's, under `timeout`), SIGKILLed on
+/// drop.
 #[derive(Debug)]
 pub struct SidecarProcess {
-    child: Option<Child>,
+    process: Option<Process>,
     pub log: PathBuf,
 }
 
@@ -641,31 +420,25 @@ impl SidecarProcess {
     /// `autohttps serve --config CONFIG ARGS…`, its output (stdout and stderr, not a
     /// terminal) appended to `log`.
     pub fn spawn_with(config: &Path, log: &Path, args: &[&str]) -> anyhow::Result<Self> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_autohttps"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_autohttps"));
+        command
             .arg("serve")
             .arg("--config")
             .arg(config)
             .args(args)
             .env("RUST_LOG", "info")
-            .env_remove("AUTOHTTPS_ADMIN_TOKEN")
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()?;
+            .env_remove("AUTOHTTPS_ADMIN_TOKEN");
+        let process = Process::start("autohttps", &command, log, LogMode::Append, TEST_LIFETIME)?;
         Ok(Self {
-            child: Some(child),
+            process: Some(process),
             log: log.to_owned(),
         })
     }
 
     /// SIGKILL, no chance to clean up.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill_hard();
         }
     }
 }

@@ -6,8 +6,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use autohttps_tests::envoy::repo_root;
-use autohttps_tests::stack::{Lifetime, Ports, Stack, StackOptions, wait_until};
+use autohttps_kit::repo_root;
+use autohttps_kit::stack::{Lifetime, Ports, Stack, StackOptions, wait_until};
 use serde_json::json;
 
 const DEMO_SITE: &str = "demo";
@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         https = ports.https
     );
     let config = stack.dir.join("autohttps.toml");
-    let bin = autohttps_tests::stack::sidecar_binary()?;
+    let bin = autohttps_kit::stack::sidecar_binary()?;
     println!(
         r#"
 autohttps is running. Envoy: http://127.0.0.1:{http} and https://127.0.0.1:{https} (admin 127.0.0.1:{admin}).
@@ -109,7 +109,7 @@ Ctrl-C stops everything."#,
         https = ports.https,
         admin = ports.envoy_admin,
         console = ports.sidecar_admin,
-        token = autohttps_tests::stack::ADMIN_TOKEN,
+        token = autohttps_kit::stack::ADMIN_TOKEN,
         bin = bin.display(),
         config = config.display(),
         logs = stack

@@ -4,7 +4,7 @@
 //! by a watchdog process if the test process dies without unwinding.
 //!
 //! `initdb` is slow (seconds), so it runs once per machine into a template under Cargo's
-//! target temp dir; each cluster starts from a copy. Most tests share one cluster per test
+//! target directory (`target/tmp`); each cluster starts from a copy. Most tests share one cluster per test
 //! binary ([`shared_cluster`]) and take a fresh database each ([`PgCluster::database`]); tests
 //! that stop and restart the server own their cluster ([`PgCluster::start`]).
 
@@ -93,7 +93,8 @@ fn template(bin: &Path) -> anyhow::Result<PathBuf> {
         .and_then(|v| v.to_str())
         .unwrap_or("unknown")
         .to_owned();
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let root = crate::target_dir().join("tmp");
+    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
     let ready = root.join(format!("postgres-{version}-template"));
     if !ready.join("data/PG_VERSION").exists() {
         // Built aside and renamed into place: parallel test binaries never see half of one.
@@ -226,7 +227,7 @@ impl PgCluster {
         // A free port can be taken between choosing and binding it: try a few.
         for _ in 0..5 {
             let port = if self.port == 0 {
-                super::free_port()
+                crate::free_port()?
             } else {
                 self.port
             };
@@ -284,22 +285,13 @@ fn watch_for_exit(bin: &Path, dir: &Path) -> anyhow::Result<()> {
     } else {
         ""
     };
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-         if [ -d '{dir}/data' ]; then {as_postgres}'{pg_ctl}' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; fi; \
+    let cleanup = format!(
+        "if [ -d '{dir}/data' ]; then {as_postgres}'{pg_ctl}' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; fi; \
          rm -rf '{dir}'",
-        pid = std::process::id(),
         dir = dir.display(),
         pg_ctl = pg_ctl.display(),
     );
-    Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start the cluster's cleanup watchdog")?;
-    Ok(())
+    crate::process::watch_starter(&cleanup, None).context("start the cluster's cleanup watchdog")
 }
 
 /// One cluster for every test of this test binary that only needs a database.
