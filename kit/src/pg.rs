@@ -124,6 +124,38 @@ fn template(bin: &Path) -> anyhow::Result<PathBuf> {
     Ok(TEMPLATE.get_or_init(|| ready.join("data")).clone())
 }
 
+/// Where clusters live. As root the server runs as `postgres`, which must be able to reach its
+/// data directory, so every directory above it must be searchable by others: a `/tmp` of mode
+/// 0700 (seen on machines of this kind) is not, and the cluster would fail with "Permission
+/// denied". The first candidate whose every ancestor is searchable wins: `$TMPDIR` (or `/tmp`),
+/// `/var/tmp`, then the target directory. Short paths first: the server's Unix socket lives in
+/// the cluster's directory and socket paths are limited to 107 bytes.
+fn cluster_root() -> PathBuf {
+    let candidates = [
+        std::env::temp_dir(),
+        PathBuf::from("/var/tmp"),
+        crate::target_dir().join("tmp"),
+    ];
+    if !running_as_root() {
+        return candidates[0].clone();
+    }
+    candidates
+        .iter()
+        .find(|dir| searchable_by_others(dir))
+        .unwrap_or(&candidates[2])
+        .clone()
+}
+
+/// Whether `dir` and every directory above it can be searched by any user (mode `o+x`).
+fn searchable_by_others(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    dir.ancestors().all(|ancestor| {
+        ancestor.as_os_str().is_empty()
+            || std::fs::metadata(ancestor)
+                .is_ok_and(|meta| meta.is_dir() && meta.permissions().mode() & 0o001 != 0)
+    })
+}
+
 /// A running throwaway PostgreSQL cluster on 127.0.0.1.
 #[derive(Debug)]
 pub struct PgCluster {
@@ -139,10 +171,11 @@ impl PgCluster {
     pub fn start() -> anyhow::Result<Self> {
         let bin = bin_dir()?;
         let template = template(&bin)?;
+        let root = cluster_root();
         let dir = tempfile::Builder::new()
             .prefix("autohttps-pg-")
-            .tempdir()
-            .context("create the cluster's directory")?;
+            .tempdir_in(&root)
+            .with_context(|| format!("create the cluster's directory in {}", root.display()))?;
         let mut copy = Command::new("cp");
         copy.arg("-a").arg(&template).arg(dir.path().join("data"));
         run(copy, "copy the template cluster")?;
