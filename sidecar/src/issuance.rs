@@ -21,8 +21,13 @@ use crate::metrics::AcmeRequestMetrics;
 use crate::renewal::{ari_renew_at, renew_at, retry_at};
 use crate::store::{AttemptLease, NewCertificate, Site, Store, StoredCertificate};
 
-/// A site being worked on is leased for this long, so a crash mid-attempt retries later.
-const ATTEMPT_LEASE: Duration = Duration::from_secs(600);
+/// A site being worked on is leased for this long and the lease renewed every
+/// [`LEASE_RENEWAL`] while the attempt runs: a node that dies mid-attempt (mid-order) leaves
+/// the site to another node, which resumes its order, this long after its last renewal.
+const ATTEMPT_LEASE: Duration = Duration::from_secs(15);
+
+/// How often a running attempt renews its lease.
+const LEASE_RENEWAL: Duration = Duration::from_secs(5);
 
 /// Renewal is never scheduled sooner than this after an attempt, so a certificate that is
 /// already inside its renewal window when it arrives (clock skew, a CA issuing very short
@@ -43,7 +48,10 @@ pub struct Issuer {
     acme: OnceCell<AcmeClient>,
     wake: Notify,
     working: Mutex<HashSet<String>>,
-    orders: Semaphore,
+    /// One permit per attempt (`acme.orders_in_flight`): an attempt orders its chunks one after
+    /// the other, so this bounds the orders in flight, and a site is leased only once a permit
+    /// is free, which leaves the other sites due to the other nodes of a fleet.
+    orders: Arc<Semaphore>,
     acme_requests: AcmeRequestMetrics,
     hooks: Hooks,
 }
@@ -69,7 +77,7 @@ impl Issuer {
         responder: ChallengeResponder,
         hooks: Hooks,
     ) -> Arc<Self> {
-        let orders = Semaphore::new(config.orders_in_flight);
+        let orders = Arc::new(Semaphore::new(config.orders_in_flight));
         Arc::new(Self {
             store,
             clock,
@@ -188,9 +196,11 @@ impl Issuer {
 
     /// Makes due now every site whose attempt a previous process started and never finished
     /// (killed or stopped mid-attempt, e.g. during the DNS pre-check): its lease would
-    /// otherwise hold the site for [`ATTEMPT_LEASE`]. A lease is recognised as a next attempt
-    /// exactly `ATTEMPT_LEASE` after the site's last `attempt-started` event, with no outcome
-    /// recorded since. (With one process per store no live attempt can hold it.)
+    /// otherwise hold the site for up to [`ATTEMPT_LEASE`]. A lease is recognised as a next
+    /// attempt at least `ATTEMPT_LEASE` after the site's last `attempt-started` event (renewals
+    /// only move it later) and at most `ATTEMPT_LEASE` from now, with no outcome recorded
+    /// since. (With one process per store no live attempt can hold it; in a fleet, a live
+    /// holder's lease stays its own and this only moves the site's next attempt earlier.)
     fn release_stale_leases(&self) -> Result<()> {
         let now = self.clock.now();
         for name in self.store.due_sites(now + ATTEMPT_LEASE)? {
@@ -207,7 +217,9 @@ impl Issuer {
                 .take_while(|e| e.kind != "attempt-failed" && e.kind != "certificate-issued")
                 .find(|e| e.kind == "attempt-started")
                 .is_some_and(|started| {
-                    (started.at + ATTEMPT_LEASE).unix_timestamp() == next.unix_timestamp()
+                    let first_lease = (started.at + ATTEMPT_LEASE).unix_timestamp();
+                    (first_lease..=(now + ATTEMPT_LEASE).unix_timestamp())
+                        .contains(&next.unix_timestamp())
                 });
             if interrupted {
                 tracing::info!(site = %name, "retrying an attempt a previous process did not finish");
@@ -230,8 +242,14 @@ impl Issuer {
         Ok(())
     }
 
-    /// Starts an attempt (on its own task) for every due site not already being worked on.
+    /// Starts an attempt (on its own task) for due sites not already being worked on, as many
+    /// as there are free order permits. Taking the lease only with a permit in hand matters in
+    /// a fleet: a node that leased every due site at once and then queued on its permits would
+    /// hold sites the other nodes could be issuing.
     pub fn start_due_attempts(self: &Arc<Self>) {
+        if self.orders.available_permits() == 0 {
+            return;
+        }
         let due = match self.store.due_sites(self.clock.now()) {
             Ok(due) => due,
             Err(error) => {
@@ -240,11 +258,15 @@ impl Issuer {
             }
         };
         for site in due {
+            let Ok(permit) = Arc::clone(&self.orders).try_acquire_owned() else {
+                break;
+            };
             if !self.lock_working().insert(site.clone()) {
                 continue;
             }
             let issuer = Arc::clone(self);
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(error) = issuer.attempt(&site).await {
                     tracing::error!(%site, %error, "attempt failed before it could be recorded");
                 }
@@ -272,6 +294,50 @@ impl Issuer {
             }
             AttemptLease::NoSuchSite => return Ok(AttemptReport::default()),
         };
+        let lease = Mutex::new(lease_until);
+        let work = self.leased_attempt(site_name, site, now, &lease);
+        tokio::pin!(work);
+        tokio::select! {
+            report = &mut work => report,
+            () = self.keep_lease(site_name, &lease) => unreachable!("the lease is kept until the attempt ends"),
+        }
+    }
+
+    /// Renews the attempt's lease every [`LEASE_RENEWAL`] (never returns; dropped when the
+    /// attempt ends). Store calls are synchronous, so a renewal never interleaves with the
+    /// attempt's own reading of `lease` at its end.
+    async fn keep_lease(&self, site: &str, lease: &Mutex<OffsetDateTime>) {
+        let lock = || {
+            lease
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        loop {
+            tokio::time::sleep(LEASE_RENEWAL).await;
+            let current = *lock();
+            let until = self.clock.now() + ATTEMPT_LEASE;
+            match self.store.renew_lease(site, current, until) {
+                Ok(true) => *lock() = until,
+                Ok(false) => {
+                    tracing::warn!(%site, "the site's issuance lease expired and another node took it; this attempt goes on without it");
+                    std::future::pending::<()>().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%site, %error, "cannot renew the site's issuance lease; retrying");
+                }
+            }
+        }
+    }
+
+    /// The attempt itself, begun at `now` once the site's lease is held (`lease`: until when,
+    /// kept current by [`Issuer::keep_lease`]).
+    async fn leased_attempt(
+        &self,
+        site_name: &str,
+        site: Site,
+        now: OffsetDateTime,
+        lease: &Mutex<OffsetDateTime>,
+    ) -> Result<AttemptReport> {
         let failures_before = site.issuance.failures;
         let regenerate = self.store.take_regenerate_request(site_name)?;
         tracing::debug!(site = %site_name, names = site.names().len(), regenerate, "issuance attempt started");
@@ -412,6 +478,9 @@ impl Issuer {
         // A change made while we worked (anything but our lease) keeps its earlier schedule;
         // the store decides in one step (reading here, then writing, lost a change that landed
         // in between: a hostname added as an attempt ended waited for the renewal date).
+        let lease_until = *lease
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.store.finish_attempt(
             site_name,
             lease_until,
@@ -473,11 +542,6 @@ impl Issuer {
     }
 
     async fn order_chunk(&self, site: &str, names: &[Hostname]) -> Result<i64> {
-        let _permit = self
-            .orders
-            .acquire()
-            .await
-            .map_err(|_| Error::InvalidInput("the issuer is shutting down".into()))?;
         let acme = self.acme().await?;
         let row = acme
             .create_order(self.store.as_ref(), site, names, self.clock.now())

@@ -68,6 +68,7 @@ suite!(
     reopening_keeps_sites_orders_and_history,
     two_nodes_cannot_both_take_a_sites_lease,
     an_expired_lease_is_taken_by_the_other_node,
+    a_renewed_lease_keeps_the_site_from_the_other_node,
     the_acme_account_is_created_once_when_two_nodes_race,
     the_change_log_sees_changes_made_through_the_other_handle,
     http01_challenges_are_answered_through_any_handle,
@@ -476,6 +477,42 @@ fn an_expired_lease_is_taken_by_the_other_node(backend: &dyn Backend) {
         one.begin_attempt("blog", lease, lease + Duration::from_secs(600)).unwrap(),
         AttemptLease::HeldElsewhere { node, .. } if node == "node-2"
     ));
+}
+
+fn a_renewed_lease_keeps_the_site_from_the_other_node(backend: &dyn Backend) {
+    let (one, two) = (backend.open("node-1"), backend.open("node-2"));
+    create(&*one, "blog", &["example.com"]);
+    let lease = NOW + Duration::from_secs(15);
+    taken(one.begin_attempt("blog", NOW, lease).unwrap());
+    let renewed = lease + Duration::from_secs(10);
+    // Only the holder renews, and only the lease it holds.
+    assert!(!two.renew_lease("blog", lease, renewed).unwrap());
+    assert!(!one.renew_lease("blog", NOW, renewed).unwrap());
+    assert!(one.renew_lease("blog", lease, renewed).unwrap());
+    // Past the first lease's end the other node still leaves the site alone...
+    assert!(two.due_sites(lease).unwrap().is_empty());
+    assert!(matches!(
+        two.begin_attempt("blog", lease, lease + Duration::from_secs(15)).unwrap(),
+        AttemptLease::HeldElsewhere { until, .. } if until == renewed
+    ));
+    // ...a change made meanwhile keeps its earlier schedule through a renewal...
+    let asked = NOW + Duration::from_secs(1);
+    one.request_issuance("blog", asked, false).unwrap();
+    let again = renewed + Duration::from_secs(10);
+    assert!(one.renew_lease("blog", renewed, again).unwrap());
+    let site = one.site("blog").unwrap().unwrap();
+    assert_eq!(site.issuance.next_attempt_at, Some(asked));
+    // ...and once renewals stop, the lease runs out and the other node takes the site.
+    assert!(
+        two.due_sites(again - Duration::from_secs(1))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(two.due_sites(again).unwrap(), ["blog"]);
+    taken(
+        two.begin_attempt("blog", again, again + Duration::from_secs(15))
+            .unwrap(),
+    );
 }
 
 fn the_acme_account_is_created_once_when_two_nodes_race(backend: &dyn Backend) {

@@ -495,6 +495,16 @@ pub trait Store: Send + Sync + fmt::Debug {
         failures: u32,
         last_problem: Option<&str>,
     ) -> Result<()>;
+    /// Extends this node's lease on a site, taken with [`Store::begin_attempt`] until
+    /// `lease_until` (an attempt still running), to `until`, moving the next attempt time along
+    /// unless a change made meanwhile asked for an earlier one. False (nothing changed) when
+    /// this node no longer holds that lease.
+    fn renew_lease(
+        &self,
+        site: &str,
+        lease_until: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool>;
     /// Sets a site's next attempt time, failure count and last problem.
     fn schedule(
         &self,

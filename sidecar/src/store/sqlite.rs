@@ -839,6 +839,21 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn renew_lease(
+        &self,
+        site: &str,
+        lease_until: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool> {
+        let renewed = self.lock().execute(
+            "UPDATE sites SET leased_until = ?3,
+                 next_attempt_at = CASE WHEN next_attempt_at = ?2 THEN ?3 ELSE next_attempt_at END
+             WHERE name = ?1 AND leased_by = ?4 AND leased_until = ?2",
+            params![site, ts(lease_until), ts(until), self.node_id],
+        )?;
+        Ok(renewed == 1)
+    }
+
     fn schedule(
         &self,
         site: &str,

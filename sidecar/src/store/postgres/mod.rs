@@ -688,6 +688,24 @@ impl Store for PostgresStore {
         })
     }
 
+    fn renew_lease(
+        &self,
+        site: &str,
+        lease_until: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool> {
+        let (site, node) = (site.to_owned(), self.node_id());
+        self.connections.run(move |client| {
+            let renewed = client.execute(
+                "UPDATE sites SET leased_until = $3,
+                     next_attempt_at = CASE WHEN next_attempt_at = $2 THEN $3 ELSE next_attempt_at END
+                 WHERE name = $1 AND leased_by = $4 AND leased_until = $2",
+                &[&site, &ts(lease_until), &ts(until), &node],
+            )?;
+            Ok(renewed == 1)
+        })
+    }
+
     fn schedule(
         &self,
         site: &str,
