@@ -5,5 +5,7 @@
 pub mod browser;
 pub mod conformance;
 pub mod envoy;
+pub mod fleet;
+pub mod fleet_bench;
 pub mod hostile;
 pub mod stack;

@@ -169,6 +169,16 @@ impl Process {
             .and_then(|l| l.trim().parse().ok())
     }
 
+    /// CPU time (user + system) the program has used so far, from `/proc/<pid>/stat`.
+    pub(crate) fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.program_pid()?)).ok()?;
+        // Fields after the command name (which may hold spaces), from field 3 on.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+
     pub(crate) fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
@@ -180,7 +190,7 @@ impl Process {
     }
 
     /// SIGKILL to the program itself (not to `timeout`), then reap.
-    fn kill_hard(&mut self) {
+    pub(crate) fn kill_hard(&mut self) {
         if let Some(pid) = self.program_pid() {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
@@ -392,6 +402,134 @@ fn serve_backend_connection(stream: TcpStream) {
     }
 }
 
+/// `envoy/edge.yaml` rendered for an edge whose public listeners bind `listen_address` on
+/// `ports.http`/`ports.https`, talking to the sidecar whose data (and SDS socket) is in
+/// `data_dir` and whose internal listener is `ports.sidecar_internal`.
+pub(crate) fn edge_yaml(
+    listen_address: &str,
+    ports: &Ports,
+    data_dir: &Path,
+    trusted_proxies: &[String],
+) -> anyhow::Result<String> {
+    let values = HashMap::from([
+        ("LISTEN_ADDRESS", listen_address.to_string()),
+        ("HTTP_PORT", ports.http.to_string()),
+        ("HTTPS_PORT", ports.https.to_string()),
+        ("ADMIN_PORT", ports.envoy_admin.to_string()),
+        (
+            "SDS_SOCKET",
+            data_dir.join("sds.sock").display().to_string(),
+        ),
+        ("SIDECAR_HTTP_ADDRESS", "127.0.0.1".to_string()),
+        ("SIDECAR_HTTP_PORT", ports.sidecar_internal.to_string()),
+        ("BACKEND_ADDRESS", "127.0.0.1".to_string()),
+        ("BACKEND_PORT", ports.backend.to_string()),
+        ("WASM", envoy::filter_wasm()?.display().to_string()),
+        (
+            "TRUSTED_PROXY_RANGES",
+            envoy::trusted_proxy_ranges(trusted_proxies)?,
+        ),
+    ]);
+    render_file("edge.yaml", &values)
+}
+
+/// Starts `autohttps serve` with this configuration, logging to the next `sidecar-N.log` in
+/// `log_dir`, and waits until it says it serves and its admin API (`admin_port`) accepts.
+pub(crate) fn spawn_sidecar(
+    config: &Path,
+    log_dir: &Path,
+    admin_port: u16,
+    lifetime: Lifetime,
+) -> anyhow::Result<Process> {
+    let binary = sidecar_binary()?;
+    let config = config.display().to_string();
+    let log_name = format!(
+        "sidecar-{}.log",
+        std::fs::read_dir(log_dir)
+            .map(|d| d.count())
+            .unwrap_or_default()
+    );
+    let log = log_dir.join(log_name);
+    let mut process = Process::spawn(
+        "autohttps",
+        &binary,
+        &["--config", &config, "serve"],
+        &[("RUST_LOG", "info")],
+        log.clone(),
+        lifetime,
+    )?;
+    // The ports were picked free and released: something else may listen on one by now
+    // (another test's Pebble answered the CLI once). Only the sidecar's own word that it
+    // bound its listeners counts, not a connection to the port.
+    let ready = wait_until("the sidecar", Duration::from_secs(20), || {
+        if process.exited() {
+            return None;
+        }
+        let serving = std::fs::read_to_string(&log)
+            .is_ok_and(|text| text.contains("autohttps sidecar serving"));
+        if !serving {
+            return None;
+        }
+        TcpStream::connect(("127.0.0.1", admin_port)).ok()
+    });
+    if let Err(e) = ready {
+        bail!("{e:#}\nthe sidecar's log:\n{}", process.log_tail(30));
+    }
+    Ok(process)
+}
+
+/// Calls the admin API on 127.0.0.1:`port` with the stacks' token: (status, JSON body).
+pub(crate) fn admin_call(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let auth = format!("Authorization: Bearer {ADMIN_TOKEN}");
+    let body_text = body.map(|b| b.to_string());
+    let mut args = vec![
+        "-X",
+        method,
+        "-H",
+        &auth,
+        "-H",
+        "content-type: application/json",
+    ];
+    if let Some(text) = &body_text {
+        args.extend(["--data", text.as_str()]);
+    }
+    args.push(&url);
+    let response = curl(&args)?;
+    let json = if response.body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&response.body)
+            .with_context(|| format!("admin API answered non-JSON: {}", response.body))?
+    };
+    Ok((response.status, json))
+}
+
+/// Makes `host` resolve to `address` only, in the mock DNS whose management API is on
+/// 127.0.0.1:`dns_management`.
+pub(crate) fn set_mock_dns(dns_management: u16, host: &str, address: &str) -> anyhow::Result<()> {
+    for (path, body) in [
+        ("clear-a", serde_json::json!({ "host": format!("{host}.") })),
+        (
+            "add-a",
+            serde_json::json!({ "host": format!("{host}."), "addresses": [address] }),
+        ),
+    ] {
+        let url = format!("http://127.0.0.1:{dns_management}/{path}");
+        let body = body.to_string();
+        let response = curl(&["--data", &body, &url])?;
+        if response.status != 200 {
+            bail!("challtestsrv {path} answered {}", response.status);
+        }
+    }
+    Ok(())
+}
+
 /// Options for [`Stack::start`].
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -435,8 +573,7 @@ pub struct Stack {
     // Dropped in this order: Envoy first, then the sidecar, Pebble and the backend.
     envoy: Option<Envoy>,
     sidecar: Option<Process>,
-    _pebble: Process,
-    _challtestsrv: Process,
+    _ca: CertificateAuthority,
     _backend: DemoBackend,
     verbose: bool,
     lifetime: Lifetime,
@@ -494,103 +631,28 @@ impl Stack {
         ));
         let backend = DemoBackend::start(ports.backend)?;
 
-        say(&format!(
-            "starting pebble-challtestsrv (mock DNS on 127.0.0.1:{}; every name resolves to 127.0.0.1)",
-            ports.dns
-        ));
-        let challtestsrv = Process::spawn(
-            "pebble-challtestsrv",
-            Path::new("pebble-challtestsrv"),
-            &[
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-dns01",
-                &format!("127.0.0.1:{}", ports.dns),
-                "-management",
-                &format!("127.0.0.1:{}", ports.dns_management),
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-            ],
-            &[],
-            dir.join("challtestsrv.log"),
-            lifetime,
-        )?;
-
-        say(&format!(
-            "starting Pebble, a local ACME CA (https://127.0.0.1:{}/dir), validating HTTP-01 on Envoy's port {}",
-            ports.acme, ports.http
-        ));
-        let listener_ca = write_pebble_listener_certificate(&dir)?;
-        let pebble_config = serde_json::json!({
-            "pebble": {
-                "listenAddress": format!("127.0.0.1:{}", ports.acme),
-                "managementListenAddress": format!("127.0.0.1:{}", ports.acme_management),
-                "certificate": dir.join("pebble-cert.pem"),
-                "privateKey": dir.join("pebble-key.pem"),
-                "httpPort": ports.http,
-                "tlsPort": free_port()?,
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false
-            }
-        });
-        std::fs::write(dir.join("pebble.json"), pebble_config.to_string())?;
-        let pebble_config_path = dir.join("pebble.json").display().to_string();
-        let dns_server = format!("127.0.0.1:{}", ports.dns);
-        let pebble = Process::spawn(
-            "pebble",
-            Path::new("pebble"),
-            &["-config", &pebble_config_path, "-dnsserver", &dns_server],
-            // No nonce rejected on purpose (Pebble's default is 5%): a third badNonce in a row
-            // fails an attempt, whose retry a minute later outlasts a test's wait.
-            &[("PEBBLE_VA_NOSLEEP", "1"), ("PEBBLE_WFE_NONCEREJECT", "0")],
-            dir.join("pebble.log"),
-            lifetime,
-        )?;
-        let ca_root = dir.join("ca-root.pem");
-        let listener_ca_arg = listener_ca.display().to_string();
-        wait_until("Pebble", Duration::from_secs(20), || {
-            let root = Command::new("curl")
-                .args(["-sf", "--noproxy", "*", "--cacert", &listener_ca_arg])
-                .arg(format!(
-                    "https://127.0.0.1:{}/roots/0",
-                    ports.acme_management
-                ))
-                .output()
-                .ok()
-                .filter(|o| o.status.success())?;
-            // The mock DNS answers its management API once it is up.
-            Command::new("curl")
-                .args(["-sf", "--noproxy", "*", "-d", r#"{"host":"ready.test."}"#])
-                .arg(format!("http://127.0.0.1:{}/clear-a", ports.dns_management))
-                .output()
-                .ok()
-                .filter(|o| o.status.success())?;
-            Some(root.stdout)
-        })
-        .and_then(|root| Ok(std::fs::write(&ca_root, root)?))
-        .map_err(|e| anyhow!("{e:#}\nPebble's log:\n{}", pebble.log_tail(20)))?;
+        let ca = CertificateAuthority::start(&dir, &ports, lifetime, &[], &say)?;
 
         let data_dir = dir.join("data");
         let sidecar_config = dir.join("autohttps.toml");
         std::fs::write(
             &sidecar_config,
-            sidecar_toml(&ports, &data_dir, &listener_ca, &trusted_proxies)?,
+            sidecar_toml(
+                &ports,
+                &data_dir,
+                &ca.listener_ca,
+                &trusted_proxies,
+                &["127.0.0.1"],
+            )?,
         )?;
         let mut stack = Stack {
             ports,
             dir: dir.clone(),
-            ca_root,
+            ca_root: ca.ca_root.clone(),
             sidecar_config,
             envoy: None,
             sidecar: None,
-            _pebble: pebble,
-            _challtestsrv: challtestsrv,
+            _ca: ca,
             _backend: backend,
             verbose,
             lifetime,
@@ -601,26 +663,7 @@ impl Stack {
             "starting Envoy (HTTP 127.0.0.1:{}, HTTPS 127.0.0.1:{}, admin 127.0.0.1:{}) with the autohttps filter",
             ports.http, ports.https, ports.envoy_admin
         ));
-        let values = HashMap::from([
-            ("LISTEN_ADDRESS", "127.0.0.1".to_string()),
-            ("HTTP_PORT", ports.http.to_string()),
-            ("HTTPS_PORT", ports.https.to_string()),
-            ("ADMIN_PORT", ports.envoy_admin.to_string()),
-            (
-                "SDS_SOCKET",
-                data_dir.join("sds.sock").display().to_string(),
-            ),
-            ("SIDECAR_HTTP_ADDRESS", "127.0.0.1".to_string()),
-            ("SIDECAR_HTTP_PORT", ports.sidecar_internal.to_string()),
-            ("BACKEND_ADDRESS", "127.0.0.1".to_string()),
-            ("BACKEND_PORT", ports.backend.to_string()),
-            ("WASM", envoy::filter_wasm()?.display().to_string()),
-            (
-                "TRUSTED_PROXY_RANGES",
-                envoy::trusted_proxy_ranges(&trusted_proxies)?,
-            ),
-        ]);
-        let yaml = render_file("edge.yaml", &values)?;
+        let yaml = edge_yaml("127.0.0.1", &ports, &data_dir, &trusted_proxies)?;
         // Envoy's configuration and log sit beside the other parts' (envoy.yaml, envoy.log).
         stack.envoy = Some(Envoy::start_in(
             &yaml,
@@ -641,42 +684,12 @@ impl Stack {
                 self.dir.join("data").display()
             );
         }
-        let binary = sidecar_binary()?;
-        let config = self.sidecar_config.display().to_string();
-        let log_name = format!(
-            "sidecar-{}.log",
-            std::fs::read_dir(&self.dir)
-                .map(|d| d.count())
-                .unwrap_or_default()
-        );
-        let log = self.dir.join(log_name);
-        let mut process = Process::spawn(
-            "autohttps",
-            &binary,
-            &["--config", &config, "serve"],
-            &[("RUST_LOG", "info")],
-            log.clone(),
+        self.sidecar = Some(spawn_sidecar(
+            &self.sidecar_config,
+            &self.dir,
+            self.ports.sidecar_admin,
             self.lifetime,
-        )?;
-        let admin = self.ports.sidecar_admin;
-        // The ports were picked free and released: something else may listen on one by now
-        // (another test's Pebble answered the CLI once). Only the sidecar's own word that it
-        // bound its listeners counts, not a connection to the port.
-        let ready = wait_until("the sidecar", Duration::from_secs(20), || {
-            if process.exited() {
-                return None;
-            }
-            let serving = std::fs::read_to_string(&log)
-                .is_ok_and(|text| text.contains("autohttps sidecar serving"));
-            if !serving {
-                return None;
-            }
-            TcpStream::connect(("127.0.0.1", admin)).ok()
-        });
-        if let Err(e) = ready {
-            bail!("{e:#}\nthe sidecar's log:\n{}", process.log_tail(30));
-        }
-        self.sidecar = Some(process);
+        )?);
         Ok(())
     }
 
@@ -773,48 +786,12 @@ impl Stack {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        let url = format!("http://127.0.0.1:{}{path}", self.ports.sidecar_admin);
-        let auth = format!("Authorization: Bearer {ADMIN_TOKEN}");
-        let body_text = body.map(|b| b.to_string());
-        let mut args = vec![
-            "-X",
-            method,
-            "-H",
-            &auth,
-            "-H",
-            "content-type: application/json",
-        ];
-        if let Some(text) = &body_text {
-            args.extend(["--data", text.as_str()]);
-        }
-        args.push(&url);
-        let response = curl(&args)?;
-        let json = if response.body.trim().is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(&response.body)
-                .with_context(|| format!("admin API answered non-JSON: {}", response.body))?
-        };
-        Ok((response.status, json))
+        admin_call(self.ports.sidecar_admin, method, path, body)
     }
 
     /// Makes `host` resolve to `address` only in the mock DNS.
     pub fn set_dns(&self, host: &str, address: &str) -> anyhow::Result<()> {
-        for (path, body) in [
-            ("clear-a", serde_json::json!({ "host": format!("{host}.") })),
-            (
-                "add-a",
-                serde_json::json!({ "host": format!("{host}."), "addresses": [address] }),
-            ),
-        ] {
-            let url = format!("http://127.0.0.1:{}/{path}", self.ports.dns_management);
-            let body = body.to_string();
-            let response = curl(&["--data", &body, &url])?;
-            if response.status != 200 {
-                bail!("challtestsrv {path} answered {}", response.status);
-            }
-        }
-        Ok(())
+        set_mock_dns(self.ports.dns_management, host, address)
     }
 
     /// Waits (up to `within`) until `host` answers `path` over HTTPS with a report-only CSP,
@@ -915,6 +892,130 @@ pub struct PresentedCertificate {
     pub serial: String,
     /// DNS subject alternative names.
     pub names: Vec<String>,
+}
+
+/// Pebble (the ACME CA, validating HTTP-01 on `ports.http` at whatever address the mock DNS
+/// gives) and pebble-challtestsrv (the mock DNS, every name 127.0.0.1 until told otherwise),
+/// started and answering: one per stack or per fleet.
+#[derive(Debug)]
+pub(crate) struct CertificateAuthority {
+    /// Pebble's issuing root, PEM file: what clients trust.
+    pub(crate) ca_root: PathBuf,
+    /// The throwaway CA of Pebble's own HTTPS listener (the sidecar's `acme.extra_root_ca`).
+    pub(crate) listener_ca: PathBuf,
+    pub(crate) pebble: Process,
+    _challtestsrv: Process,
+}
+
+impl CertificateAuthority {
+    /// Starts both in `dir`; `pebble_env` is added to Pebble's environment (e.g.
+    /// `PEBBLE_VA_SLEEPTIME`).
+    pub(crate) fn start(
+        dir: &Path,
+        ports: &Ports,
+        lifetime: Lifetime,
+        pebble_env: &[(&str, &str)],
+        say: &dyn Fn(&str),
+    ) -> anyhow::Result<CertificateAuthority> {
+        say(&format!(
+            "starting pebble-challtestsrv (mock DNS on 127.0.0.1:{}; every name resolves to 127.0.0.1)",
+            ports.dns
+        ));
+        let challtestsrv = Process::spawn(
+            "pebble-challtestsrv",
+            Path::new("pebble-challtestsrv"),
+            &[
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-dns01",
+                &format!("127.0.0.1:{}", ports.dns),
+                "-management",
+                &format!("127.0.0.1:{}", ports.dns_management),
+                "-defaultIPv4",
+                "127.0.0.1",
+                "-defaultIPv6",
+                "",
+            ],
+            &[],
+            dir.join("challtestsrv.log"),
+            lifetime,
+        )?;
+
+        say(&format!(
+            "starting Pebble, a local ACME CA (https://127.0.0.1:{}/dir), validating HTTP-01 on Envoy's port {}",
+            ports.acme, ports.http
+        ));
+        let listener_ca = write_pebble_listener_certificate(dir)?;
+        let pebble_config = serde_json::json!({
+            "pebble": {
+                "listenAddress": format!("127.0.0.1:{}", ports.acme),
+                "managementListenAddress": format!("127.0.0.1:{}", ports.acme_management),
+                "certificate": dir.join("pebble-cert.pem"),
+                "privateKey": dir.join("pebble-key.pem"),
+                "httpPort": ports.http,
+                "tlsPort": free_port()?,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false
+            }
+        });
+        std::fs::write(dir.join("pebble.json"), pebble_config.to_string())?;
+        let pebble_config_path = dir.join("pebble.json").display().to_string();
+        let dns_server = format!("127.0.0.1:{}", ports.dns);
+        let pebble = Process::spawn(
+            "pebble",
+            Path::new("pebble"),
+            &["-config", &pebble_config_path, "-dnsserver", &dns_server],
+            &pebble_env_with(pebble_env),
+            dir.join("pebble.log"),
+            lifetime,
+        )?;
+        let ca_root = dir.join("ca-root.pem");
+        let listener_ca_arg = listener_ca.display().to_string();
+        wait_until("Pebble", Duration::from_secs(20), || {
+            let root = Command::new("curl")
+                .args(["-sf", "--noproxy", "*", "--cacert", &listener_ca_arg])
+                .arg(format!(
+                    "https://127.0.0.1:{}/roots/0",
+                    ports.acme_management
+                ))
+                .output()
+                .ok()
+                .filter(|o| o.status.success())?;
+            // The mock DNS answers its management API once it is up.
+            Command::new("curl")
+                .args(["-sf", "--noproxy", "*", "-d", r#"{"host":"ready.test."}"#])
+                .arg(format!("http://127.0.0.1:{}/clear-a", ports.dns_management))
+                .output()
+                .ok()
+                .filter(|o| o.status.success())?;
+            Some(root.stdout)
+        })
+        .and_then(|root| Ok(std::fs::write(&ca_root, root)?))
+        .map_err(|e| anyhow!("{e:#}\nPebble's log:\n{}", pebble.log_tail(20)))?;
+
+        Ok(CertificateAuthority {
+            ca_root,
+            listener_ca,
+            pebble,
+            _challtestsrv: challtestsrv,
+        })
+    }
+}
+
+/// Pebble's environment: no validation sleep and no nonce rejected on purpose (Pebble's
+/// default is 5%: a third badNonce in a row fails an attempt, whose retry a minute later
+/// outlasts a test's wait), then `extra` (which may turn the sleep back on).
+fn pebble_env_with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![("PEBBLE_WFE_NONCEREJECT", "0")];
+    if !extra.iter().any(|(name, _)| name.starts_with("PEBBLE_VA_")) {
+        env.push(("PEBBLE_VA_NOSLEEP", "1"));
+    }
+    env.extend_from_slice(extra);
+    env
 }
 
 /// Polls `check` every 50 ms until it gives a value or `limit` passes.
@@ -1020,11 +1121,12 @@ fn write_pebble_listener_certificate(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(ca)
 }
 
-fn sidecar_toml(
+pub(crate) fn sidecar_toml(
     ports: &Ports,
     data_dir: &Path,
     listener_ca: &Path,
     trusted_proxies: &[String],
+    platform_addresses: &[&str],
 ) -> anyhow::Result<String> {
     Ok(format!(
         r#"# autohttps sidecar configuration for a local stack (written by autohttps_tests::stack).
@@ -1045,7 +1147,7 @@ extra_root_ca = "{listener_ca}"
 debounce_ms = 100
 
 [platform]
-addresses = ["127.0.0.1"]
+addresses = {platform_addresses}
 
 [dns]
 nameservers = ["127.0.0.1:{dns}"]
@@ -1067,5 +1169,6 @@ trusted_proxies = {trusted_proxies}
         http = ports.http,
         https = ports.https,
         trusted_proxies = serde_json::to_string(trusted_proxies)?,
+        platform_addresses = serde_json::to_string(platform_addresses)?,
     ))
 }

@@ -93,7 +93,8 @@ fn template(bin: &Path) -> anyhow::Result<PathBuf> {
         .and_then(|v| v.to_str())
         .unwrap_or("unknown")
         .to_owned();
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    // Cargo's target temp dir for tests; the system temp dir for a binary (the fleet bench).
+    let root = option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let ready = root.join(format!("postgres-{version}-template"));
     if !ready.join("data/PG_VERSION").exists() {
         // Built aside and renamed into place: parallel test binaries never see half of one.
