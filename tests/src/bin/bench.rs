@@ -16,7 +16,9 @@
 //! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter),
 //! `BENCH_ONLY=issuance` (part 4 only: its rows and section of the existing results file are
 //! replaced, the rest kept), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
-//! 100) and `BENCH_STORE_CERTIFICATES` (default 10000).
+//! 100) and `BENCH_STORE_CERTIFICATES` (default 10000). Part 6, the fleet
+//! (`autohttps_tests::fleet_bench`, its own knobs there): `BENCH_ONLY=fleet` runs it alone,
+//! `BENCH_FLEET=0` skips it; its rows and section are written into the results file.
 //!
 //! Part 4 runs the whole stack of `tests/src/stack.rs` (Pebble, its mock DNS, the release
 //! sidecar, Envoy with the filter) after the wrk rounds, so it never loads the machine during
@@ -50,6 +52,9 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     if std::env::var("BENCH_ONLY").as_deref() == Ok("issuance") {
         return issuance_only(&settings, &issuance_settings);
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("fleet") {
+        return fleet_only(&settings);
     }
     let machine = Machine::describe();
     eprintln!("==> bench: {}", machine.summary());
@@ -154,6 +159,43 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&results.settings.out, &markdown)
             .with_context(|| format!("writing {}", results.settings.out.display()))?;
         eprintln!("==> written to {}", results.settings.out.display());
+    }
+    if std::env::var("BENCH_FLEET").as_deref() != Ok("0") {
+        fleet_only(&results.settings)?;
+    }
+    Ok(())
+}
+
+/// Part 6, the fleet (`autohttps_tests::fleet_bench`): printed, and its rows and section
+/// written into the results file. `BENCH_ONLY=fleet` runs it alone, `BENCH_FLEET=0` skips it.
+fn fleet_only(settings: &Settings) -> anyhow::Result<()> {
+    eprintln!("==> part 6, the fleet: {}", Machine::describe().summary());
+    let mut bench = autohttps_tests::fleet_bench::run()?;
+    bench.note = format!(
+        "on {}, commit `{}`, {}; load average {} at the end",
+        command_text("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        command_text(
+            "git",
+            &[
+                "-C",
+                &repo_root().to_string_lossy(),
+                "describe",
+                "--always",
+                "--dirty"
+            ],
+        ),
+        bench.note,
+        load_average()
+    );
+    println!("{}\n{}", bench.rows(), bench.section());
+    if settings.out != Path::new("-") {
+        let existing = std::fs::read_to_string(&settings.out).unwrap_or_default();
+        std::fs::write(
+            &settings.out,
+            autohttps_tests::fleet_bench::patch_results(&existing, &bench),
+        )
+        .with_context(|| format!("writing {}", settings.out.display()))?;
+        eprintln!("==> part 6 written into {}", settings.out.display());
     }
     Ok(())
 }
