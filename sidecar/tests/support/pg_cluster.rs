@@ -81,6 +81,18 @@ fn give_to_postgres(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where templates and clusters live: Cargo's target temp dir; a library or binary (the fleet
+/// harness, the bench) has none at build time and uses the workspace's `target/tmp`. Not the
+/// system temp dir, which the `postgres` user may not be allowed to enter.
+fn scratch_root() -> anyhow::Result<PathBuf> {
+    let root = PathBuf::from(option_env!("CARGO_TARGET_TMPDIR").unwrap_or(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/tmp"
+    )));
+    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+    Ok(root)
+}
+
 /// The template data directory, made by `initdb` the first time on this machine.
 fn template(bin: &Path) -> anyhow::Result<PathBuf> {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
@@ -93,8 +105,7 @@ fn template(bin: &Path) -> anyhow::Result<PathBuf> {
         .and_then(|v| v.to_str())
         .unwrap_or("unknown")
         .to_owned();
-    // Cargo's target temp dir for tests; the system temp dir for a binary (the fleet bench).
-    let root = option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let root = scratch_root()?;
     let ready = root.join(format!("postgres-{version}-template"));
     if !ready.join("data/PG_VERSION").exists() {
         // Built aside and renamed into place: parallel test binaries never see half of one.
@@ -141,7 +152,7 @@ impl PgCluster {
         let template = template(&bin)?;
         let dir = tempfile::Builder::new()
             .prefix("autohttps-pg-")
-            .tempdir()
+            .tempdir_in(scratch_root()?)
             .context("create the cluster's directory")?;
         let mut copy = Command::new("cp");
         copy.arg("-a").arg(&template).arg(dir.path().join("data"));
