@@ -85,10 +85,10 @@ fn give_to_postgres(path: &Path) -> anyhow::Result<()> {
 /// harness, the bench) has none at build time and uses the workspace's `target/tmp`. Not the
 /// system temp dir, which the `postgres` user may not be allowed to enter.
 fn scratch_root() -> anyhow::Result<PathBuf> {
-    let root = PathBuf::from(option_env!("CARGO_TARGET_TMPDIR").unwrap_or(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/tmp"
-    )));
+    let root = PathBuf::from(
+        option_env!("CARGO_TARGET_TMPDIR")
+            .unwrap_or(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tmp")),
+    );
     std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
     Ok(root)
 }
