@@ -16,7 +16,9 @@
 //! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter),
 //! `BENCH_ONLY=issuance` (part 4 only: its rows and section of the existing results file are
 //! replaced, the rest kept), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
-//! 100) and `BENCH_STORE_CERTIFICATES` (default 10000).
+//! 100) and `BENCH_STORE_CERTIFICATES` (default 10000). Part 6, the fleet (module `fleet`,
+//! its own knobs there): `BENCH_ONLY=fleet` runs it alone, `BENCH_FLEET=0` skips it; its rows
+//! and section are written into the results file.
 //!
 //! Part 4 runs the test kit's whole stack (Pebble, its mock DNS, the release sidecar, Envoy
 //! with the filter) after the wrk rounds, so it never loads the machine during
@@ -26,7 +28,8 @@
 //! Modules, by job: `settings` (knobs and the machine), `artefacts` (the builds and policies
 //! measured), `vm` (the in-process VM probe), `servers` (Envoy, nginx, the policy feed),
 //! `wrk` (the load driver), `issuance` (part 4 on the whole stack), `memory` (the sidecar's
-//! resident memory on a seeded store), `report` (the table and `RESULTS.md`). Processes, ports,
+//! resident memory on a seeded store), `fleet` (part 6: three edges on one PostgreSQL),
+//! `report` (the table and `RESULTS.md`). Processes, ports,
 //! templates and the stack come from the test kit (`autohttps_kit`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,6 +52,7 @@ use autohttps_kit::{free_port, repo_root, wait_until};
 use proxy_wasm_host::{FilterModule, Host, HostBuilder};
 
 mod artefacts;
+mod fleet;
 mod issuance;
 mod memory;
 mod report;
@@ -78,6 +82,9 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     if std::env::var("BENCH_ONLY").as_deref() == Ok("issuance") {
         return issuance_only(&settings, &issuance_settings);
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("fleet") {
+        return fleet_only(&settings);
     }
     let machine = Machine::describe();
     eprintln!("==> bench: {}", machine.summary());
@@ -182,6 +189,40 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&results.settings.out, &markdown)
             .with_context(|| format!("writing {}", results.settings.out.display()))?;
         eprintln!("==> written to {}", results.settings.out.display());
+    }
+    if std::env::var("BENCH_FLEET").as_deref() != Ok("0") {
+        fleet_only(&results.settings)?;
+    }
+    Ok(())
+}
+
+/// Part 6, the fleet (module `fleet`): printed, and its rows and section written into the
+/// results file. `BENCH_ONLY=fleet` runs it alone, `BENCH_FLEET=0` skips it.
+fn fleet_only(settings: &Settings) -> anyhow::Result<()> {
+    eprintln!("==> part 6, the fleet: {}", Machine::describe().summary());
+    let mut bench = fleet::run()?;
+    bench.note = format!(
+        "on {}, commit `{}`, {}; load average {} at the end",
+        command_text("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        command_text(
+            "git",
+            &[
+                "-C",
+                &repo_root().to_string_lossy(),
+                "describe",
+                "--always",
+                "--dirty"
+            ],
+        ),
+        bench.note,
+        load_average()
+    );
+    println!("{}\n{}", bench.rows(), bench.section());
+    if settings.out != Path::new("-") {
+        let existing = std::fs::read_to_string(&settings.out).unwrap_or_default();
+        std::fs::write(&settings.out, fleet::patch_results(&existing, &bench))
+            .with_context(|| format!("writing {}", settings.out.display()))?;
+        eprintln!("==> part 6 written into {}", settings.out.display());
     }
     Ok(())
 }

@@ -104,6 +104,8 @@ pub(crate) fn sidecar_memory(binary: &Path, certificates: usize) -> anyhow::Resu
         nameservers: vec![([127, 0, 0, 1], unused).into()],
         sds_socket: None,
         edge: None,
+        orders_in_flight: None,
+        store: None,
     }
     .write(&config)?;
     let started = Instant::now();

@@ -1,6 +1,7 @@
 //! autohttps test kit: the one place that starts and stops the real parts every suite, the
 //! bench and `make run` use — loopback ports ([`ports`]), child processes under `timeout` that
-//! die with whoever started them ([`process`]), a throwaway PostgreSQL ([`pg`]) and the `${…}`
+//! die with whoever started them ([`process`]), a throwaway PostgreSQL ([`pg`]), a whole stack
+//! ([`stack`]) or fleet of edges on one PostgreSQL ([`fleet`]), and the `${…}`
 //! template renderer the Makefile, the docs and the harnesses share ([`render`]).
 //!
 //! It drives the sidecar as a process and does not link it, so the sidecar's own tests can use
@@ -9,6 +10,7 @@
 
 pub mod admin;
 pub mod envoy;
+pub mod fleet;
 pub mod http;
 pub mod pebble;
 pub mod pg;

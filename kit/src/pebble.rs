@@ -243,6 +243,16 @@ impl Pebble {
         self.pebble.log()
     }
 
+    /// The last `lines` of Pebble's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.pebble.log_tail(lines)
+    }
+
+    /// CPU seconds Pebble has used so far (see [`Process::cpu_seconds`]).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.pebble.cpu_seconds()
+    }
+
     /// Orders Pebble created so far (its "Added order" log lines): what the CA saw, including
     /// any order the sidecar never recorded.
     pub fn orders_created(&self) -> usize {

@@ -178,6 +178,18 @@ impl Process {
         Ok(())
     }
 
+    /// CPU seconds (user + system) the program itself has used so far, from
+    /// `/proc/<pid>/stat`; `None` once it has exited.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.program_pid()?)).ok()?;
+        // The fields after the command name (which may hold spaces and parentheses).
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line (11 and 12 after the name).
+        let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        // Linux reports them in USER_HZ, 100 per second on every architecture it supports.
+        Some(ticks / 100.0)
+    }
+
     /// SIGKILL to the program itself (not to `timeout`), then reap: no chance to clean up.
     pub fn kill_hard(&mut self) {
         if self.exited() {

@@ -48,6 +48,19 @@ pub struct SidecarConfig {
     pub sds_socket: Option<PathBuf>,
     /// `edge` (default: the sidecar's).
     pub edge: Option<EdgeSettings>,
+    /// `acme.orders_in_flight` (default: the sidecar's).
+    pub orders_in_flight: Option<usize>,
+    /// `[store]`: the shared store of a fleet (default: SQLite in `data_dir`).
+    pub store: Option<StoreSettings>,
+}
+
+/// The `[store]` section of a fleet node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// `store.url`: `postgres://…`.
+    pub url: String,
+    /// `store.node_id`: this node's name in leases and events.
+    pub node_id: String,
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -78,6 +91,8 @@ impl SidecarConfig {
             nameservers: vec![pebble.dns],
             sds_socket: None,
             edge: None,
+            orders_in_flight: None,
+            store: None,
         }
     }
 
@@ -120,6 +135,12 @@ impl SidecarConfig {
         if let Some(ca) = &self.extra_root_ca {
             acme.push(("extra_root_ca", text(&ca.display())));
         }
+        if let Some(orders) = self.orders_in_flight {
+            acme.push((
+                "orders_in_flight",
+                Value::Integer(i64::try_from(orders).unwrap_or(i64::MAX)),
+            ));
+        }
         doc.insert("acme".into(), table(acme));
         doc.insert(
             "platform".into(),
@@ -142,6 +163,15 @@ impl SidecarConfig {
                     ("http_port", Value::Integer(edge.http_port.into())),
                     ("https_port", Value::Integer(edge.https_port.into())),
                     ("trusted_proxies", strings(&edge.trusted_proxies)),
+                ]),
+            );
+        }
+        if let Some(store) = &self.store {
+            doc.insert(
+                "store".into(),
+                table(vec![
+                    ("url", text(&store.url)),
+                    ("node_id", text(&store.node_id)),
                 ]),
             );
         }

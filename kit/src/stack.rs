@@ -438,26 +438,7 @@ impl Stack {
             "starting Envoy (HTTP 127.0.0.1:{}, HTTPS 127.0.0.1:{}, admin 127.0.0.1:{}) with the autohttps filter",
             ports.http, ports.https, ports.envoy_admin
         ));
-        let values = HashMap::from([
-            ("LISTEN_ADDRESS", "127.0.0.1".to_string()),
-            ("HTTP_PORT", ports.http.to_string()),
-            ("HTTPS_PORT", ports.https.to_string()),
-            ("ADMIN_PORT", ports.envoy_admin.to_string()),
-            (
-                "SDS_SOCKET",
-                data_dir.join("sds.sock").display().to_string(),
-            ),
-            ("SIDECAR_HTTP_ADDRESS", "127.0.0.1".to_string()),
-            ("SIDECAR_HTTP_PORT", ports.sidecar_internal.to_string()),
-            ("BACKEND_ADDRESS", "127.0.0.1".to_string()),
-            ("BACKEND_PORT", ports.backend.to_string()),
-            ("WASM", envoy::filter_wasm()?.display().to_string()),
-            (
-                "TRUSTED_PROXY_RANGES",
-                trusted_proxy_ranges(&trusted_proxies)?,
-            ),
-        ]);
-        let yaml = render_file("edge.yaml", &values)?;
+        let yaml = edge_yaml("127.0.0.1", &ports, &data_dir, &trusted_proxies)?;
         // Envoy's configuration and log sit beside the other parts' (envoy.yaml, envoy.log).
         stack.envoy = Some(Envoy::start_in(
             &yaml,
@@ -478,41 +459,12 @@ impl Stack {
                 self.dir.join("data").display()
             );
         }
-        let binary = sidecar_binary()?;
-        let config = self.sidecar_config.display().to_string();
-        let log_name = format!(
-            "sidecar-{}.log",
-            std::fs::read_dir(&self.dir)
-                .map(|d| d.count())
-                .unwrap_or_default()
-        );
-        let log = self.dir.join(log_name);
-        let mut process = Process::spawn(
-            "autohttps",
-            &binary,
-            &["--config", &config, "serve"],
-            &[("RUST_LOG", "info")],
-            log.clone(),
+        let process = spawn_sidecar(
+            &self.sidecar_config,
+            &self.dir,
+            self.ports.sidecar_admin,
             self.lifetime,
         )?;
-        let admin = self.ports.sidecar_admin;
-        // The ports were picked free and released: something else may listen on one by now
-        // (another test's Pebble answered the CLI once). Only the sidecar's own word that it
-        // bound its listeners counts, not a connection to the port.
-        let ready = wait_until("the sidecar", Duration::from_secs(20), || {
-            if process.exited() {
-                return None;
-            }
-            let serving = std::fs::read_to_string(&log)
-                .is_ok_and(|text| text.contains("autohttps sidecar serving"));
-            if !serving {
-                return None;
-            }
-            TcpStream::connect(("127.0.0.1", admin)).ok()
-        });
-        if let Err(e) = ready {
-            bail!("{e:#}\nthe sidecar's log:\n{}", process.log_tail(30));
-        }
         self.sidecar = Some(process);
         Ok(())
     }
@@ -610,16 +562,7 @@ impl Stack {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        let (status, text) = self
-            .admin_client()
-            .call_raw(method, path, body, Some(ADMIN_TOKEN))?;
-        let json = if text.trim().is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(&text)
-                .with_context(|| format!("admin API answered non-JSON: {text}"))?
-        };
-        Ok((status, json))
+        admin_call(self.ports.sidecar_admin, method, path, body)
     }
 
     /// A client of the sidecar's admin API with the stack's token.
@@ -724,6 +667,102 @@ impl Stack {
             .collect();
         Ok(PresentedCertificate { serial, names })
     }
+}
+
+/// Envoy's configuration for an edge (`envoy/edge.yaml` rendered): public listeners on
+/// `address` at `ports.http`/`ports.https`, admin on 127.0.0.1:`ports.envoy_admin`, SDS from
+/// the sidecar's socket in `data_dir`, the policy feed and challenges from the sidecar's
+/// internal listener, the demo backend upstream, and `trusted_proxies` as Envoy ranges.
+pub fn edge_yaml(
+    address: &str,
+    ports: &Ports,
+    data_dir: &Path,
+    trusted_proxies: &[String],
+) -> anyhow::Result<String> {
+    let values = HashMap::from([
+        ("LISTEN_ADDRESS", address.to_string()),
+        ("HTTP_PORT", ports.http.to_string()),
+        ("HTTPS_PORT", ports.https.to_string()),
+        ("ADMIN_PORT", ports.envoy_admin.to_string()),
+        (
+            "SDS_SOCKET",
+            data_dir.join("sds.sock").display().to_string(),
+        ),
+        ("SIDECAR_HTTP_ADDRESS", "127.0.0.1".to_string()),
+        ("SIDECAR_HTTP_PORT", ports.sidecar_internal.to_string()),
+        ("BACKEND_ADDRESS", "127.0.0.1".to_string()),
+        ("BACKEND_PORT", ports.backend.to_string()),
+        ("WASM", envoy::filter_wasm()?.display().to_string()),
+        (
+            "TRUSTED_PROXY_RANGES",
+            trusted_proxy_ranges(trusted_proxies)?,
+        ),
+    ]);
+    render_file("edge.yaml", &values)
+}
+
+/// Starts `autohttps --config <config> serve`, its log a new `sidecar-<n>.log` in `dir`, and
+/// waits until it says it serves and its admin API (127.0.0.1:`admin_port`) accepts.
+pub fn spawn_sidecar(
+    config: &Path,
+    dir: &Path,
+    admin_port: u16,
+    lifetime: Lifetime,
+) -> anyhow::Result<Process> {
+    let binary = sidecar_binary()?;
+    let config = config.display().to_string();
+    let log_name = format!(
+        "sidecar-{}.log",
+        std::fs::read_dir(dir)
+            .map(|d| d.count())
+            .unwrap_or_default()
+    );
+    let log = dir.join(log_name);
+    let mut process = Process::spawn(
+        "autohttps",
+        &binary,
+        &["--config", &config, "serve"],
+        &[("RUST_LOG", "info")],
+        log.clone(),
+        lifetime,
+    )?;
+    // The ports were picked free and released: something else may listen on one by now
+    // (another test's Pebble answered the CLI once). Only the sidecar's own word that it
+    // bound its listeners counts, not a connection to the port.
+    let ready = wait_until("the sidecar", Duration::from_secs(20), || {
+        if process.exited() {
+            return None;
+        }
+        let serving = std::fs::read_to_string(&log)
+            .is_ok_and(|text| text.contains("autohttps sidecar serving"));
+        if !serving {
+            return None;
+        }
+        TcpStream::connect(("127.0.0.1", admin_port)).ok()
+    });
+    if let Err(e) = ready {
+        bail!("{e:#}\nthe sidecar's log:\n{}", process.log_tail(30));
+    }
+    Ok(process)
+}
+
+/// Calls the admin API on 127.0.0.1:`admin_port` with the kit's token: (status, JSON body;
+/// `null` when empty). A body that is not JSON is an error naming it.
+pub fn admin_call(
+    admin_port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let (status, text) = AdminClient::new(&format!("http://127.0.0.1:{admin_port}"), ADMIN_TOKEN)
+        .call_raw(method, path, body, Some(ADMIN_TOKEN))?;
+    let json = if text.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text)
+            .with_context(|| format!("admin API answered non-JSON: {text}"))?
+    };
+    Ok((status, json))
 }
 
 /// What a handshake presented.

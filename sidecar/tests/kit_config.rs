@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use autohttps_kit::sidecar::{EdgeSettings, SidecarConfig};
+use autohttps_kit::sidecar::{EdgeSettings, SidecarConfig, StoreSettings};
 use autohttps_sidecar::config::Config;
 
 fn every_setting() -> SidecarConfig {
@@ -25,6 +25,11 @@ fn every_setting() -> SidecarConfig {
             http_port: 21005,
             https_port: 21006,
             trusted_proxies: vec!["10.0.0.0/8".into(), "::1".into()],
+        }),
+        orders_in_flight: Some(7),
+        store: Some(StoreSettings {
+            url: "postgres://autohttps@127.0.0.1:21007/fleet".into(),
+            node_id: "edge-2".into(),
         }),
     }
 }
@@ -63,6 +68,13 @@ fn the_kits_configuration_reads_back_through_the_sidecars_loader() {
     assert_eq!(config.edge.http_port, edge.http_port);
     assert_eq!(config.edge.https_port, edge.https_port);
     assert_eq!(config.edge.trusted_proxies, edge.trusted_proxies);
+    assert_eq!(Some(config.acme.orders_in_flight), kit.orders_in_flight);
+    let store = kit.store.expect("set");
+    assert_eq!(config.store.url.as_deref(), Some(store.url.as_str()));
+    assert_eq!(
+        config.store.node_id.as_deref(),
+        Some(store.node_id.as_str())
+    );
 }
 
 #[test]
@@ -72,6 +84,8 @@ fn the_kits_minimal_configuration_keeps_the_sidecars_defaults() {
         debounce_ms: None,
         sds_socket: None,
         edge: None,
+        orders_in_flight: None,
+        store: None,
         ..every_setting()
     };
     let config = Config::from_toml(&kit.to_toml())
@@ -81,6 +95,8 @@ fn the_kits_minimal_configuration_keeps_the_sidecars_defaults() {
     assert_eq!(config.acme.debounce_ms, defaults.acme.debounce_ms);
     assert_eq!(config.acme.extra_root_ca, None);
     assert_eq!(config.edge, defaults.edge);
+    assert_eq!(config.acme.orders_in_flight, defaults.acme.orders_in_flight);
+    assert_eq!(config.store.url, defaults.store.url);
     let nameserver: SocketAddr = "127.0.0.1:21004".parse().expect("address");
     assert_eq!(config.dns.nameservers, vec![nameserver]);
 }

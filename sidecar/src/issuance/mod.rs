@@ -29,12 +29,14 @@ use crate::store::{AttemptLease, NewCertificate, Site, SiteEventKind, Store, Sto
 
 /// A site being worked on is leased for this long at a time, and the lease is renewed every
 /// [`LEASE_RENEW_EVERY`] while the attempt works: a node that dies mid-attempt (under any node
-/// id) holds the site for at most this long, a live one never loses it.
-const ATTEMPT_LEASE: Duration = Duration::from_secs(120);
+/// id) holds the site for at most this long, after which another node of the fleet resumes its
+/// order; a live node never loses it. Short, because a dead node's sites wait this long; not
+/// shorter, so that a database away for 20 s does not let the lease run out under a live node.
+const ATTEMPT_LEASE: Duration = Duration::from_secs(30);
 
-/// How often a working attempt renews its lease (a quarter of it: three renewals may fail, e.g.
+/// How often a working attempt renews its lease (a third of it: two renewals may fail, e.g.
 /// while the database is briefly away, before the lease runs out).
-const LEASE_RENEW_EVERY: Duration = Duration::from_secs(30);
+const LEASE_RENEW_EVERY: Duration = Duration::from_secs(10);
 
 /// Renewal is never scheduled sooner than this after an attempt, so a certificate that is
 /// already inside its renewal window when it arrives (clock skew, a CA issuing very short
@@ -55,7 +57,10 @@ pub struct Issuer {
     acme: OnceCell<Arc<dyn CertificateAuthority>>,
     wake: Notify,
     working: Mutex<HashSet<String>>,
-    orders: Semaphore,
+    /// One permit per attempt (`acme.orders_in_flight`): an attempt orders its chunks one after
+    /// the other, so this bounds the orders in flight, and a site is leased only once a permit
+    /// is free, which leaves the other sites due to the other nodes of a fleet.
+    orders: Arc<Semaphore>,
     acme_requests: AcmeRequestMetrics,
     hooks: Hooks,
 }
@@ -95,7 +100,7 @@ impl Issuer {
         responder: ChallengeResponder,
         hooks: Hooks,
     ) -> Arc<Self> {
-        let orders = Semaphore::new(config.orders_in_flight);
+        let orders = Arc::new(Semaphore::new(config.orders_in_flight));
         Arc::new(Self {
             store,
             clock,
@@ -228,8 +233,14 @@ impl Issuer {
         Ok(())
     }
 
-    /// Starts an attempt (on its own task) for every due site not already being worked on.
+    /// Starts an attempt (on its own task) for due sites not already being worked on, as many
+    /// as there are free order permits. Taking the lease only with a permit in hand matters in
+    /// a fleet: a node that leased every due site at once and then queued on its permits would
+    /// hold sites the other nodes could be issuing.
     pub fn start_due_attempts(self: &Arc<Self>) {
+        if self.orders.available_permits() == 0 {
+            return;
+        }
         let due = match self.store.due_sites(self.clock.now()) {
             Ok(due) => due,
             Err(error) => {
@@ -238,11 +249,15 @@ impl Issuer {
             }
         };
         for site in due {
+            let Ok(permit) = Arc::clone(&self.orders).try_acquire_owned() else {
+                break;
+            };
             if !self.lock_working().insert(site.clone()) {
                 continue;
             }
             let issuer = Arc::clone(self);
             tokio::spawn(async move {
+                let _permit = permit;
                 if let Err(error) = issuer.attempt(&site).await {
                     tracing::error!(%site, %error, "attempt failed before it could be recorded");
                 }
@@ -516,11 +531,6 @@ impl Issuer {
     }
 
     async fn order_chunk(&self, site: &str, names: &[Hostname]) -> Result<i64> {
-        let _permit = self
-            .orders
-            .acquire()
-            .await
-            .map_err(|_| Error::InvalidInput("the issuer is shutting down".into()))?;
         let acme = self.acme().await?;
         let row = acme
             .create_order(self.store.as_ref(), site, names, self.clock.now())

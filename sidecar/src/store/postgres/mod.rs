@@ -888,8 +888,7 @@ impl Store for PostgresStore {
     fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>> {
         let name = name.clone();
         self.connections.run(move |client| {
-            let wildcard = wildcard_name(name.as_str())
-                .unwrap_or_default();
+            let wildcard = wildcard_name(name.as_str()).unwrap_or_default();
             let columns = CERT_COLUMNS
                 .split(", ")
                 .map(|column| format!("c.{column}"))

@@ -648,8 +648,7 @@ impl Store for SqliteStore {
 
     fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>> {
         let conn = self.lock();
-        let wildcard = wildcard_name(name.as_str())
-            .unwrap_or_default();
+        let wildcard = wildcard_name(name.as_str()).unwrap_or_default();
         let row = conn
             .query_row(
                 &format!(
