@@ -3,6 +3,7 @@
 //! wasmtime harness and natively in tests.
 
 mod cidr;
+pub mod compact;
 mod compile;
 mod decide;
 mod explain;
@@ -13,6 +14,7 @@ mod url;
 mod version;
 
 pub use cidr::{Cidr, DIRECT_PEER_FILTER_STATE, parse_peer};
+pub use compact::SnapshotBuild;
 pub use compile::{DeltaReport, Policy, Problem, Site};
 pub use decide::{
     ACME_CHALLENGE_PREFIX, Decision, Outcome, Redirect, RequestFacts, ResponseHeaders,
@@ -20,6 +22,7 @@ pub use decide::{
 };
 pub use explain::{Explanation, HostMatch, SchemeSource};
 pub use host::{PolicyName, normalise_authority, parse_policy_name, validate_hostname};
+pub(crate) use schema::DeltaEntries;
 pub use schema::{
     DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig, PolicyDelta,
     PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteSpec,
