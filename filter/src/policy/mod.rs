@@ -22,6 +22,7 @@ pub use decide::{
 };
 pub use explain::{Explanation, HostMatch, SchemeSource};
 pub use host::{PolicyName, normalise_authority, parse_policy_name, validate_hostname};
+#[cfg(feature = "plugin")]
 pub(crate) use schema::DeltaEntries;
 pub use schema::{
     DEFAULT_REPORT_URI, FeedConfig, HstsSpec, HttpsMode, MixedContent, PluginConfig, PolicyDelta,

@@ -14,6 +14,7 @@
 //! `BENCH_SIZES` (default `10,1000,10000,100000`), `BENCH_OUT` (default
 //! `tests/bench/RESULTS.md`; `-` prints only), `BENCH_WASM_DIR` (default the `make build`
 //! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter),
+//! `BENCH_ONLY=policy` (the policy feed at scale, see `bench/policy.rs`),
 //! `BENCH_ONLY=issuance` (part 4 only: its rows and section of the existing results file are
 //! replaced, the rest kept), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
 //! 100) and `BENCH_STORE_CERTIFICATES` (default 10000).
@@ -44,8 +45,14 @@ const WRK_CONNECTIONS: &str = "32";
 /// Names per benchmark site: the primary, `www.` and an alias.
 const NAMES_PER_SITE: usize = 3;
 
+#[path = "bench/policy.rs"]
+mod bench_policy;
+
 fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("policy") {
+        return bench_policy::run(&settings);
+    }
     let issuance_settings = IssuanceSettings::from_env()?;
     let started = Instant::now();
     if std::env::var("BENCH_ONLY").as_deref() == Ok("issuance") {
