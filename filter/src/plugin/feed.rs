@@ -41,8 +41,11 @@ const SLICE_BUDGET_MS: u64 = 1;
 const SLICE_CHUNK: u32 = 128;
 const SLICE_MAX_SITES: u32 = 4096;
 
-/// The tick period while a snapshot is being built, in milliseconds.
+/// The tick period while a snapshot is being built or a replaced one freed, in milliseconds.
 const SLICE_TICK_MS: u64 = 1;
+
+/// Sites of a replaced policy freed per tick.
+const RELEASE_SITES: usize = 2048;
 
 /// `Accept` of a feed request: the compact snapshot, else JSON.
 const ACCEPT: &str = "application/vnd.autohttps.policy-snapshot, application/json;q=0.5";
@@ -61,6 +64,8 @@ pub(crate) struct Feed {
     last_failure: Option<String>,
     /// A compact snapshot being built, slice by slice, with the slices taken so far.
     building: Option<(SnapshotBuild, u32)>,
+    /// The policy a snapshot replaced, freed [`RELEASE_SITES`] sites per tick.
+    retiring: Option<Policy>,
 }
 
 /// What to do once an answer is handled.
@@ -115,6 +120,7 @@ impl Feed {
             started: None,
             last_failure: None,
             building: None,
+            retiring: None,
         })
     }
 
@@ -351,36 +357,52 @@ impl Feed {
         match self.build_slice(policy, metrics) {
             Some(next) => next,
             None => {
-                if let Err(status) = hostcalls::set_tick_period(millis(SLICE_TICK_MS)) {
-                    log(
-                        LogLevel::Warn,
-                        &format!(
-                            "could not shorten the tick to build the policy in slices: {status:?}"
-                        ),
-                    );
-                }
+                self.slice_ticks(true);
                 Next::Building
             }
         }
     }
 
-    /// The timer: builds the next slice of a snapshot, or polls.
+    /// The timer: builds the next slice of a snapshot and frees a slice of a replaced policy,
+    /// or polls.
     pub(crate) fn on_tick(&mut self, policy: &SharedPolicy, metrics: &Metrics) {
-        if self.building.is_none() {
+        if self.building.is_none() && self.retiring.is_none() {
             self.poll(metrics);
             return;
         }
-        let Some(next) = self.build_slice(policy, metrics) else {
-            return;
+        if let Some(old) = &mut self.retiring
+            && old.release(RELEASE_SITES)
+        {
+            self.retiring = None;
+        }
+        let next = if self.building.is_some() {
+            match self.build_slice(policy, metrics) {
+                Some(next) => Some(next),
+                None => return,
+            }
+        } else {
+            None
         };
-        if let Err(status) = hostcalls::set_tick_period(self.interval()) {
+        if self.building.is_none() && self.retiring.is_none() {
+            self.slice_ticks(false);
+        }
+        if next == Some(Next::Changed) && self.config.wait_ms > 0 {
+            self.poll(metrics);
+        }
+    }
+
+    /// Ticks every [`SLICE_TICK_MS`] while there is slice work, else every `interval_ms`.
+    fn slice_ticks(&self, on: bool) {
+        let period = if on {
+            millis(SLICE_TICK_MS)
+        } else {
+            self.interval()
+        };
+        if let Err(status) = hostcalls::set_tick_period(period) {
             log(
                 LogLevel::Warn,
-                &format!("could not restore the feed's tick period: {status:?}"),
+                &format!("could not set the feed's tick period: {status:?}"),
             );
-        }
-        if next == Next::Changed && self.config.wait_ms > 0 {
-            self.poll(metrics);
         }
     }
 
@@ -452,8 +474,13 @@ impl Feed {
             self.last_seen = Some(format!("\"{}\"", new_policy.version()));
         }
         metrics.snapshot_applied(&new_policy);
-        // The old policy is dropped before anything else allocates, so its memory is reused.
-        *policy.borrow_mut() = new_policy;
+        // The old policy is freed a slice per tick (before the feed allocates much again, so
+        // its memory is reused).
+        let old = std::mem::replace(&mut *policy.borrow_mut(), new_policy);
+        if old.site_count() > RELEASE_SITES {
+            self.retiring = Some(old);
+            self.slice_ticks(true);
+        }
         Next::Changed
     }
 

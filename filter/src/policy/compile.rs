@@ -299,6 +299,18 @@ impl Policy {
         compiler.finish(document.schema, &document.version, &document.settings)
     }
 
+    /// Frees up to `n` of the sites of a policy no longer served (a replaced policy is let go
+    /// a slice at a time, so freeing it does not stall the worker either); `true` once none
+    /// are left.
+    pub fn release(&mut self, n: usize) -> bool {
+        for _ in 0..n {
+            if self.sites.pop().is_none() {
+                break;
+            }
+        }
+        self.sites.is_empty()
+    }
+
     /// The policy's version string.
     pub fn version(&self) -> &str {
         &self.version
