@@ -14,6 +14,7 @@
 //! `BENCH_SIZES` (default `10,1000,10000,100000`), `BENCH_OUT` (default
 //! `tests/bench/RESULTS.md`; `-` prints only), `BENCH_WASM_DIR` (default the `make build`
 //! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter),
+//! `BENCH_ONLY=policy` (the policy feed at scale, module `policy`),
 //! `BENCH_ONLY=issuance` (part 4 only: its rows and section of the existing results file are
 //! replaced, the rest kept), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
 //! 100) and `BENCH_STORE_CERTIFICATES` (default 10000). Part 6, the fleet (module `fleet`,
@@ -28,7 +29,8 @@
 //! Modules, by job: `settings` (knobs and the machine), `artefacts` (the builds and policies
 //! measured), `vm` (the in-process VM probe), `servers` (Envoy, nginx, the policy feed),
 //! `wrk` (the load driver), `issuance` (part 4 on the whole stack), `memory` (the sidecar's
-//! resident memory on a seeded store), `fleet` (part 6: three edges on one PostgreSQL),
+//! resident memory on a seeded store), `fleet` (part 6: three edges on one PostgreSQL), `policy` (the policy feed at 100,000 sites:
+//! snapshot and delta per VM, the stall during a snapshot),
 //! `report` (the table and `RESULTS.md`). Processes, ports,
 //! templates and the stack come from the test kit (`autohttps_kit`).
 
@@ -55,6 +57,7 @@ mod artefacts;
 mod fleet;
 mod issuance;
 mod memory;
+mod policy;
 mod report;
 mod servers;
 mod settings;
@@ -85,6 +88,9 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("fleet") {
         return fleet_only(&settings);
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("policy") {
+        return policy::run(&settings);
     }
     let machine = Machine::describe();
     eprintln!("==> bench: {}", machine.summary());

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use autohttps_filter::policy::{
-    HstsSpec, Policy, PolicyDocument, SCHEMA_VERSION, Settings, SiteSpec, content_hash,
+    HstsSpec, Policy, PolicyDocument, SCHEMA_VERSION, Settings, SiteSpec, compact, content_hash,
 };
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -416,6 +416,8 @@ pub struct PolicyFeed {
     sites_changed: watch::Receiver<u64>,
     certificates_changed: watch::Receiver<u64>,
     state: Arc<Mutex<FeedState>>,
+    /// The compact snapshot of one version, encoded on first request.
+    compact: Arc<Mutex<Option<(String, Bytes)>>>,
 }
 
 impl std::fmt::Debug for PolicyFeed {
@@ -446,6 +448,7 @@ impl PolicyFeed {
             sites_changed,
             certificates_changed,
             state: Arc::new(Mutex::new(FeedState::default())),
+            compact: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -858,6 +861,39 @@ impl PolicyFeed {
         Bytes::from(body)
     }
 
+    /// The current policy as a compact snapshot (see `autohttps_filter::policy::compact`), with
+    /// its version: what the filter asks for, read a slice at a time with no JSON parser.
+    /// Encoded from the served entries once per version.
+    pub fn compact_snapshot(&self) -> Result<(String, Bytes)> {
+        let state = self.lock();
+        let version = self.version_text(state.version);
+        let mut cached = self.compact.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, body)) = &*cached
+            && *v == version
+        {
+            return Ok((version, body.clone()));
+        }
+        *cached = None;
+        let settings = Settings {
+            trusted_proxies: self.settings.trusted_proxies.clone(),
+            http_port: self.settings.http_port,
+            https_port: self.settings.https_port,
+        };
+        let json_bytes: usize = state.entries.values().map(|e| e.json.len()).sum();
+        let mut encoder = compact::SnapshotEncoder::new(&version, &settings, json_bytes / 2)
+            .map_err(|e| Error::Internal(format!("encoding the compact snapshot: {e}")))?;
+        for entry in state.entries.values() {
+            let site: SiteSpec = serde_json::from_slice(&entry.json)
+                .map_err(|e| Error::Internal(format!("reading a site entry: {e}")))?;
+            encoder
+                .push(&site)
+                .map_err(|e| Error::Internal(format!("encoding the compact snapshot: {e}")))?;
+        }
+        let body = Bytes::from(encoder.finish());
+        *cached = Some((version.clone(), body.clone()));
+        Ok((version, body))
+    }
+
     /// The current version.
     pub fn version(&self) -> Result<String> {
         self.refresh()?;
@@ -946,6 +982,26 @@ fn delta_body(from: &str, version: &str, upsert: &[&[u8]], remove: &[&str]) -> R
     Ok(Bytes::from(body))
 }
 
+/// Whether the request's `Accept` names the compact snapshot (with a quality above 0).
+fn accepts_compact(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            parts
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case(compact::CONTENT_TYPE))
+                && !parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .and_then(|q| q.parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                })
+        })
+}
+
 /// The quoted ETag of a version.
 fn etag_of(version: &str) -> Result<HeaderValue> {
     HeaderValue::from_str(&format!("\"{version}\""))
@@ -978,6 +1034,7 @@ async fn serve_policy(
         }
     };
     let since = query.get("since").cloned();
+    let compact = accepts_compact(&headers);
     let if_none_match = {
         let tags: Vec<&str> = headers
             .get_all(header::IF_NONE_MATCH)
@@ -995,11 +1052,18 @@ async fn serve_policy(
         certificates_changed.borrow_and_update();
         let asking = feed.clone();
         let (since, if_none_match) = (since.clone(), if_none_match.clone());
-        let answer = tokio::task::spawn_blocking(move || {
-            asking.answer(since.as_deref(), if_none_match.as_deref())
+        let answer = tokio::task::spawn_blocking(move || -> Result<(FeedAnswer, bool)> {
+            let answer = asking.answer(since.as_deref(), if_none_match.as_deref())?;
+            if compact && matches!(answer, FeedAnswer::Snapshot { .. }) {
+                match asking.compact_snapshot() {
+                    Ok((version, body)) => return Ok((FeedAnswer::Snapshot { version, body }, true)),
+                    Err(error) => tracing::warn!(%error, "the compact snapshot could not be made; sending JSON"),
+                }
+            }
+            Ok((answer, false))
         })
         .await;
-        let answer = match answer {
+        let (answer, compact_body) = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(error)) => {
                 return error_answer(
@@ -1056,7 +1120,11 @@ async fn serve_policy(
             response_headers.insert(POLICY_KIND_HEADER, HeaderValue::from_static(kind));
             response_headers.insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
+                HeaderValue::from_static(if compact_body {
+                    compact::CONTENT_TYPE
+                } else {
+                    "application/json"
+                }),
             );
         }
         return response;

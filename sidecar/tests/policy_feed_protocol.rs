@@ -483,3 +483,76 @@ async fn a_site_that_fails_validation_keeps_its_previous_entry_and_the_others_fl
     assert_eq!(served.feed.rejected_site("beta"), None);
     assert_eq!(served.feed.rejected_sites().len(), 1);
 }
+
+/// A client that accepts the compact snapshot gets it (its content type, the version as ETag)
+/// and it compiles to exactly the JSON snapshot's policy; a client that does not (or refuses
+/// it with q=0) gets JSON; deltas stay JSON either way.
+#[tokio::test]
+async fn a_client_accepting_the_compact_snapshot_gets_the_same_policy_in_it() {
+    use autohttps_filter::policy::compact;
+    let served = Served::start(&["alpha", "beta", "gamma"]).await;
+    served.force("beta");
+    let compact_get = |accept: &'static str, query: &str| {
+        let request = served
+            .http
+            .get(format!("{}{query}", served.url))
+            .header(reqwest::header::ACCEPT, accept);
+        async move {
+            let response = request.send().await.expect("answered");
+            let content_type = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let etag = response
+                .headers()
+                .get(ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = response.bytes().await.expect("a body").to_vec();
+            (content_type, etag, body)
+        }
+    };
+    let json = served.get("", None).await.snapshot();
+    let (content_type, etag, body) = compact_get(
+        "application/vnd.autohttps.policy-snapshot, application/json;q=0.5",
+        "",
+    )
+    .await;
+    assert_eq!(content_type.as_deref(), Some(compact::CONTENT_TYPE));
+    assert_eq!(etag, Some(format!("\"{}\"", json.version)));
+    let from_compact = Policy::from_compact(body.clone()).expect("the compact snapshot validates");
+    let from_json = Policy::compile(&json).expect("valid");
+    assert_eq!(from_compact.version(), json.version);
+    assert_eq!(from_compact.site_count(), 3);
+    for host in ["alpha.test", "www.beta.test", "gamma.test", "delta.test"] {
+        let id = |p: &Policy| p.lookup(host).map(|(s, ready)| (p.site(s).cloned(), ready));
+        assert_eq!(id(&from_compact), id(&from_json), "{host}");
+    }
+    // The same bytes again for the same version (encoded once).
+    let (_, _, again) = compact_get(compact::CONTENT_TYPE, "").await;
+    assert_eq!(again, body);
+
+    let (content_type, _, _) = compact_get(
+        "application/vnd.autohttps.policy-snapshot;q=0, application/json",
+        "",
+    )
+    .await;
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    served.force("alpha");
+    let (content_type, _, body) = compact_get(compact::CONTENT_TYPE, "?since=x").await;
+    assert_eq!(
+        content_type.as_deref(),
+        Some(compact::CONTENT_TYPE),
+        "another epoch: snapshot"
+    );
+    assert_ne!(
+        Policy::from_compact(body).expect("valid").version(),
+        json.version
+    );
+    let delta_query = format!("?since={}&wait_ms=0", json.version);
+    let (content_type, _, body) = compact_get(compact::CONTENT_TYPE, &delta_query).await;
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let delta: PolicyDelta = serde_json::from_slice(&body).expect("a JSON delta");
+    assert_eq!(delta.upsert.len(), 1);
+}

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use autohttps_filter::policy::DIRECT_PEER_FILTER_STATE;
-use autohttps_filter::policy::{PolicyDocument, SiteSpec};
+use autohttps_filter::policy::{PolicyDocument, Settings, SiteSpec, compact};
 use autohttps_tests::conformance::{
     FEED_TIMEOUT_MS, FeedReply, FeedRequest, FeedStandIn, Observed, Request, ScenarioFile, Upstream,
 };
@@ -479,4 +479,201 @@ fn feed_protocol_in_wasmtime() {
         "{:?}",
         host.host_call_errors()
     );
+}
+
+/// A policy of `sites` sites `s<i>.compact.test`, each forcing HTTPS with its certificate ready.
+fn compact_sites(sites: usize) -> Vec<SiteSpec> {
+    (0..sites)
+        .map(|i| {
+            let name = format!("s{i}.compact.test");
+            serde_json::from_value(serde_json::json!({
+                "id": format!("s{i}"), "hostnames": [name], "https": "force", "cert_ready": [name]
+            }))
+            .expect("a site")
+        })
+        .collect()
+}
+
+fn compact_body(version: &str, sites: &[SiteSpec]) -> Vec<u8> {
+    compact::encode_snapshot(version, &Settings::default(), sites).expect("encodes")
+}
+
+const COMPACT_EPOCH: &str = "00000000000000c1";
+
+/// A VM holding one inline site (`old.compact.test`, forced) at version `<epoch>-1`, polling
+/// every 200 ms without long poll.
+fn compact_host(module: &FilterModule) -> Host {
+    let config = format!(
+        r#"{{"policy": {{"schema": 1, "version": "{COMPACT_EPOCH}-1", "sites": [{{"id": "old", "hostnames": ["old.compact.test"], "https": "force", "cert_ready": ["old.compact.test"]}}]}}, "feed": {{"cluster": "feed", "interval_ms": 200, "timeout_ms": 500}}}}"#
+    );
+    let host = host(module, &config);
+    assert!(host.configuration_accepted(), "{:?}", host.logs());
+    host
+}
+
+fn answer_compact(host: &mut Host, version: &str, body: &[u8]) {
+    host.advance_clock(Duration::from_millis(200))
+        .expect("tick");
+    let calls = host.pending_http_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let accept = calls[0].headers.get("accept").unwrap_or_default();
+    assert!(
+        accept.contains(compact::CONTENT_TYPE),
+        "the filter asks for the compact snapshot: {accept:?}"
+    );
+    let token = calls[0].token;
+    let etag = format!("\"{version}\"");
+    host.respond_to_http_call(
+        token,
+        &[
+            (":status", "200"),
+            ("etag", etag.as_str()),
+            ("autohttps-policy-kind", "snapshot"),
+            ("content-type", compact::CONTENT_TYPE),
+        ],
+        body,
+    )
+    .expect("respond");
+}
+
+/// A compact snapshot is built a slice per 1 ms tick; until the last slice the VM serves the
+/// policy it held, then swaps, restores its poll interval and names the new version.
+#[test]
+fn compact_snapshot_is_built_in_slices_in_wasmtime() {
+    let module = module();
+    let mut host = compact_host(&module);
+    let sites = compact_sites(10_000);
+    let version = format!("{COMPACT_EPOCH}-2");
+    answer_compact(&mut host, &version, &compact_body(&version, &sites));
+    assert_eq!(host.tick_period(), Some(Duration::from_millis(1)));
+    let mut ticks = 0;
+    while metric(&host, "policy_sites") != 10_000 {
+        // Until the swap, the old policy answers and the new one does not.
+        assert_eq!(status_of(&mut host, "old.compact.test"), 301);
+        assert_eq!(status_of(&mut host, "s9999.compact.test"), 200);
+        assert_eq!(metric(&host, "policy_sites"), 1);
+        assert!(
+            host.pending_http_calls().is_empty(),
+            "no poll while building"
+        );
+        host.advance_clock(Duration::from_millis(1)).expect("tick");
+        ticks += 1;
+        assert!(ticks < 100, "never swapped: {:?}", host.logs());
+    }
+    assert!(ticks >= 2, "10,000 sites took {ticks} ticks: not sliced");
+    assert_eq!(status_of(&mut host, "old.compact.test"), 200);
+    assert_eq!(status_of(&mut host, "s9999.compact.test"), 301);
+    assert_eq!(status_of(&mut host, "s0.compact.test"), 301);
+    assert_eq!(metric(&host, "policy_snapshots_applied_total"), 1);
+    assert_eq!(host.tick_period(), Some(Duration::from_millis(200)));
+    assert!(
+        host.logs().iter().any(|l| l.message.contains(&format!(
+            "policy \"{version}\" applied (10000 sites, built in"
+        ))),
+        "{:?}",
+        host.logs()
+    );
+    host.advance_clock(Duration::from_millis(200))
+        .expect("tick");
+    let calls = host.pending_http_calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        calls[0].headers.get("if-none-match"),
+        Some(format!("\"{version}\"").as_str())
+    );
+}
+
+/// Truncated, padded, miscounted, corrupted, invalid or older compact snapshots are refused
+/// and the last good policy kept, each time.
+#[test]
+fn bad_compact_snapshots_keep_the_last_good_policy_in_wasmtime() {
+    let module = module();
+    let mut host = compact_host(&module);
+    let sites = compact_sites(5_000);
+    let version = format!("{COMPACT_EPOCH}-2");
+    let good = compact_body(&version, &sites);
+    let mut invalid_sites = sites.clone();
+    invalid_sites[4_321].hostnames.push("not a host".into());
+    let mut padded = good.clone();
+    padded.extend_from_slice(b"\0\0");
+    let mut noise = good.clone();
+    for i in (20..noise.len()).step_by(97) {
+        noise[i] = 0xff;
+    }
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "cut in the header",
+            good[..12].to_vec(),
+            "truncated or malformed",
+        ),
+        (
+            "cut in the last site",
+            good[..good.len() - 3].to_vec(),
+            "truncated or malformed",
+        ),
+        ("bytes after the last site", padded, "after the last site"),
+        ("bytes overwritten", noise, "invalid policy"),
+        (
+            "an invalid site",
+            compact_body(&version, &invalid_sites),
+            "sites[4321].hostnames[1]",
+        ),
+        (
+            "not compact at all",
+            b"{\"schema\": 1}".to_vec(),
+            "not a compact snapshot",
+        ),
+    ];
+    for (rejected, (what, body, phrase)) in cases.into_iter().enumerate() {
+        answer_compact(&mut host, &version, &body);
+        for _ in 0..10 {
+            host.advance_clock(Duration::from_millis(1)).expect("tick");
+        }
+        assert_eq!(
+            metric(&host, "policy_updates_total.result.rejected"),
+            rejected as u64 + 1,
+            "{what}: {:?}",
+            host.logs()
+        );
+        assert!(
+            host.logs().iter().any(|l| l.message.contains(phrase)),
+            "{what}: no log with {phrase:?}: {:?}",
+            host.logs()
+        );
+        assert_eq!(metric(&host, "policy_sites"), 1, "{what}");
+        assert_eq!(status_of(&mut host, "old.compact.test"), 301, "{what}");
+        assert_eq!(status_of(&mut host, "s1.compact.test"), 200, "{what}");
+        assert_eq!(
+            host.tick_period(),
+            Some(Duration::from_millis(200)),
+            "{what}"
+        );
+        // Each answer is a new document for the filter: forget it so the next is not a 304.
+        host.advance_clock(Duration::from_millis(200))
+            .expect("tick");
+        let token = host.pending_http_calls()[0].token;
+        host.respond_to_http_call(token, &[(":status", "304")], b"")
+            .expect("304");
+    }
+    // An older version than the one held is refused before any slice is built.
+    let older = compact_body(&format!("{COMPACT_EPOCH}-0"), &sites);
+    answer_compact(&mut host, &format!("{COMPACT_EPOCH}-0"), &older);
+    assert_eq!(host.tick_period(), Some(Duration::from_millis(200)));
+    assert!(
+        host.logs()
+            .iter()
+            .any(|l| l.message.contains("older than the policy held"))
+    );
+    assert_eq!(status_of(&mut host, "old.compact.test"), 301);
+    // And the good one applies.
+    host.advance_clock(Duration::from_millis(200))
+        .expect("tick");
+    let token = host.pending_http_calls()[0].token;
+    host.respond_to_http_call(token, &[(":status", "304")], b"")
+        .expect("304");
+    answer_compact(&mut host, &version, &good);
+    host.advance_clock(Duration::from_millis(10))
+        .expect("ticks");
+    assert_eq!(metric(&host, "policy_sites"), 5_000, "{:?}", host.logs());
+    assert_eq!(status_of(&mut host, "s1.compact.test"), 301);
 }

@@ -1,9 +1,15 @@
-//! The policy feed, protocol v1 (see [`PolicyDelta`]): ask the sidecar for what changed
+//! The policy feed, protocol v1 (see [`crate::policy::PolicyDelta`]): ask the sidecar for what changed
 //! since the version held (`since`), let it hold the request until something does (`wait_ms`),
 //! and name the last version seen, applied or rejected, in `If-None-Match`, so a document that
 //! was refused is not sent and parsed again until it changes. A delta is applied in place; a
 //! snapshot replaces the policy when it validates and is not older; the last good policy is
 //! kept otherwise.
+//!
+//! The filter asks for the compact snapshot ([`compact::CONTENT_TYPE`]) and builds it a slice
+//! at a time, one slice per tick of [`SLICE_TICK_MS`], each at most about [`SLICE_BUDGET_MS`]
+//! long, so the worker serves its other requests in between; the policy held serves until the
+//! new one is whole, then the two are swapped. A JSON snapshot (another feed) is applied in
+//! one go.
 
 use std::time::{Duration, SystemTime};
 
@@ -11,7 +17,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
 
 use crate::Error;
-use crate::policy::{FeedConfig, Policy, PolicyDelta, version_is_older};
+use crate::policy::{DeltaEntries, FeedConfig, Policy, SnapshotBuild, compact, version_is_older};
 
 use super::metrics::Metrics;
 use super::{SharedPolicy, log, millis};
@@ -29,6 +35,21 @@ const KIND_HEADER: &str = "autohttps-policy-kind";
 /// Problems shown per rejected document or entry in the log.
 const SHOWN_PROBLEMS: usize = 20;
 
+/// How long one slice of a compact snapshot's build may run, in milliseconds (checked every
+/// [`SLICE_CHUNK`] sites), and the most sites a slice builds whatever the clock says.
+const SLICE_BUDGET_MS: u64 = 1;
+const SLICE_CHUNK: u32 = 128;
+const SLICE_MAX_SITES: u32 = 4096;
+
+/// The tick period while a snapshot is being built or a replaced one freed, in milliseconds.
+const SLICE_TICK_MS: u64 = 1;
+
+/// Sites of a replaced policy freed per tick.
+const RELEASE_SITES: usize = 2048;
+
+/// `Accept` of a feed request: the compact snapshot, else JSON.
+const ACCEPT: &str = "application/vnd.autohttps.policy-snapshot, application/json;q=0.5";
+
 pub(crate) struct Feed {
     config: FeedConfig,
     /// The version of the last policy taken from the feed (sent as `since`); `None` until the
@@ -41,6 +62,10 @@ pub(crate) struct Feed {
     started: Option<SystemTime>,
     /// The last failure logged, so that a feed that stays down logs once, not every poll.
     last_failure: Option<String>,
+    /// A compact snapshot being built, slice by slice, with the slices taken so far.
+    building: Option<(SnapshotBuild, u32)>,
+    /// The policy a snapshot replaced, freed [`RELEASE_SITES`] sites per tick.
+    retiring: Option<Policy>,
 }
 
 /// What to do once an answer is handled.
@@ -55,6 +80,8 @@ enum Next {
     AskIfHeld,
     /// Wait for the next tick (an error: back off).
     Wait,
+    /// A snapshot is being built: no request until it is whole.
+    Building,
 }
 
 impl Feed {
@@ -92,6 +119,8 @@ impl Feed {
             in_flight: None,
             started: None,
             last_failure: None,
+            building: None,
+            retiring: None,
         })
     }
 
@@ -139,7 +168,7 @@ impl Feed {
             (":method", "GET"),
             (":path", path.as_str()),
             (":authority", self.config.authority.as_str()),
-            ("accept", "application/json"),
+            ("accept", ACCEPT),
         ];
         if let Some(seen) = &self.last_seen {
             headers.push(("if-none-match", seen.as_str()));
@@ -216,7 +245,7 @@ impl Feed {
             Next::AskNow => true,
             Next::Changed => self.config.wait_ms > 0,
             Next::AskIfHeld => self.config.wait_ms > 0 && held,
-            Next::Wait => false,
+            Next::Wait | Next::Building => false,
         };
         if ask_now {
             self.poll(metrics);
@@ -243,8 +272,13 @@ impl Feed {
             ));
             return Next::Wait;
         }
+        let compact = response_header("content-type")
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case(compact::CONTENT_TYPE));
         match kind.as_deref() {
             Some("delta") => self.apply_delta(body_size, policy, metrics, current),
+            None | Some("snapshot") if compact => {
+                self.start_compact(etag.as_deref(), body_size, policy, metrics, current)
+            }
             None | Some("snapshot") => {
                 self.apply_snapshot(etag.as_deref(), body_size, policy, metrics, current)
             }
@@ -275,14 +309,7 @@ impl Feed {
         let body = response_body(body_size);
         let new_policy = match Policy::from_json(&body) {
             Ok(new_policy) => new_policy,
-            Err(error) => {
-                metrics.update_rejected();
-                self.failure(format!(
-                    "the policy feed sent an invalid policy ({}); keeping policy {current:?}",
-                    problem_summary(&error)
-                ));
-                return Next::Wait;
-            }
+            Err(error) => return self.invalid_snapshot(&error, metrics, current),
         };
         drop(body);
         self.recovered();
@@ -294,12 +321,152 @@ impl Feed {
         if version_is_older(new_policy.version(), current) {
             return self.refuse_older(new_policy.version(), metrics, current);
         }
+        self.swap(new_policy, policy, metrics, current, 0)
+    }
+
+    /// A compact snapshot: its header is read and the first slice built now; the rest at the
+    /// next ticks (see [`Feed::on_tick`]).
+    fn start_compact(
+        &mut self,
+        etag: Option<&str>,
+        body_size: usize,
+        policy: &SharedPolicy,
+        metrics: &Metrics,
+        current: &str,
+    ) -> Next {
+        if let Some(version) = etag.map(|e| e.trim_matches('"'))
+            && version_is_older(version, current)
+        {
+            return self.refuse_older(version, metrics, current);
+        }
+        let build = match SnapshotBuild::new(response_body(body_size)) {
+            Ok(build) => build,
+            Err(error) => return self.invalid_snapshot(&error, metrics, current),
+        };
+        if build.version() == current {
+            self.recovered();
+            self.since = Some(current.to_string());
+            metrics.not_modified();
+            return Next::AskIfHeld;
+        }
+        if version_is_older(build.version(), current) {
+            let version = build.version().to_string();
+            return self.refuse_older(&version, metrics, current);
+        }
+        self.building = Some((build, 0));
+        match self.build_slice(policy, metrics) {
+            Some(next) => next,
+            None => {
+                self.slice_ticks(true);
+                Next::Building
+            }
+        }
+    }
+
+    /// The timer: builds the next slice of a snapshot and frees a slice of a replaced policy,
+    /// or polls.
+    pub(crate) fn on_tick(&mut self, policy: &SharedPolicy, metrics: &Metrics) {
+        if self.building.is_none() && self.retiring.is_none() {
+            self.poll(metrics);
+            return;
+        }
+        if let Some(old) = &mut self.retiring
+            && old.release(RELEASE_SITES)
+        {
+            self.retiring = None;
+        }
+        let next = if self.building.is_some() {
+            match self.build_slice(policy, metrics) {
+                Some(next) => Some(next),
+                None => return,
+            }
+        } else {
+            None
+        };
+        if self.building.is_none() && self.retiring.is_none() {
+            self.slice_ticks(false);
+        }
+        if next == Some(Next::Changed) && self.config.wait_ms > 0 {
+            self.poll(metrics);
+        }
+    }
+
+    /// Ticks every [`SLICE_TICK_MS`] while there is slice work, else every `interval_ms`.
+    fn slice_ticks(&self, on: bool) {
+        let period = if on {
+            millis(SLICE_TICK_MS)
+        } else {
+            self.interval()
+        };
+        if let Err(status) = hostcalls::set_tick_period(period) {
+            log(
+                LogLevel::Warn,
+                &format!("could not set the feed's tick period: {status:?}"),
+            );
+        }
+    }
+
+    /// Builds one slice of the snapshot in progress; when it was the last, swaps the policy
+    /// (or keeps the one held if the snapshot is invalid) and says what to do next.
+    fn build_slice(&mut self, policy: &SharedPolicy, metrics: &Metrics) -> Option<Next> {
+        let (build, slices) = self.building.as_mut()?;
+        *slices += 1;
+        let started = hostcalls::get_current_time().ok();
+        let budget = millis(SLICE_BUDGET_MS);
+        let mut step = Ok(());
+        let mut built = 0;
+        while !build.is_done() && built < SLICE_MAX_SITES && step.is_ok() {
+            step = build.step(SLICE_CHUNK);
+            built += SLICE_CHUNK;
+            let elapsed = started
+                .zip(hostcalls::get_current_time().ok())
+                .and_then(|(start, now)| now.duration_since(start).ok());
+            if elapsed.is_some_and(|e| e >= budget) {
+                break;
+            }
+        }
+        if step.is_ok() && !build.is_done() {
+            return None;
+        }
+        let (build, slices) = self.building.take()?;
+        let current = policy.borrow().version().to_string();
+        let new_policy = match step.and_then(|()| build.finish()) {
+            Ok(new_policy) => new_policy,
+            Err(error) => return Some(self.invalid_snapshot(&error, metrics, &current)),
+        };
+        self.recovered();
+        Some(self.swap(new_policy, policy, metrics, &current, slices))
+    }
+
+    fn invalid_snapshot(&mut self, error: &Error, metrics: &Metrics, current: &str) -> Next {
+        metrics.update_rejected();
+        self.failure(format!(
+            "the policy feed sent an invalid policy ({}); keeping policy {current:?}",
+            problem_summary(error)
+        ));
+        Next::Wait
+    }
+
+    /// Replaces the policy held by a newer whole one.
+    fn swap(
+        &mut self,
+        new_policy: Policy,
+        policy: &SharedPolicy,
+        metrics: &Metrics,
+        current: &str,
+        slices: u32,
+    ) -> Next {
         log(
             LogLevel::Info,
             &format!(
-                "policy {:?} applied ({} sites), replacing {current:?}",
+                "policy {:?} applied ({} sites{}), replacing {current:?}",
                 new_policy.version(),
-                new_policy.site_count()
+                new_policy.site_count(),
+                if slices > 0 {
+                    format!(", built in {slices} slices")
+                } else {
+                    String::new()
+                }
             ),
         );
         self.since = Some(new_policy.version().to_string());
@@ -307,8 +474,13 @@ impl Feed {
             self.last_seen = Some(format!("\"{}\"", new_policy.version()));
         }
         metrics.snapshot_applied(&new_policy);
-        // The old policy is dropped before anything else allocates, so its memory is reused.
-        *policy.borrow_mut() = new_policy;
+        // The old policy is freed a slice per tick (before the feed allocates much again, so
+        // its memory is reused).
+        let old = std::mem::replace(&mut *policy.borrow_mut(), new_policy);
+        if old.site_count() > RELEASE_SITES {
+            self.retiring = Some(old);
+            self.slice_ticks(true);
+        }
         Next::Changed
     }
 
@@ -328,7 +500,7 @@ impl Feed {
         current: &str,
     ) -> Next {
         let body = response_body(body_size);
-        let delta: PolicyDelta = match serde_json::from_slice(&body) {
+        let delta: DeltaEntries<'_> = match serde_json::from_slice(&body) {
             Ok(delta) => delta,
             Err(error) => {
                 metrics.update_rejected();
@@ -338,9 +510,8 @@ impl Feed {
                 return Next::Wait;
             }
         };
-        drop(body);
         let mut held = policy.borrow_mut();
-        match held.apply_delta(&delta) {
+        match held.apply_delta_entries(&delta) {
             Ok(report) => {
                 self.recovered();
                 for (site, problems) in &report.rejected {
@@ -353,7 +524,7 @@ impl Feed {
                         LogLevel::Warn,
                         &format!(
                             "policy {:?}: site {site:?} keeps its previous entry, its new one is invalid: {}",
-                            delta.version,
+                            &*delta.version,
                             shown.join("; ")
                         ),
                     );
@@ -362,16 +533,16 @@ impl Feed {
                     LogLevel::Info,
                     &format!(
                         "policy {:?} applied (delta from {current:?}: {} upserted, {} removed, {} rejected; {} sites)",
-                        delta.version,
+                        &*delta.version,
                         report.upserted,
                         report.removed,
                         report.rejected.len(),
                         held.site_count()
                     ),
                 );
-                self.since = Some(delta.version.clone());
+                self.since = Some(delta.version.to_string());
                 if self.last_seen.is_none() {
-                    self.last_seen = Some(format!("\"{}\"", delta.version));
+                    self.last_seen = Some(format!("\"{}\"", &*delta.version));
                 }
                 metrics.delta_applied(&held, report.rejected.len());
                 Next::Changed

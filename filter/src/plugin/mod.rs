@@ -150,7 +150,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let (Some(feed), Some(metrics)) = (&mut self.feed, &self.metrics) {
-            feed.poll(metrics);
+            feed.on_tick(&self.policy, metrics);
         }
     }
 

@@ -6,6 +6,7 @@
 //! table, and a site can be replaced or removed by walking its own names: time proportional to
 //! the change, never to the number of sites.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -17,8 +18,8 @@ use crate::Error;
 use super::cidr::Cidr;
 use super::host::{check_lowered_policy_name, wildcard_parent};
 use super::schema::{
-    DEFAULT_REPORT_URI, HSTS_PRELOAD_MIN_MAX_AGE, HttpsMode, MixedContent, PolicyDelta,
-    PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteEntry,
+    DEFAULT_REPORT_URI, DeltaEntries, HSTS_PRELOAD_MIN_MAX_AGE, HttpsMode, MixedContent,
+    PolicyDelta, PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteEntry, SiteSpec, Text,
 };
 
 /// One thing wrong with a policy, located by its JSON path.
@@ -92,8 +93,9 @@ pub struct Site {
     pub redirect: RedirectKind,
     /// Where redirects go, when set.
     pub canonical_host: Option<Box<str>>,
-    /// The `Strict-Transport-Security` value to add over HTTPS, when enabled.
-    pub hsts: Option<Box<str>>,
+    /// The `Strict-Transport-Security` value to add over HTTPS, when enabled (shared by the
+    /// sites with the same settings).
+    pub hsts: Option<Arc<str>>,
     /// Mixed-content mode.
     pub mixed_content: MixedContent,
     /// The `Content-Security-Policy-Report-Only` value for `report` mode.
@@ -241,6 +243,8 @@ pub(crate) struct Scratch {
     cert_keys: String,
     cert_names: Vec<Result<Span, String>>,
     owned: Vec<bool>,
+    /// The last `Strict-Transport-Security` value made, by its settings (most sites share one).
+    hsts: Option<((u64, bool, bool), Arc<str>)>,
 }
 
 /// Lower-cases a raw policy name into `buffer` (minus one trailing dot) and checks it.
@@ -293,6 +297,18 @@ impl Policy {
             compiler.add_site(&spec.as_entry());
         }
         compiler.finish(document.schema, &document.version, &document.settings)
+    }
+
+    /// Frees up to `n` of the sites of a policy no longer served (a replaced policy is let go
+    /// a slice at a time, so freeing it does not stall the worker either); `true` once none
+    /// are left.
+    pub fn release(&mut self, n: usize) -> bool {
+        for _ in 0..n {
+            if self.sites.pop().is_none() {
+                break;
+            }
+        }
+        self.sites.is_empty()
     }
 
     /// The policy's version string.
@@ -358,9 +374,30 @@ impl Policy {
     /// An invalid upsert is skipped, its site keeping its previous entry, and reported in the
     /// [`DeltaReport`]; every other change is applied and the version advances.
     pub fn apply_delta(&mut self, delta: &PolicyDelta) -> Result<DeltaReport, Error> {
-        if delta.from != self.version {
+        let upsert: Vec<SiteEntry<'_>> = delta.upsert.iter().map(SiteSpec::as_entry).collect();
+        let remove: Vec<Text<'_>> = delta
+            .remove
+            .iter()
+            .map(|id| Text(Cow::Borrowed(id.as_str())))
+            .collect();
+        self.apply_delta_entries(&DeltaEntries {
+            schema: delta.schema,
+            from: Text(Cow::Borrowed(&delta.from)),
+            version: Text(Cow::Borrowed(&delta.version)),
+            upsert,
+            remove,
+        })
+    }
+
+    /// [`Policy::apply_delta`] of a delta read with its strings borrowed (as the plugin reads
+    /// one from the feed).
+    pub(crate) fn apply_delta_entries(
+        &mut self,
+        delta: &DeltaEntries<'_>,
+    ) -> Result<DeltaReport, Error> {
+        if *delta.from != *self.version {
             return Err(Error::DeltaBase {
-                from: delta.from.clone(),
+                from: delta.from.to_string(),
                 current: self.version.clone(),
             });
         }
@@ -385,7 +422,7 @@ impl Policy {
         let ids = delta
             .upsert
             .iter()
-            .map(|s| s.id.as_str())
+            .map(|s| &*s.id)
             .enumerate()
             .map(|(i, id)| (false, i, id))
             .chain(
@@ -393,7 +430,7 @@ impl Policy {
                     .remove
                     .iter()
                     .enumerate()
-                    .map(|(i, id)| (true, i, id.as_str())),
+                    .map(|(i, id)| (true, i, &**id)),
             );
         let id_at = |(removed, i): (bool, usize)| -> &str {
             if removed {
@@ -450,18 +487,13 @@ impl Policy {
         let mut restore = Vec::new();
         for (i, (spec, previous)) in delta.upsert.iter().zip(previous).enumerate() {
             let mut site_problems = Vec::new();
-            let slot = self.add_site(
-                &spec.as_entry(),
-                Place::Delta(i),
-                &mut scratch,
-                &mut site_problems,
-            );
+            let slot = self.add_site(spec, Place::Delta(i), &mut scratch, &mut site_problems);
             if site_problems.is_empty() {
                 report.upserted += 1;
                 continue;
             }
             self.detach(slot);
-            report.rejected.push((spec.id.clone(), site_problems));
+            report.rejected.push((spec.id.to_string(), site_problems));
             if let Some(previous) = previous {
                 restore.push(previous);
             }
@@ -469,7 +501,7 @@ impl Policy {
         for site in restore {
             self.reattach(site);
         }
-        self.version.clone_from(&delta.version);
+        self.version = delta.version.to_string();
         Ok(report)
     }
 
@@ -654,11 +686,34 @@ impl Policy {
             let parsed = lower_into(&mut lowered, raw);
             (parsed, lowered)
         });
+        let Scratch {
+            lowered,
+            names,
+            hostnames,
+            cert_keys,
+            cert_names,
+            ..
+        } = scratch;
         for raw in &spec.hostnames {
-            let parsed = lower_into(&mut scratch.lowered, raw).map(|wildcard| {
-                let key = if wildcard { &scratch.lowered[2..] } else { &scratch.lowered[..] };
-                let cert_keys = &scratch.cert_keys;
-                let cert_ready = scratch.cert_names.iter().any(|c| {
+            // A hostname written exactly as one of the certified names (the usual case) is
+            // that name's parse again: reuse it rather than lower-case and check it twice.
+            let alias = spec.cert_ready.iter().position(|c| **c == **raw);
+            let parsed = match alias.and_then(|c| cert_names.get(c)) {
+                Some(Ok(c)) => Ok((c.wildcard, &cert_keys[c.start..c.start + c.len])),
+                Some(Err(message)) => Err(message.clone()),
+                None => lower_into(lowered, raw).map(|wildcard| {
+                    (
+                        wildcard,
+                        if wildcard {
+                            &lowered[2..]
+                        } else {
+                            &lowered[..]
+                        },
+                    )
+                }),
+            };
+            let parsed = parsed.map(|(wildcard, key)| {
+                let cert_ready = alias.is_some() || cert_names.iter().any(|c| {
                     matches!(c, Ok(c) if c.wildcard == wildcard && &cert_keys[c.start..c.start + c.len] == key)
                 });
                 if !wildcard
@@ -667,18 +722,18 @@ impl Policy {
                 {
                     canonical_listed = true;
                 }
-                scratch.names.push(char::from(match (wildcard, cert_ready) {
+                names.push(char::from(match (wildcard, cert_ready) {
                     (false, false) => EXACT,
                     (false, true) => EXACT_READY,
                     (true, false) => WILDCARD,
                     (true, true) => WILDCARD_READY,
                 }));
-                let start = scratch.names.len();
-                scratch.names.push_str(key);
-                scratch.names.push('\n');
+                let start = names.len();
+                names.push_str(key);
+                names.push('\n');
                 (Span { wildcard, start, len: key.len() }, cert_ready)
             });
-            scratch.hostnames.push(parsed);
+            hostnames.push(parsed);
         }
         let canonical_host = match canonical {
             None => None,
@@ -692,14 +747,26 @@ impl Policy {
             Some((Err(message), _)) => Some(Err(message)),
         };
         let hsts = spec.hsts.enabled.then(|| {
-            let mut value = format!("max-age={}", spec.hsts.max_age);
-            if spec.hsts.include_subdomains {
-                value.push_str("; includeSubDomains");
+            let settings = (
+                spec.hsts.max_age,
+                spec.hsts.include_subdomains,
+                spec.hsts.preload,
+            );
+            match &scratch.hsts {
+                Some((cached, value)) if *cached == settings => Arc::clone(value),
+                _ => {
+                    let mut value = format!("max-age={}", spec.hsts.max_age);
+                    if spec.hsts.include_subdomains {
+                        value.push_str("; includeSubDomains");
+                    }
+                    if spec.hsts.preload {
+                        value.push_str("; preload");
+                    }
+                    let value: Arc<str> = Arc::from(value);
+                    scratch.hsts = Some((settings, Arc::clone(&value)));
+                    value
+                }
             }
-            if spec.hsts.preload {
-                value.push_str("; preload");
-            }
-            value
         });
         let report_uri = spec.report_uri.as_deref().unwrap_or(DEFAULT_REPORT_URI);
         let report_only_csp = (spec.mixed_content == MixedContent::Report).then(|| {
@@ -718,7 +785,7 @@ impl Policy {
                 Some(Ok(name)) => Some(Box::from(name.as_str())),
                 _ => None,
             },
-            hsts: hsts.map(String::into_boxed_str),
+            hsts,
             mixed_content: spec.mixed_content,
             report_only_csp: report_only_csp.map(String::into_boxed_str),
             names: Box::from(scratch.names.as_str()),
@@ -857,7 +924,10 @@ impl Policy {
                 "preload needs max_age of at least 31536000 and include_subdomains".into(),
             );
         }
-        if let Err(message) = check_report_uri(report_uri) {
+        // The default URI is known to be valid.
+        if spec.report_uri.is_some()
+            && let Err(message) = check_report_uri(report_uri)
+        {
             problem(at("report_uri"), message);
         }
         if let Some(token) = &spec.report_token
@@ -892,19 +962,22 @@ impl Compiler {
 
     /// Makes room for `sites` more sites of about three names each.
     pub(crate) fn reserve(&mut self, sites: usize) {
-        let policy = &mut self.policy;
+        self.reserve_exact(sites, sites.saturating_mul(3));
+    }
+
+    /// Makes room for exactly `sites` sites and `names` names (a compact snapshot says how
+    /// many it holds), so the tables are built without growing.
+    pub(crate) fn reserve_exact(&mut self, sites: usize, names: usize) {
         let Policy {
             sites: slots,
             ids,
             exact,
             hasher,
             ..
-        } = policy;
+        } = &mut self.policy;
         slots.reserve(sites);
         ids.reserve(sites, |&s| hasher.hash_one(id_of(slots, s)));
-        exact.reserve(sites.saturating_mul(3), |e| {
-            hasher.hash_one(key_of(slots, e))
-        });
+        exact.reserve(names, |e| hasher.hash_one(key_of(slots, e)));
     }
 
     /// Checks one site (the next in the document) and adds its names to the tables.
@@ -1035,6 +1108,16 @@ fn shown_name(key: &str, wildcard: bool) -> String {
 /// Checks ids and versions: non-empty, at most 128 bytes, printable ASCII (ids: letters, digits,
 /// `.`, `_`, `-` only).
 fn check_token(value: &str, what: &str, strict: bool) -> Result<(), String> {
+    let allowed_byte = |b: &u8| {
+        if strict {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+        } else {
+            b.is_ascii_graphic()
+        }
+    };
+    if !value.is_empty() && value.len() <= MAX_ID_LEN && value.bytes().all(|b| allowed_byte(&b)) {
+        return Ok(());
+    }
     if value.is_empty() {
         return Err(format!("the {what} is empty"));
     }

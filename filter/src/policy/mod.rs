@@ -3,6 +3,7 @@
 //! wasmtime harness and natively in tests.
 
 mod cidr;
+pub mod compact;
 mod compile;
 mod decide;
 mod explain;
@@ -13,6 +14,7 @@ mod url;
 mod version;
 
 pub use cidr::{Cidr, DIRECT_PEER_FILTER_STATE, parse_peer};
+pub use compact::SnapshotBuild;
 pub use compile::{DeltaReport, Policy, Problem, Site};
 pub use decide::{
     ACME_CHALLENGE_PREFIX, Decision, Outcome, Redirect, RequestFacts, ResponseHeaders,
@@ -23,6 +25,8 @@ pub use host::{
     PolicyName, fold_hostname, normalise_authority, parse_policy_name, san_covers, sans_cover,
     validate_hostname, wildcard_name, wildcard_parent,
 };
+#[cfg(feature = "plugin")]
+pub(crate) use schema::DeltaEntries;
 pub use schema::{
     DEFAULT_HSTS_MAX_AGE, DEFAULT_REPORT_URI, FeedConfig, HSTS_PRELOAD_MIN_MAX_AGE, HstsSpec,
     HttpsMode, MixedContent, PluginConfig, PolicyDelta, PolicyDocument, RedirectKind,

@@ -52,6 +52,22 @@ pub struct PolicyDelta {
     pub remove: Vec<String>,
 }
 
+/// [`PolicyDelta`] as the plugin reads it: the same fields and errors, its strings borrowed
+/// from the JSON (so a delta is read with the site parser the snapshot uses, and no copy).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename = "PolicyDelta")]
+pub(crate) struct DeltaEntries<'a> {
+    pub(crate) schema: u32,
+    #[serde(borrow)]
+    pub(crate) from: Text<'a>,
+    #[serde(borrow)]
+    pub(crate) version: Text<'a>,
+    #[serde(default, borrow)]
+    pub(crate) upsert: Vec<SiteEntry<'a>>,
+    #[serde(default, borrow)]
+    pub(crate) remove: Vec<Text<'a>>,
+}
+
 /// Settings shared by every site.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,7 +1,8 @@
 //! Policy JSON compiled while it is parsed: each site is checked and added to the lookup
 //! tables as soon as it is read, then dropped, so a 100,000-site policy never exists as a whole
-//! [`PolicyDocument`] in the VM's memory (which never shrinks). Accepts exactly what the derived
-//! `Deserialize` of [`PolicyDocument`] and [`PluginConfig`] accept, with the same error texts.
+//! [`super::PolicyDocument`] in the VM's memory (which never shrinks). Accepts exactly what the
+//! derived `Deserialize` of `PolicyDocument` and `PluginConfig` accept, with the same error
+//! texts (the array form included).
 
 use std::fmt;
 
@@ -11,7 +12,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use crate::Error;
 
 use super::compile::{Compiler, Policy};
-use super::schema::{FeedConfig, PolicyDocument, Settings, SiteEntry};
+#[cfg(test)]
+use super::schema::PolicyDocument;
+use super::schema::{FeedConfig, Settings, SiteEntry};
 
 const POLICY_FIELDS: &[&str] = &["schema", "version", "settings", "sites"];
 const PLUGIN_FIELDS: &[&str] = &["policy", "feed"];
@@ -108,10 +111,20 @@ impl<'de> Visitor<'de> for PolicyVisitor {
         Ok(compiler.finish(schema, &version, &settings.unwrap_or_default()))
     }
 
-    /// The array form serde also accepts for structs: rare enough to build the whole document.
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        let document = PolicyDocument::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
-        Ok(Policy::compile(&document))
+    /// The array form serde also accepts for structs (`[schema, version, settings, sites]`,
+    /// the last two optional), compiled as it is read like the object form.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        const EXPECTED: &str = "struct PolicyDocument with 4 elements";
+        let schema: u32 = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(0, &EXPECTED))?;
+        let version: String = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(1, &EXPECTED))?;
+        let settings: Settings = seq.next_element()?.unwrap_or_default();
+        let mut compiler = Compiler::default();
+        seq.next_element_seed(SitesSeed(&mut compiler))?;
+        Ok(compiler.finish(schema, &version, &settings))
     }
 }
 
@@ -191,12 +204,13 @@ impl<'de> Visitor<'de> for PluginVisitor {
         })
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        let config =
-            super::schema::PluginConfig::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+    /// The array form: `[policy, feed]`, both optional.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let policy = seq.next_element::<Option<Streamed>>()?.flatten();
+        let feed = seq.next_element::<Option<FeedConfig>>()?.flatten();
         Ok(CompiledPluginConfig {
-            policy: config.policy.as_ref().map(Policy::compile),
-            feed: config.feed,
+            policy: policy.map(|s| s.0),
+            feed,
         })
     }
 }

@@ -1711,3 +1711,159 @@ fn deltas_applied_equal_the_snapshot_compiled_from_scratch() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The compact snapshot
+
+/// The test policy (every field used) as a document.
+fn full_document() -> PolicyDocument {
+    serde_json::from_str(&policy_json(8080, 8443)).expect("test policy parses")
+}
+
+fn encode(document: &PolicyDocument) -> Vec<u8> {
+    compact::encode_snapshot(&document.version, &document.settings, &document.sites)
+        .expect("the document encodes")
+}
+
+#[test]
+fn compact_snapshot_compiles_to_the_same_policy_as_json() {
+    let document = full_document();
+    let from_json = Policy::compile(&document).expect("valid");
+    let from_compact = Policy::from_compact(encode(&document)).expect("valid");
+    assert_eq!(from_compact.contents(), from_json.contents());
+    assert_eq!(from_compact.trusted_proxies, from_json.trusted_proxies);
+    assert_eq!(
+        (from_compact.http_port, from_compact.https_port),
+        (8080, 8443)
+    );
+    for case in cases() {
+        assert_eq!(
+            run(&from_compact, &case),
+            run(&from_json, &case),
+            "{}",
+            case.name
+        );
+    }
+}
+
+/// Sites that fail validation are reported exactly as in JSON (the compact form is checked
+/// by the same rules: another control plane may produce it).
+#[test]
+fn compact_snapshot_is_validated_like_json() {
+    let mut document = full_document();
+    document.sites[1].hostnames.push("not a host".into());
+    document.sites[2].id = "bad id".into();
+    document.sites[3].hostnames = document.sites[0].hostnames.clone();
+    document.sites[3].cert_ready.clear();
+    document.sites[4].report_uri = Some("javascript:x".into());
+    document.sites[5].hsts.preload = true;
+    document.settings.trusted_proxies.push("10.0.0.0/99".into());
+    document.version = "has space".into();
+    let json = Policy::compile(&document).expect_err("invalid");
+    let compact = Policy::from_compact(encode(&document)).expect_err("invalid");
+    assert_eq!(compact.problems(), json.problems());
+    assert!(compact.problems().len() >= 7, "{compact}");
+}
+
+/// Built in slices of any size, the policy is the same; until `finish`, nothing replaces the
+/// policy held (the build owns its own tables).
+#[test]
+fn compact_snapshot_built_in_slices_equals_built_at_once() {
+    let mut document = full_document();
+    for i in 0..300 {
+        document
+            .sites
+            .push(spec(&format!("x{i}"), &[&format!("x{i}.test")], &[]));
+    }
+    let body = encode(&document);
+    let whole = Policy::from_compact(body.clone())
+        .expect("valid")
+        .contents();
+    for slice in [1, 2, 7, 64, 1000] {
+        let mut build = SnapshotBuild::new(body.clone()).expect("header");
+        assert_eq!(build.version(), "v-test");
+        assert_eq!(build.site_count() as usize, document.sites.len());
+        let mut steps = 0;
+        while !build.is_done() {
+            build.step(slice).expect("well formed");
+            steps += 1;
+            assert_eq!(
+                build.sites_done() as usize,
+                (steps * slice as usize).min(document.sites.len())
+            );
+        }
+        assert_eq!(
+            build.finish().expect("valid").contents(),
+            whole,
+            "slice {slice}"
+        );
+    }
+}
+
+/// Every truncation, and random corruption, is refused with a problem, never a panic; a body
+/// whose counts disagree with what follows, or with bytes after the last site, is refused.
+#[test]
+fn corrupted_compact_snapshots_are_refused_without_panicking() {
+    let body = encode(&full_document());
+    for len in 0..body.len() {
+        let error = Policy::from_compact(body[..len].to_vec()).expect_err("truncated");
+        assert!(!error.problems().is_empty(), "{len}");
+    }
+    let mut longer = body.clone();
+    longer.push(0);
+    let error = Policy::from_compact(longer).expect_err("trailing byte");
+    assert!(error.to_string().contains("after the last site"), "{error}");
+    // The site count: the last 8 bytes of the header, before the first site.
+    let header = PolicyDocument {
+        sites: vec![],
+        ..full_document()
+    };
+    let counts_at = encode(&header).len() - 8;
+    for delta in [1i64, -1] {
+        let mut wrong = body.clone();
+        let count = u32::from_le_bytes(wrong[counts_at..counts_at + 4].try_into().unwrap());
+        let count = (i64::from(count) + delta) as u32;
+        wrong[counts_at..counts_at + 4].copy_from_slice(&count.to_le_bytes());
+        assert!(Policy::from_compact(wrong).is_err(), "count {delta:+}");
+    }
+    let mut random = Random(0x5eed_1234_5678_9abd);
+    for _ in 0..3000 {
+        let mut bad = body.clone();
+        for _ in 0..1 + random.below(4) {
+            let at = random.below(bad.len());
+            bad[at] = random.next() as u8;
+        }
+        if bad != body {
+            // Either refused, or a valid policy (a flipped byte inside a name can still be a
+            // valid name): what matters is no panic and no half-built policy.
+            let _ = Policy::from_compact(bad);
+        }
+    }
+    for len in 0..200 {
+        let noise: Vec<u8> = (0..len).map(|_| random.next() as u8).collect();
+        assert!(Policy::from_compact(noise).is_err());
+    }
+    let mut huge = body[..5].to_vec();
+    huge.extend_from_slice(&[1, 0, 0, 0, 1, b'v', 80, 0, 187, 1, 0, 0]);
+    huge.extend_from_slice(&[0xff; 8]);
+    assert!(
+        Policy::from_compact(huge).is_err(),
+        "a count of 2^32-1 sites over an empty body is refused without reserving for them"
+    );
+}
+
+/// What the format cannot carry is an encoding error naming the site, not a lossy encoding.
+#[test]
+fn compact_encoder_refuses_what_it_cannot_carry() {
+    let mut stray = spec("a", &["a.test"], &["b.test"]);
+    let error = compact::encode_snapshot("v", &Settings::default(), [&stray]).expect_err("stray");
+    assert!(
+        error.contains("\"a\"") && error.contains("b.test"),
+        "{error}"
+    );
+    stray.cert_ready.clear();
+    stray.canonical_host = Some(String::new());
+    assert!(compact::encode_snapshot("v", &Settings::default(), [&stray]).is_err());
+    let long = spec("a", &[&"x".repeat(256)], &[]);
+    assert!(compact::encode_snapshot("v", &Settings::default(), [&long]).is_err());
+}
