@@ -240,6 +240,17 @@ impl Envoy {
         Envoy::spawn(config_yaml, admin_port, dir, lifetime, 1)
     }
 
+    /// [`Envoy::start_in`] with `workers` worker threads (`--concurrency`).
+    pub fn start_in_with_workers(
+        config_yaml: &str,
+        admin_port: u16,
+        dir: Option<&Path>,
+        lifetime: Lifetime,
+        workers: u32,
+    ) -> anyhow::Result<Envoy> {
+        Envoy::spawn(config_yaml, admin_port, dir, lifetime, workers)
+    }
+
     fn spawn(
         config_yaml: &str,
         admin_port: u16,

@@ -407,6 +407,11 @@ pub struct StackOptions {
     /// into the sidecar's `edge.trusted_proxies` (so the filter's policy) and into Envoy's
     /// trusted-proxy filter chains (`TRUSTED_PROXY_RANGES`).
     pub trusted_proxies: Vec<String>,
+    /// Envoy's worker threads (`--concurrency`), each with its own filter VM.
+    pub envoy_workers: u32,
+    /// The filter's fallback poll interval in ms, instead of the shipped `edge.yaml`'s; the
+    /// long poll is unchanged (a test that sets it long shows a change arrives by push alone).
+    pub feed_interval_ms: Option<u64>,
 }
 
 impl StackOptions {
@@ -418,6 +423,8 @@ impl StackOptions {
             verbose: false,
             lifetime: Lifetime::Limited(TEST_LIFETIME),
             trusted_proxies: Vec::new(),
+            envoy_workers: 1,
+            feed_interval_ms: None,
         }
     }
 }
@@ -473,6 +480,8 @@ impl Stack {
             verbose,
             lifetime,
             trusted_proxies,
+            envoy_workers,
+            feed_interval_ms,
         } = options;
         std::fs::create_dir_all(&dir)?;
         let say = |message: &str| {
@@ -620,13 +629,21 @@ impl Stack {
                 envoy::trusted_proxy_ranges(&trusted_proxies)?,
             ),
         ]);
-        let yaml = render_file("edge.yaml", &values)?;
+        let mut yaml = render_file("edge.yaml", &values)?;
+        if let Some(interval_ms) = feed_interval_ms {
+            let shipped = r#""interval_ms": 1000"#;
+            if !yaml.contains(shipped) {
+                bail!("envoy/edge.yaml no longer sets {shipped}; update Stack::start");
+            }
+            yaml = yaml.replace(shipped, &format!(r#""interval_ms": {interval_ms}"#));
+        }
         // Envoy's configuration and log sit beside the other parts' (envoy.yaml, envoy.log).
-        stack.envoy = Some(Envoy::start_in(
+        stack.envoy = Some(Envoy::start_in_with_workers(
             &yaml,
             ports.envoy_admin,
             Some(&dir),
             lifetime,
+            envoy_workers,
         )?);
         Ok(stack)
     }

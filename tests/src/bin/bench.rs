@@ -15,7 +15,8 @@
 //! `tests/bench/RESULTS.md`; `-` prints only), `BENCH_WASM_DIR` (default the `make build`
 //! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter),
 //! `BENCH_ONLY=issuance` (part 4 only: its rows and section of the existing results file are
-//! replaced, the rest kept), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
+//! replaced, the rest kept), `BENCH_ONLY=push` (the policy push at scale on a real sidecar and
+//! Envoy: its own section, see `bench/push.rs`), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
 //! 100) and `BENCH_STORE_CERTIFICATES` (default 10000).
 //!
 //! Part 4 runs the whole stack of `tests/src/stack.rs` (Pebble, its mock DNS, the release
@@ -37,6 +38,9 @@ use autohttps_tests::envoy::{envoy_binary, free_port, http_get, render, repo_roo
 use autohttps_tests::stack::{Ports as StackPorts, Stack, StackOptions, wait_until};
 use proxy_wasm_host::{FilterModule, Host, HostBuilder};
 
+#[path = "bench/push.rs"]
+mod push;
+
 /// The longest any server started here may live.
 const SERVER_LIFETIME_SECS: u64 = 1200;
 /// wrk: one thread, 32 connections (the baselines in TOOLCHAIN.md use the same).
@@ -50,6 +54,9 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     if std::env::var("BENCH_ONLY").as_deref() == Ok("issuance") {
         return issuance_only(&settings, &issuance_settings);
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("push") {
+        return push::run(&settings.out);
     }
     let machine = Machine::describe();
     eprintln!("==> bench: {}", machine.summary());

@@ -34,6 +34,8 @@ fn main() -> anyhow::Result<()> {
         verbose: true,
         lifetime: Lifetime::UntilStopped,
         trusted_proxies: Vec::new(),
+        envoy_workers: 1,
+        feed_interval_ms: None,
     })?;
 
     println!(
