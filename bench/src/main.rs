@@ -14,7 +14,8 @@
 //! `BENCH_SIZES` (default `10,1000,10000,100000`), `BENCH_OUT` (default
 //! `tests/bench/RESULTS.md`; `-` prints only), `BENCH_WASM_DIR` (default the `make build`
 //! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter),
-//! `BENCH_ONLY=policy` (the policy feed at scale, module `policy`),
+//! `BENCH_ONLY=policy` (the policy feed at scale, module `policy`), `BENCH_ONLY=push` (the
+//! policy push at scale on a real sidecar and Envoy, module `push`),
 //! `BENCH_ONLY=issuance` (part 4 only: its rows and section of the existing results file are
 //! replaced, the rest kept), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
 //! 100) and `BENCH_STORE_CERTIFICATES` (default 10000). Part 6, the fleet (module `fleet`,
@@ -58,6 +59,7 @@ mod fleet;
 mod issuance;
 mod memory;
 mod policy;
+mod push;
 mod report;
 mod servers;
 mod settings;
@@ -91,6 +93,9 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("policy") {
         return policy::run(&settings);
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("push") {
+        return push::run(&settings.out);
     }
     let machine = Machine::describe();
     eprintln!("==> bench: {}", machine.summary());

@@ -358,11 +358,102 @@ pub enum FeedAnswer {
     },
 }
 
+/// [`FeedAnswer`] as the feed holds it: a snapshot stays in its parts until it is sent.
+#[derive(Debug)]
+enum Served {
+    NotModified {
+        version: String,
+    },
+    Snapshot {
+        version: String,
+        parts: Arc<SnapshotParts>,
+    },
+    Delta {
+        version: String,
+        body: Bytes,
+    },
+    /// A snapshot in the compact encoding (`policy::compact`), for a client that asked for it.
+    Compact {
+        version: String,
+        body: Bytes,
+    },
+}
+
+/// The bytes a snapshot's body is made of, in order: `head` (up to the opening `[` of
+/// `sites`), the entries separated by commas, then [`SNAPSHOT_TAIL`].
+#[derive(Debug)]
+struct SnapshotParts {
+    head: Bytes,
+    entries: Vec<Bytes>,
+    /// The body's length.
+    len: usize,
+}
+
+/// What closes a snapshot's body.
+const SNAPSHOT_TAIL: &[u8] = b"]}";
+/// About how many bytes each piece of a streamed snapshot holds.
+const SNAPSHOT_CHUNK_BYTES: usize = 64 * 1024;
+
+impl SnapshotParts {
+    fn new(head: Bytes, entries: Vec<Bytes>) -> Self {
+        let len = head.len()
+            + entries.iter().map(Bytes::len).sum::<usize>()
+            + entries.len().saturating_sub(1)
+            + SNAPSHOT_TAIL.len();
+        SnapshotParts { head, entries, len }
+    }
+
+    /// The next piece of the body from `cursor` (the next entry's index; `None` once the body
+    /// is complete), about [`SNAPSHOT_CHUNK_BYTES`] long.
+    fn piece(&self, cursor: &mut Option<usize>) -> Option<Bytes> {
+        let mut at = (*cursor)?;
+        let mut out = Vec::with_capacity(SNAPSHOT_CHUNK_BYTES + 1024);
+        if at == 0 {
+            out.extend_from_slice(&self.head);
+        }
+        while at < self.entries.len() && out.len() < SNAPSHOT_CHUNK_BYTES {
+            if at > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&self.entries[at]);
+            at += 1;
+        }
+        if at == self.entries.len() {
+            out.extend_from_slice(SNAPSHOT_TAIL);
+            *cursor = None;
+        } else {
+            *cursor = Some(at);
+        }
+        Some(Bytes::from(out))
+    }
+
+    /// The whole body in one buffer.
+    fn contiguous(&self) -> Bytes {
+        let mut body = Vec::with_capacity(self.len);
+        let mut cursor = Some(0);
+        while let Some(piece) = self.piece(&mut cursor) {
+            body.extend_from_slice(&piece);
+        }
+        Bytes::from(body)
+    }
+
+    /// The body as a stream of pieces, made as the client reads them.
+    fn stream(
+        self: Arc<Self>,
+    ) -> impl futures::Stream<Item = std::result::Result<Bytes, std::convert::Infallible>> {
+        futures::stream::unfold((self, Some(0)), |(parts, mut cursor)| async move {
+            let piece = parts.piece(&mut cursor)?;
+            Some((Ok(piece), (parts, cursor)))
+        })
+    }
+}
+
 /// One site's served entry.
 #[derive(Debug, Clone)]
 struct SiteEntry {
-    /// Its [`SiteSpec`] as JSON: what snapshots and deltas are assembled from.
-    json: Box<[u8]>,
+    /// Its [`SiteSpec`] as JSON: what snapshots and deltas are assembled from (shared, not
+    /// copied, by the snapshots being sent).
+    json: Bytes,
     /// When its `cert_ready` changes with time alone (a certificate expires or becomes valid).
     boundary: Option<OffsetDateTime>,
     /// Whether it carries a report token (recomputed when the token epoch turns).
@@ -398,8 +489,9 @@ struct FeedState {
     history_site_ids: usize,
     /// Sites whose entries fail the filter's validation, by id.
     rejected: BTreeMap<String, RejectedSite>,
-    /// The snapshot of one version, assembled on first request.
-    snapshot: Option<(u64, Bytes)>,
+    /// The parts of one version's snapshot (its entries shared, not copied), gathered on
+    /// first request and streamed to every request for that version.
+    snapshot: Option<(u64, Arc<SnapshotParts>)>,
 }
 
 /// Serves the policy feed: keeps every site's entry in memory and, when the store's change log
@@ -621,9 +713,10 @@ impl PolicyFeed {
         let Some(served) = served else {
             return Ok(old.is_some());
         };
-        let json = serde_json::to_vec(&served)
-            .map_err(|e| Error::Internal(format!("serialising site {id}'s entry: {e}")))?
-            .into_boxed_slice();
+        let json = Bytes::from(
+            serde_json::to_vec(&served)
+                .map_err(|e| Error::Internal(format!("serialising site {id}'s entry: {e}")))?,
+        );
         let changed = old.is_none_or(|old| old.json != json);
         if let Some(at) = boundary {
             state.boundaries.insert((at, id.to_string()));
@@ -678,9 +771,9 @@ impl PolicyFeed {
         state.boundaries.clear();
         let mut changed = Vec::new();
         for spec in document.sites {
-            let json = serde_json::to_vec(&spec)
-                .map_err(|e| Error::Internal(format!("serialising site {}'s entry: {e}", spec.id)))?
-                .into_boxed_slice();
+            let json = Bytes::from(serde_json::to_vec(&spec).map_err(|e| {
+                Error::Internal(format!("serialising site {}'s entry: {e}", spec.id))
+            })?);
             let boundary = boundaries.remove(&spec.id);
             if let Some(at) = boundary {
                 state.boundaries.insert((at, spec.id.clone()));
@@ -771,6 +864,20 @@ impl PolicyFeed {
     /// Answers a request: `since` is the client's current version (absent: it has none),
     /// `if_none_match` the last version it saw (applied or rejected), from its header.
     pub fn answer(&self, since: Option<&str>, if_none_match: Option<&str>) -> Result<FeedAnswer> {
+        Ok(match self.answer_parts(since, if_none_match)? {
+            Served::NotModified { version } => FeedAnswer::NotModified { version },
+            Served::Delta { version, body } => FeedAnswer::Delta { version, body },
+            Served::Compact { version, body } => FeedAnswer::Snapshot { version, body },
+            Served::Snapshot { version, parts } => FeedAnswer::Snapshot {
+                version,
+                body: parts.contiguous(),
+            },
+        })
+    }
+
+    /// [`PolicyFeed::answer`] with a snapshot left in its parts, which the HTTP answer streams
+    /// (so a snapshot is never held as one more copy of every entry).
+    fn answer_parts(&self, since: Option<&str>, if_none_match: Option<&str>) -> Result<Served> {
         self.refresh()?;
         let mut state = self.lock();
         let current = state.version;
@@ -782,23 +889,23 @@ impl PolicyFeed {
                 .any(|tag| tag == version || tag == "*")
         });
         if seen || since == Some(version.as_str()) {
-            return Ok(FeedAnswer::NotModified { version });
+            return Ok(Served::NotModified { version });
         }
         if let Some(body) = since.and_then(|since| self.delta(&state, since)) {
-            return Ok(FeedAnswer::Delta {
+            return Ok(Served::Delta {
                 version,
                 body: body?,
             });
         }
-        let body = match &state.snapshot {
-            Some((n, body)) if *n == current => body.clone(),
+        let parts = match &state.snapshot {
+            Some((n, parts)) if *n == current => Arc::clone(parts),
             _ => {
-                let body = self.snapshot_body(&state, &version);
-                state.snapshot = Some((current, body.clone()));
-                body
+                let parts = Arc::new(self.snapshot_parts(&state, &version));
+                state.snapshot = Some((current, Arc::clone(&parts)));
+                parts
             }
         };
-        Ok(FeedAnswer::Snapshot { version, body })
+        Ok(Served::Snapshot { version, parts })
     }
 
     /// The delta from `since` to the current version, or `None` when it cannot be told
@@ -840,25 +947,21 @@ impl PolicyFeed {
         ))
     }
 
-    /// The whole document's JSON, assembled from the entries' JSON (the same bytes a
-    /// [`PolicyDocument`] serialises to).
-    fn snapshot_body(&self, state: &FeedState, version: &str) -> Bytes {
+    /// The whole document's JSON as its parts: the opening (schema, version, settings) and
+    /// the entries' JSON, shared (the same bytes a [`PolicyDocument`] serialises to once
+    /// joined, see [`SnapshotParts`]).
+    fn snapshot_parts(&self, state: &FeedState, version: &str) -> SnapshotParts {
         let settings = &self.settings;
-        let sites_bytes: usize = state.entries.values().map(|e| e.json.len() + 1).sum();
-        let mut body = Vec::with_capacity(sites_bytes + 256);
-        body.extend_from_slice(format!("{{\"schema\":{SCHEMA_VERSION},\"version\":").as_bytes());
-        json_string(&mut body, version);
-        body.extend_from_slice(b",\"settings\":");
-        body.extend_from_slice(&serde_json::to_vec(&settings).unwrap_or_else(|_| b"{}".to_vec()));
-        body.extend_from_slice(b",\"sites\":[");
-        for (index, entry) in state.entries.values().enumerate() {
-            if index > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(&entry.json);
-        }
-        body.extend_from_slice(b"]}");
-        Bytes::from(body)
+        let mut head = Vec::with_capacity(256);
+        head.extend_from_slice(format!("{{\"schema\":{SCHEMA_VERSION},\"version\":").as_bytes());
+        json_string(&mut head, version);
+        head.extend_from_slice(b",\"settings\":");
+        head.extend_from_slice(&serde_json::to_vec(&settings).unwrap_or_else(|_| b"{}".to_vec()));
+        head.extend_from_slice(b",\"sites\":[");
+        SnapshotParts::new(
+            Bytes::from(head),
+            state.entries.values().map(|e| e.json.clone()).collect(),
+        )
     }
 
     /// The current policy as a compact snapshot (see `autohttps_filter::policy::compact`), with
@@ -1052,15 +1155,15 @@ async fn serve_policy(
         certificates_changed.borrow_and_update();
         let asking = feed.clone();
         let (since, if_none_match) = (since.clone(), if_none_match.clone());
-        let answer = tokio::task::spawn_blocking(move || -> Result<(FeedAnswer, bool)> {
-            let answer = asking.answer(since.as_deref(), if_none_match.as_deref())?;
-            if compact && matches!(answer, FeedAnswer::Snapshot { .. }) {
+        let answer = tokio::task::spawn_blocking(move || -> Result<(Served, bool)> {
+            let served = asking.answer_parts(since.as_deref(), if_none_match.as_deref())?;
+            if compact && matches!(served, Served::Snapshot { .. }) {
                 match asking.compact_snapshot() {
-                    Ok((version, body)) => return Ok((FeedAnswer::Snapshot { version, body }, true)),
+                    Ok((version, body)) => return Ok((Served::Compact { version, body }, true)),
                     Err(error) => tracing::warn!(%error, "the compact snapshot could not be made; sending JSON"),
                 }
             }
-            Ok((answer, false))
+            Ok((served, false))
         })
         .await;
         let (answer, compact_body) = match answer {
@@ -1078,8 +1181,8 @@ async fn serve_policy(
                 );
             }
         };
-        let (status, kind, version, body) = match answer {
-            FeedAnswer::NotModified { version } => {
+        let (status, kind, version, body, len) = match answer {
+            Served::NotModified { version } => {
                 let now = tokio::time::Instant::now();
                 if now < deadline {
                     let until_boundary = (feed.next_time_boundary() - feed.clock.now())
@@ -1097,13 +1200,38 @@ async fn serve_policy(
                     }
                     continue;
                 }
-                (StatusCode::NOT_MODIFIED, None, version, Bytes::new())
+                (StatusCode::NOT_MODIFIED, None, version, Body::empty(), None)
             }
-            FeedAnswer::Snapshot { version, body } => {
-                (StatusCode::OK, Some(KIND_SNAPSHOT), version, body)
+            Served::Snapshot { version, parts } => {
+                let len = parts.len;
+                let body = Body::from_stream(parts.stream());
+                (
+                    StatusCode::OK,
+                    Some(KIND_SNAPSHOT),
+                    version,
+                    body,
+                    Some(len),
+                )
             }
-            FeedAnswer::Delta { version, body } => {
-                (StatusCode::OK, Some(KIND_DELTA), version, body)
+            Served::Delta { version, body } => {
+                let len = body.len();
+                (
+                    StatusCode::OK,
+                    Some(KIND_DELTA),
+                    version,
+                    Body::from(body),
+                    Some(len),
+                )
+            }
+            Served::Compact { version, body } => {
+                let len = body.len();
+                (
+                    StatusCode::OK,
+                    Some(KIND_SNAPSHOT),
+                    version,
+                    Body::from(body),
+                    Some(len),
+                )
             }
         };
         let etag = match etag_of(&version) {
@@ -1112,10 +1240,15 @@ async fn serve_policy(
                 return error_answer(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n"));
             }
         };
-        let mut response = Response::new(Body::from(body));
+        let mut response = Response::new(body);
         *response.status_mut() = status;
         let response_headers = response.headers_mut();
         response_headers.insert(header::ETAG, etag);
+        // A streamed snapshot's length is known: the client learns it up front (and hyper
+        // sends the body as is, not chunked).
+        if let Some(len) = len {
+            response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
         if let Some(kind) = kind {
             response_headers.insert(POLICY_KIND_HEADER, HeaderValue::from_static(kind));
             response_headers.insert(

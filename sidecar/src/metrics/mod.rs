@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 use crate::issuance::Issuer;
 use crate::policy_feed::PolicyFeed;
 use crate::sds::SdsListen;
-use crate::store::{Site, StoredCertificate};
+use crate::store::{CertificateCoverage, Site};
 
 pub use acme_requests::AcmeRequestMetrics;
 pub use process::ProcessFacts;
@@ -98,7 +98,7 @@ struct ModeLabels {
 /// `False` when not and the last attempt failed, `Unknown` while the first issuance is pending.
 fn site_condition(
     site: &Site,
-    certificates: &[&StoredCertificate],
+    certificates: &[&CertificateCoverage],
     now: OffsetDateTime,
 ) -> Condition {
     let valid: Vec<_> = certificates.iter().filter(|c| c.not_after > now).collect();
@@ -122,7 +122,8 @@ pub fn render(issuer: &Issuer, config: &MetricsConfig, rejected_sites: usize) ->
     let store = issuer.store();
     let now = issuer.clock().now();
     let sites = store.list_sites()?;
-    let certificates = store.all_current_certificates()?;
+    // Validity and names only: a scrape never reads every certificate's PEM and key.
+    let certificates = store.all_current_coverage()?;
     let counts = store.counts()?;
 
     let mut root = Registry::default();
@@ -145,7 +146,7 @@ pub fn render(issuer: &Issuer, config: &MetricsConfig, rejected_sites: usize) ->
 
     issuer.acme_requests().register(registry);
 
-    let mut by_site: HashMap<&str, Vec<&StoredCertificate>> = HashMap::new();
+    let mut by_site: HashMap<&str, Vec<&CertificateCoverage>> = HashMap::new();
     for certificate in &certificates {
         by_site
             .entry(&certificate.site)

@@ -251,3 +251,88 @@ fn key_check_names_the_problem_without_quoting_input() {
         .contains("no certificate")
     );
 }
+
+/// Every name's served version, from a lookup of each of `names`.
+fn versions(source: &StoreCertificateSource, names: &[&str]) -> Vec<Option<String>> {
+    names.iter().map(|n| version(source, n)).collect()
+}
+
+#[test]
+fn an_incremental_refresh_serves_what_a_full_rebuild_would() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test", "old.shop.example.test"]);
+    fixture.site("blog", &["blog.example.test"]);
+    fixture.site("bad", &["bad.example.test"]);
+    fixture.issue(
+        "shop",
+        &["shop.example.test", "old.shop.example.test"],
+        LATER,
+        false,
+    );
+    fixture.issue("blog", &["blog.example.test"], LATER, false);
+    let bad_good = fixture.issue("bad", &["bad.example.test"], LATER, false);
+    let source = fixture.source();
+    let mut changes = source.changes();
+    source.refresh_changed().expect("nothing changed");
+    assert!(
+        !changes.has_changed().expect("open"),
+        "an idle refresh is silent"
+    );
+
+    // A name moves from shop to blog, blog gets a certificate for it, shop is renewed, and
+    // bad's newer certificate does not match its key (the old one keeps serving).
+    fixture
+        .store
+        .remove_hostname("shop", &name("old.shop.example.test"), NOW, NOW)
+        .expect("removed");
+    fixture
+        .store
+        .add_hostname("blog", &name("old.shop.example.test"), NOW, NOW)
+        .expect("added");
+    let blog = fixture.issue(
+        "blog",
+        &["blog.example.test", "old.shop.example.test"],
+        datetime!(2026-07-01 00:00 UTC),
+        false,
+    );
+    let shop = fixture.issue(
+        "shop",
+        &["shop.example.test"],
+        datetime!(2026-07-01 00:00 UTC),
+        false,
+    );
+    fixture.issue(
+        "bad",
+        &["bad.example.test"],
+        datetime!(2026-07-01 00:00 UTC),
+        true,
+    );
+    source.refresh_changed().expect("refreshed");
+    assert!(changes.has_changed().expect("open"));
+    changes.mark_unchanged();
+    let names = [
+        "shop.example.test",
+        "old.shop.example.test",
+        "blog.example.test",
+        "bad.example.test",
+    ];
+    assert_eq!(
+        versions(&source, &names),
+        vec![Some(shop), Some(blog.clone()), Some(blog), Some(bad_good)]
+    );
+    // A new source knows nothing of bad's superseded good certificate; the rest is the same.
+    let rebuilt = fixture.source();
+    assert_eq!(
+        versions(&source, &names[..3]),
+        versions(&rebuilt, &names[..3])
+    );
+    assert_eq!(version(&rebuilt, "bad.example.test"), None);
+
+    // A deleted site's names go.
+    fixture.store.delete_site("blog").expect("deleted");
+    source.refresh_changed().expect("refreshed");
+    assert!(changes.has_changed().expect("open"));
+    assert_eq!(version(&source, "blog.example.test"), None);
+    assert_eq!(version(&source, "old.shop.example.test"), None);
+    assert!(source.lookup("shop.example.test").is_some());
+}
