@@ -108,28 +108,14 @@ pub(crate) fn sidecar_memory(binary: &Path, certificates: usize) -> anyhow::Resu
         store: None,
     }
     .write(&config)?;
-    let started = Instant::now();
-    let config_arg = config.display().to_string();
-    let mut sidecar = spawn_server(
-        "the sidecar",
+    let (mut sidecar, ready) = start_bench_sidecar(
         binary,
-        &["--config".into(), config_arg, "serve".into()],
-        dir.path().join("sidecar.log"),
+        &config,
+        &dir.path().join("sidecar.log"),
+        internal,
+        "SDS serves the store's certificates",
+        Duration::from_secs(120),
     )?;
-    loop {
-        sidecar.check_running()?;
-        let log = strip_ansi(&sidecar.log());
-        if log.contains("SDS serves the store's certificates")
-            && TcpStream::connect(("127.0.0.1", internal)).is_ok()
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("the sidecar did not start within 120 s:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let ready = started.elapsed();
     std::thread::sleep(Duration::from_secs(2));
     let pid = sidecar
         .program_pid()
@@ -152,4 +138,39 @@ pub(crate) fn sidecar_memory(binary: &Path, certificates: usize) -> anyhow::Resu
         peak_kib,
         policy_bytes: policy.len(),
     })
+}
+
+/// Starts the release sidecar on `config` (its log in `log`) and waits, at most `limit`, until
+/// its log has `ready_line` and its internal listener (127.0.0.1:`internal`) accepts: the
+/// process and how long that took.
+pub(crate) fn start_bench_sidecar(
+    binary: &Path,
+    config: &Path,
+    log: &Path,
+    internal: u16,
+    ready_line: &str,
+    limit: Duration,
+) -> anyhow::Result<(Process, Duration)> {
+    let started = Instant::now();
+    let mut sidecar = spawn_server(
+        "the sidecar",
+        binary,
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "serve".into(),
+        ],
+        log.to_path_buf(),
+    )?;
+    loop {
+        sidecar.check_running()?;
+        let text = strip_ansi(&sidecar.log());
+        if text.contains(ready_line) && TcpStream::connect(("127.0.0.1", internal)).is_ok() {
+            return Ok((sidecar, started.elapsed()));
+        }
+        if started.elapsed() > limit {
+            bail!("the sidecar did not start within {limit:?}:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

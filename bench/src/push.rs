@@ -35,7 +35,6 @@ use autohttps_kit::{free_port, repo_root};
 
 use super::{
     day_seconds, log_seconds, mib_kib, resident_kib, seed_store, sidecar_for_bench, spawn_server,
-    strip_ansi,
 };
 
 /// Changes timed end to end.
@@ -176,31 +175,14 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
     }
     .write(&config)?;
     eprintln!("==> push: starting the sidecar");
-    let started = Instant::now();
-    let mut sidecar = spawn_server(
-        "the sidecar",
+    let (mut sidecar, ready) = super::start_bench_sidecar(
         &binary,
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "serve".into(),
-        ],
-        dir.path().join("sidecar.log"),
+        &config,
+        &dir.path().join("sidecar.log"),
+        internal,
+        "autohttps sidecar serving",
+        Duration::from_secs(300),
     )?;
-    loop {
-        sidecar.check_running()?;
-        let log = strip_ansi(&sidecar.log());
-        if log.contains("autohttps sidecar serving")
-            && TcpStream::connect(("127.0.0.1", internal)).is_ok()
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("the sidecar did not start within 300 s:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let ready = started.elapsed();
     std::thread::sleep(Duration::from_secs(2));
     let pid = sidecar
         .program_pid()
