@@ -14,8 +14,9 @@
 //! `BENCH_SIZES` (default `10,1000,10000,100000`), `BENCH_OUT` (default
 //! `tests/bench/RESULTS.md`; `-` prints only), `BENCH_WASM_DIR` (default the `make build`
 //! output), `BENCH_ONLY=vm` (the in-process part only, for quick checks of the filter),
-//! `BENCH_ONLY=policy` (the policy feed at scale, module `policy`), `BENCH_ONLY=push` (the
-//! policy push at scale on a real sidecar and Envoy, module `push`),
+//! `BENCH_ONLY=policy` (the policy feed at scale, module `policy`; `BENCH_POLICY=0` skips it
+//! in a full run), `BENCH_ONLY=push` (the policy push at scale on a real sidecar and Envoy,
+//! module `push`; `BENCH_PUSH=0` skips it),
 //! `BENCH_ONLY=issuance` (part 4 only: its rows and section of the existing results file are
 //! replaced, the rest kept), `BENCH_ISSUANCE=0` (skip part 4), `BENCH_ISSUANCE_SITES` (default
 //! 100) and `BENCH_STORE_CERTIFICATES` (default 10000). Part 6, the fleet (module `fleet`,
@@ -203,6 +204,14 @@ fn main() -> anyhow::Result<()> {
     }
     if std::env::var("BENCH_FLEET").as_deref() != Ok("0") {
         fleet_only(&results.settings)?;
+    }
+    // The policy feed at scale: in the filter's VMs (`policy`), then on the real sidecar and
+    // Envoy (`push`), each writing its own section of the results file.
+    if std::env::var("BENCH_POLICY").as_deref() != Ok("0") {
+        policy::run(&results.settings)?;
+    }
+    if std::env::var("BENCH_PUSH").as_deref() != Ok("0") {
+        push::run(&results.settings.out)?;
     }
     Ok(())
 }
