@@ -83,3 +83,18 @@ pub fn json_or_text(text: String) -> serde_json::Value {
         serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
     }
 }
+
+/// The names a `GET /v1/sites/{site}/certificates` answer's current certificates cover,
+/// sorted, each once.
+pub fn covered_names(certificates: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = certificates["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["names"].as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}

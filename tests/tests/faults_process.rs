@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use autohttps_kit::admin::covered_names;
 use autohttps_tests::envoy::curl;
 use autohttps_tests::stack::{ADMIN_TOKEN, Stack, wait_until};
 use serde_json::json;
@@ -67,16 +68,7 @@ fn covered(stack: &Stack, site: &str) -> Vec<String> {
     else {
         return Vec::new();
     };
-    let mut names: Vec<String> = status["certificates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| c["names"].as_array().cloned().unwrap_or_default())
-        .filter_map(|n| n.as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names.dedup();
-    names
+    covered_names(&status)
 }
 
 fn settled(stack: &Stack, site: &str, names: &[String]) -> bool {

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use autohttps_kit::admin::covered_names;
 use autohttps_kit::fleet::{Fleet, FleetOptions};
 use autohttps_tests::stack::wait_until;
 use serde_json::json;
@@ -42,16 +43,7 @@ fn covered(fleet: &Fleet, edge: usize, site: &str) -> Vec<String> {
     else {
         return Vec::new();
     };
-    let mut names: Vec<String> = status["certificates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| c["names"].as_array().cloned().unwrap_or_default())
-        .filter_map(|n| n.as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names.dedup();
-    names
+    covered_names(&status)
 }
 
 fn events(fleet: &Fleet, site: &str) -> Vec<serde_json::Value> {
