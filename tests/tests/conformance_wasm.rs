@@ -10,7 +10,7 @@ use autohttps_tests::conformance::{
     FEED_TIMEOUT_MS, FeedReply, FeedRequest, FeedStandIn, Observed, Request, ScenarioFile, Upstream,
 };
 use autohttps_tests::envoy::filter_wasm;
-use proxy_wasm_host::{FilterModule, Host, HostBuilder};
+use proxy_wasm_host::{FilterModule, Host, HostBuilder, HttpCallFailure};
 
 fn module() -> FilterModule {
     FilterModule::load(filter_wasm().expect("filter built")).expect("filter loads")
@@ -152,8 +152,8 @@ fn feed_scenarios_in_wasmtime() {
         );
         let counter = format!("autohttps.{}", scenario.counter);
         let before = host.metric(&counter).map_or(0, |m| m.value);
-        host.advance_clock(Duration::from_millis(250))
-            .expect("tick");
+        // A new VM polls at its first tick, 1 ms after configuration (then every interval).
+        host.advance_clock(Duration::from_millis(1)).expect("tick");
         let calls: Vec<_> = host.pending_http_calls().into_iter().cloned().collect();
         assert_eq!(calls.len(), 1, "{}: one poll per tick", scenario.name);
         let call = &calls[0];
@@ -509,6 +509,43 @@ fn compact_host(module: &FilterModule) -> Host {
     let host = host(module, &config);
     assert!(host.configuration_accepted(), "{:?}", host.logs());
     host
+}
+
+/// A new VM asks the feed for its policy at once, not one poll interval later: with long
+/// polling the interval is the slow fallback (a minute here), and a VM that waited it would
+/// serve no policy for that long. After the first tick the timer runs at the interval.
+#[test]
+fn a_new_vm_asks_the_feed_at_once_then_polls_at_its_interval() {
+    let module = module();
+    let mut host = host(
+        &module,
+        r#"{"feed": {"cluster": "feed", "interval_ms": 60000, "timeout_ms": 500, "wait_ms": 5000}}"#,
+    );
+    assert!(host.configuration_accepted(), "{:?}", host.logs());
+    assert!(
+        host.pending_http_calls().is_empty(),
+        "no call before the first tick"
+    );
+    host.advance_clock(Duration::from_millis(5)).expect("tick");
+    let calls = host.pending_http_calls();
+    assert_eq!(
+        calls.len(),
+        1,
+        "the first poll went out within 5 ms: {calls:?}"
+    );
+    assert_eq!(host.tick_period(), Some(Duration::from_secs(60)));
+    let token = calls[0].token;
+    host.fail_http_call_with(token, HttpCallFailure::ConnectionFailure)
+        .expect("fail");
+    // A failed poll waits for the next tick: one interval, not the short first period.
+    host.advance_clock(Duration::from_secs(59)).expect("ticks");
+    assert!(
+        host.pending_http_calls().is_empty(),
+        "{:?}",
+        host.pending_http_calls()
+    );
+    host.advance_clock(Duration::from_secs(2)).expect("tick");
+    assert_eq!(host.pending_http_calls().len(), 1);
 }
 
 fn answer_compact(host: &mut Host, version: &str, body: &[u8]) {

@@ -66,6 +66,9 @@ pub(crate) struct Feed {
     building: Option<(SnapshotBuild, u32)>,
     /// The policy a snapshot replaced, freed [`RELEASE_SITES`] sites per tick.
     retiring: Option<Policy>,
+    /// No tick has fired yet: the first comes [`SLICE_TICK_MS`] after configuration (a new
+    /// VM asks for its policy at once), then the period becomes `interval_ms`.
+    starting: bool,
 }
 
 /// What to do once an answer is handled.
@@ -121,11 +124,19 @@ impl Feed {
             last_failure: None,
             building: None,
             retiring: None,
+            starting: true,
         })
     }
 
     pub(crate) fn interval(&self) -> Duration {
         millis(self.config.interval_ms)
+    }
+
+    /// The tick period to set at configuration: short, so that the first poll goes out at
+    /// once rather than one `interval_ms` later (with long polling, `interval_ms` is the slow
+    /// fallback, up to minutes); the first tick sets `interval_ms`.
+    pub(crate) fn first_period(&self) -> Duration {
+        millis(SLICE_TICK_MS)
     }
 
     pub(crate) fn describe(&self) -> String {
@@ -366,6 +377,10 @@ impl Feed {
     /// The timer: builds the next slice of a snapshot and frees a slice of a replaced policy,
     /// or polls.
     pub(crate) fn on_tick(&mut self, policy: &SharedPolicy, metrics: &Metrics) {
+        if std::mem::take(&mut self.starting) && self.building.is_none() && self.retiring.is_none()
+        {
+            self.slice_ticks(false);
+        }
         if self.building.is_none() && self.retiring.is_none() {
             self.poll(metrics);
             return;

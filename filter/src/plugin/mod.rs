@@ -101,7 +101,7 @@ impl Root {
             ),
         );
         if let Some(feed) = &feed
-            && let Err(status) = hostcalls::set_tick_period(feed.interval())
+            && let Err(status) = hostcalls::set_tick_period(feed.first_period())
         {
             return Err(vec![format!(
                 "could not start the policy feed timer: {status:?}"
