@@ -14,6 +14,7 @@ use autohttps_sidecar::config::Config;
 use autohttps_sidecar::hostname::Hostname;
 use autohttps_sidecar::http01::{ChallengeResponder, internal_router};
 use autohttps_sidecar::service::{Sidecar, open_store};
+use autohttps_sidecar::store::prelude::*;
 use autohttps_sidecar::store::{
     NewSite, PostgresStore, PostgresStoreOptions, SCHEMA_VERSION, SITE_CHANGES_KEEP_SECS,
     SitePolicy, SqliteStore, Store,

@@ -5,7 +5,8 @@
 use postgres::types::ToSql;
 use rusqlite::types::Value;
 
-use super::{PostgresStore, PostgresStoreOptions, change_transaction};
+use super::queries::change_transaction;
+use super::{PostgresStore, PostgresStoreOptions};
 use crate::config::StoreLocation;
 use crate::error::{Error, Result};
 use crate::store::{LOCAL_NODE, SqliteStore};
