@@ -36,7 +36,7 @@ pub mod prelude {
 /// The schema version both backends migrate to: migration `n` of the SQLite store and
 /// migration `n` of the PostgreSQL store bring the same logical schema (same tables, columns,
 /// triggers), so a store copied from one to the other lands on the same version.
-pub const SCHEMA_VERSION: usize = 6;
+pub const SCHEMA_VERSION: usize = 7;
 
 /// How long an HTTP-01 token is kept in the store at most: a node that died mid-validation
 /// never removes its tokens, so saving a token also forgets those older than this.

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use time::OffsetDateTime;
 
 use super::PostgresStore;
-use super::queries::{change_transaction, insert_event, query_certificates};
+use super::queries::{insert_event, query_certificates};
 use crate::error::Result;
 use crate::hostname::Hostname;
 use crate::store::rows::{CERT_COLUMNS, RawCertificate, names_from_json, names_json, ts};
@@ -51,7 +51,7 @@ impl CertificateStore for PostgresStore {
         now: OffsetDateTime,
     ) -> Result<StoredCertificate> {
         let stored = self.connections.run(move |client| {
-            let mut tx = change_transaction(client)?;
+            let mut tx = client.transaction()?;
             let id: i64 = tx
                 .query_one(
                     "INSERT INTO certificates (site, names, chain_pem, key_pem, not_before, not_after, serial, ari_id, issued_at)

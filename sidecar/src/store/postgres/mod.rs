@@ -3,7 +3,7 @@
 //! Same rows and rules as the SQLite store ([`super::rows`], [`super::supersedes`]); what a
 //! fleet adds is done by the database: the issuance lease is one conditional `UPDATE` (two
 //! nodes can never both hold it), the ACME account is saved once (a unique key, the winner read
-//! back), the change log is written by triggers that also `NOTIFY` every node.
+//! back), the change log is written at commit by triggers that also `NOTIFY` every node.
 
 mod acme;
 mod certificates;

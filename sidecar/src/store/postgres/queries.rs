@@ -3,11 +3,10 @@
 
 use std::collections::HashMap;
 
-use postgres::{Client, GenericClient, Row, Transaction};
+use postgres::{GenericClient, Row, Transaction};
 use time::OffsetDateTime;
 
 use super::connections::conflict_on_duplicate;
-use super::schema;
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 use crate::store::rows::{
@@ -15,18 +14,6 @@ use crate::store::rows::{
 };
 use crate::store::rules::{hostname_taken, no_such_site};
 use crate::store::{HostnameKind, Site, SiteEventKind, SiteHostname, StoredCertificate};
-
-/// A write transaction that may change the change log: it takes the change-log lock first, so
-/// a transaction that updates a row and only then fires the trigger cannot deadlock with one
-/// that holds the lock and waits for that row.
-pub(super) fn change_transaction(client: &mut Client) -> Result<Transaction<'_>> {
-    let mut tx = client.transaction()?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1)",
-        &[&schema::CHANGE_LOG_LOCK],
-    )?;
-    Ok(tx)
-}
 
 impl RawSite {
     pub(super) fn from_pg(row: &Row) -> Result<Self> {

@@ -4,9 +4,7 @@ use time::OffsetDateTime;
 
 use super::PostgresStore;
 use super::connections::conflict_on_duplicate;
-use super::queries::{
-    change_transaction, insert_event, insert_hostname, load_all_sites, load_site, require_site,
-};
+use super::queries::{insert_event, insert_hostname, load_all_sites, load_site, require_site};
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 use crate::store::rows::{enum_text, ts};
@@ -27,7 +25,7 @@ impl SiteStore for PostgresStore {
     ) -> Result<Site> {
         validate_site_name(&site.name)?;
         let created = self.connections.run(move |client| {
-            let mut tx = change_transaction(client)?;
+            let mut tx = client.transaction()?;
             let present: bool = tx
                 .query_one(
                     "SELECT EXISTS(SELECT 1 FROM sites WHERE name = $1)",
@@ -104,7 +102,7 @@ impl SiteStore for PostgresStore {
     fn delete_site(&self, name: &str) -> Result<()> {
         let name = name.to_owned();
         self.connections.run(move |client| {
-            let mut tx = change_transaction(client)?;
+            let mut tx = client.transaction()?;
             if tx.execute("DELETE FROM sites WHERE name = $1", &[&name])? == 0 {
                 return Err(no_such_site(&name));
             }
@@ -121,7 +119,7 @@ impl SiteStore for PostgresStore {
     fn set_policy(&self, name: &str, policy: SitePolicy) -> Result<Site> {
         let name = name.to_owned();
         let site = self.connections.run(move |client| {
-            let mut tx = change_transaction(client)?;
+            let mut tx = client.transaction()?;
             let changed = tx.execute(
                 "UPDATE sites SET https_mode = $2, redirect = $3, hsts_enabled = $4, hsts_max_age = $5,
                                   mixed_content = $6, hsts_include_subdomains = $7, hsts_preload = $8,
@@ -159,7 +157,7 @@ impl SiteStore for PostgresStore {
     ) -> Result<Site> {
         let (site, name) = (site.to_owned(), name.clone());
         let updated = self.connections.run(move |client| {
-            let mut tx = change_transaction(client)?;
+            let mut tx = client.transaction()?;
             let primary = require_site(&mut tx, &site)?.primary;
             let kind = HostnameKind::of(&name, &primary);
             insert_hostname(&mut tx, &site, &name, kind, now)?;
@@ -193,7 +191,7 @@ impl SiteStore for PostgresStore {
     ) -> Result<Site> {
         let (site, name) = (site.to_owned(), name.clone());
         let updated = self.connections.run(move |client| {
-            let mut tx = change_transaction(client)?;
+            let mut tx = client.transaction()?;
             let current = require_site(&mut tx, &site)?;
             if current.primary == name {
                 return Err(primary_not_removable(&site, &name));
