@@ -311,23 +311,16 @@ impl Fleet {
         let url = self.database_url.clone();
         let sql = sql.to_owned();
         // The blocking client must not run inside a runtime: a thread of its own.
-        std::thread::spawn(move || -> anyhow::Result<Vec<Vec<String>>> {
-            let mut client = postgres::Client::connect(&url, postgres::NoTls)
-                .context("connect to the fleet's PostgreSQL")?;
-            let mut rows = Vec::new();
-            for message in client.simple_query(&sql).with_context(|| sql.clone())? {
-                if let postgres::SimpleQueryMessage::Row(row) = message {
-                    rows.push(
-                        (0..row.len())
-                            .map(|i| row.get(i).unwrap_or_default().to_owned())
-                            .collect(),
-                    );
-                }
-            }
-            Ok(rows)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the SQL thread panicked"))?
+        std::thread::spawn(move || SqlSession::connect(&url)?.query(&sql))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the SQL thread panicked"))?
+    }
+
+    /// A connection of its own to the shared store, for a caller that queries it often (each
+    /// [`Fleet::sql`] connects anew, which costs PostgreSQL a process start). Not for use
+    /// inside an async runtime (the client blocks).
+    pub fn sql_session(&self) -> anyhow::Result<SqlSession> {
+        SqlSession::connect(&self.database_url)
     }
 
     /// Makes `host` resolve (in the mock DNS, which Pebble and the sidecars' DNS pre-check
@@ -506,5 +499,43 @@ impl WaitSampler {
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the wait sampler panicked"))?
+    }
+}
+
+/// One connection to a fleet's shared store (see [`Fleet::sql_session`]).
+pub struct SqlSession {
+    client: postgres::Client,
+}
+
+impl std::fmt::Debug for SqlSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlSession").finish_non_exhaustive()
+    }
+}
+
+impl SqlSession {
+    fn connect(url: &str) -> anyhow::Result<Self> {
+        let client = postgres::Client::connect(url, postgres::NoTls)
+            .context("connect to the fleet's PostgreSQL")?;
+        Ok(Self { client })
+    }
+
+    /// Runs `sql` (simple query protocol): every row, each column as text (`""` for NULL).
+    pub fn query(&mut self, sql: &str) -> anyhow::Result<Vec<Vec<String>>> {
+        let mut rows = Vec::new();
+        for message in self
+            .client
+            .simple_query(sql)
+            .with_context(|| sql.to_owned())?
+        {
+            if let postgres::SimpleQueryMessage::Row(row) = message {
+                rows.push(
+                    (0..row.len())
+                        .map(|i| row.get(i).unwrap_or_default().to_owned())
+                        .collect(),
+                );
+            }
+        }
+        Ok(rows)
     }
 }
