@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use autohttps_kit::fleet::{Fleet, FleetOptions};
-use autohttps_kit::wait_until;
+use autohttps_kit::fleet::{Fleet, FleetCpu, FleetOptions, SqlSession, WaitTally};
+use autohttps_kit::{ProcessCpu, wait_until};
 
 /// What the fleet part measured.
 #[derive(Debug, Clone)]
@@ -44,10 +44,21 @@ pub struct Burst {
     pub orders_at_pebble: usize,
     /// Certificates stored by each node (from its log).
     pub per_node: BTreeMap<usize, usize>,
-    /// CPU seconds used during the burst by each sidecar.
-    pub sidecar_cpu: Vec<f64>,
-    /// Pebble's CPU seconds during the burst.
-    pub pebble_cpu: f64,
+    /// Each creation request's answer time, sorted.
+    pub create_latency: Vec<Duration>,
+    /// CPU seconds each process of the fleet used during the burst.
+    pub cpu: FleetCpu,
+    /// CPU seconds the bench process itself used during the burst (creating, polling).
+    pub bench_cpu: f64,
+    /// CPU seconds the whole machine was busy during the burst (every process, other work on
+    /// the machine included), out of `cores` × wall.
+    pub machine_cpu: f64,
+    /// The machine's cores.
+    pub cores: usize,
+    /// What PostgreSQL's busy backends waited for while the sites were created.
+    pub creation_waits: WaitTally,
+    /// The same from the last creation to the last certificate.
+    pub issuing_waits: WaitTally,
 }
 
 fn env_number(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -78,12 +89,16 @@ pub fn run() -> anyhow::Result<FleetBench> {
         warm_up(&fleet)?;
         let burst = burst(&fleet, sites)?;
         eprintln!(
-            "    {nodes} node(s): {sites} sites issued in {:.2} s ({} orders at Pebble, per node {:?}, sidecar CPU {:?} s, Pebble CPU {:.1} s)",
+            "    {nodes} node(s): {sites} sites issued in {:.2} s (created in {:.2} s, create p50 {:.0} ms p99 {:.0} ms; {} orders at Pebble, per node {:?}; CPU s: {}; PostgreSQL busy backends while creating {:?}, while issuing {:?})",
             burst.wall.as_secs_f64(),
+            burst.created_in.as_secs_f64(),
+            percentile(&burst.create_latency, 50.0).as_secs_f64() * 1e3,
+            percentile(&burst.create_latency, 99.0).as_secs_f64() * 1e3,
             burst.orders_at_pebble,
             burst.per_node,
-            burst.sidecar_cpu,
-            burst.pebble_cpu
+            burst.cpu_words(),
+            burst.creation_waits,
+            burst.issuing_waits,
         );
         bursts.push(burst);
         if nodes == 3 {
@@ -121,8 +136,8 @@ fn warm_up(fleet: &Fleet) -> anyhow::Result<()> {
     })
 }
 
-fn certificates_stored(fleet: &Fleet, prefix: &str) -> anyhow::Result<usize> {
-    let rows = fleet.sql(&format!(
+fn certificates_stored(session: &mut SqlSession, prefix: &str) -> anyhow::Result<usize> {
+    let rows = session.query(&format!(
         "SELECT count(DISTINCT site) FROM certificates WHERE site LIKE '{prefix}%'"
     ))?;
     Ok(rows
@@ -133,31 +148,21 @@ fn certificates_stored(fleet: &Fleet, prefix: &str) -> anyhow::Result<usize> {
 }
 
 /// `sites` new sites (two names each), created through the nodes' admin APIs in turn by four
-/// threads; timed until every one has a certificate in the store.
+/// threads; timed until every one has a certificate in the store. Site `b<i>` is created on
+/// node `i mod n`, and its names point (mock DNS, set before the timer starts) at that node's
+/// edge, as a DNS round robin spreads a platform's names: each edge answers the CA for its
+/// share of the challenges.
 fn burst(fleet: &Fleet, sites: usize) -> anyhow::Result<Burst> {
-    let orders_before = fleet.pebble_orders();
-    let stored_before: Vec<usize> = fleet.edges.iter().map(stored_lines).collect();
-    let (cpu_before, pebble_before) = fleet.cpu_seconds();
-    let start = Instant::now();
     let threads = 4;
+    let edge_of = |i: usize| &fleet.edges[i % fleet.edges.len()];
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 scope.spawn(move || -> anyhow::Result<()> {
                     for i in (t..sites).step_by(threads) {
-                        let edge = &fleet.edges[i % fleet.edges.len()];
                         let primary = format!("b{i}.fleet-bench.test");
-                        let body = serde_json::json!({
-                            "name": format!("b{i}"),
-                            "primary": primary,
-                            "hostnames": [format!("www.{primary}")],
-                        });
-                        let (code, answer) = edge.admin("POST", "/v1/sites", Some(&body))?;
-                        if code != 201 {
-                            bail!(
-                                "creating b{i} on edge {} answered {code}: {answer}",
-                                edge.index
-                            );
+                        for host in [primary.clone(), format!("www.{primary}")] {
+                            fleet.point_dns(&host, edge_of(i).index)?;
                         }
                     }
                     Ok(())
@@ -167,18 +172,71 @@ fn burst(fleet: &Fleet, sites: usize) -> anyhow::Result<Burst> {
         for worker in workers {
             worker
                 .join()
-                .map_err(|_| anyhow::anyhow!("a creating thread panicked"))??;
+                .map_err(|_| anyhow::anyhow!("a DNS thread panicked"))??;
         }
         Ok(())
     })?;
+    let orders_before = fleet.pebble_orders();
+    let stored_before: Vec<usize> = fleet.edges.iter().map(stored_lines).collect();
+    let cpu_before = fleet.cpu();
+    let bench_before = own_cpu_seconds();
+    let machine_before = machine_busy_seconds()?;
+    let sampler = fleet.sample_waits(Duration::from_millis(100))?;
+    // One connection polls for the certificates: a new one per poll (20 a second) would cost
+    // PostgreSQL a process start each, on the machine being measured.
+    let mut session = fleet.sql_session()?;
+    let start = Instant::now();
+    let create_latency = std::thread::scope(|scope| -> anyhow::Result<Vec<Duration>> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || -> anyhow::Result<Vec<Duration>> {
+                    let mut latency = Vec::new();
+                    for i in (t..sites).step_by(threads) {
+                        let edge = edge_of(i);
+                        let primary = format!("b{i}.fleet-bench.test");
+                        let body = serde_json::json!({
+                            "name": format!("b{i}"),
+                            "primary": primary,
+                            "hostnames": [format!("www.{primary}")],
+                        });
+                        let asked = Instant::now();
+                        let (code, answer) = edge.admin("POST", "/v1/sites", Some(&body))?;
+                        latency.push(asked.elapsed());
+                        if code != 201 {
+                            bail!(
+                                "creating b{i} on edge {} answered {code}: {answer}",
+                                edge.index
+                            );
+                        }
+                    }
+                    Ok(latency)
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(sites);
+        for worker in workers {
+            all.extend(
+                worker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a creating thread panicked"))??,
+            );
+        }
+        all.sort();
+        Ok(all)
+    })?;
     let created_in = start.elapsed();
+    let creation_waits = sampler.stop()?;
+    let sampler = fleet.sample_waits(Duration::from_millis(100))?;
     wait_until(
         &format!("{sites} sites issued"),
         Duration::from_secs(600),
-        || (certificates_stored(fleet, "b").ok()? >= sites).then_some(()),
+        || (certificates_stored(&mut session, "b").ok()? >= sites).then_some(()),
     )?;
     let wall = start.elapsed();
-    let (cpu_after, pebble_after) = fleet.cpu_seconds();
+    let issuing_waits = sampler.stop()?;
+    let cpu = fleet.cpu().since(&cpu_before);
+    let bench_cpu = own_cpu_seconds() - bench_before;
+    let machine_cpu = machine_busy_seconds()? - machine_before;
     let per_node = fleet
         .edges
         .iter()
@@ -191,13 +249,70 @@ fn burst(fleet: &Fleet, sites: usize) -> anyhow::Result<Burst> {
         created_in,
         orders_at_pebble: fleet.pebble_orders() - orders_before,
         per_node,
-        sidecar_cpu: cpu_after
-            .iter()
-            .zip(&cpu_before)
-            .map(|(a, b)| ((a - b) * 10.0).round() / 10.0)
-            .collect(),
-        pebble_cpu: pebble_after - pebble_before,
+        create_latency,
+        cpu,
+        bench_cpu,
+        machine_cpu,
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+        creation_waits,
+        issuing_waits,
     })
+}
+
+/// CPU seconds this process has used so far.
+fn own_cpu_seconds() -> f64 {
+    ProcessCpu::of(std::process::id()).map_or(0.0, |cpu| cpu.own)
+}
+
+/// CPU seconds the machine has spent busy so far, all cores (`/proc/stat`: everything but idle
+/// and I/O wait, in USER_HZ, 100 per second).
+fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat has no cpu line")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let total: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    Ok((total - idle) / 100.0)
+}
+
+/// The `p`-th percentile of sorted figures (zero when there are none).
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.saturating_sub(1).min(sorted.len() - 1)]
+}
+
+impl Burst {
+    /// CPU seconds per process, in words.
+    fn cpu_words(&self) -> String {
+        let each = |figures: &[f64]| {
+            figures
+                .iter()
+                .map(|f| format!("{f:.1}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        format!(
+            "sidecars {}, Envoys {}, PostgreSQL {:.1}, Pebble {:.1}, bench {:.1}; machine busy {:.1} of {} × {:.1}",
+            each(&self.cpu.sidecars),
+            each(&self.cpu.envoys),
+            self.cpu.postgres,
+            self.cpu.pebble,
+            self.bench_cpu,
+            self.machine_cpu,
+            self.cores,
+            self.wall.as_secs_f64(),
+        )
+    }
 }
 
 fn stored_lines(edge: &autohttps_kit::fleet::Edge) -> usize {
@@ -255,20 +370,13 @@ impl FleetBench {
 
     /// The `p`-th percentile of the change → enforced figures.
     pub fn percentile(&self, p: f64) -> Option<Duration> {
-        if self.propagation.is_empty() {
-            return None;
-        }
-        let rank = ((p / 100.0) * self.propagation.len() as f64).ceil() as usize;
-        self.propagation
-            .get(rank.saturating_sub(1).min(self.propagation.len() - 1))
-            .copied()
+        (!self.propagation.is_empty()).then(|| percentile(&self.propagation, p))
     }
 
     /// The rows of the results table (`| 6 fleet | …`).
     pub fn rows(&self) -> String {
         let mut out = String::new();
         for burst in &self.bursts {
-            let cpu: f64 = burst.sidecar_cpu.iter().sum();
             let (ratio, target, status) = match (burst.nodes, self.speedup()) {
                 (3, Some(speedup)) => (
                     format!("{speedup:.2} × 1 node"),
@@ -279,7 +387,7 @@ impl FleetBench {
             };
             let _ = writeln!(
                 out,
-                "| 6 fleet | {} new sites (2 names each) issued by {} node{} (`orders_in_flight = {}` each) | {:.2} s wall ({:.1} orders/s; created through the APIs in {:.1} s) · {} orders at Pebble · certificates per node {} · CPU: sidecars {:.1} s, Pebble {:.1} s | {ratio} | {target} | {status} |",
+                "| 6 fleet | {} new sites (2 names each) issued by {} node{} (`orders_in_flight = {}` each) | {:.2} s wall ({:.1} orders/s; created through the APIs in {:.1} s, a creation answered in p50 {:.0} ms, p99 {:.0} ms) · {} orders at Pebble · certificates per node {} · CPU s: {} | {ratio} | {target} | {status} |",
                 self.sites,
                 burst.nodes,
                 if burst.nodes == 1 { "" } else { "s" },
@@ -287,6 +395,8 @@ impl FleetBench {
                 burst.wall.as_secs_f64(),
                 self.sites as f64 / burst.wall.as_secs_f64(),
                 burst.created_in.as_secs_f64(),
+                percentile(&burst.create_latency, 50.0).as_secs_f64() * 1e3,
+                percentile(&burst.create_latency, 99.0).as_secs_f64() * 1e3,
                 burst.orders_at_pebble,
                 burst
                     .per_node
@@ -294,8 +404,7 @@ impl FleetBench {
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(" / "),
-                cpu,
-                burst.pebble_cpu,
+                burst.cpu_words(),
             );
         }
         if let (Some(p50), Some(p99)) = (self.percentile(50.0), self.percentile(99.0)) {
@@ -325,12 +434,12 @@ impl FleetBench {
         let _ = writeln!(out, "Measured {}.\n", self.note);
         let _ = writeln!(
             out,
-            "- **Fleet.** `tests/src/fleet.rs`, as the fleet suite runs it: one throwaway PostgreSQL (`store.url`), Pebble with `PEBBLE_VA_NOSLEEP=1` and its mock DNS (every name 127.0.0.1, so every challenge is validated through edge 1 and answered from the shared store), and per node a release `autohttps` sidecar (distinct `store.node_id`, `acme.orders_in_flight = {}`) and an Envoy (`--concurrency 1`, release filter) on its own loopback address. One site per node is issued first (each node's ACME client, one shared account), then nothing else runs.",
+            "- **Fleet.** `tests/src/fleet.rs`, as the fleet suite runs it: one throwaway PostgreSQL (`store.url`), Pebble with `PEBBLE_VA_NOSLEEP=1` and its mock DNS, and per node a release `autohttps` sidecar (distinct `store.node_id`, `acme.orders_in_flight = {}`) and an Envoy (`--concurrency 1`, release filter) on its own loopback address. One site per node is issued first (each node's ACME client, one shared account), then nothing else runs.",
             self.orders_in_flight
         );
         let _ = writeln!(
             out,
-            "- **Burst.** {} sites `b<i>.fleet-bench.test` + `www.`, created by 4 threads through the nodes' admin APIs in turn; timed from the first creation until every site has a certificate in the store (polled with SQL every 50 ms). Orders counted at Pebble (`Added order` log lines); certificates per node from each sidecar's `certificate stored` log lines; CPU from `/proc/<pid>/stat` (user + system) over the burst.",
+            "- **Burst.** {} sites `b<i>.fleet-bench.test` + `www.`, created by 4 threads through the nodes' admin APIs in turn (site `b<i>` on node `i mod n`); the mock DNS points both names of `b<i>` at that node's edge (set before the timer starts), as a DNS round robin spreads names over the edges, so each edge answers the CA for its share of the challenges (any node may hold the order: the key authorisations are in the shared store). Timed from the first creation until every site has a certificate in the store (polled with SQL every 50 ms, on one connection). Orders counted at Pebble (`Added order` log lines); certificates per node from each sidecar's `certificate stored` log lines; CPU from `/proc/<pid>/stat` (user + system) over the burst, per process (PostgreSQL: the server and all its backends), the bench's own, and the whole machine's busy time from `/proc/stat` (other work on the machine included).",
             self.sites
         );
         let _ = writeln!(

@@ -8,8 +8,9 @@ use super::*;
 /// due for issuance, so the sidecar started on it never calls a CA.
 pub(crate) fn seed_store(database: &Path, n: usize) -> anyhow::Result<()> {
     use autohttps_sidecar::hostname::Hostname;
+    use autohttps_sidecar::store::prelude::*;
     use autohttps_sidecar::store::{
-        NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore, Store as _,
+        NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore,
     };
     let store = SqliteStore::open(database)?;
     let now = time::OffsetDateTime::now_utc();

@@ -185,6 +185,11 @@ impl Envoy {
         self.process.exited()
     }
 
+    /// CPU seconds (user + system) Envoy has used so far; `None` once it has exited.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.process.cpu_seconds()
+    }
+
     /// The admin port.
     pub fn admin_port(&self) -> u16 {
         self.admin_port

@@ -16,7 +16,7 @@ use crate::pebble::{Pebble, PebbleOptions};
 use crate::pg::PgCluster;
 use crate::sidecar::{SidecarConfig, StoreSettings, sidecar_binary};
 use crate::stack::{ADMIN_TOKEN, DemoBackend, Ports, admin_call, edge_yaml, spawn_sidecar};
-use crate::{Lifetime, Process, free_port};
+use crate::{Lifetime, Process, ProcessCpu, free_port};
 
 /// The longest a process of a fleet may live.
 const FLEET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -311,23 +311,16 @@ impl Fleet {
         let url = self.database_url.clone();
         let sql = sql.to_owned();
         // The blocking client must not run inside a runtime: a thread of its own.
-        std::thread::spawn(move || -> anyhow::Result<Vec<Vec<String>>> {
-            let mut client = postgres::Client::connect(&url, postgres::NoTls)
-                .context("connect to the fleet's PostgreSQL")?;
-            let mut rows = Vec::new();
-            for message in client.simple_query(&sql).with_context(|| sql.clone())? {
-                if let postgres::SimpleQueryMessage::Row(row) = message {
-                    rows.push(
-                        (0..row.len())
-                            .map(|i| row.get(i).unwrap_or_default().to_owned())
-                            .collect(),
-                    );
-                }
-            }
-            Ok(rows)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the SQL thread panicked"))?
+        std::thread::spawn(move || SqlSession::connect(&url)?.query(&sql))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the SQL thread panicked"))?
+    }
+
+    /// A connection of its own to the shared store, for a caller that queries it often (each
+    /// [`Fleet::sql`] connects anew, which costs PostgreSQL a process start). Not for use
+    /// inside an async runtime (the client blocks).
+    pub fn sql_session(&self) -> anyhow::Result<SqlSession> {
+        SqlSession::connect(&self.database_url)
     }
 
     /// Makes `host` resolve (in the mock DNS, which Pebble and the sidecars' DNS pre-check
@@ -370,24 +363,179 @@ impl Fleet {
         self.pebble.orders_created()
     }
 
-    /// CPU seconds used so far by each edge's running sidecar (edge order; 0 when stopped)
-    /// and by Pebble.
-    pub fn cpu_seconds(&self) -> (Vec<f64>, f64) {
-        let sidecars = self
-            .edges
-            .iter()
-            .map(|e| {
-                e.sidecar
-                    .as_ref()
-                    .and_then(Process::cpu_seconds)
-                    .unwrap_or(0.0)
-            })
-            .collect();
-        (sidecars, self.pebble.cpu_seconds().unwrap_or(0.0))
+    /// CPU seconds used so far by each process of the fleet (see [`FleetCpu`]).
+    pub fn cpu(&self) -> FleetCpu {
+        let postgres = self
+            .sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+            .ok()
+            .and_then(|rows| rows.first()?.first()?.parse::<u32>().ok())
+            .and_then(ProcessCpu::of)
+            .and_then(|checkpointer| ProcessCpu::with_children(checkpointer.parent))
+            .unwrap_or(0.0);
+        FleetCpu {
+            sidecars: self
+                .edges
+                .iter()
+                .map(|e| {
+                    e.sidecar
+                        .as_ref()
+                        .and_then(Process::cpu_seconds)
+                        .unwrap_or(0.0)
+                })
+                .collect(),
+            envoys: self
+                .edges
+                .iter()
+                .map(|e| e.envoy.as_ref().and_then(Envoy::cpu_seconds).unwrap_or(0.0))
+                .collect(),
+            pebble: self.pebble.cpu_seconds().unwrap_or(0.0),
+            postgres,
+        }
+    }
+
+    /// Starts sampling, every `every` on a connection of its own, what PostgreSQL's busy
+    /// backends wait for (`pg_stat_activity`); [`WaitSampler::stop`] answers the tallies.
+    pub fn sample_waits(&self, every: std::time::Duration) -> anyhow::Result<WaitSampler> {
+        let url = self.database_url.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || -> anyhow::Result<WaitTally> {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls)
+                .context("connect to the fleet's PostgreSQL")?;
+            let mut tally = WaitTally::default();
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let rows = client.query(
+                    "SELECT COALESCE(wait_event_type, 'CPU') || ':' || COALESCE(wait_event, '-')
+                     FROM pg_stat_activity
+                     WHERE state = 'active' AND backend_type = 'client backend'
+                       AND pid <> pg_backend_pid()",
+                    &[],
+                )?;
+                tally.samples += 1;
+                for row in rows {
+                    *tally.waiting.entry(row.try_get(0)?).or_default() += 1;
+                }
+                std::thread::sleep(every);
+            }
+            Ok(tally)
+        });
+        Ok(WaitSampler { stop, thread })
     }
 
     /// Pebble's own log tail, for failure messages.
     pub fn pebble_log_tail(&self, lines: usize) -> String {
         self.pebble.log_tail(lines)
+    }
+}
+
+/// CPU seconds (user + system) used so far by each process of a fleet.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FleetCpu {
+    /// Each edge's running sidecar (edge order; 0 when stopped).
+    pub sidecars: Vec<f64>,
+    /// Each edge's Envoy (edge order).
+    pub envoys: Vec<f64>,
+    /// Pebble.
+    pub pebble: f64,
+    /// The PostgreSQL server with all its backends (those that ended included).
+    pub postgres: f64,
+}
+
+impl FleetCpu {
+    /// What was used between `before` and `self`.
+    pub fn since(&self, before: &FleetCpu) -> FleetCpu {
+        let each = |after: &[f64], before: &[f64]| {
+            after
+                .iter()
+                .zip(before)
+                .map(|(a, b)| a - b)
+                .collect::<Vec<f64>>()
+        };
+        FleetCpu {
+            sidecars: each(&self.sidecars, &before.sidecars),
+            envoys: each(&self.envoys, &before.envoys),
+            pebble: self.pebble - before.pebble,
+            postgres: self.postgres - before.postgres,
+        }
+    }
+
+    /// All of it.
+    pub fn total(&self) -> f64 {
+        self.sidecars.iter().sum::<f64>()
+            + self.envoys.iter().sum::<f64>()
+            + self.pebble
+            + self.postgres
+    }
+}
+
+/// What PostgreSQL's busy client backends were doing, sampled (see [`Fleet::sample_waits`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WaitTally {
+    /// Samples taken.
+    pub samples: usize,
+    /// Per `wait_event_type:wait_event` (`CPU:-` when running), how many busy backends were
+    /// seen in it, summed over the samples.
+    pub waiting: std::collections::BTreeMap<String, usize>,
+}
+
+impl WaitTally {
+    /// The mean number of backends in `state` (e.g. `Lock:advisory`) per sample.
+    pub fn mean(&self, state: &str) -> f64 {
+        self.waiting.get(state).copied().unwrap_or(0) as f64 / self.samples.max(1) as f64
+    }
+}
+
+/// A running [`Fleet::sample_waits`].
+#[derive(Debug)]
+pub struct WaitSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<WaitTally>>,
+}
+
+impl WaitSampler {
+    /// Stops sampling; the tallies.
+    pub fn stop(self) -> anyhow::Result<WaitTally> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the wait sampler panicked"))?
+    }
+}
+
+/// One connection to a fleet's shared store (see [`Fleet::sql_session`]).
+pub struct SqlSession {
+    client: postgres::Client,
+}
+
+impl std::fmt::Debug for SqlSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlSession").finish_non_exhaustive()
+    }
+}
+
+impl SqlSession {
+    fn connect(url: &str) -> anyhow::Result<Self> {
+        let client = postgres::Client::connect(url, postgres::NoTls)
+            .context("connect to the fleet's PostgreSQL")?;
+        Ok(Self { client })
+    }
+
+    /// Runs `sql` (simple query protocol): every row, each column as text (`""` for NULL).
+    pub fn query(&mut self, sql: &str) -> anyhow::Result<Vec<Vec<String>>> {
+        let mut rows = Vec::new();
+        for message in self
+            .client
+            .simple_query(sql)
+            .with_context(|| sql.to_owned())?
+        {
+            if let postgres::SimpleQueryMessage::Row(row) = message {
+                rows.push(
+                    (0..row.len())
+                        .map(|i| row.get(i).unwrap_or_default().to_owned())
+                        .collect(),
+                );
+            }
+        }
+        Ok(rows)
     }
 }

@@ -21,7 +21,7 @@ pub mod sidecar;
 pub mod stack;
 
 pub use ports::free_port;
-pub use process::{Lifetime, Process, wait_until};
+pub use process::{Lifetime, Process, ProcessCpu, wait_until};
 
 use std::path::{Path, PathBuf};
 

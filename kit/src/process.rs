@@ -181,13 +181,7 @@ impl Process {
     /// CPU seconds (user + system) the program itself has used so far, from
     /// `/proc/<pid>/stat`; `None` once it has exited.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.program_pid()?)).ok()?;
-        // The fields after the command name (which may hold spaces and parentheses).
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the line (11 and 12 after the name).
-        let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        // Linux reports them in USER_HZ, 100 per second on every architecture it supports.
-        Some(ticks / 100.0)
+        Some(ProcessCpu::of(self.program_pid()?)?.own)
     }
 
     /// SIGKILL to the program itself (not to `timeout`), then reap: no chance to clean up.
@@ -317,5 +311,47 @@ pub fn wait_until<T>(
             bail!("{what} did not get ready within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What `/proc/<pid>/stat` says of a process's CPU time, in seconds (user + system).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessCpu {
+    /// Its parent's pid.
+    pub parent: u32,
+    /// Used by the process itself.
+    pub own: f64,
+    /// Used by its children that have exited and been waited for.
+    pub reaped_children: f64,
+}
+
+impl ProcessCpu {
+    /// The figures of process `pid`; `None` when there is no such process.
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the command name (which may hold spaces and parentheses): state,
+        // ppid… utime, stime, cutime and cstime are fields 14 to 17 of the line (11 to 14
+        // after the name), in USER_HZ, 100 per second on every architecture Linux supports.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+        Some(Self {
+            parent: fields.get(1)?.parse().ok()?,
+            own: (ticks(11)? + ticks(12)?) / 100.0,
+            reaped_children: (ticks(13)? + ticks(14)?) / 100.0,
+        })
+    }
+
+    /// CPU seconds used so far by process `pid` and all its children, running or exited (the
+    /// latter once it has waited for them): e.g. a PostgreSQL server and its backends.
+    pub fn with_children(pid: u32) -> Option<f64> {
+        let parent = Self::of(pid)?;
+        let children: f64 = std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(Self::of)
+            .filter(|child| child.parent == pid)
+            .map(|child| child.own)
+            .sum();
+        Some(parent.own + parent.reaped_children + children)
     }
 }

@@ -17,6 +17,7 @@ use autohttps_sidecar::clock::{Clock, SystemClock};
 use autohttps_sidecar::csp_reports::ReportTokens;
 use autohttps_sidecar::hostname::Hostname;
 use autohttps_sidecar::policy_feed::{FeedAnswer, PolicyFeed};
+use autohttps_sidecar::store::prelude::*;
 use autohttps_sidecar::store::{
     HttpsMode, NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore, Store,
 };

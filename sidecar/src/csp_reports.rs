@@ -14,7 +14,7 @@
 //! - at most [`ReportLimits::violations_per_report`] violations are read from one request;
 //! - findings are aggregated per (page, resource) with counts, kept under a byte budget per site
 //!   that evicts the fewest-reported, least recently seen first (see
-//!   [`Store::record_mixed_content`]);
+//!   [`crate::store::HistoryStore::record_mixed_content`]);
 //! - refusals are counted in metrics ([`crate::client_events`]) and logged at a bounded rate.
 
 use std::collections::HashMap;

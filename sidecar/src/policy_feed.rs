@@ -1270,6 +1270,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::csp_reports::TOKEN_EPOCH_SECS;
     use crate::hostname::Hostname;
+    use crate::store::prelude::*;
     use crate::store::{NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore};
     use time::macros::datetime;
 

@@ -15,6 +15,7 @@ use autohttps_sidecar::policy_feed::{
     HISTORY_MAX_VERSIONS, KIND_DELTA, KIND_SNAPSHOT, POLICY_KIND_HEADER, POLICY_PATH, PolicyDelta,
     PolicyFeed,
 };
+use autohttps_sidecar::store::prelude::*;
 use autohttps_sidecar::store::{
     HstsPolicy, NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore, Store,
 };

@@ -14,6 +14,7 @@ use autohttps_sidecar::config::Config;
 use autohttps_sidecar::hostname::Hostname;
 use autohttps_sidecar::http01::{ChallengeResponder, internal_router};
 use autohttps_sidecar::service::{Sidecar, open_store};
+use autohttps_sidecar::store::prelude::*;
 use autohttps_sidecar::store::{
     NewSite, PostgresStore, PostgresStoreOptions, SCHEMA_VERSION, SITE_CHANGES_KEEP_SECS,
     SitePolicy, SqliteStore, Store,
@@ -143,6 +144,52 @@ fn two_nodes_compact_the_change_log_at_once_and_a_reader_behind_it_reloads() {
     let next = two.site_changes_since(latest, 100).unwrap();
     assert!(next.complete);
     assert_eq!(next.sites, ["g"]);
+}
+
+#[test]
+fn a_write_takes_the_change_log_lock_only_as_it_commits_and_the_log_keeps_commit_order() {
+    let database = shared_cluster().database().unwrap();
+    let node = store(&database.url(), "node-1", Duration::from_secs(3600));
+    node.ping().unwrap();
+    // Another writer's transaction, left open after its change (a client between two
+    // statements): it must not hold the lock that orders the change log, or every node's
+    // writes would queue behind its round trips.
+    let mut writer = postgres::Client::connect(&database.url(), postgres::NoTls).unwrap();
+    let mut open = writer.transaction().unwrap();
+    open.batch_execute(
+        "INSERT INTO sites (name, primary_hostname, https_mode, redirect, hsts_enabled,
+                            hsts_max_age, mixed_content, created_at)
+         VALUES ('slow', 'slow.test', 'auto', 'permanent', FALSE, 0, 'off', 0)",
+    )
+    .unwrap();
+    let pid: i32 = open
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let mut observer = postgres::Client::connect(&database.url(), postgres::NoTls).unwrap();
+    let held: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+            &[&pid],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        held, 0,
+        "an open write transaction holds the change-log lock"
+    );
+    // So this node's change commits meanwhile, and the log lists it before the open one's,
+    // which commits after it: a reader at any position never misses a change.
+    create(&node, "quick", "quick.test");
+    let before = node.latest_change_seq().unwrap();
+    open.commit().unwrap();
+    let changes = node.site_changes_since(0, 100).unwrap();
+    assert!(changes.complete);
+    assert_eq!(changes.sites, ["quick", "slow"]);
+    assert_eq!(
+        node.site_changes_since(before, 100).unwrap().sites,
+        ["slow"]
+    );
 }
 
 #[test]

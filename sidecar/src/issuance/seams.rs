@@ -21,7 +21,7 @@ pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What the issuer asks of a CA (RFC 8555).
 pub trait CertificateAuthority: Send + Sync + fmt::Debug {
-    /// Places an order for `names` and records it in `store` ([`Store::insert_order`], with
+    /// Places an order for `names` and records it in `store` ([`crate::store::OrderStore::insert_order`], with
     /// the key its CSR will use) before answering, so a crash after this never loses it.
     fn create_order<'a>(
         &'a self,

@@ -1,7 +1,9 @@
 //! The store: sites, hostnames, certificates, orders in flight, the ACME account, event history.
 //!
-//! [`Store`] is the seam; [`SqliteStore`] is the embedded default and [`PostgresStore`] the
-//! shared store of a fleet of edge nodes. Issuance writes certificates here and never talks to
+//! [`Store`] is the seam, the union of one trait per table or concern ([`SiteStore`],
+//! [`IssuanceStore`], [`OrderStore`], [`CertificateStore`], [`AcmeStore`], [`HistoryStore`],
+//! [`ChangeLog`]); [`SqliteStore`] is the embedded default and [`PostgresStore`] the shared
+//! store of a fleet of edge nodes, each implementing every part in a file of its own. Issuance writes certificates here and never talks to
 //! SDS; SDS (and the policy feed) read from here and never talk to ACME.
 
 mod postgres;
@@ -22,10 +24,19 @@ pub use rules::{
 };
 pub use sqlite::{SqliteStore, create_private_dir};
 
+/// The store's traits, for code that calls a store's methods on a concrete store type
+/// (`SqliteStore`, `PostgresStore`) rather than through `dyn Store`.
+pub mod prelude {
+    pub use super::{
+        AcmeStore, CertificateStore, ChangeLog, HistoryStore, IssuanceStore, OrderStore, SiteStore,
+        Store,
+    };
+}
+
 /// The schema version both backends migrate to: migration `n` of the SQLite store and
 /// migration `n` of the PostgreSQL store bring the same logical schema (same tables, columns,
 /// triggers), so a store copied from one to the other lands on the same version.
-pub const SCHEMA_VERSION: usize = 6;
+pub const SCHEMA_VERSION: usize = 7;
 
 /// How long an HTTP-01 token is kept in the store at most: a node that died mid-validation
 /// never removes its tokens, so saving a token also forgets those older than this.
@@ -48,7 +59,7 @@ pub struct SiteChanges {
     pub complete: bool,
 }
 
-/// How a store answered [`Store::begin_attempt`].
+/// How a store answered [`IssuanceStore::begin_attempt`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptLease {
     /// This node holds the site's lease until the attempt's `lease_until`; here is the site.
@@ -429,9 +440,8 @@ pub fn validate_site_name(name: &str) -> Result<()> {
     }
 }
 
-/// Persistent state. Methods are short, blocking and transactional; callers on async tasks
-/// may call them directly (SQLite in WAL mode answers in microseconds).
-pub trait Store: Send + Sync + fmt::Debug {
+/// Sites, their hostnames and their HTTPS policy (tables `sites` and `hostnames`).
+pub trait SiteStore: Send + Sync {
     /// Creates a site with its hostnames; marks it due for issuance at `issue_at`.
     fn create_site(
         &self,
@@ -465,6 +475,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> Result<Site>;
     /// The site a hostname belongs to.
     fn site_of_hostname(&self, name: &Hostname) -> Result<Option<String>>;
+}
+
+/// Each site's issuance schedule and the lease an attempt holds on it (columns of `sites`).
+pub trait IssuanceStore: Send + Sync {
     /// Marks a site due for an attempt at `at`, resetting its failure count (a fresh request);
     /// with `regenerate`, the attempt orders new certificates even if the current ones suffice.
     fn request_issuance(&self, site: &str, at: OffsetDateTime, regenerate: bool) -> Result<()>;
@@ -481,7 +495,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         now: OffsetDateTime,
         lease_until: OffsetDateTime,
     ) -> Result<AttemptLease>;
-    /// Ends an attempt begun with [`Store::begin_attempt`]: records its failure count and last
+    /// Ends an attempt begun with [`IssuanceStore::begin_attempt`]: records its failure count and last
     /// problem and schedules the next attempt at `next`, unless a change made meanwhile (the
     /// next attempt time is no longer `lease_until`) asked for an earlier one, which is kept.
     /// Deciding in one step means a change that lands while the attempt finishes is not lost.
@@ -524,21 +538,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The earliest time any site may be attempted by this node: its next attempt time, or
     /// the end of another node's lease on it when that is later.
     fn next_due(&self) -> Result<Option<OffsetDateTime>>;
+}
 
-    /// The certificates a site currently serves (not superseded), newest first.
-    fn current_certificates(&self, site: &str) -> Result<Vec<StoredCertificate>>;
-    /// The certificate to serve for `name`: the newest current one covering it, exactly or by
-    /// wildcard, while `name` (or the wildcard's parent) belongs to a site.
-    fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>>;
-    /// Stores a certificate in one transaction: inserts it, supersedes the site's older
-    /// certificates whose still-wanted names it covers, and deletes the order it completes.
-    fn store_certificate(
-        &self,
-        certificate: NewCertificate,
-        completes_order: Option<i64>,
-        now: OffsetDateTime,
-    ) -> Result<StoredCertificate>;
-
+/// ACME orders created at the CA and not finished yet (table `orders`).
+pub trait OrderStore: Send + Sync {
     /// Records an order created at the CA, with the key its CSR will use.
     fn insert_order(
         &self,
@@ -552,7 +555,39 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn orders_in_flight(&self, site: Option<&str>) -> Result<Vec<OrderInFlight>>;
     /// Forgets an order (it failed for good).
     fn delete_order(&self, id: i64) -> Result<()>;
+}
 
+/// Issued certificates and the names they cover (tables `certificates`, `certificate_names`).
+pub trait CertificateStore: Send + Sync {
+    /// The certificates a site currently serves (not superseded), newest first.
+    fn current_certificates(&self, site: &str) -> Result<Vec<StoredCertificate>>;
+    /// The certificate to serve for `name`: the newest current one covering it, exactly or by
+    /// wildcard, while `name` (or the wildcard's parent) belongs to a site.
+    fn certificate_for_hostname(&self, name: &Hostname) -> Result<Option<StoredCertificate>>;
+    /// Stores a certificate in one transaction: inserts it, supersedes the site's older
+    /// certificates whose still-wanted names it covers, and deletes the order it completes.
+    fn store_certificate(
+        &self,
+        certificate: NewCertificate,
+        completes_order: Option<i64>,
+        now: OffsetDateTime,
+    ) -> Result<StoredCertificate>;
+    /// All current certificates (for expiry metrics).
+    fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>>;
+    /// What the policy feed needs of every current certificate (site, names, validity), without
+    /// the PEM text and keys. The default reads [`CertificateStore::all_current_certificates`].
+    fn all_current_coverage(&self) -> Result<Vec<CertificateCoverage>> {
+        Ok(self
+            .all_current_certificates()?
+            .iter()
+            .map(CertificateCoverage::from)
+            .collect())
+    }
+}
+
+/// The fleet's ACME account and the HTTP-01 challenges being validated (tables `accounts`,
+/// `acme_challenges`).
+pub trait AcmeStore: Send + Sync {
     /// The ACME account credentials (JSON) for a directory, if one was created.
     fn account(&self, directory_url: &str) -> Result<Option<String>>;
     /// Saves ACME account credentials (JSON) for a directory unless some node saved one
@@ -564,7 +599,6 @@ pub trait Store: Send + Sync + fmt::Debug {
         credentials_json: &str,
         now: OffsetDateTime,
     ) -> Result<String>;
-
     /// Starts answering an HTTP-01 challenge `token` with `key_authorization` (RFC 8555 §8.3)
     /// from every node sharing the store; forgets tokens saved more than
     /// [`CHALLENGE_LIFETIME`] before `now`.
@@ -578,13 +612,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn challenge(&self, token: &str) -> Result<Option<String>>;
     /// Stops answering an HTTP-01 `token`.
     fn delete_challenge(&self, token: &str) -> Result<()>;
+}
 
-    /// The newest change sequence number (0 when the log is empty). The log is written by
-    /// triggers in the same transaction as the change, so no code path can forget it.
-    fn latest_change_seq(&self) -> Result<u64>;
-    /// The sites changed after `after` (up to `limit` log rows), oldest first.
-    fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges>;
-
+/// What happened to each site and what its pages load insecurely (tables `events`,
+/// `mixed_content`), and the counts metrics read from them.
+pub trait HistoryStore: Send + Sync {
     /// Appends to a site's history.
     fn add_event(
         &self,
@@ -599,21 +631,6 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn events(&self, site: &str, limit: usize) -> Result<Vec<Event>>;
     /// Counts for metrics.
     fn counts(&self) -> Result<StoreCounts>;
-    /// All current certificates (for expiry metrics).
-    fn all_current_certificates(&self) -> Result<Vec<StoredCertificate>>;
-    /// What the policy feed needs of every current certificate (site, names, validity), without
-    /// the PEM text and keys. The default reads [`Store::all_current_certificates`].
-    fn all_current_coverage(&self) -> Result<Vec<CertificateCoverage>> {
-        Ok(self
-            .all_current_certificates()?
-            .iter()
-            .map(CertificateCoverage::from)
-            .collect())
-    }
-    /// Checks that a change could be written now (the write lock can be taken), waiting at
-    /// most `patience`; writes nothing. For readiness probes.
-    fn check_writable(&self, patience: std::time::Duration) -> Result<()>;
-
     /// Records one CSP violation for a site: the page and the resource it was blocked from
     /// loading, counted when the pair is seen again. A new pair is always added; when the
     /// site's findings would then take more than `budget_bytes` (see [`finding_bytes`]), the
@@ -633,11 +650,40 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn mixed_content_bytes(&self, site: &str) -> Result<u64>;
     /// A site's mixed-content findings, most recently seen first.
     fn mixed_content(&self, site: &str) -> Result<Vec<MixedContentFinding>>;
+}
 
+/// What changed, for readers that follow the store: the change log (table `site_changes`,
+/// written by triggers) and the in-process change signals.
+pub trait ChangeLog: Send + Sync {
+    /// The newest change sequence number (0 when the log is empty). The log is written by
+    /// triggers in the same transaction as the change, so no code path can forget it.
+    fn latest_change_seq(&self) -> Result<u64>;
+    /// The sites changed after `after` (up to `limit` log rows), oldest first.
+    fn site_changes_since(&self, after: u64, limit: usize) -> Result<SiteChanges>;
     /// Bumped whenever the set of served certificates may have changed (SDS watches this).
     fn certificates_changed(&self) -> watch::Receiver<u64>;
     /// Bumped whenever sites, hostnames or policies changed (the policy feed watches this).
     fn sites_changed(&self) -> watch::Receiver<u64>;
+}
+
+/// Persistent state. Methods are short, blocking and transactional; callers on async tasks
+/// may call them directly (SQLite in WAL mode answers in microseconds).
+/// It is the union of the store's parts, one per table or concern, so it is used as one
+/// `Arc<dyn Store>`; code that calls the parts' methods on a concrete store brings them into
+/// scope with `use crate::store::prelude::*`.
+pub trait Store:
+    SiteStore
+    + IssuanceStore
+    + OrderStore
+    + CertificateStore
+    + AcmeStore
+    + HistoryStore
+    + ChangeLog
+    + fmt::Debug
+{
+    /// Checks that a change could be written now (the write lock can be taken), waiting at
+    /// most `patience`; writes nothing. For readiness probes.
+    fn check_writable(&self, patience: std::time::Duration) -> Result<()>;
 }
 
 /// Whether a new certificate for `new` names makes an older one for `old` names redundant: every

@@ -1,6 +1,8 @@
 //! The store's rules, as plain functions over plain values: what a site's history records
 //! ([`SiteEventKind`]), how an attempt's outcome merges with a change made meanwhile, which
-//! mixed-content findings make room for a new one, and what the metrics count. A backend
+//! mixed-content findings make room for a new one, which older certificates a new one
+//! supersedes, what a change's history entry says and how a refused change is answered, and
+//! what the metrics count. A backend
 //! stores and fetches rows and calls these; it decides nothing itself, so SQLite and
 //! PostgreSQL cannot drift apart on policy, and the rules are tested without a database.
 
@@ -9,7 +11,9 @@ use std::fmt;
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 
-use super::{HttpsMode, StoreCounts};
+use super::{HostnameKind, HttpsMode, NewCertificate, NewSite, StoreCounts, supersedes};
+use crate::error::Error;
+use crate::hostname::Hostname;
 
 /// What an entry of a site's history records. Its text form (`attempt-failed`…) is what the
 /// store keeps and the API shows, so it never changes; a text this build does not know (written
@@ -253,6 +257,103 @@ pub fn counts_from_tallies(
     }
 }
 
+/// The answer for a change to a site that does not exist.
+pub fn no_such_site(name: &str) -> Error {
+    Error::NotFound(format!(
+        "no site named {name:?}; list sites with `autohttps site list`"
+    ))
+}
+
+/// The answer for creating a site whose id is taken.
+pub fn site_exists(name: &str) -> Error {
+    Error::Conflict(format!(
+        "a site named {name:?} already exists; pick another name or change that site"
+    ))
+}
+
+/// The answer for adding `name` to `site` when it already belongs to `owner`.
+pub fn hostname_taken(name: &Hostname, site: &str, owner: &str) -> Error {
+    Error::Conflict(if owner == site {
+        format!("{name} is already a hostname of site {site:?}")
+    } else {
+        format!("{name} already belongs to site {owner:?}; remove it there first")
+    })
+}
+
+/// The answer for removing a site's primary domain.
+pub fn primary_not_removable(site: &str, name: &Hostname) -> Error {
+    Error::InvalidInput(format!(
+        "{name} is the primary domain of site {site:?}; it cannot be removed (remove the site instead)"
+    ))
+}
+
+/// The answer for removing a name that is not one of the site's.
+pub fn not_a_hostname_of(site: &str, name: &Hostname) -> Error {
+    Error::NotFound(format!("{name} is not a hostname of site {site:?}"))
+}
+
+/// A new site's names other than its primary domain, each with its kind, in the order given
+/// (the primary, if listed again, is left out).
+pub fn other_hostnames(site: &NewSite) -> Vec<(&Hostname, HostnameKind)> {
+    site.hostnames
+        .iter()
+        .filter(|name| *name != &site.primary)
+        .map(|name| (name, HostnameKind::of(name, &site.primary)))
+        .collect()
+}
+
+/// The `site-created` history entry of a site created with `hostnames` names in all.
+pub fn site_created_message(hostnames: usize) -> String {
+    format!("site created with {hostnames} hostname(s)")
+}
+
+/// The `hostname-added` history entry.
+pub fn hostname_added_message(kind: HostnameKind, name: &Hostname) -> String {
+    format!("{} {name} added", super::rows::enum_text(&kind))
+}
+
+/// The `hostname-removed` history entry.
+pub fn hostname_removed_message(name: &Hostname) -> String {
+    format!("{name} removed")
+}
+
+/// The `order-created` history entry of an order for `names` at `order_url`.
+pub fn order_created_message(names: &[Hostname], order_url: &str) -> String {
+    format!("ordered a certificate for {} ({order_url})", joined(names))
+}
+
+/// The `certificate-issued` history entry.
+pub fn certificate_issued_message(certificate: &NewCertificate) -> String {
+    format!(
+        "certificate {} for {} valid until {}",
+        certificate.serial,
+        joined(&certificate.names),
+        crate::clock::human_time(certificate.not_after)
+    )
+}
+
+fn joined(names: &[Hostname]) -> String {
+    names
+        .iter()
+        .map(Hostname::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Which of a site's current certificates (`older`: key and names) a new one for `new` names
+/// supersedes, given the names the site still wants (see [`supersedes`]).
+pub fn superseded<K>(
+    new: &[Hostname],
+    older: impl IntoIterator<Item = (K, Vec<Hostname>)>,
+    wanted: &std::collections::HashSet<String>,
+) -> Vec<K> {
+    older
+        .into_iter()
+        .filter(|(_, names)| supersedes(new, names, wanted))
+        .map(|(key, _)| key)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,5 +500,57 @@ mod tests {
             ]
         );
         assert_eq!(counts.orders_in_flight, 1);
+    }
+
+    fn host(name: &str) -> Hostname {
+        Hostname::parse(name).unwrap()
+    }
+
+    #[test]
+    fn a_new_certificate_supersedes_only_those_whose_wanted_names_it_covers() {
+        let wanted: std::collections::HashSet<String> =
+            ["a.test", "b.test"].map(String::from).into();
+        let new = [host("a.test"), host("b.test")];
+        let older = vec![
+            (1, vec![host("a.test")]),
+            // c.test is no longer wanted: a and b are covered, so it goes.
+            (2, vec![host("a.test"), host("c.test")]),
+            (3, vec![host("a.test"), host("b.test")]),
+        ];
+        assert_eq!(superseded(&new, older, &wanted), [1, 2, 3]);
+        // A new certificate missing a wanted name leaves those that cover it serving.
+        let partial = [host("a.test")];
+        let older = vec![
+            (1, vec![host("a.test")]),
+            (2, vec![host("b.test")]),
+            (3, new.to_vec()),
+        ];
+        assert_eq!(superseded(&partial, older, &wanted), [1]);
+    }
+
+    #[test]
+    fn a_new_site_s_other_names_leave_out_the_primary_and_know_their_kind() {
+        let site = NewSite {
+            name: "shop".into(),
+            primary: host("shop.test"),
+            hostnames: vec![
+                host("www.shop.test"),
+                host("shop.test"),
+                host("shop.example"),
+            ],
+            policy: super::super::SitePolicy::default(),
+        };
+        assert_eq!(
+            other_hostnames(&site),
+            [
+                (&host("www.shop.test"), HostnameKind::Subdomain),
+                (&host("shop.example"), HostnameKind::Alias),
+            ]
+        );
+        assert_eq!(site_created_message(3), "site created with 3 hostname(s)");
+        assert_eq!(
+            hostname_added_message(HostnameKind::Alias, &host("shop.example")),
+            "alias shop.example added"
+        );
     }
 }

@@ -7,6 +7,7 @@ use time::macros::datetime;
 use super::*;
 use crate::clock::ManualClock;
 use crate::hostname::Hostname;
+use crate::store::prelude::*;
 use crate::store::{NewCertificate, NewSite, PrivateKeyPem, SitePolicy, SqliteStore};
 
 const NOW: OffsetDateTime = datetime!(2026-03-01 00:00 UTC);

@@ -216,15 +216,15 @@ impl From<postgres::Error> for Error {
     }
 }
 
-/// Maps a unique-constraint violation (two nodes inserting the same key at once) to
-/// [`Error::Conflict`] with `conflict`'s message; other errors as usual.
+/// Maps a unique-constraint violation (two nodes inserting the same key at once) to the error
+/// `conflict` makes (an [`Error::Conflict`]); other errors as usual.
 pub(super) fn conflict_on_duplicate<T>(
     result: std::result::Result<T, postgres::Error>,
-    conflict: impl FnOnce() -> String,
+    conflict: impl FnOnce() -> Error,
 ) -> Result<T> {
     result.map_err(|error| {
         if error.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
-            Error::Conflict(conflict())
+            conflict()
         } else {
             error.into()
         }

@@ -5,7 +5,7 @@
 use postgres::types::ToSql;
 use rusqlite::types::Value;
 
-use super::{PostgresStore, PostgresStoreOptions, change_transaction};
+use super::{PostgresStore, PostgresStoreOptions};
 use crate::config::StoreLocation;
 use crate::error::{Error, Result};
 use crate::store::{LOCAL_NODE, SqliteStore};
@@ -201,7 +201,7 @@ impl PostgresStore {
             tables.push((table, rows));
         }
         self.connections.run(move |client| {
-            let mut tx = change_transaction(client)?;
+            let mut tx = client.transaction()?;
             let held: i64 = tx
                 .query_one(
                     "SELECT (SELECT COUNT(*) FROM sites) + (SELECT COUNT(*) FROM accounts)

@@ -5,10 +5,12 @@ use postgres::Client;
 
 use crate::error::{Error, Result};
 
-/// The advisory lock key every writer of the change log holds until it commits ("autohttps"
-/// folded into an i64): change sequence numbers are then committed in order, so a reader that
-/// saw `seq` never later finds a smaller one appear.
-pub(super) const CHANGE_LOG_LOCK: i64 = 0x6175_746f_6874_7470;
+/// The advisory lock key the change-log trigger takes as a transaction commits and holds until
+/// it has committed ("autohttps" folded into an i64; the trigger writes it as a number): change
+/// sequence numbers are then committed in order, so a reader that saw `seq` never later finds
+/// a smaller one appear.
+#[cfg(test)]
+const CHANGE_LOG_LOCK: i64 = 0x6175_746f_6874_7470;
 
 /// The advisory lock a node holds while it compacts the change log (`pg_try_advisory_xact_lock`:
 /// the others skip instead of waiting).
@@ -152,6 +154,32 @@ CREATE TABLE acme_challenges (
     key_authorization TEXT NOT NULL,
     created_at BIGINT NOT NULL
 );
+"#,
+    // The change log is written at commit: the same triggers, deferred, so the change-log lock
+    // (which orders the sequence numbers fleet-wide) is taken at the very end of a transaction
+    // and held only while it commits, not across every statement the client sends before.
+    // Holding it for a whole transaction made every node's writes queue behind one another's
+    // round trips under a burst. A deferred trigger still sees the row as it was written.
+    r#"
+DROP TRIGGER site_changes_site ON sites;
+DROP TRIGGER site_changes_policy ON sites;
+DROP TRIGGER site_changes_hostname ON hostnames;
+DROP TRIGGER site_changes_certificate ON certificates;
+CREATE CONSTRAINT TRIGGER site_changes_site AFTER INSERT OR DELETE ON sites
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION autohttps_log_site_change('name');
+CREATE CONSTRAINT TRIGGER site_changes_policy AFTER UPDATE OF
+    https_mode, redirect, hsts_enabled, hsts_max_age, hsts_include_subdomains, hsts_preload,
+    mixed_content, canonical_host, primary_hostname ON sites
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION autohttps_log_site_change('name');
+CREATE CONSTRAINT TRIGGER site_changes_hostname AFTER INSERT OR DELETE ON hostnames
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION autohttps_log_site_change('site');
+CREATE CONSTRAINT TRIGGER site_changes_certificate AFTER INSERT OR UPDATE OF superseded_at
+    ON certificates
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION autohttps_log_site_change('site');
 "#,
 ];
 

@@ -1,6 +1,8 @@
 //! The SQLite store's change log: what it records, what it leaves out, how it is compacted.
 
 use super::*;
+use crate::hostname::Hostname;
+use crate::store::*;
 use std::time::Duration;
 use time::macros::datetime;
 

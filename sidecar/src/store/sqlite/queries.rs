@@ -9,8 +9,9 @@ use time::OffsetDateTime;
 use super::super::rows::{
     CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, site_hostname, ts,
 };
+use super::super::rules::{hostname_taken, no_such_site};
 use super::super::{HostnameKind, Site, SiteEventKind, SiteHostname, StoredCertificate};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::hostname::Hostname;
 
 impl RawCertificate {
@@ -107,11 +108,7 @@ pub(super) fn load_all_sites(conn: &Connection) -> Result<Vec<Site>> {
 }
 
 pub(super) fn require_site(conn: &Connection, name: &str) -> Result<Site> {
-    load_site(conn, name)?.ok_or_else(|| {
-        Error::NotFound(format!(
-            "no site named {name:?}; list sites with `autohttps site list`"
-        ))
-    })
+    load_site(conn, name)?.ok_or_else(|| no_such_site(name))
 }
 
 pub(super) fn insert_hostname(
@@ -129,11 +126,7 @@ pub(super) fn insert_hostname(
         )
         .optional()?;
     if let Some(owner) = owner {
-        return Err(Error::Conflict(if owner == site {
-            format!("{name} is already a hostname of site {site:?}")
-        } else {
-            format!("{name} already belongs to site {owner:?}; remove it there first")
-        }));
+        return Err(hostname_taken(name, site, &owner));
     }
     tx.execute(
         "INSERT INTO hostnames (hostname, site, kind, added_at) VALUES (?1, ?2, ?3, ?4)",

@@ -1,6 +1,8 @@
 //! The SQLite store's own tests: files, permissions and upgrades from old schemas.
 
 use super::*;
+use crate::hostname::Hostname;
+use crate::store::*;
 use std::os::unix::fs::MetadataExt;
 use time::macros::datetime;
 
