@@ -23,14 +23,14 @@ use tokio::sync::watch;
 use self::connections::{Connections, Shared, conflict_on_duplicate};
 use super::change_log_cutoff;
 use super::rows::{
-    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_from, enum_text, from_ts,
-    names_from_json, names_json, site_hostname, ts,
+    CERT_COLUMNS, COVERAGE_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_from, enum_text,
+    from_ts, names_from_json, names_json, site_hostname, ts,
 };
 use super::rules::INTERRUPTED_MESSAGE;
 use super::{
-    AttemptLease, CHALLENGE_LIFETIME, Event, HostnameKind, HttpsMode, MixedContentFinding,
-    NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site, SiteChanges,
-    SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
+    AttemptLease, CHALLENGE_LIFETIME, CertificateCoverage, Event, HostnameKind, HttpsMode,
+    MixedContentFinding, NewCertificate, NewSite, OrderInFlight, PrivateKeyPem, Recorded, Site,
+    SiteChanges, SiteHostname, SitePolicy, Store, StoreCounts, StoredCertificate, finding_bytes,
     fold_site_changes, supersedes, unknowable_changes,
 };
 use super::{
@@ -1412,5 +1412,93 @@ impl Store for PostgresStore {
 
     fn sites_changed(&self) -> watch::Receiver<u64> {
         self.connections.shared.sites_changed.subscribe()
+    }
+
+    fn sites_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Site, Vec<CertificateCoverage>)>> {
+        let after = after.unwrap_or("").to_owned();
+        self.connections.run(move |client| {
+            // One snapshot for the three queries.
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let raw_sites = tx
+                .query(
+                    &format!(
+                        "SELECT {SITE_COLUMNS} FROM sites WHERE name > $1 ORDER BY name LIMIT $2"
+                    ),
+                    &[&after, &sql_limit(limit)],
+                )?
+                .iter()
+                .map(RawSite::from_pg)
+                .collect::<Result<Vec<_>>>()?;
+            let (Some(first), Some(last)) = (raw_sites.first(), raw_sites.last()) else {
+                tx.commit()?;
+                return Ok(Vec::new());
+            };
+            let (first, last) = (first.name.clone(), last.name.clone());
+            let mut by_site: HashMap<String, Vec<SiteHostname>> =
+                HashMap::with_capacity(raw_sites.len());
+            for row in tx.query(
+                "SELECT site, hostname, kind FROM hostnames WHERE site >= $1 AND site <= $2
+                 ORDER BY site, hostname",
+                &[&first, &last],
+            )? {
+                by_site
+                    .entry(row.try_get(0)?)
+                    .or_default()
+                    .push(site_hostname(
+                        &row.try_get::<_, String>(1)?,
+                        &row.try_get::<_, String>(2)?,
+                    )?);
+            }
+            let sites = raw_sites
+                .into_iter()
+                .map(|raw| {
+                    let hostnames = by_site.remove(&raw.name).unwrap_or_default();
+                    raw.decode(hostnames)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let certificates = tx
+                .query(
+                    &format!(
+                        "SELECT {COVERAGE_COLUMNS} FROM certificates
+                         WHERE superseded_at IS NULL AND site >= $1 AND site <= $2
+                         ORDER BY not_after DESC, id DESC"
+                    ),
+                    &[&first, &last],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok(CertificateCoverage {
+                        id: row.try_get(0)?,
+                        site: row.try_get(1)?,
+                        names: names_from_json(&row.try_get::<_, String>(2)?)?,
+                        not_before: from_ts(row.try_get(3)?)?,
+                        not_after: from_ts(row.try_get(4)?)?,
+                        serial: row.try_get(5)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(super::pair_sites_with_certificates(sites, certificates))
+        })
+    }
+
+    fn certificate(&self, id: i64) -> Result<Option<StoredCertificate>> {
+        self.connections.run(move |client| {
+            client
+                .query_opt(
+                    &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = $1"),
+                    &[&id],
+                )?
+                .map(|row| RawCertificate::from_pg(&row)?.decode())
+                .transpose()
+        })
     }
 }

@@ -23,7 +23,8 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::rows::{
-    CERT_COLUMNS, RawCertificate, enum_from, enum_text, from_ts, names_from_json, names_json, ts,
+    CERT_COLUMNS, COVERAGE_COLUMNS, RawCertificate, enum_from, enum_text, from_ts, names_from_json,
+    names_json, ts,
 };
 use super::rules::INTERRUPTED_MESSAGE;
 use super::{
@@ -1078,18 +1079,13 @@ impl Store for SqliteStore {
 
     fn all_current_coverage(&self) -> Result<Vec<CertificateCoverage>> {
         let conn = self.lock();
-        let mut statement = conn.prepare(
-            "SELECT site, names, not_before, not_after FROM certificates WHERE superseded_at IS NULL",
-        )?;
+        let mut statement = conn.prepare(&format!(
+            "SELECT {COVERAGE_COLUMNS} FROM certificates WHERE superseded_at IS NULL"
+        ))?;
         let mut rows = statement.query([])?;
         let mut coverage = Vec::new();
         while let Some(row) = rows.next()? {
-            coverage.push(CertificateCoverage {
-                site: row.get(0)?,
-                names: names_from_json(&row.get::<_, String>(1)?)?,
-                not_before: from_ts(row.get(2)?)?,
-                not_after: from_ts(row.get(3)?)?,
-            });
+            coverage.push(queries::coverage_from_row(row)?);
         }
         Ok(coverage)
     }
@@ -1141,5 +1137,27 @@ impl Store for SqliteStore {
 
     fn sites_changed(&self) -> watch::Receiver<u64> {
         self.sites_changed.subscribe()
+    }
+
+    fn sites_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Site, Vec<CertificateCoverage>)>> {
+        let conn = self.lock();
+        let (sites, certificates) = queries::load_sites_page(&conn, after.unwrap_or(""), limit)?;
+        Ok(super::pair_sites_with_certificates(sites, certificates))
+    }
+
+    fn certificate(&self, id: i64) -> Result<Option<StoredCertificate>> {
+        let raw = self
+            .lock()
+            .query_row(
+                &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = ?1"),
+                [id],
+                RawCertificate::from_row,
+            )
+            .optional()?;
+        raw.map(RawCertificate::decode).transpose()
     }
 }
