@@ -462,6 +462,14 @@ struct SiteEntry {
     report_mode: bool,
 }
 
+/// What a full load gathers, a page at a time, before it replaces the served state.
+#[derive(Debug, Default)]
+struct FullLoad {
+    entries: BTreeMap<String, SiteEntry>,
+    boundaries: BTreeSet<(OffsetDateTime, String)>,
+    rejected: BTreeMap<String, RejectedSite>,
+}
+
 /// A version's changed sites, or `None`: too many to remember (answer with a snapshot).
 type Changed = Option<Vec<String>>;
 
@@ -742,9 +750,7 @@ impl PolicyFeed {
         // The position first: a change committed while loading is read again, never lost.
         let last_seq = self.store.latest_change_seq()?;
         let mut old_entries = std::mem::take(&mut state.entries);
-        let mut entries: BTreeMap<String, SiteEntry> = BTreeMap::new();
-        let mut boundaries: BTreeSet<(OffsetDateTime, String)> = BTreeSet::new();
-        let mut rejected: BTreeMap<String, RejectedSite> = BTreeMap::new();
+        let mut load = FullLoad::default();
         let mut changed = Vec::new();
         let mut after: Option<String> = None;
         let loaded = loop {
@@ -757,13 +763,7 @@ impl PolicyFeed {
             };
             after = Some(last.name.clone());
             let full_page = page.len() == LOAD_PAGE_SITES;
-            if let Err(error) = self.load_page(
-                page,
-                &old_entries,
-                state.loaded,
-                now,
-                (&mut entries, &mut boundaries, &mut rejected),
-            ) {
+            if let Err(error) = self.load_page(page, &old_entries, state.loaded, now, &mut load) {
                 break Err(error);
             }
             if !full_page {
@@ -775,7 +775,7 @@ impl PolicyFeed {
             state.entries = old_entries;
             return Err(error);
         }
-        for (id, entry) in &entries {
+        for (id, entry) in &load.entries {
             if old_entries
                 .remove(id)
                 .is_none_or(|old| old.json != entry.json)
@@ -784,9 +784,9 @@ impl PolicyFeed {
             }
         }
         changed.extend(old_entries.into_keys());
-        state.entries = entries;
-        state.boundaries = boundaries;
-        state.rejected = rejected;
+        state.entries = load.entries;
+        state.boundaries = load.boundaries;
+        state.rejected = load.rejected;
         for site in state.rejected.values() {
             report_rejected(site);
         }
@@ -810,20 +810,20 @@ impl PolicyFeed {
 
     /// One page of [`PolicyFeed::load_everything`]: each site's entry as of `now`, validated
     /// together (with `previous` entries, when `had_previous`, kept for sites that fail), added
-    /// to `into` (entries, time boundaries, rejected sites).
+    /// to `into`.
     fn load_page(
         &self,
         page: Vec<(Site, Vec<CertificateCoverage>)>,
         previous: &BTreeMap<String, SiteEntry>,
         had_previous: bool,
         now: OffsetDateTime,
-        into: (
-            &mut BTreeMap<String, SiteEntry>,
-            &mut BTreeSet<(OffsetDateTime, String)>,
-            &mut BTreeMap<String, RejectedSite>,
-        ),
+        into: &mut FullLoad,
     ) -> Result<()> {
-        let (entries, boundaries, rejected_sites) = into;
+        let FullLoad {
+            entries,
+            boundaries,
+            rejected: rejected_sites,
+        } = into;
         let mut page_boundaries: HashMap<String, OffsetDateTime> = HashMap::new();
         let mut specs = Vec::with_capacity(page.len());
         for (site, certificates) in page {

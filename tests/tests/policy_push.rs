@@ -128,7 +128,7 @@ fn a_change_is_pushed_to_every_worker_and_the_main_thread_not_polled() {
     let mut took = Vec::new();
     for i in 0..CHANGES {
         let (site, _) = SITES[i % SITES.len()];
-        let mode = if (i / SITES.len()) % 2 == 0 {
+        let mode = if (i / SITES.len()).is_multiple_of(2) {
             "force"
         } else {
             "auto"
