@@ -1150,14 +1150,15 @@ impl Store for SqliteStore {
     }
 
     fn certificate(&self, id: i64) -> Result<Option<StoredCertificate>> {
-        let raw = self
-            .lock()
-            .query_row(
-                &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = ?1"),
-                [id],
-                RawCertificate::from_row,
-            )
+        // Cached: a full SDS rebuild reads every certificate it has not checked yet this way.
+        let conn = self.lock();
+        let raw = conn
+            .prepare_cached(&format!(
+                "SELECT {CERT_COLUMNS} FROM certificates WHERE id = ?1"
+            ))?
+            .query_row([id], RawCertificate::from_row)
             .optional()?;
+        drop(conn);
         raw.map(RawCertificate::decode).transpose()
     }
 }
