@@ -528,7 +528,15 @@ fn delta_size(internal: u16) -> anyhow::Result<usize> {
 /// took, in ms (curl's `time_appconnect`; the certificate is not verified: it is self-signed).
 fn handshake_ms(port: u16, host: &str) -> anyhow::Result<f64> {
     let output = std::process::Command::new("curl")
-        .args(["-sk", "--noproxy", "*", "--max-time", "30", "-o", "/dev/null"])
+        .args([
+            "-sk",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "30",
+            "-o",
+            "/dev/null",
+        ])
         .args(["-w", "%{time_appconnect}"])
         .arg("--resolve")
         .arg(format!("{host}:{port}:127.0.0.1"))
