@@ -43,6 +43,8 @@ const CHANGES: usize = 200;
 const ADMIN_TOKEN: &str = "autohttps-bench-push-admin-token";
 /// Envoy's worker threads: "every worker" must mean more than one.
 const WORKERS: usize = 2;
+/// Names whose first TLS handshake is timed.
+const HANDSHAKE_NAMES: usize = 20;
 /// The filter's fallback poll: longer than the whole run, so only the long poll delivers.
 const FALLBACK_POLL_MS: u64 = 60_000;
 
@@ -56,6 +58,11 @@ struct PushFigures {
     rss_first_snapshot_kib: u64,
     snapshot_bytes: usize,
     rss_envoy_attached_kib: u64,
+    /// TLS handshake (curl's `time_appconnect`) in ms for names Envoy had not asked SDS for
+    /// yet (the sidecar reads the certificate from the store), and again for the same names.
+    handshake_first_ms: Vec<f64>,
+    handshake_again_ms: Vec<f64>,
+    rss_after_handshakes_kib: u64,
     rss_100_changes_kib: u64,
     rss_200_changes_kib: u64,
     rss_after_metrics_kib: u64,
@@ -214,11 +221,11 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
     drop(snapshot);
 
     eprintln!("==> push: starting Envoy with {WORKERS} workers");
-    let (http, envoy_admin) = (free_port()?, free_port()?);
+    let (http, https, envoy_admin) = (free_port()?, free_port()?, free_port()?);
     let values = HashMap::from([
         ("LISTEN_ADDRESS", "127.0.0.1".to_string()),
         ("HTTP_PORT", http.to_string()),
-        ("HTTPS_PORT", free_port()?.to_string()),
+        ("HTTPS_PORT", https.to_string()),
         ("ADMIN_PORT", envoy_admin.to_string()),
         ("SDS_SOCKET", data.join("sds.sock").display().to_string()),
         ("SIDECAR_HTTP_ADDRESS", "127.0.0.1".to_string()),
@@ -282,6 +289,23 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
     eprintln!(
         "    {vms} VMs hold the snapshot, sidecar VmRSS {}",
         mib_kib(rss_envoy_attached_kib)
+    );
+
+    eprintln!("==> push: TLS handshakes for {HANDSHAKE_NAMES} names Envoy has not asked SDS for");
+    let mut handshake_first_ms = Vec::with_capacity(HANDSHAKE_NAMES);
+    let mut handshake_again_ms = Vec::with_capacity(HANDSHAKE_NAMES);
+    for k in 0..HANDSHAKE_NAMES {
+        // Sites the changes below never touch (they take multiples of 7919).
+        let host = format!("m{}.memory.test", (k * 7919 + 1) % sites);
+        handshake_first_ms.push(handshake_ms(https, &host)?);
+        handshake_again_ms.push(handshake_ms(https, &host)?);
+    }
+    let rss_after_handshakes_kib = resident_kib(pid)?.0;
+    eprintln!(
+        "    first handshake p50 {:.1} ms, again p50 {:.1} ms, sidecar VmRSS {}",
+        percentile(&handshake_first_ms, 50.0),
+        percentile(&handshake_again_ms, 50.0),
+        mib_kib(rss_after_handshakes_kib)
     );
 
     eprintln!("==> push: {CHANGES} one-site changes, each timed until every VM applied it");
@@ -397,6 +421,9 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
         rss_first_snapshot_kib,
         snapshot_bytes,
         rss_envoy_attached_kib,
+        handshake_first_ms,
+        handshake_again_ms,
+        rss_after_handshakes_kib,
         rss_100_changes_kib,
         rss_200_changes_kib,
         rss_after_metrics_kib,
@@ -495,6 +522,38 @@ fn delta_size(internal: u16) -> anyhow::Result<usize> {
     }
     let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
     Ok(body.len())
+}
+
+/// How long a TLS handshake with Envoy's HTTPS listener (127.0.0.1:`port`) for SNI `host`
+/// took, in ms (curl's `time_appconnect`; the certificate is not verified: it is self-signed).
+fn handshake_ms(port: u16, host: &str) -> anyhow::Result<f64> {
+    let output = std::process::Command::new("curl")
+        .args([
+            "-sk",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "30",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{time_appconnect}"])
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .context("running curl")?;
+    let seconds: f64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("curl's time_appconnect for {host}"))?;
+    if seconds <= 0.0 {
+        bail!(
+            "no TLS handshake with {host} on port {port}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(seconds * 1000.0)
 }
 
 /// The process's user + system CPU time in ms.
@@ -606,6 +665,10 @@ impl PushFigures {
             ("after start", self.rss_start_kib),
             ("first snapshot served", self.rss_first_snapshot_kib),
             ("Envoy's VMs attached", self.rss_envoy_attached_kib),
+            (
+                "after handshakes for 20 new names",
+                self.rss_after_handshakes_kib,
+            ),
             ("after 100 changes", self.rss_100_changes_kib),
             ("after 200 changes", self.rss_200_changes_kib),
             ("after a /metrics scrape", self.rss_after_metrics_kib),
@@ -643,6 +706,13 @@ impl PushFigures {
             "| sidecar start on that store | ready in {:.2} s · first snapshot {} bytes | | |\n",
             self.ready.as_secs_f64(),
             super::thousands(self.snapshot_bytes as f64),
+        ));
+        out.push_str(&format!(
+            "| TLS handshake for a name Envoy has not asked SDS for (the sidecar reads it from the store) | p50 {:.1} ms · max {:.1} ms; the same names again p50 {:.1} ms · max {:.1} ms ({HANDSHAKE_NAMES} names) | | |\n",
+            percentile(&self.handshake_first_ms, 50.0),
+            percentile(&self.handshake_first_ms, 100.0),
+            percentile(&self.handshake_again_ms, 50.0),
+            percentile(&self.handshake_again_ms, 100.0),
         ));
         out.push_str(&format!(
             "| sidecar CPU per one-site change, served as a delta to {} VMs | {per_change:.2} ms ({:.0} ms of CPU over {CHANGES} changes in {:.1} s, {:.0} ms idle over as long) · delta {} bytes | | |\n",

@@ -520,6 +520,37 @@ impl Stack {
         Ok(())
     }
 
+    /// Stops Envoy and starts it again from the same configuration with `workers` worker
+    /// threads (`--concurrency`; each runs its own filter VM beside the main thread's) and, with
+    /// `policy_poll_ms`, the filter's fallback poll at that interval instead of the shipped
+    /// one: set it long and a change can reach the VMs in time only through the long poll.
+    /// Envoy's log is then in a folder of its own ([`Envoy::log_path`]).
+    pub fn restart_envoy_with(
+        &mut self,
+        workers: u32,
+        policy_poll_ms: Option<u64>,
+    ) -> anyhow::Result<()> {
+        if let Some(mut envoy) = self.envoy.take() {
+            envoy.stop();
+        }
+        let mut yaml = std::fs::read_to_string(self.dir.join("envoy.yaml"))?;
+        if let Some(ms) = policy_poll_ms {
+            let shipped = r#""interval_ms": 1000"#;
+            if !yaml.contains(shipped) {
+                bail!(
+                    "envoy/edge.yaml no longer sets the filter's poll as {shipped}; update Stack::restart_envoy_with"
+                );
+            }
+            yaml = yaml.replace(shipped, &format!(r#""interval_ms": {ms}"#));
+        }
+        self.envoy = Some(Envoy::start_workers(
+            &yaml,
+            self.ports.envoy_admin,
+            workers,
+        )?);
+        Ok(())
+    }
+
     /// The sidecar's SQLite database file.
     pub fn database(&self) -> PathBuf {
         self.dir.join("data").join("autohttps.db")

@@ -329,6 +329,8 @@ const HISTORY_MAX_SITES_PER_VERSION: usize = 1024;
 const HISTORY_MAX_SITE_IDS: usize = 262_144;
 /// Change-log rows read per store call.
 const CHANGE_BATCH_ROWS: usize = 10_000;
+/// Sites read (and validated) per store call when the feed loads every site.
+const LOAD_PAGE_SITES: usize = 500;
 
 /// The delta body's type is the filter's own (deltas are assembled from entries already
 /// serialised, so this is what tests and other readers parse them with).
@@ -458,6 +460,14 @@ struct SiteEntry {
     boundary: Option<OffsetDateTime>,
     /// Whether it carries a report token (recomputed when the token epoch turns).
     report_mode: bool,
+}
+
+/// What a full load gathers, a page at a time, before it replaces the served state.
+#[derive(Debug, Default)]
+struct FullLoad {
+    entries: BTreeMap<String, SiteEntry>,
+    boundaries: BTreeSet<(OffsetDateTime, String)>,
+    rejected: BTreeMap<String, RejectedSite>,
 }
 
 /// A version's changed sites, or `None`: too many to remember (answer with a snapshot).
@@ -732,68 +742,54 @@ impl PolicyFeed {
         Ok(changed)
     }
 
-    /// Loads every site (at start, or when the change log lost this feed's position), validates
-    /// them all at once and records a version for the entries that differ from before.
+    /// Loads every site (at start, or when the change log lost this feed's position) a page at
+    /// a time, validates each page's entries (a site's entry is valid or not on its own: names
+    /// and ids are unique in the store) and records a version for the entries that differ from
+    /// before. Never holds more than one page of sites, certificates and parsed entries.
     fn load_everything(&self, state: &mut FeedState, now: OffsetDateTime) -> Result<()> {
         // The position first: a change committed while loading is read again, never lost.
         let last_seq = self.store.latest_change_seq()?;
-        let sites = self.store.list_sites()?;
-        let certificates = self.store.all_current_coverage()?;
-        let mut entries = site_entries(&sites, &certificates, Some(&self.tokens), now);
-        drop((sites, certificates));
-        entries.sort_by(|a, b| a.0.id.cmp(&b.0.id));
-        let mut boundaries: HashMap<String, OffsetDateTime> = HashMap::new();
-        let mut specs = Vec::with_capacity(entries.len());
-        for (spec, boundary) in entries {
-            if let Some(at) = boundary {
-                boundaries.insert(spec.id.clone(), at);
+        let mut old_entries = std::mem::take(&mut state.entries);
+        let mut load = FullLoad::default();
+        let mut changed = Vec::new();
+        let mut after: Option<String> = None;
+        let loaded = loop {
+            let page = match self.store.sites_page(after.as_deref(), LOAD_PAGE_SITES) {
+                Ok(page) => page,
+                Err(error) => break Err(error),
+            };
+            let Some((last, _)) = page.last() else {
+                break Ok(());
+            };
+            after = Some(last.name.clone());
+            let full_page = page.len() == LOAD_PAGE_SITES;
+            if let Err(error) = self.load_page(page, &old_entries, state.loaded, now, &mut load) {
+                break Err(error);
             }
-            specs.push(spec);
-        }
-        let document = self.document(specs);
-        let (document, rejected) = match Policy::compile(&document) {
-            Ok(_) => (document, Vec::new()),
-            Err(_) => {
-                let previous = state.loaded.then(|| self.previous_document(state));
-                isolate_invalid_sites(document, previous.as_ref()).map_err(|error| {
-                    Error::Internal(format!(
-                        "the edge settings fail the filter's validation: {error}"
-                    ))
-                })?
+            if !full_page {
+                break Ok(());
             }
         };
-        state.rejected.clear();
-        for site in rejected {
-            report_rejected(&site);
-            state.rejected.insert(site.site.clone(), site);
+        if let Err(error) = loaded {
+            // The served entries stay as they were; the next refresh loads everything again.
+            state.entries = old_entries;
+            return Err(error);
         }
-        let mut old_entries = std::mem::take(&mut state.entries);
-        state.boundaries.clear();
-        let mut changed = Vec::new();
-        for spec in document.sites {
-            let json = Bytes::from(serde_json::to_vec(&spec).map_err(|e| {
-                Error::Internal(format!("serialising site {}'s entry: {e}", spec.id))
-            })?);
-            let boundary = boundaries.remove(&spec.id);
-            if let Some(at) = boundary {
-                state.boundaries.insert((at, spec.id.clone()));
-            }
+        for (id, entry) in &load.entries {
             if old_entries
-                .remove(&spec.id)
-                .is_none_or(|old| old.json != json)
+                .remove(id)
+                .is_none_or(|old| old.json != entry.json)
             {
-                changed.push(spec.id.clone());
+                changed.push(id.clone());
             }
-            state.entries.insert(
-                spec.id,
-                SiteEntry {
-                    json,
-                    boundary,
-                    report_mode: spec.report_token.is_some(),
-                },
-            );
         }
         changed.extend(old_entries.into_keys());
+        state.entries = load.entries;
+        state.boundaries = load.boundaries;
+        state.rejected = load.rejected;
+        for site in state.rejected.values() {
+            report_rejected(site);
+        }
         state.last_seq = last_seq;
         state.reload_everything = false;
         state.token_epoch = ReportTokens::epoch(now);
@@ -812,15 +808,75 @@ impl PolicyFeed {
         Ok(())
     }
 
-    /// The served entries as a document (for the previous-entry fallback of a full reload).
-    fn previous_document(&self, state: &FeedState) -> PolicyDocument {
-        self.document(
-            state
-                .entries
-                .values()
-                .filter_map(|entry| serde_json::from_slice(&entry.json).ok())
-                .collect(),
-        )
+    /// One page of [`PolicyFeed::load_everything`]: each site's entry as of `now`, validated
+    /// together (with `previous` entries, when `had_previous`, kept for sites that fail), added
+    /// to `into`.
+    fn load_page(
+        &self,
+        page: Vec<(Site, Vec<CertificateCoverage>)>,
+        previous: &BTreeMap<String, SiteEntry>,
+        had_previous: bool,
+        now: OffsetDateTime,
+        into: &mut FullLoad,
+    ) -> Result<()> {
+        let FullLoad {
+            entries,
+            boundaries,
+            rejected: rejected_sites,
+        } = into;
+        let mut page_boundaries: HashMap<String, OffsetDateTime> = HashMap::new();
+        let mut specs = Vec::with_capacity(page.len());
+        for (site, certificates) in page {
+            let coverage: Vec<&CertificateCoverage> = certificates.iter().collect();
+            let (spec, boundary) = site_entry(&site, &coverage, Some(&self.tokens), now);
+            if let Some(at) = boundary {
+                page_boundaries.insert(spec.id.clone(), at);
+            }
+            specs.push(spec);
+        }
+        specs.sort_by(|a, b| a.id.cmp(&b.id));
+        let document = self.document(specs);
+        let (document, rejected) = match Policy::compile(&document) {
+            Ok(_) => (document, Vec::new()),
+            Err(_) => {
+                let last_good = had_previous.then(|| {
+                    self.document(
+                        document
+                            .sites
+                            .iter()
+                            .filter_map(|spec| previous.get(&spec.id))
+                            .filter_map(|entry| serde_json::from_slice(&entry.json).ok())
+                            .collect(),
+                    )
+                });
+                isolate_invalid_sites(document, last_good.as_ref()).map_err(|error| {
+                    Error::Internal(format!(
+                        "the edge settings fail the filter's validation: {error}"
+                    ))
+                })?
+            }
+        };
+        for site in rejected {
+            rejected_sites.insert(site.site.clone(), site);
+        }
+        for spec in document.sites {
+            let json = Bytes::from(serde_json::to_vec(&spec).map_err(|e| {
+                Error::Internal(format!("serialising site {}'s entry: {e}", spec.id))
+            })?);
+            let boundary = page_boundaries.remove(&spec.id);
+            if let Some(at) = boundary {
+                boundaries.insert((at, spec.id.clone()));
+            }
+            entries.insert(
+                spec.id,
+                SiteEntry {
+                    json,
+                    boundary,
+                    report_mode: spec.report_token.is_some(),
+                },
+            );
+        }
+        Ok(())
     }
 
     /// A document of these sites with the edge settings (its version is a placeholder: only

@@ -74,6 +74,7 @@ suite!(
     the_change_log_sees_changes_made_through_the_other_handle,
     http01_challenges_are_answered_through_any_handle,
     mixed_content_findings_stay_within_their_budget,
+    every_site_is_read_a_page_at_a_time_with_its_current_certificates,
 );
 
 fn name(n: &str) -> Hostname {
@@ -713,4 +714,82 @@ fn mixed_content_findings_stay_within_their_budget(backend: &dyn Backend) {
     );
     assert_eq!(findings[1].reports, 2);
     assert!(store.mixed_content_bytes("blog").unwrap() <= budget);
+}
+
+fn every_site_is_read_a_page_at_a_time_with_its_current_certificates(backend: &dyn Backend) {
+    let store = backend.open("a");
+    // Ids chosen so that a prefix of one sorts before the other ("a" < "a-b" < "ab").
+    for (site, primary) in [
+        ("ab", "ab.test"),
+        ("a", "a.test"),
+        ("c", "c.test"),
+        ("a-b", "a-b.test"),
+        ("b", "b.test"),
+    ] {
+        create(&*store, site, &[primary, &format!("www.{primary}")]);
+    }
+    let superseded = store
+        .store_certificate(certificate("a", &["a.test", "www.a.test"], "a1"), None, NOW)
+        .unwrap();
+    store
+        .store_certificate(certificate("a", &["a.test", "www.a.test"], "a2"), None, NOW)
+        .unwrap();
+    store
+        .store_certificate(certificate("b", &["b.test"], "b1"), None, NOW)
+        .unwrap();
+    store
+        .store_certificate(certificate("ab", &["ab.test"], "ab1"), None, NOW)
+        .unwrap();
+
+    let mut read = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.sites_page(after.as_deref(), 2).unwrap();
+        assert!(page.len() <= 2, "a page holds at most its limit");
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.name.clone());
+        read.extend(page);
+    }
+    let summary: Vec<(String, usize, Vec<String>)> = read
+        .iter()
+        .map(|(site, certificates)| {
+            (
+                site.name.clone(),
+                site.hostnames.len(),
+                certificates.iter().map(|c| c.serial.clone()).collect(),
+            )
+        })
+        .collect();
+    let expected = |site: &str, serials: &[&str]| {
+        (
+            site.to_string(),
+            2,
+            serials.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        summary,
+        vec![
+            expected("a", &["a2"]),
+            expected("a-b", &[]),
+            expected("ab", &["ab1"]),
+            expected("b", &["b1"]),
+            expected("c", &[]),
+        ],
+        "every site once, by id, each with only its own current certificates"
+    );
+    let a2 = &read[0].1[0];
+    assert_eq!(a2.names, [name("a.test"), name("www.a.test")]);
+    assert_eq!(a2.site, "a");
+
+    // A row is read back by id, superseded or not, with its chain and key.
+    let old = store.certificate(superseded.id).unwrap().expect("kept");
+    assert_eq!(old.serial, "a1");
+    assert_eq!(old.key_pem.expose(), "key a1");
+    assert_eq!(
+        store.certificate(a2.id).unwrap().expect("current").serial,
+        "a2"
+    );
+    store.delete_site("a").unwrap();
+    assert_eq!(store.certificate(superseded.id).unwrap(), None);
 }

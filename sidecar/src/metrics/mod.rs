@@ -16,7 +16,6 @@
 pub mod acme_requests;
 pub mod process;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,19 +45,6 @@ pub use crate::config::MetricsConfig;
 
 /// How long a readiness check waits for the store's write lock or the SDS socket.
 const READINESS_PATIENCE: Duration = Duration::from_millis(1000);
-
-/// Label set `{site}`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SiteLabels {
-    site: String,
-}
-
-/// Label set `{site, condition}` (cert-manager's ready status).
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SiteConditionLabels {
-    site: String,
-    condition: Condition,
-}
 
 /// cert-manager's `Ready` condition values.
 #[derive(
@@ -115,15 +101,149 @@ fn site_condition(
     }
 }
 
+/// Sites read per store call during a scrape.
+const SCRAPE_PAGE_SITES: usize = 1_000;
+
+/// What a scrape says of one site (its per-site series).
+#[derive(Debug)]
+struct SiteFacts {
+    site: String,
+    /// When its soonest-expiring current certificate expires (Unix time), if it has one.
+    expires: Option<i64>,
+    /// When its next attempt is due (Unix time), if it has a certificate and one is scheduled.
+    renewal: Option<i64>,
+    condition: Condition,
+}
+
+/// A scrape: the text of every family but the per-site ones, and the per-site facts whose
+/// series are written out as the body is sent (a few bytes each held, not every series).
+#[derive(Debug)]
+pub struct Scrape {
+    text: String,
+    per_site: Vec<SiteFacts>,
+}
+
+/// Per-site series written per piece of a streamed scrape.
+const SCRAPE_PIECE_SITES: usize = 2_000;
+
+impl Scrape {
+    /// The whole scrape as one text.
+    pub fn into_text(self) -> String {
+        let mut text = self.text;
+        for family in PerSiteFamily::ALL {
+            family.write(&self.per_site, &mut text);
+        }
+        text
+    }
+
+    /// The scrape as pieces of text, the per-site families written as they are read.
+    fn into_stream(
+        self,
+    ) -> impl futures::Stream<Item = std::result::Result<String, std::convert::Infallible>> {
+        let Scrape { text, per_site } = self;
+        let per_site = Arc::new(per_site);
+        let pieces = PerSiteFamily::ALL.into_iter().flat_map(move |family| {
+            let per_site = Arc::clone(&per_site);
+            let count = per_site.len().div_ceil(SCRAPE_PIECE_SITES).max(1);
+            (0..count).map(move |piece| {
+                let from = piece * SCRAPE_PIECE_SITES;
+                let to = (from + SCRAPE_PIECE_SITES).min(per_site.len());
+                let mut out = String::new();
+                if piece == 0 {
+                    family.write_header(&mut out);
+                }
+                family.write_series(&per_site[from..to], &mut out);
+                out
+            })
+        });
+        futures::stream::iter(std::iter::once(text).chain(pieces).map(Ok))
+    }
+}
+
+/// The per-site families, written by hand so a scrape never holds 500,000 series at once.
+#[derive(Debug, Clone, Copy)]
+enum PerSiteFamily {
+    Expiration,
+    Renewal,
+    Ready,
+}
+
+impl PerSiteFamily {
+    const ALL: [Self; 3] = [Self::Expiration, Self::Renewal, Self::Ready];
+
+    fn name_and_help(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Expiration => (
+                "autohttps_certificate_expiration_timestamp_seconds",
+                "When the site's soonest-expiring current certificate expires (Unix time).",
+            ),
+            Self::Renewal => (
+                "autohttps_certificate_renewal_timestamp_seconds",
+                "When the site's next issuance attempt (renewal, or retry after a failure) is due (Unix time).",
+            ),
+            Self::Ready => (
+                "autohttps_certificate_ready_status",
+                "The site's certificate state: 1 on its condition (True: every name covered by an unexpired certificate; False: not, and the last attempt failed; Unknown: first issuance pending).",
+            ),
+        }
+    }
+
+    fn write(self, sites: &[SiteFacts], out: &mut String) {
+        self.write_header(out);
+        self.write_series(sites, out);
+    }
+
+    fn write_header(self, out: &mut String) {
+        use std::fmt::Write as _;
+        let (name, help) = self.name_and_help();
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+    }
+
+    /// The series of `sites` (site ids are `[a-z0-9-]`: no label escaping is needed).
+    fn write_series(self, sites: &[SiteFacts], out: &mut String) {
+        use std::fmt::Write as _;
+        let (name, _) = self.name_and_help();
+        for facts in sites {
+            let site = &facts.site;
+            match self {
+                Self::Expiration => {
+                    if let Some(at) = facts.expires {
+                        let _ = writeln!(out, "{name}{{site=\"{site}\"}} {at}");
+                    }
+                }
+                Self::Renewal => {
+                    if let Some(at) = facts.renewal {
+                        let _ = writeln!(out, "{name}{{site=\"{site}\"}} {at}");
+                    }
+                }
+                Self::Ready => {
+                    for (each, label) in [
+                        (Condition::True, "True"),
+                        (Condition::False, "False"),
+                        (Condition::Unknown, "Unknown"),
+                    ] {
+                        let on = i64::from(each == facts.condition);
+                        let _ =
+                            writeln!(out, "{name}{{site=\"{site}\",condition=\"{label}\"}} {on}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The whole scrape, in the Prometheus text format 0.0.4; `rejected_sites` is how many sites the
 /// policy feed leaves out (or serves at their previous entry) because their entries fail the
 /// filter's validation.
 pub fn render(issuer: &Issuer, config: &MetricsConfig, rejected_sites: usize) -> Result<String> {
+    Ok(scrape(issuer, config, rejected_sites)?.into_text())
+}
+
+/// [`render`]'s scrape, its per-site series not written yet. Reads the sites a page at a time
+/// (names and validity only: never a certificate's PEM or key).
+pub fn scrape(issuer: &Issuer, config: &MetricsConfig, rejected_sites: usize) -> Result<Scrape> {
     let store = issuer.store();
     let now = issuer.clock().now();
-    let sites = store.list_sites()?;
-    // Validity and names only: a scrape never reads every certificate's PEM and key.
-    let certificates = store.all_current_coverage()?;
     let counts = store.counts()?;
 
     let mut root = Registry::default();
@@ -146,16 +266,6 @@ pub fn render(issuer: &Issuer, config: &MetricsConfig, rejected_sites: usize) ->
 
     issuer.acme_requests().register(registry);
 
-    let mut by_site: HashMap<&str, Vec<&CertificateCoverage>> = HashMap::new();
-    for certificate in &certificates {
-        by_site
-            .entry(&certificate.site)
-            .or_default()
-            .push(certificate);
-    }
-    let expiration = Family::<SiteLabels, Gauge>::default();
-    let renewal = Family::<SiteLabels, Gauge>::default();
-    let ready = Family::<SiteConditionLabels, Gauge>::default();
     let ready_sites = Family::<ConditionLabels, Gauge>::default();
     for condition in Condition::ALL {
         ready_sites
@@ -163,56 +273,40 @@ pub fn render(issuer: &Issuer, config: &MetricsConfig, rejected_sites: usize) ->
             .set(0);
     }
     let mut soonest_expiry: Option<OffsetDateTime> = None;
-    for site in &sites {
-        let own = by_site
-            .get(site.name.as_str())
-            .map_or(&[][..], Vec::as_slice);
-        let condition = site_condition(site, own, now);
-        ready_sites
-            .get_or_create(&ConditionLabels { condition })
-            .inc();
-        let expires = own.iter().map(|c| c.not_after).min();
-        if let Some(expires) = expires {
-            soonest_expiry = Some(soonest_expiry.map_or(expires, |s| s.min(expires)));
-        }
-        if !config.per_site {
-            continue;
-        }
-        let labels = SiteLabels {
-            site: site.name.clone(),
+    let mut per_site = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.sites_page(after.as_deref(), SCRAPE_PAGE_SITES)?;
+        let Some((last, _)) = page.last() else {
+            break;
         };
-        if let Some(expires) = expires {
-            expiration
-                .get_or_create(&labels)
-                .set(expires.unix_timestamp());
-            if let Some(next) = site.issuance.next_attempt_at {
-                renewal.get_or_create(&labels).set(next.unix_timestamp());
+        after = Some(last.name.clone());
+        let full_page = page.len() == SCRAPE_PAGE_SITES;
+        for (site, certificates) in page {
+            let own: Vec<&CertificateCoverage> = certificates.iter().collect();
+            let condition = site_condition(&site, &own, now);
+            ready_sites
+                .get_or_create(&ConditionLabels { condition })
+                .inc();
+            let expires = own.iter().map(|c| c.not_after).min();
+            if let Some(expires) = expires {
+                soonest_expiry = Some(soonest_expiry.map_or(expires, |s| s.min(expires)));
+            }
+            if config.per_site {
+                per_site.push(SiteFacts {
+                    expires: expires.map(OffsetDateTime::unix_timestamp),
+                    renewal: expires
+                        .and(site.issuance.next_attempt_at)
+                        .map(OffsetDateTime::unix_timestamp),
+                    condition,
+                    site: site.name,
+                });
             }
         }
-        for each in Condition::ALL {
-            ready
-                .get_or_create(&SiteConditionLabels {
-                    site: site.name.clone(),
-                    condition: each,
-                })
-                .set(i64::from(each == condition));
+        if !full_page {
+            break;
         }
     }
-    registry.register(
-        "certificate_expiration_timestamp_seconds",
-        "When the site's soonest-expiring current certificate expires (Unix time)",
-        expiration,
-    );
-    registry.register(
-        "certificate_renewal_timestamp_seconds",
-        "When the site's next issuance attempt (renewal, or retry after a failure) is due (Unix time)",
-        renewal,
-    );
-    registry.register(
-        "certificate_ready_status",
-        "The site's certificate state: 1 on its condition (True: every name covered by an unexpired certificate; False: not, and the last attempt failed; Unknown: first issuance pending)",
-        ready,
-    );
     registry.register(
         "certificate_ready_sites",
         "Sites per certificate condition (see autohttps_certificate_ready_status)",
@@ -275,7 +369,7 @@ pub fn render(issuer: &Issuer, config: &MetricsConfig, rejected_sites: usize) ->
         .map_err(|_| Error::InvalidInput("the metrics could not be encoded".into()))?;
     // What clients made the sidecar refuse or drop (CSP reports, unknown SNI names).
     crate::client_events::COUNTERS.write_prometheus(&mut text);
-    Ok(text)
+    Ok(Scrape { text, per_site })
 }
 
 /// Shared state of the operations listener.
@@ -309,16 +403,16 @@ pub fn ops_router(
 
 async fn metrics(State(state): State<OpsState>) -> Response {
     let rendered = tokio::task::spawn_blocking(move || {
-        render(&state.issuer, &state.config, state.feed.rejected_count())
+        scrape(&state.issuer, &state.config, state.feed.rejected_count())
     })
     .await;
     match rendered {
-        Ok(Ok(text)) => (
+        Ok(Ok(scrape)) => (
             [(
                 header::CONTENT_TYPE,
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             )],
-            text,
+            axum::body::Body::from_stream(scrape.into_stream()),
         )
             .into_response(),
         Ok(Err(error)) => {

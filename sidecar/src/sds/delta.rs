@@ -102,6 +102,11 @@ impl DeltaStream {
         self.held.len()
     }
 
+    /// Whether Envoy is subscribed to `name` on this stream.
+    pub(crate) fn holds(&self, name: &str) -> bool {
+        self.held.contains_key(name)
+    }
+
     fn note_acknowledgement(&mut self, request: &DeltaDiscoveryRequest) {
         let nonce = request.response_nonce.as_str();
         if nonce.is_empty() {

@@ -1,5 +1,6 @@
 //! The tonic `SecretDiscoveryService`: runs each Envoy stream's state machine against the source.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -118,6 +119,10 @@ trait StreamState: Send + 'static {
     ) -> Option<Self::Response>;
     fn on_change(&mut self, resolver: &SecretResolver) -> Option<Self::Response>;
     fn subscribed(&self) -> usize;
+    /// The names `request` asks to watch (the state may still ignore some).
+    fn requested(request: &Self::Request) -> Vec<&str>;
+    /// Whether the stream holds `name` after its requests so far.
+    fn holds(&self, name: &str) -> bool;
 }
 
 impl StreamState for DeltaStream {
@@ -142,6 +147,17 @@ impl StreamState for DeltaStream {
     }
     fn subscribed(&self) -> usize {
         DeltaStream::subscribed(self)
+    }
+    fn requested(request: &Self::Request) -> Vec<&str> {
+        request
+            .resource_names_subscribe
+            .iter()
+            .chain(request.initial_resource_versions.keys())
+            .map(String::as_str)
+            .collect()
+    }
+    fn holds(&self, name: &str) -> bool {
+        DeltaStream::holds(self, name)
     }
 }
 
@@ -168,6 +184,12 @@ impl StreamState for SotwStream {
     fn subscribed(&self) -> usize {
         SotwStream::subscribed(self)
     }
+    fn requested(request: &Self::Request) -> Vec<&str> {
+        request.resource_names.iter().map(String::as_str).collect()
+    }
+    fn holds(&self, name: &str) -> bool {
+        SotwStream::holds(self, name)
+    }
 }
 
 /// Envoy opens a stream for each secret name it watches, so every handshake with a made-up SNI
@@ -189,6 +211,8 @@ async fn run_stream<S: StreamState>(
     let mut changes = Some(shared.resolver.source.changes());
     let mut shutdown = shared.shutdown.clone();
     let mut node = String::new();
+    // The names this stream told the source it watches.
+    let mut watching: HashSet<String> = HashSet::new();
     loop {
         let response = tokio::select! {
             message = inbound.message() => match message {
@@ -200,7 +224,22 @@ async fn run_stream<S: StreamState>(
                         }
                     }
                     S::log_request(stream, &request);
-                    state.on_request(&request, &shared.resolver)
+                    // Watched before they are resolved, so the source keeps what it loads.
+                    for name in S::requested(&request) {
+                        if !watching.contains(name) {
+                            shared.resolver.source.watch(name);
+                            watching.insert(name.to_owned());
+                        }
+                    }
+                    let response = state.on_request(&request, &shared.resolver);
+                    watching.retain(|name| {
+                        let held = state.holds(name);
+                        if !held {
+                            shared.resolver.source.unwatch(name);
+                        }
+                        held
+                    });
+                    response
                 }
                 Ok(None) => {
                     if let Some(suppressed) = STREAM_LOG.admit() {
@@ -243,6 +282,9 @@ async fn run_stream<S: StreamState>(
             tracing::info!(flavour, stream, %node, "Envoy went away");
             break;
         }
+    }
+    for name in watching {
+        shared.resolver.source.unwatch(&name);
     }
     shared.open.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(flavour, stream, %node, subscribed = state.subscribed(), "SDS stream finished");

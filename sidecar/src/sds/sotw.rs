@@ -100,6 +100,11 @@ impl SotwStream {
         self.names.len()
     }
 
+    /// Whether Envoy currently asks for `name` on this stream.
+    pub(crate) fn holds(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
     fn respond(&mut self, resolver: &impl ResolveSecret) -> Option<DiscoveryResponse> {
         let found: Vec<_> = self
             .names

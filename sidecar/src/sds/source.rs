@@ -64,8 +64,10 @@ impl fmt::Debug for ServedCertificate {
 
 /// What the SDS server asks for certificates; implemented by the store.
 ///
-/// Lookups happen on every SDS request and after every change, so they must be cheap
-/// (a map lookup), never block on I/O, and never fail loudly: an unknown name is `None`.
+/// Lookups happen on every SDS request and after every change, so they must be cheap for a
+/// watched name (a map lookup) and never fail loudly: an unknown name is `None`. A source may
+/// read a name's certificate from its store the first time it is asked for it (one short
+/// point read, as store calls are), and keep it in memory only while the name is watched.
 pub trait CertificateSource: Send + Sync + 'static {
     /// The certificate to serve for a TLS server name.
     ///
@@ -73,6 +75,14 @@ pub trait CertificateSource: Send + Sync + 'static {
     /// that covers it ([`wildcard_name`], the engine's one wildcard rule), else `None`.
     /// Implementations compare names after [`fold_hostname`].
     fn lookup(&self, name: &str) -> Option<Arc<ServedCertificate>>;
+
+    /// An SDS stream started watching `name` (Envoy subscribed to it): from now until the
+    /// matching [`CertificateSource::unwatch`], the source may keep what `lookup` answers for
+    /// it in memory. Every `watch` is matched by exactly one `unwatch`.
+    fn watch(&self, _name: &str) {}
+
+    /// An SDS stream stopped watching `name` (Envoy unsubscribed, or the stream ended).
+    fn unwatch(&self, _name: &str) {}
 
     /// The certificate for clients that send no SNI, when the operator configured one.
     ///

@@ -1,23 +1,29 @@
-//! The store-backed [`CertificateSource`]: an in-memory index of what the store says to serve,
-//! rebuilt when certificates or sites change, so SDS lookups never touch SQLite.
+//! The store-backed [`CertificateSource`]: a lean in-memory index of what the store says to
+//! serve (for each name: which certificate, its version and expiry; no PEM text), and the
+//! chains and keys of only the names Envoy watches, read from the store when first asked for.
 //!
-//! A full rebuild reads `list_sites()` and `all_current_certificates()` once, however many SDS
-//! streams are open; it runs at start, when a served certificate expires, hourly, and when the
-//! store's change log lost this index's position. Any other change re-reads only the sites the
-//! change log names (their hostnames and current certificates), so a change at 100,000 sites
-//! costs a few point reads, not a reload of every certificate and key.
+//! Envoy's on-demand certificate selector subscribes to a secret only for the SNI names clients
+//! use, so at 100,000 sites the index costs tens of bytes per name while the few names with
+//! traffic carry their PEM text; a name Envoy stops watching drops it again.
+//!
+//! A full rebuild reads the store a page of sites at a time (each site with its current
+//! certificates), so it never holds every certificate at once; it runs at start, when a served
+//! certificate expires, hourly, and when the store's change log lost this index's position.
+//! Any other change re-reads only the sites the change log names (their hostnames and current
+//! certificates), so a change at 100,000 sites costs a few point reads.
 //!
 //! A name maps to the newest servable certificate of its site that lists it as a SAN (the
 //! same rule as [`Store::certificate_for_hostname`]); a certificate is servable
-//! when it has not expired and its private key matches its leaf. Envoy NACKs a secret whose key
-//! does not match, and that name's handshakes then hang until a good version arrives, so such a
-//! certificate is never published: it is logged (site, serial, never the key) and skipped; an
-//! older good certificate of the store keeps serving, or, when the refused one superseded it,
-//! the one this process was serving for that name (until it expires or the process restarts).
+//! when it has not expired and its private key matches its leaf (checked when indexed, and
+//! again when its chain and key are loaded). Envoy NACKs a secret whose key does not match,
+//! and that name's handshakes then hang until a good version arrives, so such a certificate is
+//! never published: it is logged (site, serial, never the key) and skipped; an older good
+//! certificate of the store keeps serving, or, when the refused one superseded it, the one this
+//! process was serving for that name (until it expires or the process restarts).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use autohttps_filter::policy::{content_hash, fold_hostname};
@@ -31,7 +37,7 @@ use tokio::task::JoinHandle;
 use super::source::{CertificateSource, ServedCertificate, find_served};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::store::{Store, StoredCertificate};
+use crate::store::{CertificateCoverage, Site, Store, StoredCertificate};
 
 /// The longest the refresh task sleeps without a change: it also rebuilds when the earliest
 /// served certificate expires, and at least this often.
@@ -40,8 +46,10 @@ const MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
 const CHANGE_BATCH_ROWS: usize = 10_000;
 /// More changed sites than this in one refresh: a full rebuild is cheaper than point reads.
 const INCREMENTAL_MAX_SITES: usize = 2_000;
+/// Sites read per store call in a full rebuild (with their certificates' PEM text: a few MiB).
+const REBUILD_PAGE_SITES: usize = 500;
 
-/// Serves the store's certificates to the SDS server from an in-memory index.
+/// Serves the store's certificates to the SDS server from a lean in-memory index.
 ///
 /// Build it with [`StoreCertificateSource::new`] (which indexes once), then keep it current with
 /// [`StoreCertificateSource::spawn_refresh`].
@@ -50,6 +58,8 @@ pub struct StoreCertificateSource {
     clock: Arc<dyn Clock>,
     default: Option<Arc<ServedCertificate>>,
     index: RwLock<Arc<Index>>,
+    /// The names Envoy watches and the chains and keys loaded for them.
+    watched: Mutex<Watched>,
     changes: watch::Sender<u64>,
     /// The store's change-log position the index reflects: `None` until a full rebuild
     /// succeeded (the next refresh is then a full one).
@@ -60,31 +70,101 @@ impl std::fmt::Debug for StoreCertificateSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreCertificateSource")
             .field("names", &self.read().by_name.len())
+            .field("loaded", &self.loaded_certificates())
             .field("default", &self.default)
             .finish_non_exhaustive()
     }
 }
 
-/// One snapshot of what to serve.
+/// One snapshot of what to serve: no PEM text.
 #[derive(Debug, Default, Clone)]
 struct Index {
     /// Normalised name → what it is served.
     by_name: HashMap<String, Entry>,
-    /// Every certificate considered, by store row id: `None` when it was refused (bad key), so
-    /// it is checked, and logged, once.
-    checked: HashMap<i64, Option<Arc<ServedCertificate>>>,
+    /// Every certificate considered, by store row id: whether it is servable (false when its
+    /// key does not match, so it is checked, and logged, once).
+    checked: HashMap<i64, bool>,
     /// When the first served certificate expires (the index must be rebuilt then).
     next_expiry: Option<OffsetDateTime>,
 }
 
-/// A name's certificate and when it stops being servable.
+/// A name's certificate, as its store row id, and when it stops being servable.
 #[derive(Debug, Clone)]
 struct Entry {
-    certificate: Arc<ServedCertificate>,
-    /// The certificate's store row id.
+    /// The certificate's store row id (its chain and key are read by it).
     id: i64,
-    site: String,
+    /// Its version (the serial number).
+    version: Arc<str>,
+    site: Arc<str>,
     not_after: OffsetDateTime,
+}
+
+/// The names Envoy watches (by how many streams) and the certificates loaded for them.
+#[derive(Debug, Default)]
+struct Watched {
+    /// Folded name → how many SDS streams watch it.
+    streams: HashMap<String, usize>,
+    /// Watched name → the row id of the certificate last served for it.
+    served: HashMap<String, i64>,
+    /// Row id → its loaded certificate and how many watched names it is served for.
+    loaded: HashMap<i64, (Arc<ServedCertificate>, usize)>,
+}
+
+impl Watched {
+    /// The loaded certificate `id`, now recorded as served for `name` when `name` is watched.
+    fn attach_loaded(&mut self, name: &str, id: i64) -> Option<Arc<ServedCertificate>> {
+        let certificate = Arc::clone(&self.loaded.get(&id)?.0);
+        self.attach(name, id, &certificate);
+        Some(certificate)
+    }
+
+    /// Records `certificate` (row `id`) as served for `name`, keeping it loaded while a
+    /// watched name is served it; a name nobody watches keeps nothing. Answers the one copy
+    /// held (an equal certificate loaded meanwhile by another lookup is shared).
+    fn attach(
+        &mut self,
+        name: &str,
+        id: i64,
+        certificate: &Arc<ServedCertificate>,
+    ) -> Arc<ServedCertificate> {
+        if !self.streams.contains_key(name) {
+            return Arc::clone(certificate);
+        }
+        if self.served.get(name) != Some(&id) {
+            if let Some(old) = self.served.insert(name.to_owned(), id) {
+                self.release(old);
+            }
+            self.loaded
+                .entry(id)
+                .or_insert_with(|| (Arc::clone(certificate), 0))
+                .1 += 1;
+        }
+        self.loaded
+            .get(&id)
+            .map_or_else(|| Arc::clone(certificate), |(held, _)| Arc::clone(held))
+    }
+
+    /// `name` is served nothing now: what it held may go.
+    fn detach(&mut self, name: &str) {
+        if let Some(id) = self.served.remove(name) {
+            self.release(id);
+        }
+    }
+
+    fn release(&mut self, id: i64) {
+        if let Some((_, names)) = self.loaded.get_mut(&id) {
+            *names -= 1;
+            if *names == 0 {
+                self.loaded.remove(&id);
+            }
+        }
+    }
+
+    /// The certificate last served for `name`, when it is loaded.
+    fn last_served(&self, name: &str) -> Option<Arc<ServedCertificate>> {
+        let id = self.served.get(name)?;
+        self.loaded.get(id).map(|(held, _)| Arc::clone(held))
+    }
 }
 
 impl StoreCertificateSource {
@@ -100,6 +180,7 @@ impl StoreCertificateSource {
             clock,
             default: default.map(Arc::new),
             index: RwLock::new(Arc::new(Index::default())),
+            watched: Mutex::new(Watched::default()),
             changes: watch::Sender::new(0),
             position: Mutex::new(None),
         });
@@ -107,46 +188,47 @@ impl StoreCertificateSource {
         Ok(source)
     }
 
-    /// Rebuilds the index from the store; announces a change when any name's certificate
-    /// changed. On a store error the previous index stays in place.
+    /// How many certificates' chains and keys are held in memory now (one per certificate
+    /// served to a watched name).
+    pub fn loaded_certificates(&self) -> usize {
+        self.watched().loaded.len()
+    }
+
+    /// How many names the index knows.
+    pub fn indexed_names(&self) -> usize {
+        self.read().by_name.len()
+    }
+
+    /// Rebuilds the index from the store, a page of sites at a time; announces a change when
+    /// any name's certificate changed. On a store error the previous index stays in place.
     pub fn refresh(&self) -> Result<()> {
         // The position first: a change committed while reading is read again, never lost.
         let position = self.store.latest_change_seq()?;
-        let sites = self.store.list_sites()?;
-        let mut certificates = self.store.all_current_certificates()?;
         let now = self.clock.now();
-        sort_newest_first(&mut certificates);
-        let owner: HashMap<&str, &str> = sites
-            .iter()
-            .flat_map(|site| {
-                site.hostnames
-                    .iter()
-                    .map(|h| (h.name.as_str(), site.name.as_str()))
-            })
-            .collect();
         let previous = self.read();
         let mut next = Index::default();
-        let refused_names = index_certificates(
-            &certificates,
-            |name| owner.get(name).copied(),
-            &previous.checked,
-            &mut next,
-            now,
-        );
-        keep_previous_for_refused(
-            refused_names,
-            |name| owner.get(name).copied(),
-            |name| previous.by_name.get(name),
-            &mut next,
-            now,
-        );
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .sites_page(after.as_deref(), REBUILD_PAGE_SITES)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(last.name.clone());
+            let full_page = page.len() == REBUILD_PAGE_SITES;
+            index_sites(page, &previous, &mut next, now, |id| self.check_stored(id))?;
+            if !full_page {
+                break;
+            }
+        }
         next.next_expiry = next.by_name.values().map(|entry| entry.not_after).min();
         let changed = previous.by_name.len() != next.by_name.len()
             || next.by_name.iter().any(|(name, entry)| {
                 previous
                     .by_name
                     .get(name)
-                    .is_none_or(|old| old.certificate.version() != entry.certificate.version())
+                    .is_none_or(|old| old.version != entry.version)
             });
         let names = next.by_name.len();
         drop(previous);
@@ -189,34 +271,25 @@ impl StoreCertificateSource {
             return Ok(());
         }
         // Each changed site's names and current certificates, read before the index is touched.
-        let mut owner: HashMap<String, String> = HashMap::new();
-        let mut certificates = Vec::new();
+        let mut sites = Vec::new();
+        let mut read: HashMap<i64, StoredCertificate> = HashMap::new();
         for id in &dirty {
             if let Some(site) = self.store.site(id)? {
-                for hostname in &site.hostnames {
-                    owner.insert(hostname.name.as_str().to_string(), site.name.clone());
-                }
-                certificates.extend(self.store.current_certificates(id)?);
+                let certificates = self.store.current_certificates(id)?;
+                let coverage = certificates.iter().map(CertificateCoverage::from).collect();
+                read.extend(certificates.into_iter().map(|c| (c.id, c)));
+                sites.push((site, coverage));
             }
         }
-        sort_newest_first(&mut certificates);
         let now = self.clock.now();
         let previous = self.read();
         let mut fresh = Index::default();
-        let refused_names = index_certificates(
-            &certificates,
-            |name| owner.get(name).map(String::as_str),
-            &previous.checked,
-            &mut fresh,
-            now,
-        );
-        keep_previous_for_refused(
-            refused_names,
-            |name| owner.get(name).map(String::as_str),
-            |name| previous.by_name.get(name),
-            &mut fresh,
-            now,
-        );
+        index_sites(sites, &previous, &mut fresh, now, |id| {
+            match read.get(&id) {
+                Some(stored) => Ok(servable(stored)),
+                None => self.check_stored(id),
+            }
+        })?;
         drop(previous);
 
         let mut guard = self.index.write().unwrap_or_else(PoisonError::into_inner);
@@ -224,7 +297,7 @@ impl StoreCertificateSource {
         let index = Arc::make_mut(&mut guard);
         let mut removed: HashMap<String, Entry> = HashMap::new();
         index.by_name.retain(|name, entry| {
-            if dirty.contains(&entry.site) {
+            if dirty.contains(&*entry.site) {
                 removed.insert(name.clone(), entry.clone());
                 false
             } else {
@@ -237,7 +310,7 @@ impl StoreCertificateSource {
         for (name, entry) in fresh.by_name {
             changed |= removed
                 .get(&name)
-                .is_none_or(|old| old.certificate.version() != entry.certificate.version());
+                .is_none_or(|old| old.version != entry.version);
             index.by_name.insert(name, entry);
         }
         index.checked.extend(fresh.checked);
@@ -255,7 +328,6 @@ impl StoreCertificateSource {
         }
         Ok(())
     }
-
     /// Keeps the index current: rebuilds when the store's certificates or sites change, when
     /// the earliest served certificate expires, and at least hourly. Stops when the store's
     /// change senders are gone or the handle is aborted.
@@ -313,12 +385,86 @@ impl StoreCertificateSource {
     fn read(&self) -> Arc<Index> {
         Arc::clone(&self.index.read().unwrap_or_else(PoisonError::into_inner))
     }
+
+    /// Whether the certificate in row `id` is servable (read from the store to check its key;
+    /// a row that is gone is not).
+    fn check_stored(&self, id: i64) -> Result<bool> {
+        Ok(self
+            .store
+            .certificate(id)?
+            .is_some_and(|stored| servable(&stored)))
+    }
+
+    fn watched(&self) -> MutexGuard<'_, Watched> {
+        self.watched.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the chain and key of `entry`'s certificate from the store and checks them again;
+    /// `None` (logged, never with key material) when the row is gone or does not check out.
+    fn load(&self, entry: &Entry) -> Option<Arc<ServedCertificate>> {
+        let stored = match self.store.certificate(entry.id) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => {
+                tracing::warn!(site = %entry.site, serial = %entry.version, "a certificate the SDS index serves is no longer in the store; the next index refresh drops it");
+                return None;
+            }
+            Err(error) => {
+                tracing::error!(site = %entry.site, serial = %entry.version, %error, "could not read a served certificate from the store");
+                return None;
+            }
+        };
+        if stored.serial != *entry.version {
+            tracing::error!(site = %entry.site, serial = %entry.version, stored = %stored.serial, "the store's certificate row changed under the SDS index; not served until the index is refreshed");
+            return None;
+        }
+        servable(&stored).then(|| {
+            Arc::new(ServedCertificate::new(
+                &*entry.version,
+                stored.chain_pem,
+                stored.key_pem.expose(),
+            ))
+        })
+    }
 }
 
 impl CertificateSource for StoreCertificateSource {
+    /// The index says which certificate serves `name`; its chain and key come from memory when
+    /// a watched name holds them, else from one store read (kept while `name` is watched).
+    /// When that read fails, a watched name keeps what it was served last.
     fn lookup(&self, name: &str) -> Option<Arc<ServedCertificate>> {
-        let index = self.read();
-        find_served(&index.by_name, name).map(|entry| Arc::clone(&entry.certificate))
+        let name = fold_hostname(name);
+        let Some(entry) = find_served(&self.read().by_name, &name).cloned() else {
+            self.watched().detach(&name);
+            return None;
+        };
+        if let Some(certificate) = self.watched().attach_loaded(&name, entry.id) {
+            return Some(certificate);
+        }
+        match self.load(&entry) {
+            Some(certificate) => Some(self.watched().attach(&name, entry.id, &certificate)),
+            None => self.watched().last_served(&name),
+        }
+    }
+
+    fn watch(&self, name: &str) {
+        *self
+            .watched()
+            .streams
+            .entry(fold_hostname(name))
+            .or_default() += 1;
+    }
+
+    fn unwatch(&self, name: &str) {
+        let name = fold_hostname(name);
+        let mut watched = self.watched();
+        let Some(streams) = watched.streams.get_mut(&name) else {
+            return;
+        };
+        *streams -= 1;
+        if *streams == 0 {
+            watched.streams.remove(&name);
+            watched.detach(&name);
+        }
     }
 
     fn default_certificate(&self) -> Option<Arc<ServedCertificate>> {
@@ -330,57 +476,94 @@ impl CertificateSource for StoreCertificateSource {
     }
 }
 
+/// Indexes each site's current certificates into `next` (see [`index_certificates`]), keeping
+/// the previous entry of a name whose newest certificate was refused. `check` tells whether a
+/// certificate not checked before is servable.
+fn index_sites(
+    sites: Vec<(Site, Vec<CertificateCoverage>)>,
+    previous: &Index,
+    next: &mut Index,
+    now: OffsetDateTime,
+    mut check: impl FnMut(i64) -> Result<bool>,
+) -> Result<()> {
+    for (site, mut certificates) in sites {
+        sort_newest_first(&mut certificates);
+        let site_id: Arc<str> = Arc::from(site.name.as_str());
+        let own: HashSet<&str> = site.hostnames.iter().map(|h| h.name.as_str()).collect();
+        let owner = |name: &str| own.contains(name).then_some(&*site_id);
+        let refused_names = index_certificates(
+            &certificates,
+            &site_id,
+            owner,
+            &previous.checked,
+            &mut check,
+            next,
+            now,
+        )?;
+        keep_previous_for_refused(
+            refused_names,
+            owner,
+            |name| previous.by_name.get(name),
+            next,
+            now,
+        );
+    }
+    Ok(())
+}
+
 /// Newest first (latest `not_after`, then latest row): the first servable certificate listing
 /// a name wins.
-fn sort_newest_first(certificates: &mut [StoredCertificate]) {
+fn sort_newest_first(certificates: &mut [CertificateCoverage]) {
     certificates.sort_by(|a, b| b.not_after.cmp(&a.not_after).then(b.id.cmp(&a.id)));
 }
 
-/// Indexes `certificates` (newest first) into `next`: each unexpired certificate is checked
-/// (or its check from `checked` reused) and serves each of its names whose owner (by `owner`)
-/// is its own site, unless a newer one already does. Returns the names whose newest
-/// certificate was refused.
+/// Indexes one site's `certificates` (newest first) into `next`: each unexpired certificate is
+/// checked (its check from `checked` reused, else made by `check`) and serves each of its names
+/// whose owner (by `owner`) is `site`, unless a newer one already does. Returns the names whose
+/// newest certificate was refused.
 fn index_certificates<'a>(
-    certificates: &[StoredCertificate],
+    certificates: &[CertificateCoverage],
+    site: &Arc<str>,
     owner: impl Fn(&str) -> Option<&'a str>,
-    checked: &HashMap<i64, Option<Arc<ServedCertificate>>>,
+    checked: &HashMap<i64, bool>,
+    check: &mut impl FnMut(i64) -> Result<bool>,
     next: &mut Index,
     now: OffsetDateTime,
-) -> Vec<String> {
+) -> Result<Vec<String>> {
     let mut refused_names = Vec::new();
     for certificate in certificates {
         if certificate.not_after <= now {
             continue;
         }
-        let served = match checked.get(&certificate.id) {
-            Some(checked) => checked.clone(),
-            None => servable(certificate),
+        let ok = match checked.get(&certificate.id) {
+            Some(ok) => *ok,
+            None => check(certificate.id)?,
         };
-        next.checked.insert(certificate.id, served.clone());
+        next.checked.insert(certificate.id, ok);
+        let version: Arc<str> = Arc::from(certificate.serial.as_str());
         for name in &certificate.names {
             if owner(name.as_str()) != Some(certificate.site.as_str()) {
                 continue;
             }
             let key = fold_hostname(name.as_str());
-            match &served {
-                Some(served) => {
-                    next.by_name.entry(key).or_insert_with(|| Entry {
-                        certificate: Arc::clone(served),
-                        id: certificate.id,
-                        site: certificate.site.clone(),
-                        not_after: certificate.not_after,
-                    });
-                }
-                None => refused_names.push(key),
+            if ok {
+                next.by_name.entry(key).or_insert_with(|| Entry {
+                    id: certificate.id,
+                    version: Arc::clone(&version),
+                    site: Arc::clone(site),
+                    not_after: certificate.not_after,
+                });
+            } else {
+                refused_names.push(key);
             }
         }
     }
-    refused_names
+    Ok(refused_names)
 }
 
 /// A refused certificate may have superseded the one a name was served: never make things
-/// worse, keep serving that one (in memory, from `previous`) while it is valid and the name
-/// still belongs to the same site.
+/// worse, keep serving that one (its row stays in the store, superseded) while it is valid and
+/// the name still belongs to the same site.
 fn keep_previous_for_refused<'a, 'p>(
     refused_names: Vec<String>,
     owner: impl Fn(&str) -> Option<&'a str>,
@@ -394,21 +577,18 @@ fn keep_previous_for_refused<'a, 'p>(
         }
         if let Some(entry) = previous(&name)
             && entry.not_after > now
-            && owner(name.as_str()) == Some(entry.site.as_str())
+            && owner(name.as_str()) == Some(&*entry.site)
         {
             next.by_name.insert(name, entry.clone());
         }
     }
 }
 
-/// The stored certificate as served, or `None` (logged) when its key does not match its leaf.
-fn servable(certificate: &StoredCertificate) -> Option<Arc<ServedCertificate>> {
+/// Whether the stored certificate may be served; when its key does not match its leaf, logs
+/// why (site and serial, never the key) and answers false.
+fn servable(certificate: &StoredCertificate) -> bool {
     match check_key_matches_leaf(&certificate.chain_pem, certificate.key_pem.expose()) {
-        Ok(()) => Some(Arc::new(ServedCertificate::new(
-            certificate.serial.clone(),
-            certificate.chain_pem.clone(),
-            certificate.key_pem.expose(),
-        ))),
+        Ok(()) => true,
         Err(problem) => {
             tracing::error!(
                 site = %certificate.site,
@@ -417,7 +597,7 @@ fn servable(certificate: &StoredCertificate) -> Option<Arc<ServedCertificate>> {
                 %problem,
                 "stored certificate not served to Envoy (it would reject it); an older one keeps serving if there is one"
             );
-            None
+            false
         }
     }
 }

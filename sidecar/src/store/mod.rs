@@ -306,10 +306,15 @@ fn sans_cover(sans: &[Hostname], name: &Hostname) -> bool {
     autohttps_filter::policy::sans_cover(sans.iter().map(Hostname::as_str), name.as_str())
 }
 
-/// What the policy feed needs of a current certificate: whose it is, its names and when it is
-/// valid; no PEM text, so building the feed never holds every private key in memory.
+/// What the policy feed, `/metrics` and the SDS index need of a current certificate: which row
+/// it is, whose, its names and when it is valid; no PEM text, so reading every site never holds
+/// every private key in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateCoverage {
+    /// Row id (its chain and key are read with [`Store::certificate`]).
+    pub id: i64,
+    /// Serial number, lower-case hex.
+    pub serial: String,
     /// The site it was issued for.
     pub site: String,
     /// Its SANs.
@@ -330,6 +335,8 @@ impl CertificateCoverage {
 impl From<&StoredCertificate> for CertificateCoverage {
     fn from(certificate: &StoredCertificate) -> Self {
         CertificateCoverage {
+            id: certificate.id,
+            serial: certificate.serial.clone(),
             site: certificate.site.clone(),
             names: certificate.names.clone(),
             not_before: certificate.not_before,
@@ -442,6 +449,15 @@ pub fn validate_site_name(name: &str) -> Result<()> {
 
 /// Sites, their hostnames and their HTTPS policy (tables `sites` and `hostnames`).
 pub trait SiteStore: Send + Sync {
+    /// Up to `limit` sites whose ids sort after `after` (from the first with `None`), by id,
+    /// each with what its current certificates cover (newest first, no PEM text): for reading
+    /// every site a page at a time (the SDS index, the policy feed, `/metrics`) without holding
+    /// all of them at once.
+    fn sites_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Site, Vec<CertificateCoverage>)>>;
     /// Creates a site with its hostnames; marks it due for issuance at `issue_at`.
     fn create_site(
         &self,
@@ -559,6 +575,9 @@ pub trait OrderStore: Send + Sync {
 
 /// Issued certificates and the names they cover (tables `certificates`, `certificate_names`).
 pub trait CertificateStore: Send + Sync {
+    /// The certificate stored under row id `id`, current or superseded (`None` once its site
+    /// was deleted): SDS loads a chain and key when Envoy asks for a name it serves.
+    fn certificate(&self, id: i64) -> Result<Option<StoredCertificate>>;
     /// The certificates a site currently serves (not superseded), newest first.
     fn current_certificates(&self, site: &str) -> Result<Vec<StoredCertificate>>;
     /// The certificate to serve for `name`: the newest current one covering it, exactly or by
@@ -664,6 +683,28 @@ pub trait ChangeLog: Send + Sync {
     fn certificates_changed(&self) -> watch::Receiver<u64>;
     /// Bumped whenever sites, hostnames or policies changed (the policy feed watches this).
     fn sites_changed(&self) -> watch::Receiver<u64>;
+}
+
+/// Groups `certificates` (newest first) under the sites of a page, keeping each site's order.
+pub(crate) fn pair_sites_with_certificates(
+    sites: Vec<Site>,
+    certificates: Vec<CertificateCoverage>,
+) -> Vec<(Site, Vec<CertificateCoverage>)> {
+    let mut by_site: std::collections::HashMap<String, Vec<CertificateCoverage>> =
+        std::collections::HashMap::new();
+    for certificate in certificates {
+        by_site
+            .entry(certificate.site.clone())
+            .or_default()
+            .push(certificate);
+    }
+    sites
+        .into_iter()
+        .map(|site| {
+            let own = by_site.remove(&site.name).unwrap_or_default();
+            (site, own)
+        })
+        .collect()
 }
 
 /// Persistent state. Methods are short, blocking and transactional; callers on async tasks

@@ -49,6 +49,9 @@ pub(super) fn hostname_from(text: &str) -> Result<Hostname> {
     Hostname::parse(text).map_err(|e| Error::CorruptStore(e.to_string()))
 }
 
+/// The columns of a [`super::CertificateCoverage`], in the order both backends read them.
+pub(super) const COVERAGE_COLUMNS: &str = "id, site, names, not_before, not_after, serial";
+
 pub(super) const CERT_COLUMNS: &str =
     "id, site, names, chain_pem, key_pem, not_before, not_after, serial, ari_id, issued_at";
 

@@ -337,3 +337,75 @@ fn an_incremental_refresh_serves_what_a_full_rebuild_would() {
     assert_eq!(version(&source, "old.shop.example.test"), None);
     assert!(source.lookup("shop.example.test").is_some());
 }
+
+#[test]
+fn only_watched_names_keep_their_chain_and_key_in_memory() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test", "www.shop.example.test"]);
+    fixture.site("blog", &["blog.example.test"]);
+    let shop = fixture.issue(
+        "shop",
+        &["shop.example.test", "www.shop.example.test"],
+        LATER,
+        false,
+    );
+    fixture.issue("blog", &["blog.example.test"], LATER, false);
+    let source = fixture.source();
+    assert_eq!(source.indexed_names(), 3);
+    assert_eq!(source.loaded_certificates(), 0, "the index holds no PEM");
+
+    // A lookup of a name nobody watches reads the store and keeps nothing.
+    let served = source.lookup("blog.example.test").expect("served");
+    assert!(served.private_key_pem().contains("PRIVATE KEY"));
+    assert_eq!(source.loaded_certificates(), 0);
+
+    // Two names of one certificate, watched (one of them by two streams): one copy.
+    source.watch("shop.example.test");
+    source.watch("SHOP.example.test.");
+    source.watch("www.shop.example.test");
+    let first = source.lookup("shop.example.test").expect("served");
+    let again = source.lookup("www.shop.example.test").expect("served");
+    assert_eq!(first.version(), shop);
+    assert!(Arc::ptr_eq(&first, &again), "one loaded copy serves both");
+    assert_eq!(source.loaded_certificates(), 1);
+
+    // It goes when the last stream watching the last of its names lets go.
+    source.unwatch("www.shop.example.test");
+    source.unwatch("shop.example.test");
+    assert_eq!(
+        source.loaded_certificates(),
+        1,
+        "one stream still watches it"
+    );
+    source.unwatch("shop.example.test");
+    assert_eq!(source.loaded_certificates(), 0);
+    // Unwatching a name never watched changes nothing.
+    source.unwatch("blog.example.test");
+    assert_eq!(source.loaded_certificates(), 0);
+}
+
+#[test]
+fn a_watched_name_renewed_holds_only_the_new_certificate() {
+    let fixture = Fixture::new();
+    fixture.site("shop", &["shop.example.test"]);
+    fixture.issue("shop", &["shop.example.test"], LATER, false);
+    let source = fixture.source();
+    source.watch("shop.example.test");
+    assert!(source.lookup("shop.example.test").is_some());
+    let renewed = fixture.issue(
+        "shop",
+        &["shop.example.test"],
+        datetime!(2026-07-01 00:00 UTC),
+        false,
+    );
+    source.refresh_changed().expect("refreshed");
+    assert_eq!(version(&source, "shop.example.test"), Some(renewed));
+    assert_eq!(source.loaded_certificates(), 1, "the old one was let go");
+
+    // Removed from its site: nothing served, nothing held.
+    fixture.site("other", &["other.example.test"]);
+    fixture.store.delete_site("shop").expect("deleted");
+    source.refresh_changed().expect("refreshed");
+    assert_eq!(version(&source, "shop.example.test"), None);
+    assert_eq!(source.loaded_certificates(), 0);
+}

@@ -14,6 +14,18 @@ use crate::store::{CertificateStore, NewCertificate, SiteEventKind, StoredCertif
 use autohttps_filter::policy::wildcard_name;
 
 impl CertificateStore for PostgresStore {
+    fn certificate(&self, id: i64) -> Result<Option<StoredCertificate>> {
+        self.connections.run(move |client| {
+            client
+                .query_opt(
+                    &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = $1"),
+                    &[&id],
+                )?
+                .map(|row| RawCertificate::from_pg(&row)?.decode())
+                .transpose()
+        })
+    }
+
     fn current_certificates(&self, site: &str) -> Result<Vec<StoredCertificate>> {
         let site = site.to_owned();
         self.connections

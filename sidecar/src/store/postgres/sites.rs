@@ -1,22 +1,105 @@
 //! Sites, their hostnames and policy, in PostgreSQL.
 
+use std::collections::HashMap;
+
 use time::OffsetDateTime;
 
 use super::PostgresStore;
 use super::connections::conflict_on_duplicate;
-use super::queries::{insert_event, insert_hostname, load_all_sites, load_site, require_site};
+use super::queries::{
+    insert_event, insert_hostname, load_all_sites, load_site, require_site, sql_limit,
+};
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
-use crate::store::rows::{enum_text, ts};
+use crate::store::rows::{
+    COVERAGE_COLUMNS, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json, site_hostname, ts,
+};
 use crate::store::rules::{
     hostname_added_message, hostname_removed_message, no_such_site, not_a_hostname_of,
     other_hostnames, primary_not_removable, site_created_message, site_exists,
 };
 use crate::store::{
-    HostnameKind, NewSite, Site, SiteEventKind, SitePolicy, SiteStore, validate_site_name,
+    CertificateCoverage, HostnameKind, NewSite, Site, SiteEventKind, SiteHostname, SitePolicy,
+    SiteStore, pair_sites_with_certificates, validate_site_name,
 };
 
 impl SiteStore for PostgresStore {
+    fn sites_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Site, Vec<CertificateCoverage>)>> {
+        let after = after.unwrap_or("").to_owned();
+        self.connections.run(move |client| {
+            // One snapshot for the three queries.
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let raw_sites = tx
+                .query(
+                    &format!(
+                        "SELECT {SITE_COLUMNS} FROM sites WHERE name > $1 ORDER BY name LIMIT $2"
+                    ),
+                    &[&after, &sql_limit(limit)],
+                )?
+                .iter()
+                .map(RawSite::from_pg)
+                .collect::<Result<Vec<_>>>()?;
+            let (Some(first), Some(last)) = (raw_sites.first(), raw_sites.last()) else {
+                tx.commit()?;
+                return Ok(Vec::new());
+            };
+            let (first, last) = (first.name.clone(), last.name.clone());
+            let mut by_site: HashMap<String, Vec<SiteHostname>> =
+                HashMap::with_capacity(raw_sites.len());
+            for row in tx.query(
+                "SELECT site, hostname, kind FROM hostnames WHERE site >= $1 AND site <= $2
+                 ORDER BY site, hostname",
+                &[&first, &last],
+            )? {
+                by_site
+                    .entry(row.try_get(0)?)
+                    .or_default()
+                    .push(site_hostname(
+                        &row.try_get::<_, String>(1)?,
+                        &row.try_get::<_, String>(2)?,
+                    )?);
+            }
+            let sites = raw_sites
+                .into_iter()
+                .map(|raw| {
+                    let hostnames = by_site.remove(&raw.name).unwrap_or_default();
+                    raw.decode(hostnames)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let certificates = tx
+                .query(
+                    &format!(
+                        "SELECT {COVERAGE_COLUMNS} FROM certificates
+                         WHERE superseded_at IS NULL AND site >= $1 AND site <= $2
+                         ORDER BY not_after DESC, id DESC"
+                    ),
+                    &[&first, &last],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok(CertificateCoverage {
+                        id: row.try_get(0)?,
+                        site: row.try_get(1)?,
+                        names: names_from_json(&row.try_get::<_, String>(2)?)?,
+                        not_before: from_ts(row.try_get(3)?)?,
+                        not_after: from_ts(row.try_get(4)?)?,
+                        serial: row.try_get(5)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(pair_sites_with_certificates(sites, certificates))
+        })
+    }
+
     fn create_site(
         &self,
         site: NewSite,

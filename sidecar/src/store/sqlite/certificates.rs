@@ -4,10 +4,12 @@ use rusqlite::{OptionalExtension, params};
 use time::OffsetDateTime;
 
 use super::SqliteStore;
-use super::queries::{insert_event, query_certificates};
+use super::queries::{coverage_from_row, insert_event, query_certificates};
 use crate::error::Result;
 use crate::hostname::Hostname;
-use crate::store::rows::{CERT_COLUMNS, RawCertificate, from_ts, names_from_json, names_json, ts};
+use crate::store::rows::{
+    CERT_COLUMNS, COVERAGE_COLUMNS, RawCertificate, names_from_json, names_json, ts,
+};
 use crate::store::rules::{certificate_issued_message, superseded};
 use crate::store::{
     CertificateCoverage, CertificateStore, NewCertificate, SiteEventKind, StoredCertificate,
@@ -124,19 +126,27 @@ impl CertificateStore for SqliteStore {
 
     fn all_current_coverage(&self) -> Result<Vec<CertificateCoverage>> {
         let conn = self.lock();
-        let mut statement = conn.prepare(
-            "SELECT site, names, not_before, not_after FROM certificates WHERE superseded_at IS NULL",
-        )?;
+        let mut statement = conn.prepare(&format!(
+            "SELECT {COVERAGE_COLUMNS} FROM certificates WHERE superseded_at IS NULL"
+        ))?;
         let mut rows = statement.query([])?;
         let mut coverage = Vec::new();
         while let Some(row) = rows.next()? {
-            coverage.push(CertificateCoverage {
-                site: row.get(0)?,
-                names: names_from_json(&row.get::<_, String>(1)?)?,
-                not_before: from_ts(row.get(2)?)?,
-                not_after: from_ts(row.get(3)?)?,
-            });
+            coverage.push(coverage_from_row(row)?);
         }
         Ok(coverage)
+    }
+
+    fn certificate(&self, id: i64) -> Result<Option<StoredCertificate>> {
+        // Cached: a full SDS rebuild reads every certificate it has not checked yet this way.
+        let conn = self.lock();
+        let raw = conn
+            .prepare_cached(&format!(
+                "SELECT {CERT_COLUMNS} FROM certificates WHERE id = ?1"
+            ))?
+            .query_row([id], RawCertificate::from_row)
+            .optional()?;
+        drop(conn);
+        raw.map(RawCertificate::decode).transpose()
     }
 }

@@ -7,10 +7,13 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use time::OffsetDateTime;
 
 use super::super::rows::{
-    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, site_hostname, ts,
+    CERT_COLUMNS, COVERAGE_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts,
+    names_from_json, site_hostname, ts,
 };
 use super::super::rules::{hostname_taken, no_such_site};
-use super::super::{HostnameKind, Site, SiteEventKind, SiteHostname, StoredCertificate};
+use super::super::{
+    CertificateCoverage, HostnameKind, Site, SiteEventKind, SiteHostname, StoredCertificate,
+};
 use crate::error::Result;
 use crate::hostname::Hostname;
 
@@ -195,4 +198,71 @@ pub(super) fn query_certificates(
             .collect::<rusqlite::Result<Vec<_>>>()?
     };
     rows.into_iter().map(RawCertificate::decode).collect()
+}
+
+/// Up to `limit` sites with ids after `after` (by id), with their hostnames, and the current
+/// certificates of those sites (newest first): three range queries, whatever the page's size.
+pub(super) fn load_sites_page(
+    conn: &Connection,
+    after: &str,
+    limit: usize,
+) -> Result<(Vec<Site>, Vec<CertificateCoverage>)> {
+    let raw_sites = conn
+        .prepare(&format!(
+            "SELECT {SITE_COLUMNS} FROM sites WHERE name > ?1 ORDER BY name LIMIT ?2"
+        ))?
+        .query_map(
+            params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+            RawSite::from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let (Some(first), Some(last)) = (raw_sites.first(), raw_sites.last()) else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let (first, last) = (first.name.clone(), last.name.clone());
+    let mut by_site: HashMap<String, Vec<SiteHostname>> = HashMap::with_capacity(raw_sites.len());
+    let mut statement = conn.prepare(
+        "SELECT site, hostname, kind FROM hostnames WHERE site >= ?1 AND site <= ?2
+         ORDER BY site, hostname",
+    )?;
+    let mut rows = statement.query(params![first, last])?;
+    while let Some(row) = rows.next()? {
+        let site: String = row.get(0)?;
+        let hostname: String = row.get(1)?;
+        let kind: String = row.get(2)?;
+        by_site
+            .entry(site)
+            .or_default()
+            .push(site_hostname(&hostname, &kind)?);
+    }
+    let sites = raw_sites
+        .into_iter()
+        .map(|raw| {
+            let hostnames = by_site.remove(&raw.name).unwrap_or_default();
+            raw.decode(hostnames)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut statement = conn.prepare(&format!(
+        "SELECT {COVERAGE_COLUMNS} FROM certificates
+         WHERE superseded_at IS NULL AND site >= ?1 AND site <= ?2
+         ORDER BY not_after DESC, id DESC"
+    ))?;
+    let mut rows = statement.query(params![first, last])?;
+    let mut certificates = Vec::new();
+    while let Some(row) = rows.next()? {
+        certificates.push(coverage_from_row(row)?);
+    }
+    Ok((sites, certificates))
+}
+
+/// A [`CertificateCoverage`] from a row of [`COVERAGE_COLUMNS`].
+pub(super) fn coverage_from_row(row: &Row<'_>) -> Result<CertificateCoverage> {
+    Ok(CertificateCoverage {
+        id: row.get(0)?,
+        site: row.get(1)?,
+        names: names_from_json(&row.get::<_, String>(2)?)?,
+        not_before: from_ts(row.get(3)?)?,
+        not_after: from_ts(row.get(4)?)?,
+        serial: row.get(5)?,
+    })
 }

@@ -4,7 +4,9 @@ use rusqlite::{OptionalExtension, params};
 use time::OffsetDateTime;
 
 use super::SqliteStore;
-use super::queries::{insert_event, insert_hostname, load_all_sites, load_site, require_site};
+use super::queries::{
+    insert_event, insert_hostname, load_all_sites, load_site, load_sites_page, require_site,
+};
 use crate::error::Result;
 use crate::hostname::Hostname;
 use crate::store::rows::{enum_text, ts};
@@ -13,10 +15,21 @@ use crate::store::rules::{
     other_hostnames, primary_not_removable, site_created_message, site_exists,
 };
 use crate::store::{
-    HostnameKind, NewSite, Site, SiteEventKind, SitePolicy, SiteStore, validate_site_name,
+    CertificateCoverage, HostnameKind, NewSite, Site, SiteEventKind, SitePolicy, SiteStore,
+    pair_sites_with_certificates, validate_site_name,
 };
 
 impl SiteStore for SqliteStore {
+    fn sites_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Site, Vec<CertificateCoverage>)>> {
+        let conn = self.lock();
+        let (sites, certificates) = load_sites_page(&conn, after.unwrap_or(""), limit)?;
+        Ok(pair_sites_with_certificates(sites, certificates))
+    }
+
     fn create_site(
         &self,
         site: NewSite,
