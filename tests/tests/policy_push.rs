@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 use autohttps_tests::stack::{Stack, wait_until};
 use serde_json::json;
 
-/// The filter's fallback poll in this test: far longer than [`PUSH_BOUND`]. A VM's first fetch
-/// also waits for it (the filter polls on its timer, whose first tick comes one interval after
-/// it is configured), so it is not set longer than needed.
-const FALLBACK_POLL_MS: u64 = 30_000;
+/// The filter's fallback poll in this test: a minute, far longer than [`PUSH_BOUND`] and than
+/// [`FIRST_FETCH_BOUND`].
+const FALLBACK_POLL_MS: u64 = 60_000;
+/// How long a new VM may take to fetch its first policy: it asks at once (its first tick comes
+/// 1 ms after it is configured), not one fallback poll later.
+const FIRST_FETCH_BOUND: Duration = Duration::from_secs(15);
 /// How long a change may take to reach every VM (from the API call to the last VM's log line
-/// being read back): a sixth of the fallback poll.
+/// being read back): a twelfth of the fallback poll.
 const PUSH_BOUND: Duration = Duration::from_secs(5);
 /// Envoy's worker threads.
 const WORKERS: u32 = 2;
@@ -95,20 +97,20 @@ fn a_change_is_pushed_to_every_worker_and_the_main_thread_not_polled() {
         .restart_envoy_with(WORKERS, Some(FALLBACK_POLL_MS))
         .expect("Envoy restarts with two workers");
 
-    // Every root context takes a snapshot of the current version (at its first tick, one
-    // fallback poll after start); their number per thread (one per listener's filter) is
-    // settled a moment after every thread has one.
+    // Every root context takes a snapshot of the current version at its first tick, right
+    // after start; their number per thread (one per listener's filter) is settled a moment
+    // after every thread has one.
     let settled = feed_version(&stack);
-    let first_fetch = Duration::from_millis(FALLBACK_POLL_MS) + Duration::from_secs(30);
-    let contexts: BTreeMap<String, usize> = wait_until("every VM's snapshot", first_fetch, || {
-        let log = stack.envoy().log();
-        let mut per_thread: BTreeMap<String, usize> = BTreeMap::new();
-        for line in applied_lines(&log).iter().filter(|l| l.n >= settled) {
-            *per_thread.entry(line.thread.clone()).or_default() += 1;
-        }
-        (per_thread.len() > WORKERS as usize).then_some(per_thread)
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.envoy().log_tail(30)));
+    let contexts: BTreeMap<String, usize> =
+        wait_until("every VM's snapshot", FIRST_FETCH_BOUND, || {
+            let log = stack.envoy().log();
+            let mut per_thread: BTreeMap<String, usize> = BTreeMap::new();
+            for line in applied_lines(&log).iter().filter(|l| l.n >= settled) {
+                *per_thread.entry(line.thread.clone()).or_default() += 1;
+            }
+            (per_thread.len() > WORKERS as usize).then_some(per_thread)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.envoy().log_tail(30)));
     std::thread::sleep(Duration::from_secs(1));
     let contexts: BTreeMap<String, usize> = {
         let log = stack.envoy().log();
