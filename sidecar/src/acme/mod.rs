@@ -184,8 +184,14 @@ impl AcmeClient {
     ) -> Result<IssuedChain> {
         let mut tokens = Vec::new();
         let result = self.drive(responder, row, &mut tokens).await;
-        for token in &tokens {
-            responder.remove(token);
+        // After a transient failure the order is resumed by a later attempt, and the CA may
+        // still be validating a challenge it was told is ready (a badNonce on the poll that
+        // followed): its token keeps being answered, or the validation meets a 404 and the
+        // order dies. Only an order that is done (issued or dead) stops answering.
+        if !matches!(result, Err(Transient(_))) {
+            for token in &tokens {
+                responder.remove(token);
+            }
         }
         match result {
             Ok(chain_pem) => Ok(IssuedChain {
