@@ -224,8 +224,14 @@ impl Sidecar {
             _ => None,
         };
         let configured_default = default.is_some();
-        let source =
-            StoreCertificateSource::new(Arc::clone(&self.store), Arc::clone(&self.clock), default)?;
+        // A fleet's PostgreSQL can go away: its edges then keep every certificate in memory, so
+        // that no handshake needs the database (SQLite is a local file: loaded on demand).
+        let source = StoreCertificateSource::with_holding(
+            Arc::clone(&self.store),
+            Arc::clone(&self.clock),
+            default,
+            self.config.store.url.is_some(),
+        )?;
         let refresh = source.spawn_refresh();
         let listen = SdsListen::from_config(&self.config);
         if let SdsListen::Unix(path) = &listen {

@@ -1,10 +1,12 @@
 //! The store-backed [`CertificateSource`]: a lean in-memory index of what the store says to
 //! serve (for each name: which certificate, its version and expiry; no PEM text), and the
-//! chains and keys of only the names Envoy watches, read from the store when first asked for.
+//! chains and keys of only the names Envoy has asked for, read from the store when first asked.
 //!
 //! Envoy's on-demand certificate selector subscribes to a secret only for the SNI names clients
-//! use, so at 100,000 sites the index costs tens of bytes per name while the few names with
-//! traffic carry their PEM text; a name Envoy stops watching drops it again.
+//! use, so at 100,000 sites the index costs tens of bytes per name while the names with
+//! traffic carry their PEM text. A name keeps what it was served after Envoy's stream for it
+//! ends (Envoy opens a new one at the name's next handshake, and that must not need the store,
+//! which may be down); it drops it when the index serves it another certificate or none.
 //!
 //! A full rebuild reads the store a page of sites at a time (each site with its current
 //! certificates), so it never holds every certificate at once; it runs at start, when a served
@@ -60,6 +62,10 @@ pub struct StoreCertificateSource {
     index: RwLock<Arc<Index>>,
     /// The names Envoy watches and the chains and keys loaded for them.
     watched: Mutex<Watched>,
+    /// With a store that can go away (PostgreSQL in a fleet): every servable certificate's
+    /// chain and key, by row id, so that every handshake is answered from memory while the
+    /// database is down. `None` with a local store (SQLite), which loads on demand.
+    held: Option<Mutex<HashMap<i64, Arc<ServedCertificate>>>>,
     changes: watch::Sender<u64>,
     /// The store's change-log position the index reflects: `None` until a full rebuild
     /// succeeded (the next refresh is then a full one).
@@ -119,7 +125,7 @@ impl Watched {
     }
 
     /// Records `certificate` (row `id`) as served for `name`, keeping it loaded while a
-    /// watched name is served it; a name nobody watches keeps nothing. Answers the one copy
+    /// name that was watched is served it; a name never watched keeps nothing. Answers the one copy
     /// held (an equal certificate loaded meanwhile by another lookup is shared).
     fn attach(
         &mut self,
@@ -175,12 +181,25 @@ impl StoreCertificateSource {
         clock: Arc<dyn Clock>,
         default: Option<ServedCertificate>,
     ) -> Result<Arc<Self>> {
+        Self::with_holding(store, clock, default, false)
+    }
+
+    /// Like [`StoreCertificateSource::new`]; with `hold_all`, every servable certificate's
+    /// chain and key is kept in memory (for a store that can be unreachable: a fleet's
+    /// PostgreSQL), else only those of names Envoy has asked for.
+    pub fn with_holding(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        default: Option<ServedCertificate>,
+        hold_all: bool,
+    ) -> Result<Arc<Self>> {
         let source = Arc::new(Self {
             store,
             clock,
             default: default.map(Arc::new),
             index: RwLock::new(Arc::new(Index::default())),
             watched: Mutex::new(Watched::default()),
+            held: hold_all.then(Mutex::default),
             changes: watch::Sender::new(0),
             position: Mutex::new(None),
         });
@@ -232,6 +251,7 @@ impl StoreCertificateSource {
             });
         let names = next.by_name.len();
         drop(previous);
+        self.prune_held(&next);
         *self.index.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
         *self.position.lock().unwrap_or_else(PoisonError::into_inner) = Some(position);
         if changed {
@@ -286,7 +306,7 @@ impl StoreCertificateSource {
         let mut fresh = Index::default();
         index_sites(sites, &previous, &mut fresh, now, |id| {
             match read.get(&id) {
-                Some(stored) => Ok(servable(stored)),
+                Some(stored) => Ok(self.servable_held(stored)),
                 None => self.check_stored(id),
             }
         })?;
@@ -307,6 +327,8 @@ impl StoreCertificateSource {
         let dropped_ids: HashSet<i64> = removed.values().map(|entry| entry.id).collect();
         index.checked.retain(|id, _| !dropped_ids.contains(id));
         let mut changed = removed.len() != fresh.by_name.len();
+        let fresh_ids: HashSet<i64> = fresh.by_name.values().map(|entry| entry.id).collect();
+        self.drop_held(dropped_ids.difference(&fresh_ids));
         for (name, entry) in fresh.by_name {
             changed |= removed
                 .get(&name)
@@ -392,7 +414,52 @@ impl StoreCertificateSource {
         Ok(self
             .store
             .certificate(id)?
-            .is_some_and(|stored| servable(&stored)))
+            .is_some_and(|stored| self.servable_held(&stored)))
+    }
+
+    /// Whether `stored` is servable; when every certificate is held, a servable one is kept.
+    fn servable_held(&self, stored: &StoredCertificate) -> bool {
+        let ok = servable(stored);
+        if ok && let Some(held) = &self.held {
+            held.lock().unwrap_or_else(PoisonError::into_inner).insert(
+                stored.id,
+                Arc::new(ServedCertificate::new(
+                    stored.serial.clone(),
+                    stored.chain_pem.clone(),
+                    stored.key_pem.expose(),
+                )),
+            );
+        }
+        ok
+    }
+
+    /// Drops held certificates the index no longer serves.
+    fn prune_held(&self, index: &Index) {
+        if let Some(held) = &self.held {
+            let served: HashSet<i64> = index.by_name.values().map(|entry| entry.id).collect();
+            held.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|id, _| served.contains(id));
+        }
+    }
+
+    /// Drops the held certificates of rows `ids` (ones a change took out of the index).
+    fn drop_held<'i>(&self, ids: impl Iterator<Item = &'i i64>) {
+        if let Some(held) = &self.held {
+            let mut held = held.lock().unwrap_or_else(PoisonError::into_inner);
+            for id in ids {
+                held.remove(id);
+            }
+        }
+    }
+
+    /// The held chain and key of row `id` (every certificate is held with a remote store).
+    fn held(&self, id: i64) -> Option<Arc<ServedCertificate>> {
+        let held = self.held.as_ref()?;
+        held.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
     }
 
     fn watched(&self) -> MutexGuard<'_, Watched> {
@@ -437,6 +504,9 @@ impl CertificateSource for StoreCertificateSource {
             self.watched().detach(&name);
             return None;
         };
+        if let Some(certificate) = self.held(entry.id) {
+            return Some(certificate);
+        }
         if let Some(certificate) = self.watched().attach_loaded(&name, entry.id) {
             return Some(certificate);
         }
@@ -462,8 +532,11 @@ impl CertificateSource for StoreCertificateSource {
         };
         *streams -= 1;
         if *streams == 0 {
+            // What the name was served stays loaded: Envoy ends an on-demand stream when it is
+            // done with it and opens another at the name's next handshake, which must not need
+            // the store (in a fleet, PostgreSQL may be down; the edge keeps serving what it
+            // holds). It goes when the index serves the name another certificate or none.
             watched.streams.remove(&name);
-            watched.detach(&name);
         }
     }
 
