@@ -1,8 +1,6 @@
 //! Reading PostgreSQL rows into the store's types and the statements several store calls share
 //! (loading sites, adding a hostname or an event, selecting certificates, the change-log lock).
 
-use std::collections::HashMap;
-
 use postgres::{GenericClient, Row, Transaction};
 use time::OffsetDateTime;
 
@@ -10,10 +8,11 @@ use super::connections::conflict_on_duplicate;
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 use crate::store::rows::{
-    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, site_hostname, ts,
+    CERT_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts, site_hostname,
+    sites_with_hostnames, ts,
 };
 use crate::store::rules::{hostname_taken, no_such_site};
-use crate::store::{HostnameKind, Site, SiteEventKind, SiteHostname, StoredCertificate};
+use crate::store::{HostnameKind, Site, SiteEventKind, StoredCertificate};
 
 impl RawSite {
     pub(super) fn from_pg(row: &Row) -> Result<Self> {
@@ -87,26 +86,16 @@ pub(super) fn load_all_sites(client: &mut impl GenericClient) -> Result<Vec<Site
         .iter()
         .map(RawSite::from_pg)
         .collect::<Result<Vec<_>>>()?;
-    let mut by_site: HashMap<String, Vec<SiteHostname>> = HashMap::with_capacity(raw_sites.len());
-    for row in client.query(
+    let hostnames = client.query(
         "SELECT site, hostname, kind FROM hostnames ORDER BY site, hostname",
         &[],
-    )? {
-        by_site
-            .entry(row.try_get(0)?)
-            .or_default()
-            .push(site_hostname(
-                &row.try_get::<_, String>(1)?,
-                &row.try_get::<_, String>(2)?,
-            )?);
-    }
-    raw_sites
-        .into_iter()
-        .map(|raw| {
-            let hostnames = by_site.remove(&raw.name).unwrap_or_default();
-            raw.decode(hostnames)
-        })
-        .collect()
+    )?;
+    sites_with_hostnames(raw_sites, hostnames.iter().map(hostname_row))
+}
+
+/// A `(site, hostname, kind)` row of `hostnames`.
+pub(super) fn hostname_row(row: &Row) -> Result<(String, String, String)> {
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
 }
 
 pub(super) fn insert_hostname(

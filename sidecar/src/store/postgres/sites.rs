@@ -1,26 +1,25 @@
 //! Sites, their hostnames and policy, in PostgreSQL.
 
-use std::collections::HashMap;
-
 use time::OffsetDateTime;
 
 use super::PostgresStore;
 use super::connections::conflict_on_duplicate;
 use super::queries::{
-    insert_event, insert_hostname, load_all_sites, load_site, require_site, sql_limit,
+    hostname_row, insert_event, insert_hostname, load_all_sites, load_site, require_site, sql_limit,
 };
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 use crate::store::rows::{
-    COVERAGE_COLUMNS, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json, site_hostname, ts,
+    COVERAGE_COLUMNS, RawSite, SITE_COLUMNS, enum_text, from_ts, names_from_json,
+    sites_with_hostnames, ts,
 };
 use crate::store::rules::{
     hostname_added_message, hostname_removed_message, no_such_site, not_a_hostname_of,
     other_hostnames, primary_not_removable, site_created_message, site_exists,
 };
 use crate::store::{
-    CertificateCoverage, HostnameKind, NewSite, Site, SiteEventKind, SiteHostname, SitePolicy,
-    SiteStore, pair_sites_with_certificates, validate_site_name,
+    CertificateCoverage, HostnameKind, NewSite, Site, SiteEventKind, SitePolicy, SiteStore,
+    pair_sites_with_certificates, validate_site_name,
 };
 
 impl SiteStore for PostgresStore {
@@ -52,28 +51,12 @@ impl SiteStore for PostgresStore {
                 return Ok(Vec::new());
             };
             let (first, last) = (first.name.clone(), last.name.clone());
-            let mut by_site: HashMap<String, Vec<SiteHostname>> =
-                HashMap::with_capacity(raw_sites.len());
-            for row in tx.query(
+            let hostnames = tx.query(
                 "SELECT site, hostname, kind FROM hostnames WHERE site >= $1 AND site <= $2
                  ORDER BY site, hostname",
                 &[&first, &last],
-            )? {
-                by_site
-                    .entry(row.try_get(0)?)
-                    .or_default()
-                    .push(site_hostname(
-                        &row.try_get::<_, String>(1)?,
-                        &row.try_get::<_, String>(2)?,
-                    )?);
-            }
-            let sites = raw_sites
-                .into_iter()
-                .map(|raw| {
-                    let hostnames = by_site.remove(&raw.name).unwrap_or_default();
-                    raw.decode(hostnames)
-                })
-                .collect::<Result<Vec<_>>>()?;
+            )?;
+            let sites = sites_with_hostnames(raw_sites, hostnames.iter().map(hostname_row))?;
             let certificates = tx
                 .query(
                     &format!(

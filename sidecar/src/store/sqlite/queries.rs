@@ -1,19 +1,15 @@
 //! Reading rows into the store's types and the statements several store calls share (loading
 //! sites, adding a hostname or an event, selecting certificates).
 
-use std::collections::HashMap;
-
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use time::OffsetDateTime;
 
 use super::super::rows::{
     CERT_COLUMNS, COVERAGE_COLUMNS, RawCertificate, RawSite, SITE_COLUMNS, enum_text, from_ts,
-    names_from_json, site_hostname, ts,
+    names_from_json, site_hostname, sites_with_hostnames, ts,
 };
 use super::super::rules::{hostname_taken, no_such_site};
-use super::super::{
-    CertificateCoverage, HostnameKind, Site, SiteEventKind, SiteHostname, StoredCertificate,
-};
+use super::super::{CertificateCoverage, HostnameKind, Site, SiteEventKind, StoredCertificate};
 use crate::error::Result;
 use crate::hostname::Hostname;
 
@@ -88,26 +84,15 @@ pub(super) fn load_all_sites(conn: &Connection) -> Result<Vec<Site>> {
         .prepare(&format!("SELECT {SITE_COLUMNS} FROM sites ORDER BY name"))?
         .query_map([], RawSite::from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut by_site: HashMap<String, Vec<SiteHostname>> = HashMap::with_capacity(raw_sites.len());
     let mut statement =
         conn.prepare("SELECT site, hostname, kind FROM hostnames ORDER BY site, hostname")?;
-    let mut rows = statement.query([])?;
-    while let Some(row) = rows.next()? {
-        let site: String = row.get(0)?;
-        let hostname: String = row.get(1)?;
-        let kind: String = row.get(2)?;
-        by_site
-            .entry(site)
-            .or_default()
-            .push(site_hostname(&hostname, &kind)?);
-    }
-    raw_sites
-        .into_iter()
-        .map(|raw| {
-            let hostnames = by_site.remove(&raw.name).unwrap_or_default();
-            raw.decode(hostnames)
-        })
-        .collect()
+    let hostnames = statement.query_map([], hostname_row)?;
+    sites_with_hostnames(raw_sites, hostnames.map(|row| Ok(row?)))
+}
+
+/// A `(site, hostname, kind)` row of `hostnames`.
+fn hostname_row(row: &Row<'_>) -> rusqlite::Result<(String, String, String)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
 }
 
 pub(super) fn require_site(conn: &Connection, name: &str) -> Result<Site> {
@@ -220,28 +205,12 @@ pub(super) fn load_sites_page(
         return Ok((Vec::new(), Vec::new()));
     };
     let (first, last) = (first.name.clone(), last.name.clone());
-    let mut by_site: HashMap<String, Vec<SiteHostname>> = HashMap::with_capacity(raw_sites.len());
     let mut statement = conn.prepare(
         "SELECT site, hostname, kind FROM hostnames WHERE site >= ?1 AND site <= ?2
          ORDER BY site, hostname",
     )?;
-    let mut rows = statement.query(params![first, last])?;
-    while let Some(row) = rows.next()? {
-        let site: String = row.get(0)?;
-        let hostname: String = row.get(1)?;
-        let kind: String = row.get(2)?;
-        by_site
-            .entry(site)
-            .or_default()
-            .push(site_hostname(&hostname, &kind)?);
-    }
-    let sites = raw_sites
-        .into_iter()
-        .map(|raw| {
-            let hostnames = by_site.remove(&raw.name).unwrap_or_default();
-            raw.decode(hostnames)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let hostnames = statement.query_map(params![first, last], hostname_row)?;
+    let sites = sites_with_hostnames(raw_sites, hostnames.map(|row| Ok(row?)))?;
     let mut statement = conn.prepare(&format!(
         "SELECT {COVERAGE_COLUMNS} FROM certificates
          WHERE superseded_at IS NULL AND site >= ?1 AND site <= ?2
