@@ -305,7 +305,7 @@ impl StoreCertificateSource {
         let previous = self.read();
         let mut fresh = Index::default();
         index_sites(sites, &previous, &mut fresh, now, |id| {
-            match read.get(&id) {
+            match read.remove(&id) {
                 Some(stored) => Ok(self.servable_held(stored)),
                 None => self.check_stored(id),
             }
@@ -414,21 +414,18 @@ impl StoreCertificateSource {
         Ok(self
             .store
             .certificate(id)?
-            .is_some_and(|stored| self.servable_held(&stored)))
+            .is_some_and(|stored| self.servable_held(stored)))
     }
 
     /// Whether `stored` is servable; when every certificate is held, a servable one is kept.
-    fn servable_held(&self, stored: &StoredCertificate) -> bool {
-        let ok = servable(stored);
+    fn servable_held(&self, stored: StoredCertificate) -> bool {
+        let ok = servable(&stored);
         if ok && let Some(held) = &self.held {
-            held.lock().unwrap_or_else(PoisonError::into_inner).insert(
-                stored.id,
-                Arc::new(ServedCertificate::new(
-                    stored.serial.clone(),
-                    stored.chain_pem.clone(),
-                    stored.key_pem.expose(),
-                )),
-            );
+            let certificate =
+                ServedCertificate::new(stored.serial, stored.chain_pem, stored.key_pem.expose());
+            held.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(stored.id, Arc::new(certificate));
         }
         ok
     }
