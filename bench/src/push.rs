@@ -28,14 +28,12 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, anyhow, bail};
-use autohttps_kit::envoy::{envoy_binary, filter_wasm};
+use autohttps_kit::envoy::{envoy_binary, filter_wasm, policy_applied_lines, with_policy_poll};
 use autohttps_kit::render::render;
 use autohttps_kit::sidecar::SidecarConfig;
 use autohttps_kit::{free_port, repo_root};
 
-use super::{
-    day_seconds, log_seconds, mib_kib, resident_kib, seed_store, sidecar_for_bench, spawn_server,
-};
+use super::{day_seconds, mib_kib, resident_kib, seed_store, sidecar_for_bench, spawn_server};
 
 /// Changes timed end to end.
 const CHANGES: usize = 200;
@@ -239,7 +237,7 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
         ),
     ]);
     let template = std::fs::read_to_string(repo_root().join("envoy/edge.yaml"))?;
-    let yaml = render(&with_fallback_poll(&template)?, &values)?;
+    let yaml = render(&with_policy_poll(&template, FALLBACK_POLL_MS)?, &values)?;
     let envoy_config = dir.path().join("envoy.yaml");
     std::fs::write(&envoy_config, yaml)?;
     let mut envoy = spawn_server(
@@ -263,9 +261,9 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
     let deadline = Instant::now() + Duration::from_secs(300);
     let vms = loop {
         envoy.check_running()?;
-        let threads: BTreeSet<String> = applied_lines(&envoy.log(), 0)
+        let threads: BTreeSet<String> = policy_applied_lines(&envoy.log())
             .into_iter()
-            .filter(|line| line.snapshot)
+            .filter(|line| !line.delta)
             .map(|line| line.thread)
             .collect();
         if threads.len() > WORKERS {
@@ -281,9 +279,9 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
     };
     std::thread::sleep(Duration::from_secs(2));
     // Each root context (one per filter configuration in each VM) logs its snapshot once.
-    let root_contexts = applied_lines(&envoy.log(), 0)
+    let root_contexts = policy_applied_lines(&envoy.log())
         .iter()
-        .filter(|line| line.snapshot)
+        .filter(|line| !line.delta)
         .count();
     let rss_envoy_attached_kib = resident_kib(pid)?.0;
     eprintln!(
@@ -334,7 +332,10 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let arrived = loop {
             let log = envoy.log();
-            let lines = applied_lines(&log, log_offset);
+            let lines: Vec<_> = policy_applied_lines(log.get(log_offset..).unwrap_or_default())
+                .into_iter()
+                .filter(|line| line.at.is_some())
+                .collect();
             // Per version: the threads that applied it, how many root contexts, the last time.
             let mut by_version: BTreeMap<&str, (BTreeSet<&str>, usize, f64)> = BTreeMap::new();
             for line in &lines {
@@ -343,13 +344,13 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
                     .or_insert_with(|| (BTreeSet::new(), 0, 0.0));
                 entry.0.insert(line.thread.as_str());
                 entry.1 += 1;
-                entry.2 = entry.2.max(line.at);
+                entry.2 = entry.2.max(line.at.unwrap_or_default());
             }
             if let Some((_, (_, _, last))) = by_version
                 .iter()
                 .find(|(_, (threads, count, _))| threads.len() >= vms && *count >= root_contexts)
             {
-                if lines.iter().any(|line| line.snapshot) {
+                if lines.iter().any(|line| !line.delta) {
                     bail!("a VM took a snapshot for change {i}, not a delta");
                 }
                 break *last;
@@ -437,52 +438,6 @@ fn measure(sites: usize) -> anyhow::Result<PushFigures> {
         changes_wall,
         delta_bytes_each,
     })
-}
-
-/// `edge.yaml` with the filter's fallback poll set to [`FALLBACK_POLL_MS`].
-fn with_fallback_poll(template: &str) -> anyhow::Result<String> {
-    let shipped = r#""interval_ms": 1000"#;
-    if !template.contains(shipped) {
-        bail!("envoy/edge.yaml no longer sets {shipped}; update the push bench");
-    }
-    Ok(template.replace(shipped, &format!(r#""interval_ms": {FALLBACK_POLL_MS}"#)))
-}
-
-/// One "policy … applied" line of Envoy's log.
-struct Applied {
-    thread: String,
-    version: String,
-    snapshot: bool,
-    /// Seconds since midnight UTC.
-    at: f64,
-}
-
-/// The "policy … applied" lines of `log` from byte `from`.
-fn applied_lines(log: &str, from: usize) -> Vec<Applied> {
-    log.get(from..)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let at = log_seconds(line)?;
-            let thread = line.split(['[', ']']).nth(3)?.to_string();
-            let rest = &line[line.find("policy \"")? + "policy \"".len()..];
-            let (version, tail) = rest.split_once('"')?;
-            let tail = tail.trim_start();
-            let snapshot = if tail.starts_with("applied (delta") {
-                false
-            } else if tail.starts_with("applied (") {
-                true
-            } else {
-                return None;
-            };
-            Some(Applied {
-                thread,
-                version: version.to_string(),
-                snapshot,
-                at,
-            })
-        })
-        .collect()
 }
 
 /// The size of the delta a VM one version behind gets now: the current version is the ETag of

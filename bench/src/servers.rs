@@ -115,15 +115,7 @@ pub(crate) fn etag(path: &str) -> String {
     path.rsplit('/').next().unwrap_or("").to_string()
 }
 
-/// Seconds since midnight UTC of a log line stamped `[HH:MM:SS.ffffff]`.
-pub(crate) fn log_seconds(line: &str) -> Option<f64> {
-    let stamp = line.strip_prefix('[')?.split(']').next()?;
-    let mut parts = stamp.split(':');
-    let h: f64 = parts.next()?.parse().ok()?;
-    let m: f64 = parts.next()?.parse().ok()?;
-    let s: f64 = parts.next()?.parse().ok()?;
-    Some(h * 3600.0 + m * 60.0 + s)
-}
+pub(crate) use autohttps_kit::envoy::log_seconds;
 
 pub(crate) fn day_seconds(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)

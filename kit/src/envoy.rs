@@ -273,3 +273,72 @@ pub fn self_signed(dir: &Path, names: &[&str]) -> anyhow::Result<(PathBuf, PathB
     }
     Ok((cert, key))
 }
+
+/// The filter's poll as `envoy/edge.yaml` ships it; [`with_policy_poll`] replaces it.
+const SHIPPED_POLICY_POLL: &str = r#""interval_ms": 1000"#;
+
+/// `envoy/edge.yaml` (the template or a rendering of it) with the filter's fallback poll at
+/// `ms` instead of the shipped one: set it long and a change can reach the VMs in time only
+/// through the feed's long poll.
+pub fn with_policy_poll(yaml: &str, ms: u64) -> anyhow::Result<String> {
+    if !yaml.contains(SHIPPED_POLICY_POLL) {
+        bail!(
+            "envoy/edge.yaml no longer sets the filter's poll as {SHIPPED_POLICY_POLL}; update autohttps_kit::envoy::with_policy_poll"
+        );
+    }
+    Ok(yaml.replace(SHIPPED_POLICY_POLL, &format!(r#""interval_ms": {ms}"#)))
+}
+
+/// Seconds since midnight of a log line in Envoy's default format (`[HH:MM:SS.mmm]…`, the
+/// date dropped), or of a bare `[HH:MM:SS.mmm]`.
+pub fn log_seconds(line: &str) -> Option<f64> {
+    let stamp = line.strip_prefix('[')?.split(']').next()?;
+    let time = stamp.rsplit(' ').next()?;
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// One `policy "<version>" applied (…)` line the filter logged, as Envoy wrote it (default
+/// format `[time][thread][level]…`: Envoy stamps each line with the thread of the VM).
+#[derive(Debug, Clone)]
+pub struct PolicyApplied {
+    /// Envoy's thread id: one per VM (the main thread's and each worker's).
+    pub thread: String,
+    /// The version applied.
+    pub version: String,
+    /// Applied as a delta (else a snapshot).
+    pub delta: bool,
+    /// Seconds since midnight (see [`log_seconds`]).
+    pub at: Option<f64>,
+}
+
+impl PolicyApplied {
+    /// The `n` of a version `<epoch>-<n>`.
+    pub fn n(&self) -> Option<u64> {
+        self.version.rsplit_once('-')?.1.parse().ok()
+    }
+}
+
+/// Every "policy … applied" line of an Envoy log.
+pub fn policy_applied_lines(log: &str) -> Vec<PolicyApplied> {
+    log.lines()
+        .filter_map(|line| {
+            let thread = line.split(['[', ']']).nth(3)?.to_string();
+            let rest = &line[line.find("policy \"")? + "policy \"".len()..];
+            let (version, tail) = rest.split_once('"')?;
+            let tail = tail.trim_start();
+            if !tail.starts_with("applied (") {
+                return None;
+            }
+            Some(PolicyApplied {
+                thread,
+                version: version.to_string(),
+                delta: tail.starts_with("applied (delta"),
+                at: log_seconds(line),
+            })
+        })
+        .collect()
+}

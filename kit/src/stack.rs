@@ -535,13 +535,7 @@ impl Stack {
         }
         let mut yaml = std::fs::read_to_string(self.dir.join("envoy.yaml"))?;
         if let Some(ms) = policy_poll_ms {
-            let shipped = r#""interval_ms": 1000"#;
-            if !yaml.contains(shipped) {
-                bail!(
-                    "envoy/edge.yaml no longer sets the filter's poll as {shipped}; update Stack::restart_envoy_with"
-                );
-            }
-            yaml = yaml.replace(shipped, &format!(r#""interval_ms": {ms}"#));
+            yaml = crate::envoy::with_policy_poll(&yaml, ms)?;
         }
         self.envoy = Some(Envoy::start_workers(
             &yaml,

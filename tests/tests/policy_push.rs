@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use autohttps_kit::envoy::policy_applied_lines;
 use autohttps_tests::stack::{Stack, wait_until};
 use serde_json::json;
 
@@ -28,33 +29,16 @@ const WORKERS: u32 = 2;
 const CHANGES: usize = 6;
 const SITES: [(&str, &str); 2] = [("pa", "pa.push.test"), ("pb", "pb.push.test")];
 
-/// One "policy … applied" line of Envoy's log (default format `[time][thread][level]…`).
-#[derive(Debug)]
-struct Applied {
-    thread: String,
-    /// The version's `n` (versions are `<epoch>-<n>`).
-    n: u64,
-    delta: bool,
-}
-
-fn applied_lines(log: &str) -> Vec<Applied> {
-    log.lines()
-        .filter_map(|line| {
-            let thread = line.split(['[', ']']).nth(3)?.to_string();
-            let rest = &line[line.find("policy \"")? + "policy \"".len()..];
-            let (version, tail) = rest.split_once('"')?;
-            let tail = tail.trim_start();
-            if !tail.starts_with("applied (") {
-                return None;
-            }
-            let n = version.rsplit_once('-')?.1.parse().ok()?;
-            Some(Applied {
-                thread,
-                n,
-                delta: tail.starts_with("applied (delta"),
-            })
-        })
-        .collect()
+/// How many "policy … applied" lines each Envoy thread logged for version `n` or newer.
+fn applied_per_thread(log: &str, n: u64) -> BTreeMap<String, usize> {
+    let mut per_thread: BTreeMap<String, usize> = BTreeMap::new();
+    for line in policy_applied_lines(log)
+        .iter()
+        .filter(|l| l.n() >= Some(n))
+    {
+        *per_thread.entry(line.thread.clone()).or_default() += 1;
+    }
+    per_thread
 }
 
 /// The feed's current version's `n`, read from the sidecar's internal listener.
@@ -103,21 +87,13 @@ fn a_change_is_pushed_to_every_worker_and_the_main_thread_not_polled() {
     let settled = feed_version(&stack);
     let contexts: BTreeMap<String, usize> =
         wait_until("every VM's snapshot", FIRST_FETCH_BOUND, || {
-            let log = stack.envoy().log();
-            let mut per_thread: BTreeMap<String, usize> = BTreeMap::new();
-            for line in applied_lines(&log).iter().filter(|l| l.n >= settled) {
-                *per_thread.entry(line.thread.clone()).or_default() += 1;
-            }
+            let per_thread = applied_per_thread(&stack.envoy().log(), settled);
             (per_thread.len() > WORKERS as usize).then_some(per_thread)
         })
         .unwrap_or_else(|e| panic!("{e:#}\n{}", stack.envoy().log_tail(30)));
     std::thread::sleep(Duration::from_secs(1));
     let contexts: BTreeMap<String, usize> = {
-        let log = stack.envoy().log();
-        let mut per_thread: BTreeMap<String, usize> = BTreeMap::new();
-        for line in applied_lines(&log).iter().filter(|l| l.n >= settled) {
-            *per_thread.entry(line.thread.clone()).or_default() += 1;
-        }
+        let per_thread = applied_per_thread(&stack.envoy().log(), settled);
         assert!(per_thread.len() >= contexts.len());
         per_thread
     };
@@ -151,9 +127,9 @@ fn a_change_is_pushed_to_every_worker_and_the_main_thread_not_polled() {
             PUSH_BOUND,
             || {
                 let log = stack.envoy().log();
-                let lines = applied_lines(log.get(offset..).unwrap_or_default());
+                let lines = policy_applied_lines(log.get(offset..).unwrap_or_default());
                 let mut per_thread: BTreeMap<&str, usize> = BTreeMap::new();
-                for line in lines.iter().filter(|l| l.n >= version) {
+                for line in lines.iter().filter(|l| l.n() >= Some(version)) {
                     *per_thread.entry(line.thread.as_str()).or_default() += 1;
                 }
                 let everywhere = contexts
