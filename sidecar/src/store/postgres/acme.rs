@@ -3,6 +3,7 @@
 use time::OffsetDateTime;
 
 use super::PostgresStore;
+use super::statements::Prepared as _;
 use crate::error::{Error, Result};
 use crate::store::rows::ts;
 use crate::store::{AcmeStore, CHALLENGE_LIFETIME};
@@ -12,7 +13,7 @@ impl AcmeStore for PostgresStore {
         let directory_url = directory_url.to_owned();
         self.connections.run(move |client| {
             client
-                .query_opt(
+                .query_opt_p(
                     "SELECT credentials FROM accounts WHERE directory_url = $1",
                     &[&directory_url],
                 )?
@@ -29,13 +30,13 @@ impl AcmeStore for PostgresStore {
     ) -> Result<String> {
         let (directory_url, credentials) = (directory_url.to_owned(), credentials_json.to_owned());
         self.connections.run(move |client| {
-            client.execute(
+            client.execute_p(
                 "INSERT INTO accounts (directory_url, credentials, created_at) VALUES ($1, $2, $3)
                  ON CONFLICT (directory_url) DO NOTHING",
                 &[&directory_url, &credentials, &ts(now)],
             )?;
             Ok(client
-                .query_one(
+                .query_one_p(
                     "SELECT credentials FROM accounts WHERE directory_url = $1",
                     &[&directory_url],
                 )?
@@ -51,11 +52,11 @@ impl AcmeStore for PostgresStore {
     ) -> Result<()> {
         let (token, key_authorization) = (token.to_owned(), key_authorization.to_owned());
         self.connections.run(move |client| {
-            client.execute(
+            client.execute_p(
                 "DELETE FROM acme_challenges WHERE created_at < $1",
                 &[&ts(now - CHALLENGE_LIFETIME)],
             )?;
-            client.execute(
+            client.execute_p(
                 "INSERT INTO acme_challenges (token, key_authorization, created_at) VALUES ($1, $2, $3)
                  ON CONFLICT (token) DO UPDATE SET key_authorization = excluded.key_authorization",
                 &[&token, &key_authorization, &ts(now)],
@@ -68,7 +69,7 @@ impl AcmeStore for PostgresStore {
         let token = token.to_owned();
         self.connections.run(move |client| {
             client
-                .query_opt(
+                .query_opt_p(
                     "SELECT key_authorization FROM acme_challenges WHERE token = $1",
                     &[&token],
                 )?
@@ -80,7 +81,7 @@ impl AcmeStore for PostgresStore {
     fn delete_challenge(&self, token: &str) -> Result<()> {
         let token = token.to_owned();
         self.connections.run(move |client| {
-            client.execute("DELETE FROM acme_challenges WHERE token = $1", &[&token])?;
+            client.execute_p("DELETE FROM acme_challenges WHERE token = $1", &[&token])?;
             Ok(())
         })
     }

@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 
 use super::PostgresStore;
 use super::queries::{insert_event, query_certificates};
+use super::statements::Prepared as _;
 use crate::error::Result;
 use crate::hostname::Hostname;
 use crate::store::rows::{CERT_COLUMNS, RawCertificate, names_from_json, names_json, ts};
@@ -17,7 +18,7 @@ impl CertificateStore for PostgresStore {
     fn certificate(&self, id: i64) -> Result<Option<StoredCertificate>> {
         self.connections.run(move |client| {
             client
-                .query_opt(
+                .query_opt_p(
                     &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = $1"),
                     &[&id],
                 )?
@@ -41,7 +42,7 @@ impl CertificateStore for PostgresStore {
                 .map(|column| format!("c.{column}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let row = client.query_opt(
+            let row = client.query_opt_p(
                 &format!(
                     "SELECT {columns} FROM certificates c
                      JOIN certificate_names n ON n.certificate_id = c.id
@@ -65,7 +66,7 @@ impl CertificateStore for PostgresStore {
         let stored = self.connections.run(move |client| {
             let mut tx = client.transaction()?;
             let id: i64 = tx
-                .query_one(
+                .query_one_p(
                     "INSERT INTO certificates (site, names, chain_pem, key_pem, not_before, not_after, serial, ari_id, issued_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
                     &[
@@ -82,18 +83,18 @@ impl CertificateStore for PostgresStore {
                 )?
                 .try_get(0)?;
             for name in &certificate.names {
-                tx.execute(
+                tx.execute_p(
                     "INSERT INTO certificate_names (certificate_id, hostname) VALUES ($1, $2)
                      ON CONFLICT DO NOTHING",
                     &[&id, &name.as_str()],
                 )?;
             }
             let wanted: HashSet<String> = tx
-                .query("SELECT hostname FROM hostnames WHERE site = $1", &[&certificate.site])?
+                .query_p("SELECT hostname FROM hostnames WHERE site = $1", &[&certificate.site])?
                 .iter()
                 .map(|row| row.try_get(0))
                 .collect::<std::result::Result<_, _>>()?;
-            let older = tx.query(
+            let older = tx.query_p(
                 "SELECT id, names FROM certificates WHERE site = $1 AND superseded_at IS NULL AND id <> $2",
                 &[&certificate.site, &id],
             )?;
@@ -102,13 +103,13 @@ impl CertificateStore for PostgresStore {
                 .map(|row| Ok((row.try_get::<_, i64>(0)?, names_from_json(row.try_get(1)?)?)))
                 .collect::<Result<Vec<_>>>()?;
             for old_id in superseded(&certificate.names, older, &wanted) {
-                tx.execute(
+                tx.execute_p(
                     "UPDATE certificates SET superseded_at = $2 WHERE id = $1",
                     &[&old_id, &ts(now)],
                 )?;
             }
             if let Some(order) = completes_order {
-                tx.execute("DELETE FROM orders WHERE id = $1", &[&order])?;
+                tx.execute_p("DELETE FROM orders WHERE id = $1", &[&order])?;
             }
             insert_event(
                 &mut tx,
@@ -119,7 +120,7 @@ impl CertificateStore for PostgresStore {
                 None,
                 None,
             )?;
-            let row = tx.query_one(
+            let row = tx.query_one_p(
                 &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE id = $1"),
                 &[&id],
             )?;

@@ -165,12 +165,13 @@ fn run_on<T>(
         let reused = slot.as_ref().is_some_and(|client| !client.is_closed());
         if !reused {
             *slot = None;
+            super::statements::new_connection();
             *slot = Some(shared.connect()?);
         }
         let Some(client) = slot.as_mut() else {
             continue;
         };
-        let result = work(client);
+        let result = super::statements::on_connection(|| work(client));
         if result.is_err() && client.is_closed() {
             *slot = None;
             if reused {

@@ -4,6 +4,7 @@ use time::OffsetDateTime;
 
 use super::PostgresStore;
 use super::queries::{count, insert_event, site_findings_bytes, sql_limit};
+use super::statements::Prepared as _;
 use crate::error::Result;
 use crate::store::rows::{enum_from, from_ts, ts};
 use crate::store::{
@@ -40,7 +41,7 @@ impl HistoryStore for PostgresStore {
         let site = site.to_owned();
         self.connections.run(move |client| {
             client
-                .query(
+                .query_p(
                     "SELECT id, site, at, kind, message, problem_type, reason FROM events
                      WHERE site = $1 ORDER BY id DESC LIMIT $2",
                     &[&site, &sql_limit(limit)],
@@ -64,7 +65,7 @@ impl HistoryStore for PostgresStore {
     fn counts(&self) -> Result<StoreCounts> {
         self.connections.run(|client| {
             let events = client
-                .query(
+                .query_p(
                     "SELECT kind, reason, COUNT(*) FROM events GROUP BY kind, reason",
                     &[],
                 )?
@@ -78,7 +79,7 @@ impl HistoryStore for PostgresStore {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let modes = client
-                .query(
+                .query_p(
                     "SELECT https_mode, COUNT(*) FROM sites GROUP BY https_mode",
                     &[],
                 )?
@@ -91,7 +92,7 @@ impl HistoryStore for PostgresStore {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let orders_in_flight: i64 = client
-                .query_one("SELECT COUNT(*) FROM orders", &[])?
+                .query_one_p("SELECT COUNT(*) FROM orders", &[])?
                 .try_get(0)?;
             Ok(counts_from_tallies(events, modes, count(orders_in_flight)))
         })
@@ -116,7 +117,7 @@ impl HistoryStore for PostgresStore {
         );
         self.connections.run(move |client| {
             let mut tx = client.transaction()?;
-            let updated = tx.execute(
+            let updated = tx.execute_p(
                 "UPDATE mixed_content SET reports = reports + 1, last_seen = $4, directive = $5, bytes = $6
                  WHERE site = $1 AND page = $2 AND resource = $3",
                 &[&site, &page, &resource, &ts(at), &directive, &stored_bytes],
@@ -128,7 +129,7 @@ impl HistoryStore for PostgresStore {
             let mut evicted = 0;
             if site_findings_bytes(&mut tx, &site)?.saturating_add(bytes) > budget_bytes {
                 let findings = tx
-                    .query(
+                    .query_p(
                         "SELECT page, resource, reports, last_seen, bytes FROM mixed_content
                          WHERE site = $1 FOR UPDATE",
                         &[&site],
@@ -144,7 +145,7 @@ impl HistoryStore for PostgresStore {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 for (old_page, old_resource) in findings_to_evict(findings, bytes, budget_bytes) {
-                    tx.execute(
+                    tx.execute_p(
                         "DELETE FROM mixed_content WHERE site = $1 AND page = $2 AND resource = $3",
                         &[&site, &old_page, &old_resource],
                     )?;
@@ -152,7 +153,7 @@ impl HistoryStore for PostgresStore {
                 }
             }
             // Another node may have added the same pair meanwhile: then it is counted.
-            tx.execute(
+            tx.execute_p(
                 "INSERT INTO mixed_content (site, page, resource, directive, reports, first_seen, last_seen, bytes)
                  VALUES ($1, $2, $3, $4, 1, $5, $5, $6)
                  ON CONFLICT (site, page, resource)
@@ -174,7 +175,7 @@ impl HistoryStore for PostgresStore {
         let site = site.to_owned();
         self.connections.run(move |client| {
             client
-                .query(
+                .query_p(
                     "SELECT page, resource, directive, reports, first_seen, last_seen FROM mixed_content
                      WHERE site = $1 ORDER BY last_seen DESC, page, resource",
                     &[&site],

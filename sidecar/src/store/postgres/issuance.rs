@@ -4,6 +4,7 @@ use time::OffsetDateTime;
 
 use super::PostgresStore;
 use super::queries::{insert_event, next_attempt_for_update, require_site};
+use super::statements::Prepared as _;
 use crate::error::{Error, Result};
 use crate::store::rows::{from_ts, ts};
 use crate::store::rules::INTERRUPTED_MESSAGE;
@@ -16,7 +17,7 @@ impl IssuanceStore for PostgresStore {
     fn request_issuance(&self, site: &str, at: OffsetDateTime, regenerate: bool) -> Result<()> {
         let site = site.to_owned();
         self.connections.run(move |client| {
-            let changed = client.execute(
+            let changed = client.execute_p(
                 "UPDATE sites SET next_attempt_at = $2, failures = 0, regenerate = (regenerate OR $3)
                  WHERE name = $1",
                 &[&site, &ts(at), &regenerate],
@@ -32,7 +33,7 @@ impl IssuanceStore for PostgresStore {
         let site = site.to_owned();
         self.connections.run(move |client| {
             // The old value, read and cleared in one statement.
-            let row = client.query_opt(
+            let row = client.query_opt_p(
                 "UPDATE sites SET regenerate = FALSE
                  FROM (SELECT name, regenerate FROM sites WHERE name = $1 FOR UPDATE) AS before
                  WHERE sites.name = before.name
@@ -55,7 +56,7 @@ impl IssuanceStore for PostgresStore {
         let (site, node) = (site.to_owned(), self.node_id());
         self.connections.run(move |client| {
             let mut tx = client.transaction()?;
-            let taken = tx.execute(
+            let taken = tx.execute_p(
                 "UPDATE sites SET next_attempt_at = $3, leased_by = $2, leased_until = $3
                  WHERE name = $1
                    AND (leased_by IS NULL OR leased_by = $2 OR leased_until IS NULL
@@ -63,7 +64,7 @@ impl IssuanceStore for PostgresStore {
                 &[&site, &node, &ts(lease_until), &ts(now)],
             )?;
             if taken == 0 {
-                let holder = tx.query_opt(
+                let holder = tx.query_opt_p(
                     "SELECT leased_by, leased_until FROM sites WHERE name = $1",
                     &[&site],
                 )?;
@@ -97,7 +98,7 @@ impl IssuanceStore for PostgresStore {
                 return Ok(());
             };
             let next = next_attempt_after(stored, lease_until, next);
-            tx.execute(
+            tx.execute_p(
                 "UPDATE sites SET next_attempt_at = $2, failures = $3, last_problem = $4,
                      leased_by = CASE WHEN leased_by = $5 THEN NULL ELSE leased_by END,
                      leased_until = CASE WHEN leased_by = $5 THEN NULL ELSE leased_until END
@@ -124,7 +125,7 @@ impl IssuanceStore for PostgresStore {
         let (site, node) = (site.to_owned(), self.node_id());
         self.connections.run(move |client| {
             let mut tx = client.transaction()?;
-            let held = tx.query_opt(
+            let held = tx.query_opt_p(
                 "SELECT next_attempt_at FROM sites
                  WHERE name = $1 AND leased_by = $2 AND leased_until = $3 FOR UPDATE",
                 &[&site, &node, &ts(held_until)],
@@ -141,7 +142,7 @@ impl IssuanceStore for PostgresStore {
             } else {
                 stored
             };
-            tx.execute(
+            tx.execute_p(
                 "UPDATE sites SET leased_until = $2, next_attempt_at = $3 WHERE name = $1",
                 &[&site, &ts(until), &next.map(ts)],
             )?;
@@ -154,7 +155,7 @@ impl IssuanceStore for PostgresStore {
         let node = self.node_id();
         self.connections.run(move |client| {
             let mut tx = client.transaction()?;
-            let held = tx.query(
+            let held = tx.query_p(
                 "SELECT name, next_attempt_at, leased_until FROM sites
                  WHERE leased_by = $1 AND leased_until IS NOT NULL ORDER BY name FOR UPDATE",
                 &[&node],
@@ -165,7 +166,7 @@ impl IssuanceStore for PostgresStore {
                 let stored = row.try_get::<_, Option<i64>>(1)?.map(from_ts).transpose()?;
                 let leased_until = from_ts(row.try_get(2)?)?;
                 let next = next_attempt_after(stored, leased_until, Some(now));
-                tx.execute(
+                tx.execute_p(
                     "UPDATE sites SET next_attempt_at = $2, leased_by = NULL, leased_until = NULL
                      WHERE name = $1",
                     &[&name, &next.map(ts)],
@@ -196,7 +197,7 @@ impl IssuanceStore for PostgresStore {
         let site = site.to_owned();
         let last_problem = last_problem.map(str::to_owned);
         self.connections.run(move |client| {
-            client.execute(
+            client.execute_p(
                 "UPDATE sites SET next_attempt_at = $2, failures = $3, last_problem = $4 WHERE name = $1",
                 &[&site, &next_attempt_at.map(ts), &i64::from(failures), &last_problem],
             )?;
@@ -208,7 +209,7 @@ impl IssuanceStore for PostgresStore {
         let node = self.node_id();
         self.connections.run(move |client| {
             client
-                .query(
+                .query_p(
                     "SELECT name FROM sites WHERE next_attempt_at <= $1
                        AND (leased_by IS NULL OR leased_by = $2 OR leased_until <= $1)
                      ORDER BY next_attempt_at",
@@ -224,7 +225,7 @@ impl IssuanceStore for PostgresStore {
         let node = self.node_id();
         let next: Option<i64> = self.connections.run(move |client| {
             Ok(client
-                .query_one(
+                .query_one_p(
                     "SELECT MIN(CASE WHEN leased_by <> $1 AND leased_until > next_attempt_at
                                      THEN leased_until ELSE next_attempt_at END)
                      FROM sites",

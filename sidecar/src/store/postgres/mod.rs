@@ -17,9 +17,11 @@ mod orders;
 mod queries;
 mod schema;
 mod sites;
+mod statements;
 
 pub use import::{CopyReport, copy_store};
 
+use self::statements::Prepared as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,7 +125,7 @@ impl PostgresStore {
     pub fn schema_version(&self) -> Result<usize> {
         self.connections.run(|client| {
             let version: i64 = client
-                .query_one("SELECT version FROM autohttps_schema", &[])?
+                .query_one_p("SELECT version FROM autohttps_schema", &[])?
                 .try_get(0)?;
             Ok(usize::try_from(version).unwrap_or(0))
         })
@@ -168,7 +170,7 @@ pub(super) fn compact_site_changes(
 ) -> Result<usize> {
     let mut tx = client.transaction()?;
     let ours: bool = tx
-        .query_one(
+        .query_one_p(
             "SELECT pg_try_advisory_xact_lock($1)",
             &[&schema::COMPACTION_LOCK],
         )?
@@ -177,7 +179,7 @@ pub(super) fn compact_site_changes(
         return Ok(0);
     }
     let latest: i64 = tx
-        .query_one(
+        .query_one_p(
             "SELECT COALESCE(MAX(seq), 0)::BIGINT FROM site_changes",
             &[],
         )?
@@ -186,7 +188,7 @@ pub(super) fn compact_site_changes(
     else {
         return Ok(0);
     };
-    let deleted = tx.execute(
+    let deleted = tx.execute_p(
         "DELETE FROM site_changes WHERE seq <= $1 AND at < $2",
         &[&i64::try_from(last_deleted).unwrap_or(i64::MAX), &before],
     )?;
@@ -199,19 +201,19 @@ impl Store for PostgresStore {
         let timeout_ms = patience.as_millis().clamp(1, 3_600_000).to_string();
         self.connections.run(move |client| {
             let mut tx = client.transaction()?;
-            tx.execute(
+            tx.execute_p(
                 "SELECT set_config('lock_timeout', $1, true)",
                 &[&timeout_ms],
             )?;
             let replica: bool = tx
-                .query_one("SELECT pg_is_in_recovery()", &[])?
+                .query_one_p("SELECT pg_is_in_recovery()", &[])?
                 .try_get(0)?;
             if replica {
                 return Err(Error::StoreUnavailable(
                     "the server is a read-only standby; point store.url at the primary".into(),
                 ));
             }
-            tx.execute("LOCK TABLE sites IN ROW EXCLUSIVE MODE", &[])?;
+            tx.execute_p("LOCK TABLE sites IN ROW EXCLUSIVE MODE", &[])?;
             tx.rollback()?;
             Ok(())
         })

@@ -4,6 +4,7 @@ use time::OffsetDateTime;
 
 use super::PostgresStore;
 use super::queries::insert_event;
+use super::statements::Prepared as _;
 use crate::error::Result;
 use crate::hostname::Hostname;
 use crate::store::rows::{from_ts, names_from_json, names_json, ts};
@@ -28,7 +29,7 @@ impl OrderStore for PostgresStore {
         self.connections.run(move |client| {
             let mut tx = client.transaction()?;
             let id: i64 = tx
-                .query_one(
+                .query_one_p(
                     "INSERT INTO orders (site, names, order_url, key_pem, created_at)
                      VALUES ($1, $2, $3, $4, $5) RETURNING id",
                     &[
@@ -58,7 +59,7 @@ impl OrderStore for PostgresStore {
         let site = site.map(str::to_owned);
         self.connections.run(move |client| {
             client
-                .query(
+                .query_p(
                     "SELECT id, site, names, order_url, key_pem, created_at FROM orders
                      WHERE $1::TEXT IS NULL OR site = $1 ORDER BY id",
                     &[&site],
@@ -80,7 +81,7 @@ impl OrderStore for PostgresStore {
 
     fn delete_order(&self, id: i64) -> Result<()> {
         self.connections.run(move |client| {
-            client.execute("DELETE FROM orders WHERE id = $1", &[&id])?;
+            client.execute_p("DELETE FROM orders WHERE id = $1", &[&id])?;
             Ok(())
         })
     }

@@ -5,6 +5,7 @@ use postgres::{GenericClient, Row, Transaction};
 use time::OffsetDateTime;
 
 use super::connections::conflict_on_duplicate;
+use super::statements::Prepared as _;
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 use crate::store::rows::{
@@ -54,7 +55,7 @@ impl RawCertificate {
 }
 
 pub(super) fn load_site(client: &mut impl GenericClient, name: &str) -> Result<Option<Site>> {
-    let Some(row) = client.query_opt(
+    let Some(row) = client.query_opt_p(
         &format!("SELECT {SITE_COLUMNS} FROM sites WHERE name = $1"),
         &[&name],
     )?
@@ -63,7 +64,7 @@ pub(super) fn load_site(client: &mut impl GenericClient, name: &str) -> Result<O
     };
     let raw = RawSite::from_pg(&row)?;
     let hostnames = client
-        .query(
+        .query_p(
             "SELECT hostname, kind FROM hostnames WHERE site = $1 ORDER BY hostname",
             &[&name],
         )?
@@ -79,14 +80,14 @@ pub(super) fn require_site(client: &mut impl GenericClient, name: &str) -> Resul
 
 pub(super) fn load_all_sites(client: &mut impl GenericClient) -> Result<Vec<Site>> {
     let raw_sites = client
-        .query(
+        .query_p(
             &format!("SELECT {SITE_COLUMNS} FROM sites ORDER BY name"),
             &[],
         )?
         .iter()
         .map(RawSite::from_pg)
         .collect::<Result<Vec<_>>>()?;
-    let hostnames = client.query(
+    let hostnames = client.query_p(
         "SELECT site, hostname, kind FROM hostnames ORDER BY site, hostname",
         &[],
     )?;
@@ -106,7 +107,7 @@ pub(super) fn insert_hostname(
     now: OffsetDateTime,
 ) -> Result<()> {
     let owner: Option<String> = tx
-        .query_opt(
+        .query_opt_p(
             "SELECT site FROM hostnames WHERE hostname = $1",
             &[&name.as_str()],
         )?
@@ -116,7 +117,7 @@ pub(super) fn insert_hostname(
         return Err(hostname_taken(name, site, &owner));
     }
     conflict_on_duplicate(
-        tx.execute(
+        tx.execute_p(
             "INSERT INTO hostnames (hostname, site, kind, added_at) VALUES ($1, $2, $3, $4)",
             &[&name.as_str(), &site, &enum_text(&kind), &ts(now)],
         ),
@@ -135,7 +136,7 @@ pub(super) fn next_attempt_for_update(
     tx: &mut Transaction<'_>,
     site: &str,
 ) -> Result<Option<Option<OffsetDateTime>>> {
-    tx.query_opt(
+    tx.query_opt_p(
         "SELECT next_attempt_at FROM sites WHERE name = $1 FOR UPDATE",
         &[&site],
     )?
@@ -152,7 +153,7 @@ pub(super) fn insert_event(
     problem_type: Option<&str>,
     reason: Option<&str>,
 ) -> Result<()> {
-    client.execute(
+    client.execute_p(
         "INSERT INTO events (site, at, kind, message, problem_type, reason) VALUES ($1, $2, $3, $4, $5, $6)",
         &[&site, &ts(at), &kind.as_str(), &message, &problem_type, &reason],
     )?;
@@ -164,7 +165,7 @@ pub(super) fn query_certificates(
     site: Option<&str>,
 ) -> Result<Vec<StoredCertificate>> {
     client
-        .query(
+        .query_p(
             &format!(
                 "SELECT {CERT_COLUMNS} FROM certificates
                  WHERE superseded_at IS NULL AND ($1::TEXT IS NULL OR site = $1)
@@ -179,7 +180,7 @@ pub(super) fn query_certificates(
 
 pub(super) fn site_findings_bytes(client: &mut impl GenericClient, site: &str) -> Result<u64> {
     let total: i64 = client
-        .query_one(
+        .query_one_p(
             "SELECT COALESCE(SUM(bytes), 0)::BIGINT FROM mixed_content WHERE site = $1",
             &[&site],
         )?

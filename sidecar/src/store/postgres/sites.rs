@@ -7,6 +7,7 @@ use super::connections::conflict_on_duplicate;
 use super::queries::{
     hostname_row, insert_event, insert_hostname, load_all_sites, load_site, require_site, sql_limit,
 };
+use super::statements::Prepared as _;
 use crate::error::{Error, Result};
 use crate::hostname::Hostname;
 use crate::store::rows::{
@@ -37,7 +38,7 @@ impl SiteStore for PostgresStore {
                 .read_only(true)
                 .start()?;
             let raw_sites = tx
-                .query(
+                .query_p(
                     &format!(
                         "SELECT {SITE_COLUMNS} FROM sites WHERE name > $1 ORDER BY name LIMIT $2"
                     ),
@@ -51,14 +52,14 @@ impl SiteStore for PostgresStore {
                 return Ok(Vec::new());
             };
             let (first, last) = (first.name.clone(), last.name.clone());
-            let hostnames = tx.query(
+            let hostnames = tx.query_p(
                 "SELECT site, hostname, kind FROM hostnames WHERE site >= $1 AND site <= $2
                  ORDER BY site, hostname",
                 &[&first, &last],
             )?;
             let sites = sites_with_hostnames(raw_sites, hostnames.iter().map(hostname_row))?;
             let certificates = tx
-                .query(
+                .query_p(
                     &format!(
                         "SELECT {COVERAGE_COLUMNS} FROM certificates
                          WHERE superseded_at IS NULL AND site >= $1 AND site <= $2
@@ -93,7 +94,7 @@ impl SiteStore for PostgresStore {
         let created = self.connections.run(move |client| {
             let mut tx = client.transaction()?;
             let present: bool = tx
-                .query_one(
+                .query_one_p(
                     "SELECT EXISTS(SELECT 1 FROM sites WHERE name = $1)",
                     &[&site.name],
                 )?
@@ -102,7 +103,7 @@ impl SiteStore for PostgresStore {
                 return Err(site_exists(&site.name));
             }
             conflict_on_duplicate(
-                tx.execute(
+                tx.execute_p(
                     "INSERT INTO sites (name, primary_hostname, https_mode, redirect, hsts_enabled, hsts_max_age,
                                         mixed_content, created_at, next_attempt_at, failures,
                                         hsts_include_subdomains, hsts_preload, canonical_host)
@@ -169,11 +170,11 @@ impl SiteStore for PostgresStore {
         let name = name.to_owned();
         self.connections.run(move |client| {
             let mut tx = client.transaction()?;
-            if tx.execute("DELETE FROM sites WHERE name = $1", &[&name])? == 0 {
+            if tx.execute_p("DELETE FROM sites WHERE name = $1", &[&name])? == 0 {
                 return Err(no_such_site(&name));
             }
-            tx.execute("DELETE FROM events WHERE site = $1", &[&name])?;
-            tx.execute("DELETE FROM mixed_content WHERE site = $1", &[&name])?;
+            tx.execute_p("DELETE FROM events WHERE site = $1", &[&name])?;
+            tx.execute_p("DELETE FROM mixed_content WHERE site = $1", &[&name])?;
             tx.commit()?;
             Ok(())
         })?;
@@ -186,7 +187,7 @@ impl SiteStore for PostgresStore {
         let name = name.to_owned();
         let site = self.connections.run(move |client| {
             let mut tx = client.transaction()?;
-            let changed = tx.execute(
+            let changed = tx.execute_p(
                 "UPDATE sites SET https_mode = $2, redirect = $3, hsts_enabled = $4, hsts_max_age = $5,
                                   mixed_content = $6, hsts_include_subdomains = $7, hsts_preload = $8,
                                   canonical_host = $9
@@ -227,7 +228,7 @@ impl SiteStore for PostgresStore {
             let primary = require_site(&mut tx, &site)?.primary;
             let kind = HostnameKind::of(&name, &primary);
             insert_hostname(&mut tx, &site, &name, kind, now)?;
-            tx.execute(
+            tx.execute_p(
                 "UPDATE sites SET next_attempt_at = $2, failures = 0 WHERE name = $1",
                 &[&site, &ts(issue_at)],
             )?;
@@ -262,19 +263,19 @@ impl SiteStore for PostgresStore {
             if current.primary == name {
                 return Err(primary_not_removable(&site, &name));
             }
-            let removed = tx.execute(
+            let removed = tx.execute_p(
                 "DELETE FROM hostnames WHERE hostname = $1 AND site = $2",
                 &[&name.as_str(), &site],
             )?;
             if removed == 0 {
                 return Err(not_a_hostname_of(&site, &name));
             }
-            tx.execute(
+            tx.execute_p(
                 "UPDATE sites SET next_attempt_at = $2, failures = 0 WHERE name = $1",
                 &[&site, &ts(issue_at)],
             )?;
             // A canonical host must be one of the site's names: removing it clears it.
-            tx.execute(
+            tx.execute_p(
                 "UPDATE sites SET canonical_host = NULL WHERE name = $1 AND canonical_host = $2",
                 &[&site, &name.as_str()],
             )?;
@@ -300,7 +301,7 @@ impl SiteStore for PostgresStore {
         let name = name.clone();
         self.connections.run(move |client| {
             client
-                .query_opt(
+                .query_opt_p(
                     "SELECT site FROM hostnames WHERE hostname = $1",
                     &[&name.as_str()],
                 )?
