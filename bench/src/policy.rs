@@ -358,9 +358,20 @@ fn open_loop(
         .collect()
 }
 
+/// A compact snapshot's build as the filter logged it: its slices and the longest of them
+/// (the first counts the whole response callback), by Envoy's clock.
+#[derive(Debug, Clone, Copy)]
+struct Slices {
+    count: u32,
+    longest_ms: Option<f64>,
+}
+
 /// Log times (seconds since midnight) of each VM's "policy <version> applied", with the
-/// slice count when the log gives one.
-fn applied_lines(server: &Process, version: &str) -> Vec<(f64, Option<u32>)> {
+/// slices when the log gives them.
+/// How long after a snapshot's window its gap starts counting as quiet.
+const QUIET_AFTER: Duration = Duration::from_millis(500);
+
+fn applied_lines(server: &Process, version: &str) -> Vec<(f64, Option<Slices>)> {
     let needle = format!("policy \"{version}\" applied");
     server
         .log()
@@ -370,7 +381,14 @@ fn applied_lines(server: &Process, version: &str) -> Vec<(f64, Option<u32>)> {
             let slices = l
                 .split(", built in ")
                 .nth(1)
-                .and_then(|r| r.split_whitespace().next()?.parse().ok());
+                .and_then(|r| r.split_whitespace().next()?.parse().ok())
+                .map(|count| Slices {
+                    count,
+                    longest_ms: l
+                        .split(", the longest ")
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next()?.parse().ok()),
+                });
             Some((log_seconds(l)?, slices))
         })
         .collect()
@@ -408,7 +426,7 @@ fn process_cpu(pid: u32) -> anyhow::Result<f64> {
 struct FormatStall {
     /// Per snapshot: ms from the body sent to each VM's applied line.
     apply_ms: Vec<f64>,
-    slices: Vec<u32>,
+    slices: Vec<Slices>,
     p99_ms: f64,
     max_ms: f64,
     samples: usize,
@@ -518,6 +536,7 @@ fn in_envoy(
         windows.push((is_compact, version.clone(), start, end));
         std::thread::sleep(Duration::from_millis(1500));
     }
+    let load_ends = day_seconds(SystemTime::now());
     stop.store(true, Ordering::Relaxed);
     let mut samples = Vec::new();
     for thread in load {
@@ -528,9 +547,18 @@ fn in_envoy(
         );
     }
     let rate = THREADS as f64 / period.as_secs_f64();
+    // Quiet: the 4 s before the first snapshot and the gaps between snapshots, from
+    // QUIET_AFTER past a window's end (the replaced policy is freed meanwhile) to the next
+    // window's start, so that a burst of noise from outside (this machine is shared) weighs
+    // on both sides of the ratio alike.
+    let mut quiet_spans = vec![quiet];
+    for (i, w) in windows.iter().enumerate() {
+        let next = windows.get(i + 1).map_or(load_ends, |n| n.2);
+        quiet_spans.push((w.3 + QUIET_AFTER.as_secs_f64(), next));
+    }
     let mut quiet_latency: Vec<f64> = samples
         .iter()
-        .filter(|(at, _)| *at >= quiet.0 && *at <= quiet.1)
+        .filter(|(at, _)| quiet_spans.iter().any(|q| *at >= q.0 && *at <= q.1))
         .map(|s| s.1)
         .collect();
     let stall = |compact: bool| -> FormatStall {
@@ -706,13 +734,20 @@ fn section(n: usize, vm: &VmRows, envoy: &EnvoyRows, elapsed: Duration) -> Strin
     );
     let _ = writeln!(
         out,
-        "| snapshot apply per VM in Envoy (body sent → applied, each VM, 4 snapshots each) | compact {} ms (slices {}) · JSON {} ms | | |",
+        "| snapshot apply per VM in Envoy (body sent → applied, each VM, 4 snapshots each) | compact {} ms (slices {}; the longest slice {} ms) · JSON {} ms | | |",
         ms_list(&envoy.compact.apply_ms),
         envoy
             .compact
             .slices
             .iter()
-            .map(u32::to_string)
+            .map(|s| s.count.to_string())
+            .collect::<Vec<_>>()
+            .join(" / "),
+        envoy
+            .compact
+            .slices
+            .iter()
+            .map(|s| s.longest_ms.map_or("?".into(), |ms| format!("{ms:.1}")))
             .collect::<Vec<_>>()
             .join(" / "),
         ms_list(&envoy.json.apply_ms)
@@ -767,7 +802,7 @@ fn section(n: usize, vm: &VmRows, envoy: &EnvoyRows, elapsed: Duration) -> Strin
     );
     let _ = write!(
         out,
-        "\n- **Snapshot apply (wasmtime).** The real `.wasm` in the wasmtime host: a VM running an empty policy polls, the feed answers the {n}-site snapshot; the figure is the CPU time of this thread (`/proc/thread-self/schedstat`, read before the response and after the last slice) over `proxy_on_http_call_response` and, for the compact snapshot, every `proxy_on_tick` that builds a slice until the policy is swapped (median of 3 fresh VMs); the driver is the release build `make bench` makes. The compact snapshot is built a slice at a time (about 1 ms or 4,096 sites, whichever first; wasmtime's clock stands still within a call, so there the site cap decides), the policy held serving in between.\n- **One-site change.** After the compact snapshot, the feed answers the next poll with a delta upserting one site (the sidecar's delta format); wall time of that callback (median of 3).\n- **Stall (Envoy).** {} connections each send `GET` to a force site every {} ms (open loop: a request's latency counts from when it was due, so a stalled worker shows in full). Quiet: 4 s with no change. Then the feed (a server in the driver, polled every 500 ms) serves four new {n}-site JSON snapshots, then four compact ones, 1.5 s apart; a snapshot's window runs from its body being sent to the last VM's `policy … applied` line, and the p99 is over requests due within the windows. Envoy runs two polling VMs (main thread and worker) on this 2-core machine.\n- **Redirect path.** After the snapshots, wrk against the same force site; Envoy's CPU time (utime + stime of its process) over the run divided by the requests.",
+        "\n- **Snapshot apply (wasmtime).** The real `.wasm` in the wasmtime host: a VM running an empty policy polls, the feed answers the {n}-site snapshot; the figure is the CPU time of this thread (`/proc/thread-self/schedstat`, read before the response and after the last slice) over `proxy_on_http_call_response` and, for the compact snapshot, every `proxy_on_tick` that builds a slice until the policy is swapped (median of 3 fresh VMs); the driver is the release build `make bench` makes. The compact snapshot is copied into the VM in the response callback and built from the next tick a slice at a time (about 0.5 ms or 4,096 sites, whichever first; wasmtime's clock stands still within a call, so there the site cap decides), the policy held serving in between.\n- **One-site change.** After the compact snapshot, the feed answers the next poll with a delta upserting one site (the sidecar's delta format); wall time of that callback (median of 3).\n- **Stall (Envoy).** {} connections each send `GET` to a force site every {} ms (open loop: a request's latency counts from when it was due, so a stalled worker shows in full). Quiet: 4 s with no change, and each gap between snapshots from 0.5 s after a window's end to the next window (so noise from outside this shared machine weighs on both sides of the ratio). Then the feed (a server in the driver, polled every 500 ms) serves four new {n}-site JSON snapshots, then four compact ones, 1.5 s apart; a snapshot's window runs from its body being sent to the last VM's `policy … applied` line, and the p99 is over requests due within the windows. Envoy runs two polling VMs (main thread and worker) on this 2-core machine.\n- **Redirect path.** After the snapshots, wrk against the same force site; Envoy's CPU time (utime + stime of its process) over the run divided by the requests.",
         4, 4
     );
     out

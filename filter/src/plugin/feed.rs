@@ -6,7 +6,7 @@
 //! kept otherwise.
 //!
 //! The filter asks for the compact snapshot ([`compact::CONTENT_TYPE`]) and builds it a slice
-//! at a time, one slice per tick of [`SLICE_TICK_MS`], each at most about [`SLICE_BUDGET_MS`]
+//! at a time, one slice per tick of [`SLICE_TICK_MS`], each at most about [`SLICE_BUDGET_US`]
 //! long, so the worker serves its other requests in between; the policy held serves until the
 //! new one is whole, then the two are swapped. A JSON snapshot (another feed) is applied in
 //! one go.
@@ -35,11 +35,17 @@ const KIND_HEADER: &str = "autohttps-policy-kind";
 /// Problems shown per rejected document or entry in the log.
 const SHOWN_PROBLEMS: usize = 20;
 
-/// How long one slice of a compact snapshot's build may run, in milliseconds (checked every
-/// [`SLICE_CHUNK`] sites), and the most sites a slice builds whatever the clock says.
-const SLICE_BUDGET_MS: u64 = 1;
-const SLICE_CHUNK: u32 = 128;
+/// How long one slice of a compact snapshot's build may run, in microseconds (checked every
+/// [`SLICE_CHUNK`] sites), and the most sites a slice builds whatever the clock says. A request
+/// that arrives during a slice waits for it: half a millisecond keeps that wait within the
+/// noise of a busy worker.
+const SLICE_BUDGET_US: u64 = 500;
+const SLICE_CHUNK: u32 = 32;
 const SLICE_MAX_SITES: u32 = 4096;
+
+/// A compact snapshot of at most this many sites is built in the response callback itself;
+/// a bigger one is only copied and its header read there, and built from the next tick on.
+const BUILD_AT_ONCE_SITES: u32 = 1024;
 
 /// The tick period while a snapshot is being built or a replaced one freed, in milliseconds.
 const SLICE_TICK_MS: u64 = 1;
@@ -62,13 +68,31 @@ pub(crate) struct Feed {
     started: Option<SystemTime>,
     /// The last failure logged, so that a feed that stays down logs once, not every poll.
     last_failure: Option<String>,
-    /// A compact snapshot being built, slice by slice, with the slices taken so far.
-    building: Option<(SnapshotBuild, u32)>,
+    /// A compact snapshot being built, slice by slice.
+    building: Option<Building>,
     /// The policy a snapshot replaced, freed [`RELEASE_SITES`] sites per tick.
     retiring: Option<Policy>,
     /// No tick has fired yet: the first comes [`SLICE_TICK_MS`] after configuration (a new
     /// VM asks for its policy at once), then the period becomes `interval_ms`.
     starting: bool,
+}
+
+/// A compact snapshot in progress: the callbacks that worked on it so far (the response's
+/// and each tick's slice) and the longest of them by the host's clock, for the "applied"
+/// log line.
+struct Building {
+    build: SnapshotBuild,
+    slices: u32,
+    longest: Duration,
+}
+
+/// How a snapshot was built, for the "applied" log line.
+#[derive(Debug, Clone, Copy)]
+enum Built {
+    /// A JSON snapshot, in the response callback.
+    AtOnce,
+    /// A compact snapshot, in this many callbacks, the longest this long.
+    Sliced { slices: u32, longest: Duration },
 }
 
 /// What to do once an answer is handled.
@@ -332,11 +356,12 @@ impl Feed {
         if version_is_older(new_policy.version(), current) {
             return self.refuse_older(new_policy.version(), metrics, current);
         }
-        self.swap(new_policy, policy, metrics, current, 0)
+        self.swap(new_policy, policy, metrics, current, Built::AtOnce)
     }
 
-    /// A compact snapshot: its header is read and the first slice built now; the rest at the
-    /// next ticks (see [`Feed::on_tick`]).
+    /// A compact snapshot: its body is copied into the VM and its header read now; a small one
+    /// is built at once, a big one a slice per tick from the next (see [`Feed::on_tick`]), so
+    /// that this callback does not hold up the worker either.
     fn start_compact(
         &mut self,
         etag: Option<&str>,
@@ -350,6 +375,7 @@ impl Feed {
         {
             return self.refuse_older(version, metrics, current);
         }
+        let started = hostcalls::get_current_time().ok();
         let build = match SnapshotBuild::new(response_body(body_size)) {
             Ok(build) => build,
             Err(error) => return self.invalid_snapshot(&error, metrics, current),
@@ -364,14 +390,23 @@ impl Feed {
             let version = build.version().to_string();
             return self.refuse_older(&version, metrics, current);
         }
-        self.building = Some((build, 0));
-        match self.build_slice(policy, metrics) {
-            Some(next) => next,
-            None => {
-                self.slice_ticks(true);
-                Next::Building
-            }
+        let at_once = build.site_count() <= BUILD_AT_ONCE_SITES;
+        self.building = Some(Building {
+            build,
+            slices: 0,
+            longest: Duration::ZERO,
+        });
+        if at_once && let Some(next) = self.build_slice(policy, metrics, started) {
+            return next;
         }
+        if let Some(building) = &mut self.building
+            && !at_once
+        {
+            building.slices = 1;
+            building.longest = elapsed_since(started).unwrap_or_default();
+        }
+        self.slice_ticks(true);
+        Next::Building
     }
 
     /// The timer: builds the next slice of a snapshot and frees a slice of a replaced policy,
@@ -391,7 +426,7 @@ impl Feed {
             self.retiring = None;
         }
         let next = if self.building.is_some() {
-            match self.build_slice(policy, metrics) {
+            match self.build_slice(policy, metrics, None) {
                 Some(next) => Some(next),
                 None => return,
             }
@@ -422,35 +457,52 @@ impl Feed {
     }
 
     /// Builds one slice of the snapshot in progress; when it was the last, swaps the policy
-    /// (or keeps the one held if the snapshot is invalid) and says what to do next.
-    fn build_slice(&mut self, policy: &SharedPolicy, metrics: &Metrics) -> Option<Next> {
-        let (build, slices) = self.building.as_mut()?;
-        *slices += 1;
+    /// (or keeps the one held if the snapshot is invalid) and says what to do next. `since`
+    /// is when the callback running this slice began, when it did other work first.
+    fn build_slice(
+        &mut self,
+        policy: &SharedPolicy,
+        metrics: &Metrics,
+        since: Option<SystemTime>,
+    ) -> Option<Next> {
+        let building = self.building.as_mut()?;
+        building.slices += 1;
         let started = hostcalls::get_current_time().ok();
-        let budget = millis(SLICE_BUDGET_MS);
+        let budget = Duration::from_micros(SLICE_BUDGET_US);
         let mut step = Ok(());
         let mut built = 0;
-        while !build.is_done() && built < SLICE_MAX_SITES && step.is_ok() {
-            step = build.step(SLICE_CHUNK);
+        while !building.build.is_done() && built < SLICE_MAX_SITES && step.is_ok() {
+            step = building.build.step(SLICE_CHUNK);
             built += SLICE_CHUNK;
-            let elapsed = started
-                .zip(hostcalls::get_current_time().ok())
-                .and_then(|(start, now)| now.duration_since(start).ok());
-            if elapsed.is_some_and(|e| e >= budget) {
+            if elapsed_since(started).is_some_and(|e| e >= budget) {
                 break;
             }
         }
-        if step.is_ok() && !build.is_done() {
+        if step.is_ok() && !building.build.is_done() {
+            let took = elapsed_since(since.or(started)).unwrap_or_default();
+            building.longest = building.longest.max(took);
             return None;
         }
-        let (build, slices) = self.building.take()?;
+        let Building {
+            build,
+            slices,
+            longest,
+        } = self.building.take()?;
         let current = policy.borrow().version().to_string();
         let new_policy = match step.and_then(|()| build.finish()) {
             Ok(new_policy) => new_policy,
             Err(error) => return Some(self.invalid_snapshot(&error, metrics, &current)),
         };
+        // The last slice also checked the whole and made the tables final.
+        let longest = longest.max(elapsed_since(since.or(started)).unwrap_or_default());
         self.recovered();
-        Some(self.swap(new_policy, policy, metrics, &current, slices))
+        Some(self.swap(
+            new_policy,
+            policy,
+            metrics,
+            &current,
+            Built::Sliced { slices, longest },
+        ))
     }
 
     fn invalid_snapshot(&mut self, error: &Error, metrics: &Metrics, current: &str) -> Next {
@@ -469,7 +521,7 @@ impl Feed {
         policy: &SharedPolicy,
         metrics: &Metrics,
         current: &str,
-        slices: u32,
+        built: Built,
     ) -> Next {
         log(
             LogLevel::Info,
@@ -477,10 +529,12 @@ impl Feed {
                 "policy {:?} applied ({} sites{}), replacing {current:?}",
                 new_policy.version(),
                 new_policy.site_count(),
-                if slices > 0 {
-                    format!(", built in {slices} slices")
-                } else {
-                    String::new()
+                match built {
+                    Built::AtOnce => String::new(),
+                    Built::Sliced { slices, longest } => format!(
+                        ", built in {slices} slices, the longest {:.1} ms",
+                        longest.as_secs_f64() * 1000.0
+                    ),
                 }
             ),
         );
@@ -598,6 +652,13 @@ impl Feed {
             log(LogLevel::Info, "the policy feed answers again");
         }
     }
+}
+
+/// Time since `start` by the host's clock.
+fn elapsed_since(start: Option<SystemTime>) -> Option<Duration> {
+    start
+        .zip(hostcalls::get_current_time().ok())
+        .and_then(|(start, now)| now.duration_since(start).ok())
 }
 
 fn response_header(name: &str) -> Option<String> {

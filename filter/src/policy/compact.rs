@@ -266,11 +266,13 @@ pub struct SnapshotBuild {
     done: u32,
     names_seen: u64,
     compiler: Compiler,
+    /// Whether the tables have room for every site and name yet (made by the first step).
+    reserved: bool,
 }
 
 impl SnapshotBuild {
-    /// Reads the header (version, settings, counts) and makes room for the tables; the sites
-    /// are read by [`SnapshotBuild::step`].
+    /// Reads the header (version, settings, counts); the tables are made and the sites read
+    /// by [`SnapshotBuild::step`].
     pub fn new(body: Vec<u8>) -> Result<SnapshotBuild, Error> {
         let mut r = Reader { body: &body, at: 0 };
         if r.bytes(MAGIC.len()).ok() != Some(&MAGIC[..]) {
@@ -305,12 +307,6 @@ impl SnapshotBuild {
         })();
         let (schema, version, settings, sites, names) = header.map_err(|at| malformed(at, "$"))?;
         let at = r.at;
-        let rest = body.len() - at;
-        let mut compiler = Compiler::default();
-        compiler.reserve_exact(
-            (sites as usize).min(rest / MIN_SITE_BYTES),
-            (names as usize).min(rest / MIN_NAME_BYTES),
-        );
         Ok(SnapshotBuild {
             body,
             at,
@@ -321,7 +317,8 @@ impl SnapshotBuild {
             names,
             done: 0,
             names_seen: 0,
-            compiler,
+            compiler: Compiler::default(),
+            reserved: false,
         })
     }
 
@@ -349,6 +346,15 @@ impl SnapshotBuild {
     /// sites that fail validation are reported by [`SnapshotBuild::finish`], with every other
     /// problem of the snapshot.
     pub fn step(&mut self, max_sites: u32) -> Result<(), Error> {
+        if !self.reserved {
+            // Room for what the header announces, within what the rest of the body can hold.
+            let rest = self.body.len() - self.at;
+            self.compiler.reserve_exact(
+                (self.sites as usize).min(rest / MIN_SITE_BYTES),
+                (self.names as usize).min(rest / MIN_NAME_BYTES),
+            );
+            self.reserved = true;
+        }
         let mut r = Reader {
             body: &self.body,
             at: self.at,
