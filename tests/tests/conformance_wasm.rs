@@ -573,8 +573,9 @@ fn answer_compact(host: &mut Host, version: &str, body: &[u8]) {
     .expect("respond");
 }
 
-/// A compact snapshot is built a slice per 1 ms tick; until the last slice the VM serves the
-/// policy it held, then swaps, restores its poll interval and names the new version.
+/// A big compact snapshot is only copied into the VM by its response callback, then built a
+/// slice per 1 ms tick; until the last slice the VM serves the policy it held, then swaps,
+/// restores its poll interval and names the new version with the callbacks it took.
 #[test]
 fn compact_snapshot_is_built_in_slices_in_wasmtime() {
     let module = module();
@@ -603,9 +604,13 @@ fn compact_snapshot_is_built_in_slices_in_wasmtime() {
     assert_eq!(status_of(&mut host, "s0.compact.test"), 301);
     assert_eq!(metric(&host, "policy_snapshots_applied_total"), 1);
     assert_eq!(host.tick_period(), Some(Duration::from_millis(200)));
+    // The response callback, then one slice per tick (4,096 sites each: the clock of this
+    // host stands still within a call, so the site cap decides).
+    assert_eq!(ticks, 10_000usize.div_ceil(4_096));
     assert!(
         host.logs().iter().any(|l| l.message.contains(&format!(
-            "policy \"{version}\" applied (10000 sites, built in"
+            "policy \"{version}\" applied (10000 sites, built in {} slices, the longest 0.0 ms)",
+            ticks + 1
         ))),
         "{:?}",
         host.logs()
@@ -617,6 +622,25 @@ fn compact_snapshot_is_built_in_slices_in_wasmtime() {
     assert_eq!(
         calls[0].headers.get("if-none-match"),
         Some(format!("\"{version}\"").as_str())
+    );
+}
+
+/// A compact snapshot of up to 1,024 sites is built in its response callback: no tick needed.
+#[test]
+fn a_small_compact_snapshot_is_built_in_its_response_callback_in_wasmtime() {
+    let module = module();
+    let mut host = compact_host(&module);
+    let sites = compact_sites(1_024);
+    let version = format!("{COMPACT_EPOCH}-2");
+    answer_compact(&mut host, &version, &compact_body(&version, &sites));
+    assert_eq!(metric(&host, "policy_sites"), 1_024);
+    assert_eq!(status_of(&mut host, "s1023.compact.test"), 301);
+    assert!(
+        host.logs().iter().any(|l| l.message.contains(&format!(
+            "policy \"{version}\" applied (1024 sites, built in 1 slice, the longest"
+        ))),
+        "{:?}",
+        host.logs()
     );
 }
 

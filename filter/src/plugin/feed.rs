@@ -532,7 +532,8 @@ impl Feed {
                 match built {
                     Built::AtOnce => String::new(),
                     Built::Sliced { slices, longest } => format!(
-                        ", built in {slices} slices, the longest {:.1} ms",
+                        ", built in {slices} slice{}, the longest {:.1} ms",
+                        if slices == 1 { "" } else { "s" },
                         longest.as_secs_f64() * 1000.0
                     ),
                 }
