@@ -55,24 +55,33 @@ impl RawCertificate {
 }
 
 pub(super) fn load_site(client: &mut impl GenericClient, name: &str) -> Result<Option<Site>> {
-    let Some(row) = client.query_opt_p(
-        &format!("SELECT {SITE_COLUMNS} FROM sites WHERE name = $1"),
+    // The site and its hostnames in one statement: every node reloads each site that changed.
+    let rows = client.query_p(
+        &format!(
+            "SELECT {SITE_COLUMNS}, hostnames.hostname, hostnames.kind
+             FROM sites LEFT JOIN hostnames ON hostnames.site = sites.name
+             WHERE sites.name = $1
+             ORDER BY hostnames.hostname"
+        ),
         &[&name],
-    )?
-    else {
+    )?;
+    let Some(first) = rows.first() else {
         return Ok(None);
     };
-    let raw = RawSite::from_pg(&row)?;
-    let hostnames = client
-        .query_p(
-            "SELECT hostname, kind FROM hostnames WHERE site = $1 ORDER BY hostname",
-            &[&name],
-        )?
-        .iter()
-        .map(|row| site_hostname(&row.try_get::<_, String>(0)?, &row.try_get::<_, String>(1)?))
-        .collect::<Result<Vec<_>>>()?;
+    let raw = RawSite::from_pg(first)?;
+    let mut hostnames = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let hostname: Option<String> = row.try_get(SITE_COLUMN_COUNT)?;
+        let kind: Option<String> = row.try_get(SITE_COLUMN_COUNT + 1)?;
+        if let (Some(hostname), Some(kind)) = (hostname, kind) {
+            hostnames.push(site_hostname(&hostname, &kind)?);
+        }
+    }
     raw.decode(hostnames).map(Some)
 }
+
+/// How many columns [`SITE_COLUMNS`] names ([`RawSite::from_pg`] reads them in order).
+const SITE_COLUMN_COUNT: usize = 15;
 
 pub(super) fn require_site(client: &mut impl GenericClient, name: &str) -> Result<Site> {
     load_site(client, name)?.ok_or_else(|| no_such_site(name))
@@ -194,4 +203,15 @@ pub(super) fn count(value: i64) -> u64 {
 
 pub(super) fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `load_site` reads the hostname and kind right after the site's columns.
+    #[test]
+    fn site_column_count_matches_the_site_columns() {
+        assert_eq!(SITE_COLUMNS.split(',').count(), SITE_COLUMN_COUNT);
+    }
 }
