@@ -23,7 +23,7 @@
 //! certificate of the store keeps serving, or, when the refused one superseded it, the one this
 //! process was serving for that name (until it expires or the process restarts).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
@@ -87,11 +87,72 @@ impl std::fmt::Debug for StoreCertificateSource {
 struct Index {
     /// Normalised name → what it is served.
     by_name: HashMap<String, Entry>,
+    /// Site → the names of `by_name` it is served under, so that a change to a site touches
+    /// only its own names.
+    by_site: HashMap<Arc<str>, Vec<String>>,
+    /// How many names of `by_name` expire at each instant (the first is when the index must
+    /// be rebuilt).
+    expiries: BTreeMap<OffsetDateTime, usize>,
     /// Every certificate considered, by store row id: whether it is servable (false when its
     /// key does not match, so it is checked, and logged, once).
     checked: HashMap<i64, bool>,
-    /// When the first served certificate expires (the index must be rebuilt then).
-    next_expiry: Option<OffsetDateTime>,
+}
+
+impl Index {
+    /// Serves `name` with `entry`, in place of what it was served.
+    fn serve(&mut self, name: String, entry: Entry) {
+        self.expiries
+            .entry(entry.not_after)
+            .and_modify(|n| *n += 1)
+            .or_insert(1);
+        self.by_site
+            .entry(Arc::clone(&entry.site))
+            .or_default()
+            .push(name.clone());
+        if let Some(old) = self.by_name.insert(name.clone(), entry) {
+            self.unlink(&name, &old);
+        }
+    }
+
+    /// Stops serving every name of `site`; answers what they were served.
+    fn unserve_site(&mut self, site: &str) -> Vec<(String, Entry)> {
+        let names = self.by_site.remove(site).unwrap_or_default();
+        let mut removed = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(entry) = self.by_name.remove(&name) {
+                self.forget_expiry(entry.not_after);
+                removed.push((name, entry));
+            }
+        }
+        removed
+    }
+
+    /// Takes a replaced entry of `name` out of `by_site` and `expiries`.
+    fn unlink(&mut self, name: &str, old: &Entry) {
+        self.forget_expiry(old.not_after);
+        if let Some(names) = self.by_site.get_mut(&old.site) {
+            if let Some(at) = names.iter().position(|n| n == name) {
+                names.swap_remove(at);
+            }
+            if names.is_empty() {
+                self.by_site.remove(&old.site);
+            }
+        }
+    }
+
+    fn forget_expiry(&mut self, at: OffsetDateTime) {
+        if let Some(n) = self.expiries.get_mut(&at) {
+            *n -= 1;
+            if *n == 0 {
+                self.expiries.remove(&at);
+            }
+        }
+    }
+
+    /// When the first served certificate expires.
+    fn next_expiry(&self) -> Option<OffsetDateTime> {
+        self.expiries.keys().next().copied()
+    }
 }
 
 /// A name's certificate, as its store row id, and when it stops being servable.
@@ -241,7 +302,6 @@ impl StoreCertificateSource {
                 break;
             }
         }
-        next.next_expiry = next.by_name.values().map(|entry| entry.not_after).min();
         let changed = previous.by_name.len() != next.by_name.len()
             || next.by_name.iter().any(|(name, entry)| {
                 previous
@@ -315,17 +375,15 @@ impl StoreCertificateSource {
         let mut guard = self.index.write().unwrap_or_else(PoisonError::into_inner);
         // In place unless a lookup holds the index this very moment (then it is copied once).
         let index = Arc::make_mut(&mut guard);
-        let mut removed: HashMap<String, Entry> = HashMap::new();
-        index.by_name.retain(|name, entry| {
-            if dirty.contains(&*entry.site) {
-                removed.insert(name.clone(), entry.clone());
-                false
-            } else {
-                true
-            }
-        });
+        // Only the changed sites' names are touched: the cost follows the change.
+        let removed: HashMap<String, Entry> = dirty
+            .iter()
+            .flat_map(|site| index.unserve_site(site))
+            .collect();
         let dropped_ids: HashSet<i64> = removed.values().map(|entry| entry.id).collect();
-        index.checked.retain(|id, _| !dropped_ids.contains(id));
+        for id in &dropped_ids {
+            index.checked.remove(id);
+        }
         let mut changed = removed.len() != fresh.by_name.len();
         let fresh_ids: HashSet<i64> = fresh.by_name.values().map(|entry| entry.id).collect();
         self.drop_held(dropped_ids.difference(&fresh_ids));
@@ -333,10 +391,9 @@ impl StoreCertificateSource {
             changed |= removed
                 .get(&name)
                 .is_none_or(|old| old.version != entry.version);
-            index.by_name.insert(name, entry);
+            index.serve(name, entry);
         }
         index.checked.extend(fresh.checked);
-        index.next_expiry = index.by_name.values().map(|entry| entry.not_after).min();
         let names = index.by_name.len();
         drop(guard);
         *self.position.lock().unwrap_or_else(PoisonError::into_inner) = Some(position);
@@ -393,7 +450,7 @@ impl StoreCertificateSource {
     }
 
     fn until_next_expiry(&self) -> Duration {
-        match self.read().next_expiry {
+        match self.read().next_expiry() {
             Some(expiry) => {
                 let left = expiry - self.clock.now();
                 Duration::try_from(left)
@@ -617,12 +674,17 @@ fn index_certificates<'a>(
             }
             let key = fold_hostname(name.as_str());
             if ok {
-                next.by_name.entry(key).or_insert_with(|| Entry {
-                    id: certificate.id,
-                    version: Arc::clone(&version),
-                    site: Arc::clone(site),
-                    not_after: certificate.not_after,
-                });
+                if !next.by_name.contains_key(&key) {
+                    next.serve(
+                        key,
+                        Entry {
+                            id: certificate.id,
+                            version: Arc::clone(&version),
+                            site: Arc::clone(site),
+                            not_after: certificate.not_after,
+                        },
+                    );
+                }
             } else {
                 refused_names.push(key);
             }
@@ -649,7 +711,7 @@ fn keep_previous_for_refused<'a, 'p>(
             && entry.not_after > now
             && owner(name.as_str()) == Some(&*entry.site)
         {
-            next.by_name.insert(name, entry.clone());
+            next.serve(name, entry.clone());
         }
     }
 }

@@ -412,3 +412,100 @@ fn a_watched_name_renewed_holds_only_the_new_certificate() {
     assert_eq!(version(&source, "shop.example.test"), None);
     assert_eq!(source.loaded_certificates(), 0);
 }
+
+/// The index's names by site and its expiry counts, as incremental updates leave them, agree
+/// with its names; the served names and the first expiry agree with a full rebuild's.
+fn assert_index_matches_rebuild(fixture: &Fixture, source: &StoreCertificateSource) {
+    let index = source.read();
+    let mut by_site: Vec<(String, String)> = index
+        .by_site
+        .iter()
+        .flat_map(|(site, names)| names.iter().map(move |n| (site.to_string(), n.clone())))
+        .collect();
+    by_site.sort();
+    let mut by_name: Vec<(String, String)> = index
+        .by_name
+        .iter()
+        .map(|(name, entry)| (entry.site.to_string(), name.clone()))
+        .collect();
+    by_name.sort();
+    assert_eq!(by_site, by_name, "names by site");
+    let mut expiries: BTreeMap<OffsetDateTime, usize> = BTreeMap::new();
+    for entry in index.by_name.values() {
+        *expiries.entry(entry.not_after).or_default() += 1;
+    }
+    assert_eq!(index.expiries, expiries, "expiry counts");
+    let rebuilt = fixture.source();
+    let rebuilt = rebuilt.read();
+    assert_eq!(index.next_expiry(), rebuilt.next_expiry());
+    let served = |index: &Index| -> Vec<(String, String)> {
+        let mut served: Vec<(String, String)> = index
+            .by_name
+            .iter()
+            .map(|(name, entry)| (name.clone(), entry.version.to_string()))
+            .collect();
+        served.sort();
+        served
+    };
+    assert_eq!(served(&index), served(&rebuilt));
+}
+
+/// A change touches only the changed sites' names (no pass over every name) and keeps the
+/// first expiry exact: renewals, a name moved to another site, a deleted site.
+#[test]
+fn incremental_updates_keep_names_by_site_and_the_first_expiry_exact() {
+    let fixture = Fixture::new();
+    let soon = datetime!(2026-04-01 00:00 UTC);
+    fixture.site("shop", &["shop.example.test", "www.shop.example.test"]);
+    fixture.site("blog", &["blog.example.test"]);
+    fixture.issue(
+        "shop",
+        &["shop.example.test", "www.shop.example.test"],
+        LATER,
+        false,
+    );
+    fixture.issue("blog", &["blog.example.test"], soon, false);
+    let source = fixture.source();
+    assert_eq!(source.read().next_expiry(), Some(soon));
+    assert_index_matches_rebuild(&fixture, &source);
+
+    // blog renewed: its earlier expiry no longer counts.
+    fixture.issue(
+        "blog",
+        &["blog.example.test"],
+        datetime!(2026-08-01 00:00 UTC),
+        false,
+    );
+    source.refresh_changed().expect("refreshed");
+    assert_eq!(source.read().next_expiry(), Some(LATER));
+    assert_index_matches_rebuild(&fixture, &source);
+
+    // www.shop moves to blog, which gets a certificate for it.
+    fixture
+        .store
+        .remove_hostname("shop", &name("www.shop.example.test"), NOW, NOW)
+        .expect("removed");
+    fixture
+        .store
+        .add_hostname("blog", &name("www.shop.example.test"), NOW, NOW)
+        .expect("added");
+    fixture.issue(
+        "blog",
+        &["blog.example.test", "www.shop.example.test"],
+        datetime!(2026-09-01 00:00 UTC),
+        false,
+    );
+    source.refresh_changed().expect("refreshed");
+    assert_index_matches_rebuild(&fixture, &source);
+    assert_eq!(source.read().by_site.get("blog").map(Vec::len), Some(2));
+
+    // shop deleted: its names and its expiry go.
+    fixture.store.delete_site("shop").expect("deleted");
+    source.refresh_changed().expect("refreshed");
+    assert_index_matches_rebuild(&fixture, &source);
+    assert!(!source.read().by_site.contains_key("shop"));
+    assert_eq!(
+        source.read().next_expiry(),
+        Some(datetime!(2026-09-01 00:00 UTC))
+    );
+}
