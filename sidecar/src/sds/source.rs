@@ -172,11 +172,14 @@ impl MemoryCertificateSource {
 /// What `name` is served from a map keyed by folded names: its exact entry, else the entry of
 /// the wildcard that covers it (the engine's [`wildcard_name`]). Every [`CertificateSource`]
 /// here looks names up through this one function.
-pub(crate) fn find_served<'a, T>(by_name: &'a HashMap<String, T>, name: &str) -> Option<&'a T> {
+pub(crate) fn find_served<'a, K, T>(by_name: &'a HashMap<K, T>, name: &str) -> Option<&'a T>
+where
+    K: std::borrow::Borrow<str> + std::hash::Hash + Eq,
+{
     let name = fold_hostname(name);
     by_name
-        .get(&name)
-        .or_else(|| by_name.get(&wildcard_name(&name)?))
+        .get(name.as_str())
+        .or_else(|| by_name.get(wildcard_name(&name)?.as_str()))
 }
 
 impl CertificateSource for MemoryCertificateSource {

@@ -86,10 +86,10 @@ impl std::fmt::Debug for StoreCertificateSource {
 #[derive(Debug, Default, Clone)]
 struct Index {
     /// Normalised name → what it is served.
-    by_name: HashMap<String, Entry>,
-    /// Site → the names of `by_name` it is served under, so that a change to a site touches
-    /// only its own names.
-    by_site: HashMap<Arc<str>, Vec<String>>,
+    by_name: HashMap<Arc<str>, Entry>,
+    /// Site → the names of `by_name` it is served under (the same strings, shared), so that a
+    /// change to a site touches only its own names.
+    by_site: HashMap<Arc<str>, Vec<Arc<str>>>,
     /// How many names of `by_name` expire at each instant (the first is when the index must
     /// be rebuilt).
     expiries: BTreeMap<OffsetDateTime, usize>,
@@ -100,7 +100,7 @@ struct Index {
 
 impl Index {
     /// Serves `name` with `entry`, in place of what it was served.
-    fn serve(&mut self, name: String, entry: Entry) {
+    fn serve(&mut self, name: Arc<str>, entry: Entry) {
         self.expiries
             .entry(entry.not_after)
             .and_modify(|n| *n += 1)
@@ -108,14 +108,14 @@ impl Index {
         self.by_site
             .entry(Arc::clone(&entry.site))
             .or_default()
-            .push(name.clone());
-        if let Some(old) = self.by_name.insert(name.clone(), entry) {
+            .push(Arc::clone(&name));
+        if let Some(old) = self.by_name.insert(Arc::clone(&name), entry) {
             self.unlink(&name, &old);
         }
     }
 
     /// Stops serving every name of `site`; answers what they were served.
-    fn unserve_site(&mut self, site: &str) -> Vec<(String, Entry)> {
+    fn unserve_site(&mut self, site: &str) -> Vec<(Arc<str>, Entry)> {
         let names = self.by_site.remove(site).unwrap_or_default();
         let mut removed = Vec::with_capacity(names.len());
         for name in names {
@@ -131,7 +131,7 @@ impl Index {
     fn unlink(&mut self, name: &str, old: &Entry) {
         self.forget_expiry(old.not_after);
         if let Some(names) = self.by_site.get_mut(&old.site) {
-            if let Some(at) = names.iter().position(|n| n == name) {
+            if let Some(at) = names.iter().position(|n| &**n == name) {
                 names.swap_remove(at);
             }
             if names.is_empty() {
@@ -376,7 +376,7 @@ impl StoreCertificateSource {
         // In place unless a lookup holds the index this very moment (then it is copied once).
         let index = Arc::make_mut(&mut guard);
         // Only the changed sites' names are touched: the cost follows the change.
-        let removed: HashMap<String, Entry> = dirty
+        let removed: HashMap<Arc<str>, Entry> = dirty
             .iter()
             .flat_map(|site| index.unserve_site(site))
             .collect();
@@ -674,9 +674,9 @@ fn index_certificates<'a>(
             }
             let key = fold_hostname(name.as_str());
             if ok {
-                if !next.by_name.contains_key(&key) {
+                if !next.by_name.contains_key(key.as_str()) {
                     next.serve(
-                        key,
+                        key.into(),
                         Entry {
                             id: certificate.id,
                             version: Arc::clone(&version),
@@ -704,14 +704,14 @@ fn keep_previous_for_refused<'a, 'p>(
     now: OffsetDateTime,
 ) {
     for name in refused_names {
-        if next.by_name.contains_key(&name) {
+        if next.by_name.contains_key(name.as_str()) {
             continue;
         }
         if let Some(entry) = previous(&name)
             && entry.not_after > now
             && owner(name.as_str()) == Some(&*entry.site)
         {
-            next.serve(name, entry.clone());
+            next.serve(name.into(), entry.clone());
         }
     }
 }

@@ -420,13 +420,13 @@ fn assert_index_matches_rebuild(fixture: &Fixture, source: &StoreCertificateSour
     let mut by_site: Vec<(String, String)> = index
         .by_site
         .iter()
-        .flat_map(|(site, names)| names.iter().map(move |n| (site.to_string(), n.clone())))
+        .flat_map(|(site, names)| names.iter().map(move |n| (site.to_string(), n.to_string())))
         .collect();
     by_site.sort();
     let mut by_name: Vec<(String, String)> = index
         .by_name
         .iter()
-        .map(|(name, entry)| (entry.site.to_string(), name.clone()))
+        .map(|(name, entry)| (entry.site.to_string(), name.to_string()))
         .collect();
     by_name.sort();
     assert_eq!(by_site, by_name, "names by site");
@@ -442,7 +442,7 @@ fn assert_index_matches_rebuild(fixture: &Fixture, source: &StoreCertificateSour
         let mut served: Vec<(String, String)> = index
             .by_name
             .iter()
-            .map(|(name, entry)| (name.clone(), entry.version.to_string()))
+            .map(|(name, entry)| (name.to_string(), entry.version.to_string()))
             .collect();
         served.sort();
         served
