@@ -390,20 +390,22 @@ impl Feed {
             let version = build.version().to_string();
             return self.refuse_older(&version, metrics, current);
         }
-        let at_once = build.site_count() <= BUILD_AT_ONCE_SITES;
-        self.building = Some(Building {
-            build,
-            slices: 0,
-            longest: Duration::ZERO,
-        });
-        if at_once && let Some(next) = self.build_slice(policy, metrics, started) {
-            return next;
-        }
-        if let Some(building) = &mut self.building
-            && !at_once
-        {
-            building.slices = 1;
-            building.longest = elapsed_since(started).unwrap_or_default();
+        if build.site_count() <= BUILD_AT_ONCE_SITES {
+            self.building = Some(Building {
+                build,
+                slices: 0,
+                longest: Duration::ZERO,
+            });
+            if let Some(next) = self.build_slice(policy, metrics, started) {
+                return next;
+            }
+        } else {
+            // This callback counts as the first slice: it copied the body.
+            self.building = Some(Building {
+                build,
+                slices: 1,
+                longest: elapsed_since(started).unwrap_or_default(),
+            });
         }
         self.slice_ticks(true);
         Next::Building
