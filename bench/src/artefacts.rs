@@ -10,11 +10,11 @@ pub(crate) struct Artefacts {
 }
 
 impl Artefacts {
-    /// The release `.wasm` files `make build` (and `make bench`) produce.
+    /// The release `.wasm` files `make build` (and `make bench`) produce, after wasm-opt.
     pub(crate) fn locate() -> anyhow::Result<Artefacts> {
         let dir = std::env::var_os("BENCH_WASM_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target/wasm32-wasip1/wasm-release"));
+            .unwrap_or_else(|| repo_root().join("target/dist"));
         let filter = dir.join("autohttps_filter.wasm");
         let minimal = dir.join("autohttps_minimal_filter.wasm");
         let size = |p: &Path| -> anyhow::Result<u64> {

@@ -29,13 +29,12 @@ pub fn envoy_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// The release filter: `$AUTOHTTPS_FILTER_WASM`, else the `make build` output.
+/// The release filter: `$AUTOHTTPS_FILTER_WASM`, else the `make build` output (the shipped
+/// `.wasm`, after wasm-opt).
 pub fn filter_wasm() -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("AUTOHTTPS_FILTER_WASM")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            repo_root().join("target/wasm32-wasip1/wasm-release/autohttps_filter.wasm")
-        });
+        .unwrap_or_else(|| repo_root().join("target/dist/autohttps_filter.wasm"));
     if !path.exists() {
         bail!(
             "the filter is not built at {}; run `make build` (or set AUTOHTTPS_FILTER_WASM)",

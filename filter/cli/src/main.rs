@@ -40,8 +40,8 @@ enum Command {
         /// The cases file (`.yaml`/`.yml` is read as YAML, anything else as JSON).
         cases: PathBuf,
         /// The filter to run. Default: `autohttps_filter.wasm` beside this binary, else the
-        /// release build `wasm32-wasip1/wasm-release/autohttps_filter.wasm` of the cargo target
-        /// directory this binary was built into, else the one under `./target`.
+        /// release build `dist/autohttps_filter.wasm` (what `make build` ships) of the cargo
+        /// target directory this binary was built into, else the one under `./target`.
         #[arg(long)]
         wasm: Option<PathBuf>,
         /// Also write a JUnit XML report here.

@@ -98,11 +98,9 @@ pub(crate) fn run(
 
 /// Where the filter build is looked for when `--wasm` is not given: beside this binary (an
 /// installed pair), in the cargo target directory this binary was built into, then under
-/// `./target`.
+/// `./target` (`make build` ships it in `dist/` there).
 fn default_wasm() -> anyhow::Result<PathBuf> {
-    let relative = Path::new("wasm32-wasip1")
-        .join("wasm-release")
-        .join(WASM_NAME);
+    let relative = Path::new("dist").join(WASM_NAME);
     let mut candidates = Vec::new();
     if let Some(dir) = std::env::current_exe()
         .ok()

@@ -68,14 +68,14 @@ fn shipped_example_passes_and_names_the_build_it_ran() {
 
 #[test]
 fn default_wasm_is_the_one_built_beside_the_binary() {
-    // The binary lives in target/debug; the release filter in target/wasm32-wasip1/wasm-release.
+    // The binary lives in target/debug; the release filter `make build` ships in target/dist.
     let policy = examples().join("policy.json");
     let cases = examples().join("cases.yaml");
     let out = policy_cli(&["test", path_str(&policy), path_str(&cases)]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
     assert!(
-        stdout.contains("wasm32-wasip1/wasm-release/autohttps_filter.wasm"),
+        stdout.contains("target/dist/autohttps_filter.wasm"),
         "{stdout}"
     );
 }
