@@ -195,7 +195,10 @@ struct Reader<'a> {
     at: usize,
 }
 
+// The readers run for every field of every site: they are inlined, and read integers byte by
+// byte (a slice copy is a call to the runtime's `memory.copy` in wasm).
 impl<'a> Reader<'a> {
+    #[inline(always)]
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], usize> {
         let end = self.at.checked_add(n).filter(|e| *e <= self.body.len());
         match end {
@@ -208,16 +211,22 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline(always)]
     fn array<const N: usize>(&mut self) -> Result<[u8; N], usize> {
+        let bytes = self.bytes(N)?;
         let mut out = [0; N];
-        out.copy_from_slice(self.bytes(N)?);
+        for (to, from) in out.iter_mut().zip(bytes) {
+            *to = *from;
+        }
         Ok(out)
     }
 
+    #[inline(always)]
     fn u8(&mut self) -> Result<u8, usize> {
         Ok(self.array::<1>()?[0])
     }
 
+    #[inline(always)]
     fn u16(&mut self) -> Result<u16, usize> {
         self.array().map(u16::from_le_bytes)
     }
@@ -226,11 +235,13 @@ impl<'a> Reader<'a> {
         self.array().map(u32::from_le_bytes)
     }
 
+    #[inline(always)]
     fn text(&mut self, len: usize) -> Result<&'a str, usize> {
         let start = self.at;
         std::str::from_utf8(self.bytes(len)?).map_err(|_| start)
     }
 
+    #[inline(always)]
     fn str8(&mut self) -> Result<&'a str, usize> {
         let len = self.u8()?;
         self.text(len.into())
@@ -371,14 +382,15 @@ impl SnapshotBuild {
             report_token: None,
             cert_ready: Vec::new(),
         };
+        let mut ready = Vec::new();
         let end = self.done.saturating_add(max_sites).min(self.sites);
         while self.done < end {
             let index = self.done;
-            read_site(&mut r, &mut entry).map_err(|(at, what)| {
+            read_site(&mut r, &mut entry, &mut ready).map_err(|(at, what)| {
                 malformed(at, &format!("sites[{index}]{}", what.unwrap_or_default()))
             })?;
             self.names_seen += entry.hostnames.len() as u64;
-            self.compiler.add_site(&entry);
+            self.compiler.add_compact_site(&mut entry, &ready);
             self.done += 1;
         }
         self.at = r.at;
@@ -401,10 +413,13 @@ impl SnapshotBuild {
     }
 }
 
-/// Reads one site into `entry` (reusing its vectors); on error, the byte offset and the field.
+/// Reads one site into `entry` (reusing its vectors), with whether each hostname's certificate
+/// is served in `ready` (`entry.cert_ready` is left to the compiler); on error, the byte offset
+/// and the field.
 fn read_site<'a>(
     r: &mut Reader<'a>,
     entry: &mut SiteEntry<'a>,
+    ready: &mut Vec<bool>,
 ) -> Result<(), (usize, Option<&'static str>)> {
     let field = |what: &'static str| move |at: usize| (at, Some(what));
     entry.id = Text(Cow::Borrowed(r.str8().map_err(field(".id"))?));
@@ -439,16 +454,16 @@ fn read_site<'a>(
     entry.report_token = some(r.str8().map_err(field(".report_token"))?);
     let names = r.u16().map_err(field(".hostnames"))?;
     entry.hostnames.clear();
-    entry.cert_ready.clear();
+    ready.clear();
     for _ in 0..names {
         let ready_at = r.at;
-        let ready = r.u8().map_err(field(".hostnames"))?;
+        let flag = r.u8().map_err(field(".hostnames"))?;
         let name = r.str8().map_err(field(".hostnames"))?;
-        match ready {
-            0 => {}
-            1 => entry.cert_ready.push(Text(Cow::Borrowed(name))),
+        ready.push(match flag {
+            0 => false,
+            1 => true,
             _ => return Err((ready_at, Some(".cert_ready"))),
-        }
+        });
         entry.hostnames.push(Text(Cow::Borrowed(name)));
     }
     Ok(())

@@ -16,7 +16,7 @@ use hashbrown::{DefaultHashBuilder, HashTable, hash_table};
 use crate::Error;
 
 use super::cidr::Cidr;
-use super::host::{check_lowered_policy_name, wildcard_parent};
+use super::host::{check_lowered_policy_name, normal_policy_name, wildcard_parent};
 use super::schema::{
     DEFAULT_REPORT_URI, DeltaEntries, HSTS_PRELOAD_MIN_MAX_AGE, HttpsMode, MixedContent,
     PolicyDelta, PolicyDocument, RedirectKind, SCHEMA_VERSION, Settings, SiteEntry, SiteSpec, Text,
@@ -85,8 +85,6 @@ const WILDCARD_READY: u8 = b'W';
 /// A site, compiled for the decision function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Site {
-    /// The site's id.
-    pub id: String,
     /// Its HTTPS mode.
     pub https: HttpsMode,
     /// Permanent or temporary redirects.
@@ -100,10 +98,12 @@ pub struct Site {
     pub mixed_content: MixedContent,
     /// The `Content-Security-Policy-Report-Only` value for `report` mode.
     pub report_only_csp: Option<Box<str>>,
-    /// Every name the site lists, as its table key (a wildcard's parent), each preceded by a
-    /// mark ([`EXACT`], [`EXACT_READY`], [`WILDCARD`], [`WILDCARD_READY`]) and followed by
-    /// `\n`. The tables point into this string, so each name is stored once.
+    /// The site's id (its first `id_len` bytes), then every name the site lists, as its table
+    /// key (a wildcard's parent), each preceded by a mark ([`EXACT`], [`EXACT_READY`],
+    /// [`WILDCARD`], [`WILDCARD_READY`]) and followed by `\n`. The tables point into this
+    /// string, so each name is stored once, and a site costs two allocations (this and itself).
     names: Box<str>,
+    id_len: u32,
 }
 
 /// One name of [`Site::names`].
@@ -114,13 +114,19 @@ struct NameRecord<'a> {
 }
 
 impl Site {
+    /// The site's id.
+    pub fn id(&self) -> &str {
+        self.names.get(..self.id_len as usize).unwrap_or_default()
+    }
+
     /// The site's names, as recorded.
     fn name_records(&self) -> impl Iterator<Item = NameRecord<'_>> + '_ {
         let names = &*self.names;
-        let mut offset = 0usize;
+        let mut offset = self.id_len as usize;
         std::iter::from_fn(move || {
             let rest = names.get(offset..)?;
-            let end = rest.find('\n')?;
+            // A byte search: `str::find` with a char compares each hit's encoding.
+            let end = rest.bytes().position(|b| b == b'\n')?;
             let mark = *rest.as_bytes().first()?;
             let record = NameRecord {
                 wildcard: matches!(mark, WILDCARD | WILDCARD_READY),
@@ -157,7 +163,7 @@ fn id_of(sites: &[Option<Arc<Site>>], slot: u32) -> &str {
     sites
         .get(slot as usize)
         .and_then(Option::as_ref)
-        .map_or("", |site| site.id.as_str())
+        .map_or("", |site| site.id())
 }
 
 /// A validated policy with its lookup tables. Per-request lookups cost the same whatever the
@@ -245,6 +251,55 @@ pub(crate) struct Scratch {
     owned: Vec<bool>,
     /// The last `Strict-Transport-Security` value made, by its settings (most sites share one).
     hsts: Option<((u64, bool, bool), Arc<str>)>,
+}
+
+impl Scratch {
+    /// The compiled site of an entry whose names are packed in `self.names`.
+    fn site(&mut self, spec: &SiteEntry<'_>, canonical_host: Option<&str>) -> Site {
+        let hsts = spec.hsts.enabled.then(|| {
+            let settings = (
+                spec.hsts.max_age,
+                spec.hsts.include_subdomains,
+                spec.hsts.preload,
+            );
+            match &self.hsts {
+                Some((cached, value)) if *cached == settings => Arc::clone(value),
+                _ => {
+                    let mut value = format!("max-age={}", spec.hsts.max_age);
+                    if spec.hsts.include_subdomains {
+                        value.push_str("; includeSubDomains");
+                    }
+                    if spec.hsts.preload {
+                        value.push_str("; preload");
+                    }
+                    let value: Arc<str> = Arc::from(value);
+                    self.hsts = Some((settings, Arc::clone(&value)));
+                    value
+                }
+            }
+        });
+        let report_only_csp = (spec.mixed_content == MixedContent::Report).then(|| {
+            let report_uri = report_uri_with_token(
+                spec.report_uri.as_deref().unwrap_or(DEFAULT_REPORT_URI),
+                &spec.id,
+                spec.report_token.as_deref(),
+            );
+            format!(
+                "default-src https: wss: data: blob: 'unsafe-inline' 'unsafe-eval'; form-action https:; report-uri {report_uri}"
+            )
+            .into_boxed_str()
+        });
+        Site {
+            https: spec.https,
+            redirect: spec.redirect,
+            canonical_host: canonical_host.map(Box::from),
+            hsts,
+            mixed_content: spec.mixed_content,
+            report_only_csp,
+            names: Box::from(self.names.as_str()),
+            id_len: u32::try_from(spec.id.len()).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 /// Lower-cases a raw policy name into `buffer` (minus one trailing dot) and checks it.
@@ -531,7 +586,7 @@ impl Policy {
             .flatten()
             .map(|s| Site::clone(s))
             .collect();
-        sites.sort_by(|a, b| a.id.cmp(&b.id));
+        sites.sort_by(|a, b| a.id().cmp(b.id()));
         let mut ids: Vec<String> = self
             .ids
             .iter()
@@ -582,7 +637,7 @@ impl Policy {
                 entry.remove();
             }
         }
-        let hash = self.hasher.hash_one(site.id.as_str());
+        let hash = self.hasher.hash_one(site.id());
         if let Ok(entry) = self.ids.find_entry(hash, |&s| s == slot) {
             entry.remove();
         }
@@ -597,7 +652,7 @@ impl Policy {
     /// Puts a previously detached site back, with each of its names still free.
     fn reattach(&mut self, site: Arc<Site>) {
         let slot = self.take_slot();
-        let hash = self.hasher.hash_one(site.id.as_str());
+        let hash = self.hasher.hash_one(site.id());
         let records: Vec<(bool, u32, usize, u64)> = site
             .name_records()
             .map(|r| {
@@ -677,8 +732,9 @@ impl Policy {
         }
         scratch.owned.clear();
         scratch.owned.resize(scratch.cert_names.len(), false);
-        // The hostnames, packed into the site's names with their marks.
+        // The id, then the hostnames with their marks, packed into the site's names.
         scratch.names.clear();
+        scratch.names.push_str(&spec.id);
         scratch.hostnames.clear();
         let mut canonical_listed = false;
         let canonical = spec.canonical_host.as_deref().map(|raw| {
@@ -746,50 +802,15 @@ impl Policy {
             )),
             Some((Err(message), _)) => Some(Err(message)),
         };
-        let hsts = spec.hsts.enabled.then(|| {
-            let settings = (
-                spec.hsts.max_age,
-                spec.hsts.include_subdomains,
-                spec.hsts.preload,
-            );
-            match &scratch.hsts {
-                Some((cached, value)) if *cached == settings => Arc::clone(value),
-                _ => {
-                    let mut value = format!("max-age={}", spec.hsts.max_age);
-                    if spec.hsts.include_subdomains {
-                        value.push_str("; includeSubDomains");
-                    }
-                    if spec.hsts.preload {
-                        value.push_str("; preload");
-                    }
-                    let value: Arc<str> = Arc::from(value);
-                    scratch.hsts = Some((settings, Arc::clone(&value)));
-                    value
-                }
-            }
-        });
         let report_uri = spec.report_uri.as_deref().unwrap_or(DEFAULT_REPORT_URI);
-        let report_only_csp = (spec.mixed_content == MixedContent::Report).then(|| {
-            let report_uri = report_uri_with_token(report_uri, &spec.id, spec.report_token.as_deref());
-            format!(
-                "default-src https: wss: data: blob: 'unsafe-inline' 'unsafe-eval'; form-action https:; report-uri {report_uri}"
-            )
-        });
-
         let slot = self.take_slot();
-        let site = Site {
-            id: spec.id.to_string(),
-            https: spec.https,
-            redirect: spec.redirect,
-            canonical_host: match &canonical_host {
-                Some(Ok(name)) => Some(Box::from(name.as_str())),
+        let site = scratch.site(
+            spec,
+            match &canonical_host {
+                Some(Ok(name)) => Some(name.as_str()),
                 _ => None,
             },
-            hsts,
-            mixed_content: spec.mixed_content,
-            report_only_csp: report_only_csp.map(String::into_boxed_str),
-            names: Box::from(scratch.names.as_str()),
-        };
+        );
         if let Some(place) = self.sites.get_mut(slot as usize) {
             *place = Some(Arc::new(site));
         }
@@ -939,6 +960,132 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Adds a site of a compact snapshot when every part of it is already in normal form and
+    /// valid, and none of its names or its id is taken: the common case, checked in one pass
+    /// per name with nothing copied but what the site keeps. `ready[i]` says whether the
+    /// certificate of `spec.hostnames[i]` is served (`spec.cert_ready` is not read).
+    ///
+    /// Returns `false`, with the policy as it was, for any other site: it then goes through
+    /// [`Policy::add_site`], which finds and words every problem, so both paths accept the
+    /// same sites, build the same tables and report the same problems.
+    pub(super) fn add_normal_site(
+        &mut self,
+        spec: &SiteEntry<'_>,
+        ready: &[bool],
+        scratch: &mut Scratch,
+    ) -> bool {
+        if spec.hostnames.is_empty()
+            || ready.len() != spec.hostnames.len()
+            || check_token(&spec.id, "site id", true).is_err()
+            || (spec.hsts.preload
+                && (spec.hsts.max_age < HSTS_PRELOAD_MIN_MAX_AGE || !spec.hsts.include_subdomains))
+            || spec
+                .report_uri
+                .as_deref()
+                .is_some_and(|uri| check_report_uri(uri).is_err())
+            || spec
+                .report_token
+                .as_deref()
+                .is_some_and(|token| check_report_token(token).is_err())
+        {
+            return false;
+        }
+        let canonical = spec.canonical_host.as_deref();
+        let mut canonical_listed = canonical.is_none();
+        scratch.names.clear();
+        scratch.names.push_str(&spec.id);
+        scratch.hostnames.clear();
+        for (name, &ready) in spec.hostnames.iter().zip(ready) {
+            let Some(wildcard) = normal_policy_name(name) else {
+                return false;
+            };
+            let key = if wildcard { &name[2..] } else { &name[..] };
+            canonical_listed |= !wildcard && canonical == Some(key);
+            scratch.names.push(char::from(match (wildcard, ready) {
+                (false, false) => EXACT,
+                (false, true) => EXACT_READY,
+                (true, false) => WILDCARD,
+                (true, true) => WILDCARD_READY,
+            }));
+            scratch.hostnames.push(Ok((
+                Span {
+                    wildcard,
+                    start: scratch.names.len(),
+                    len: key.len(),
+                },
+                ready,
+            )));
+            scratch.names.push_str(key);
+            scratch.names.push('\n');
+        }
+        if !canonical_listed || scratch.names.len() >= 1 << 24 {
+            return false;
+        }
+        let slot = self.take_slot();
+        let site = Arc::new(scratch.site(spec, canonical));
+        let Policy {
+            sites,
+            ids,
+            exact,
+            wildcards,
+            hasher,
+            ..
+        } = self;
+        let inserted = (|| {
+            let hash = hasher.hash_one(&*spec.id);
+            match ids.entry(
+                hash,
+                |&s| id_of(sites, s) == &*spec.id,
+                |&s| hasher.hash_one(id_of(sites, s)),
+            ) {
+                hash_table::Entry::Occupied(_) => return false,
+                hash_table::Entry::Vacant(vacant) => {
+                    vacant.insert(slot);
+                }
+            }
+            if let Some(place) = sites.get_mut(slot as usize) {
+                *place = Some(Arc::clone(&site));
+            }
+            let sites = &*sites;
+            for (span, _) in scratch.hostnames.iter().flatten() {
+                let table = if span.wildcard {
+                    &mut *wildcards
+                } else {
+                    &mut *exact
+                };
+                let key = &scratch.names[span.start..span.start + span.len];
+                let hash = hasher.hash_one(key);
+                match table.entry(
+                    hash,
+                    |e| key_of(sites, e) == key,
+                    |e| hasher.hash_one(key_of(sites, e)),
+                ) {
+                    hash_table::Entry::Occupied(_) => return false,
+                    hash_table::Entry::Vacant(vacant) => {
+                        match NameEntry::new(slot, span.start, span.len) {
+                            Some(entry) => {
+                                vacant.insert(entry);
+                            }
+                            None => return false,
+                        }
+                    }
+                }
+            }
+            true
+        })();
+        if !inserted {
+            // A name or the id is taken: undo (the slot goes back to the free list, where the
+            // full path takes it again).
+            if let Some(place) = self.sites.get_mut(slot as usize) {
+                *place = Some(site);
+            }
+            self.detach(slot);
+        }
+        inserted
+    }
+}
+
 /// Builds a [`Policy`] one site at a time, so that a policy streamed from JSON never exists
 /// as a whole document in memory (see [`super::stream`]). Sites are checked in order, exactly
 /// as [`Policy::compile`] checks a document; the document-level checks run in
@@ -982,8 +1129,47 @@ impl Compiler {
 
     /// Checks one site (the next in the document) and adds its names to the tables.
     pub(crate) fn add_site(&mut self, spec: &SiteEntry<'_>) {
-        if self.full {
+        if let Some(s) = self.next_index() {
+            self.policy.add_site(
+                spec,
+                Place::Document(s),
+                &mut self.scratch,
+                &mut self.problems,
+            );
+        }
+    }
+
+    /// [`Compiler::add_site`] for a site of a compact snapshot, whose certificate flags come
+    /// per hostname (`ready`) rather than as `spec.cert_ready`, which must be empty and is
+    /// filled from them only when the site needs the full checks.
+    pub(crate) fn add_compact_site(&mut self, spec: &mut SiteEntry<'_>, ready: &[bool]) {
+        let Some(s) = self.next_index() else {
             return;
+        };
+        if self.policy.add_normal_site(spec, ready, &mut self.scratch) {
+            return;
+        }
+        spec.cert_ready.clear();
+        spec.cert_ready.extend(
+            spec.hostnames
+                .iter()
+                .zip(ready)
+                .filter(|(_, ready)| **ready)
+                .map(|(name, _)| Text(name.0.clone())),
+        );
+        self.policy.add_site(
+            spec,
+            Place::Document(s),
+            &mut self.scratch,
+            &mut self.problems,
+        );
+    }
+
+    /// The document index of the next site (its slot), or `None` once the sites no longer
+    /// fit a `u32` (said once, as a problem).
+    fn next_index(&mut self) -> Option<usize> {
+        if self.full {
+            return None;
         }
         let s = self.policy.sites.len();
         if u32::try_from(s).is_err() || s == u32::MAX as usize {
@@ -992,14 +1178,9 @@ impl Compiler {
                 message: "too many sites".into(),
             });
             self.full = true;
-            return;
+            return None;
         }
-        self.policy.add_site(
-            spec,
-            Place::Document(s),
-            &mut self.scratch,
-            &mut self.problems,
-        );
+        Some(s)
     }
 
     /// Runs the document-level checks and, when nothing is wrong, hands out the policy.

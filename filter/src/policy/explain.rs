@@ -141,7 +141,7 @@ impl Policy {
         };
         explanation.host_cert_ready = host_ready;
         if let Some(site) = self.site(site_index) {
-            explanation.site_id = Some(site.id.clone());
+            explanation.site_id = Some(site.id().to_string());
             explanation.site_index = Some(site_index);
             explanation.https_mode = Some(site.https);
             explanation.redirect_kind = Some(site.redirect);

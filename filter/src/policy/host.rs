@@ -64,16 +64,35 @@ pub(crate) fn check_lowered_policy_name(name: &str) -> Result<bool, String> {
     Ok(false)
 }
 
+/// Whether `name` is a policy name already in its normal form (lower case, no trailing dot)
+/// that [`check_lowered_policy_name`] accepts, and if so whether it is a `*.parent` wildcard;
+/// `None` for any other name, which then needs the full checks (and their message). One pass
+/// over the bytes: a compact snapshot's names are normally all like this.
+pub(crate) fn normal_policy_name(name: &str) -> Option<bool> {
+    let (wildcard, host) = match name.strip_prefix("*.") {
+        Some(parent) => (true, parent),
+        None => (false, name),
+    };
+    let dotted = scan_hostname(host, &LOWER_BYTE_CLASS)?;
+    (dotted || !wildcard).then_some(wildcard)
+}
+
 /// Whether `name` passes [`validate_hostname`] (and whether it has a dot), in one pass over its
 /// bytes; `None` when it does not.
 fn quick_hostname_check(name: &str) -> Option<bool> {
+    scan_hostname(name, &BYTE_CLASS)
+}
+
+/// [`quick_hostname_check`] with the byte classes given: [`LOWER_BYTE_CLASS`] also refuses
+/// upper-case letters.
+fn scan_hostname(name: &str, classes: &[u8; 256]) -> Option<bool> {
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() > MAX_HOSTNAME_LEN {
         return None;
     }
     let (mut label, mut digits, mut dotted, mut last) = (0usize, true, false, DOT);
     for &b in bytes {
-        let class = BYTE_CLASS[usize::from(b)];
+        let class = classes[usize::from(b)];
         match class {
             LETTER | DIGIT => {
                 label += 1;
@@ -113,6 +132,16 @@ const BYTE_CLASS: [u8; 256] = {
         } else {
             0
         };
+        b += 1;
+    }
+    table
+};
+/// [`BYTE_CLASS`] without the upper-case letters.
+const LOWER_BYTE_CLASS: [u8; 256] = {
+    let mut table = BYTE_CLASS;
+    let mut b = b'A';
+    while b <= b'Z' {
+        table[b as usize] = 0;
         b += 1;
     }
     table
@@ -313,6 +342,13 @@ mod tests {
             );
             if let Some(dotted) = quick_hostname_check(name) {
                 assert_eq!(dotted, name.contains('.'), "{name:?}");
+            }
+            // A normal name (as a compact snapshot carries it) is one the full check accepts
+            // unchanged; anything else goes to the full check.
+            for name in [name.clone(), format!("*.{name}")] {
+                let normal = fold_hostname(&name) == name;
+                let full = check_lowered_policy_name(&name).ok().filter(|_| normal);
+                assert_eq!(normal_policy_name(&name), full, "{name:?}");
             }
         }
     }

@@ -1467,7 +1467,7 @@ fn delta_renamed_site_loses_its_old_names_and_a_name_moves_in_one_delta() {
         policy
             .lookup(host)
             .and_then(|(s, _)| policy.site(s))
-            .map(|s| s.id.clone())
+            .map(|s| s.id().to_string())
     };
     assert_eq!(owner("old.a.test").as_deref(), Some("b"));
     assert_eq!(owner("new.a.test").as_deref(), Some("a"));
@@ -1700,7 +1700,7 @@ fn deltas_applied_equal_the_snapshot_compiled_from_scratch() {
                 let host = name.replace('*', "x");
                 let id_of = |p: &Policy| {
                     p.lookup(&host)
-                        .map(|(s, ready)| (p.site(s).map(|s| s.id.clone()), ready))
+                        .map(|(s, ready)| (p.site(s).map(|s| s.id().to_string()), ready))
                 };
                 assert_eq!(
                     id_of(&policy),
@@ -1763,6 +1763,106 @@ fn compact_snapshot_is_validated_like_json() {
     let compact = Policy::from_compact(encode(&document)).expect_err("invalid");
     assert_eq!(compact.problems(), json.problems());
     assert!(compact.problems().len() >= 7, "{compact}");
+}
+
+/// A compact snapshot's site is built in one pass when every part of it is in normal form and
+/// free; any other goes through the full checks. Either way the result is JSON's: the same
+/// policy for names written in other forms, the same problems (and `sites[i]` in them) for
+/// what only the tables find.
+#[test]
+fn compact_sites_in_other_forms_or_taken_match_json() {
+    let mut document = full_document();
+    document.sites[0].hostnames = vec!["Force.TEST".into(), "www.force.test.".into()];
+    document.sites[0].cert_ready = document.sites[0].hostnames.clone();
+    document.sites[2].canonical_host = Some("WWW.Canon.Test".into());
+    document.sites[6].hostnames = vec!["wild.test".into(), "*.WILD.test".into()];
+    document.sites[6].cert_ready = vec!["*.WILD.test".into()];
+    let from_json = Policy::compile(&document).expect("valid");
+    let from_compact = Policy::from_compact(encode(&document)).expect("valid");
+    assert_eq!(from_compact.contents(), from_json.contents());
+
+    let mut document = full_document();
+    document.sites[4].id = "forced".into();
+    document.sites[5].hostnames.push("off.test".into());
+    document.sites[6].hostnames.push("plain.test".into());
+    document.sites[7].canonical_host = Some("elsewhere.test".into());
+    let json = Policy::compile(&document).expect_err("invalid");
+    let compact = Policy::from_compact(encode(&document)).expect_err("invalid");
+    assert_eq!(compact.problems(), json.problems());
+    let paths: Vec<&str> = compact.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "sites[4].id",
+            "sites[5].hostnames[1]",
+            "sites[6].hostnames[2]",
+            "sites[7].canonical_host"
+        ],
+        "{compact}"
+    );
+}
+
+/// The one-pass build takes the sites a platform's feed sends (the common case), and leaves
+/// every other to the full checks with the policy as it was.
+#[test]
+fn normal_sites_take_the_one_pass_build() {
+    let document = full_document();
+    let mut policy = Policy::empty();
+    let mut scratch = compile::Scratch::default();
+    let ready = |spec: &SiteSpec| -> Vec<bool> {
+        spec.hostnames
+            .iter()
+            .map(|name| spec.cert_ready.contains(name))
+            .collect()
+    };
+    for spec in &document.sites {
+        let mut entry = spec.as_entry();
+        entry.cert_ready.clear();
+        assert!(
+            policy.add_normal_site(&entry, &ready(spec), &mut scratch),
+            "{}",
+            spec.id
+        );
+    }
+    let expected = Policy::compile(&document).expect("valid").contents();
+    let mut built = policy.contents();
+    built.version = expected.version.clone();
+    assert_eq!(built, expected);
+
+    let before = policy.contents();
+    let mut refused = Vec::new();
+    let base = SiteSpec {
+        id: "new".into(),
+        hostnames: vec!["new.test".into()],
+        ..document.sites[4].clone()
+    };
+    type Change = fn(&mut SiteSpec);
+    let variants: [(&str, Change); 9] = [
+        ("upper case", |s| s.hostnames[0] = "New.test".into()),
+        ("trailing dot", |s| s.hostnames[0] = "new.test.".into()),
+        ("no hostname", |s| s.hostnames.clear()),
+        ("bad id", |s| s.id = "new id".into()),
+        ("taken id", |s| s.id = "forced".into()),
+        ("taken name", |s| s.hostnames.push("force.test".into())),
+        ("listed twice", |s| s.hostnames.push("new.test".into())),
+        ("canonical not listed", |s| {
+            s.canonical_host = Some("x.test".into())
+        }),
+        ("bad report token", |s| {
+            s.report_token = Some("short".into())
+        }),
+    ];
+    for (what, change) in variants {
+        let mut spec = base.clone();
+        change(&mut spec);
+        let mut entry = spec.as_entry();
+        entry.cert_ready.clear();
+        if policy.add_normal_site(&entry, &ready(&spec), &mut scratch) {
+            refused.push(what);
+        }
+        assert_eq!(policy.contents(), before, "{what}: the policy is as it was");
+    }
+    assert!(refused.is_empty(), "taken in one pass: {refused:?}");
 }
 
 /// Built in slices of any size, the policy is the same; until `finish`, nothing replaces the
