@@ -166,6 +166,20 @@ fn id_of(sites: &[Option<Arc<Site>>], slot: u32) -> &str {
         .map_or("", |site| site.id())
 }
 
+/// The entry of a name's table key: the name's own, or where it goes.
+fn name_entry<'t>(
+    table: &'t mut HashTable<NameEntry>,
+    sites: &[Option<Arc<Site>>],
+    hasher: &DefaultHashBuilder,
+    key: &str,
+) -> hash_table::Entry<'t, NameEntry> {
+    table.entry(
+        hasher.hash_one(key),
+        |e| key_of(sites, e) == key,
+        |e| hasher.hash_one(key_of(sites, e)),
+    )
+}
+
 /// A validated policy with its lookup tables. Per-request lookups cost the same whatever the
 /// number of sites: one hash lookup for the exact name, one for its wildcard parent.
 #[derive(Debug, Clone)]
@@ -653,16 +667,9 @@ impl Policy {
     fn reattach(&mut self, site: Arc<Site>) {
         let slot = self.take_slot();
         let hash = self.hasher.hash_one(site.id());
-        let records: Vec<(bool, u32, usize, u64)> = site
+        let records: Vec<(bool, u32, usize)> = site
             .name_records()
-            .map(|r| {
-                (
-                    r.wildcard,
-                    r.start,
-                    r.key.len(),
-                    self.hasher.hash_one(r.key),
-                )
-            })
+            .map(|r| (r.wildcard, r.start, r.key.len()))
             .collect();
         if let Some(place) = self.sites.get_mut(slot as usize) {
             *place = Some(site);
@@ -676,7 +683,7 @@ impl Policy {
             ..
         } = self;
         ids.insert_unique(hash, slot, |&s| hasher.hash_one(id_of(sites, s)));
-        for (wildcard, start, len, hash) in records {
+        for (wildcard, start, len) in records {
             let table = if wildcard {
                 &mut *wildcards
             } else {
@@ -686,11 +693,7 @@ impl Policy {
                 continue;
             };
             let key = key_of(sites, &entry);
-            if let hash_table::Entry::Vacant(vacant) = table.entry(
-                hash,
-                |e| key_of(sites, e) == key,
-                |e| hasher.hash_one(key_of(sites, e)),
-            ) {
+            if let hash_table::Entry::Vacant(vacant) = name_entry(table, sites, hasher, key) {
                 vacant.insert(entry);
             }
         }
@@ -866,13 +869,8 @@ impl Policy {
                 &mut *exact
             };
             let key = &scratch.names[span.start..span.start + span.len];
-            let hash = hasher.hash_one(key);
             // A name belongs to one site: the first that lists it.
-            match table.entry(
-                hash,
-                |e| key_of(sites, e) == key,
-                |e| hasher.hash_one(key_of(sites, e)),
-            ) {
+            match name_entry(table, sites, hasher, key) {
                 hash_table::Entry::Occupied(first) => {
                     let other = first.get().site;
                     let shown = shown_name(key, span.wildcard);
@@ -1055,12 +1053,7 @@ impl Policy {
                     &mut *exact
                 };
                 let key = &scratch.names[span.start..span.start + span.len];
-                let hash = hasher.hash_one(key);
-                match table.entry(
-                    hash,
-                    |e| key_of(sites, e) == key,
-                    |e| hasher.hash_one(key_of(sites, e)),
-                ) {
+                match name_entry(table, sites, hasher, key) {
                     hash_table::Entry::Occupied(_) => return false,
                     hash_table::Entry::Vacant(vacant) => {
                         match NameEntry::new(slot, span.start, span.len) {
