@@ -37,9 +37,12 @@ const SHOWN_PROBLEMS: usize = 20;
 
 /// How long one slice of a compact snapshot's build may run, in microseconds (checked every
 /// [`SLICE_CHUNK`] sites), and the most sites a slice builds whatever the clock says. A request
-/// that arrives during a slice waits for it: half a millisecond keeps that wait within the
-/// noise of a busy worker.
-const SLICE_BUDGET_US: u64 = 500;
+/// that arrives during a slice waits for it, so the slice bounds what a snapshot adds to the
+/// worker's tail latency. Measured in Envoy on a quiet 2-core machine at 100,000 sites (whose
+/// timers fire about every 4 ms for a 1 ms period): 500 µs slices raised the p99 of unrelated
+/// requests 4.4 times over its quiet 0.26 ms and built the snapshot in 0.4 s; 150 µs raised it
+/// 1.3 times and built it in 1.2 to 1.7 s, the policy held serving meanwhile.
+const SLICE_BUDGET_US: u64 = 150;
 const SLICE_CHUNK: u32 = 32;
 const SLICE_MAX_SITES: u32 = 4096;
 
