@@ -366,11 +366,31 @@ struct Slices {
     longest_ms: Option<f64>,
 }
 
-/// Log times (seconds since midnight) of each VM's "policy <version> applied", with the
-/// slices when the log gives them.
 /// How long after a snapshot's window its gap starts counting as quiet.
 const QUIET_AFTER: Duration = Duration::from_millis(500);
 
+/// Per VM, ms from the feed sending `version` (the last send before the VM's applied line)
+/// to that line, and the slices it logged.
+fn apply_times(envoy: &Process, feed: &SwitchFeed, version: &str) -> (Vec<f64>, Vec<Slices>) {
+    let sent = feed.sent_times(version);
+    let mut apply_ms = Vec::new();
+    let mut slices = Vec::new();
+    for (at, s) in applied_lines(envoy, version) {
+        let before = sent
+            .iter()
+            .copied()
+            .filter(|&t| t <= at + 0.000_5)
+            .fold(f64::NAN, f64::max);
+        if !before.is_nan() {
+            apply_ms.push(((at - before) * 1e3).max(0.0));
+        }
+        slices.extend(s);
+    }
+    (apply_ms, slices)
+}
+
+/// Log times (seconds since midnight) of each VM's "policy <version> applied", with the
+/// slices when the log gives them.
 fn applied_lines(server: &Process, version: &str) -> Vec<(f64, Option<Slices>)> {
     let needle = format!("policy \"{version}\" applied");
     server
@@ -433,6 +453,8 @@ struct FormatStall {
 }
 
 struct EnvoyRows {
+    /// The first snapshot, into VMs holding no site: ms per VM and its slices.
+    first: (Vec<f64>, Vec<Slices>),
     quiet_p99_ms: f64,
     quiet_samples: usize,
     json: FormatStall,
@@ -468,9 +490,10 @@ fn in_envoy(
                 .map_err(|e| anyhow!(e))?,
         ))
     };
+    // The first snapshot is compact and comes to VMs that hold no site (the boot policy).
     let feed = SwitchFeed::start((
-        json_of(&versions[0]),
-        "application/json",
+        compact_of(&versions[0])?,
+        compact::CONTENT_TYPE,
         versions[0].clone(),
     ))?;
     let (http, https, admin) = (free_port()?, free_port()?, free_port()?);
@@ -507,7 +530,12 @@ fn in_envoy(
         .saturating_sub(1)
         .max(1);
     wait_version(&mut envoy, &versions[0], vms)?;
-    eprintln!("    Envoy holds the {n}-site policy ({vms} VMs); open-loop load starts");
+    let first = apply_times(&envoy, &feed, &versions[0]);
+    eprintln!(
+        "    Envoy holds the {n}-site policy ({vms} VMs; first load {} ms in {} slices); open-loop load starts",
+        ms_list(&first.0),
+        slice_counts(&first.1)
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = open_loop(http, &force_host(n), THREADS, period, &stop);
@@ -572,18 +600,9 @@ fn in_envoy(
         let mut apply_ms = Vec::new();
         let mut slices = Vec::new();
         for w in &chosen {
-            let sent = feed.sent_times(&w.1);
-            for (at, s) in applied_lines(&envoy, &w.1) {
-                let before = sent
-                    .iter()
-                    .copied()
-                    .filter(|&t| t <= at + 0.000_5)
-                    .fold(f64::NAN, f64::max);
-                if !before.is_nan() {
-                    apply_ms.push(((at - before) * 1e3).max(0.0));
-                }
-                slices.extend(s);
-            }
+            let (ms, s) = apply_times(&envoy, &feed, &w.1);
+            apply_ms.extend(ms);
+            slices.extend(s);
         }
         FormatStall {
             apply_ms,
@@ -623,6 +642,7 @@ fn in_envoy(
         );
     }
     Ok(EnvoyRows {
+        first,
         quiet_samples: quiet_latency.len(),
         quiet_p99_ms: percentile(&mut quiet_latency, 0.99),
         json: json_stall,
@@ -689,12 +709,6 @@ fn replace_section(existing: &str, section: &str) -> String {
 }
 
 fn section(n: usize, vm: &VmRows, envoy: &EnvoyRows, elapsed: Duration) -> String {
-    let ms_list = |v: &[f64]| {
-        v.iter()
-            .map(|m| format!("{m:.0}"))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
     let cpu = |a: &[VmApply]| median(&mut a.iter().map(|a| ms_of(a.cpu)).collect::<Vec<_>>());
     let wall = |a: &[VmApply]| median(&mut a.iter().map(|a| ms_of(a.wall)).collect::<Vec<_>>());
     let longest =
@@ -736,21 +750,16 @@ fn section(n: usize, vm: &VmRows, envoy: &EnvoyRows, elapsed: Duration) -> Strin
         out,
         "| snapshot apply per VM in Envoy (body sent → applied, each VM, 4 snapshots each) | compact {} ms (slices {}; the longest slice {} ms) · JSON {} ms | | |",
         ms_list(&envoy.compact.apply_ms),
-        envoy
-            .compact
-            .slices
-            .iter()
-            .map(|s| s.count.to_string())
-            .collect::<Vec<_>>()
-            .join(" / "),
-        envoy
-            .compact
-            .slices
-            .iter()
-            .map(|s| s.longest_ms.map_or("?".into(), |ms| format!("{ms:.1}")))
-            .collect::<Vec<_>>()
-            .join(" / "),
+        slice_counts(&envoy.compact.slices),
+        slice_longest(&envoy.compact.slices),
         ms_list(&envoy.json.apply_ms)
+    );
+    let _ = writeln!(
+        out,
+        "| first snapshot into a VM holding no site, compact (Envoy, body sent → applied, each VM) | {} ms (slices {}; the longest slice {} ms) | | |",
+        ms_list(&envoy.first.0),
+        slice_counts(&envoy.first.1),
+        slice_longest(&envoy.first.1)
     );
     let _ = writeln!(
         out,
@@ -802,8 +811,34 @@ fn section(n: usize, vm: &VmRows, envoy: &EnvoyRows, elapsed: Duration) -> Strin
     );
     let _ = write!(
         out,
-        "\n- **Snapshot apply (wasmtime).** The real `.wasm` in the wasmtime host: a VM running an empty policy polls, the feed answers the {n}-site snapshot; the figure is the CPU time of this thread (`/proc/thread-self/schedstat`, read before the response and after the last slice) over `proxy_on_http_call_response` and, for the compact snapshot, every `proxy_on_tick` that builds a slice until the policy is swapped (median of 3 fresh VMs); the driver is the release build `make bench` makes. The compact snapshot is copied into the VM in the response callback and built from the next tick a slice at a time (about 0.15 ms or 4,096 sites, whichever first; wasmtime's clock stands still within a call, so there the site cap decides), the policy held serving in between.\n- **One-site change.** After the compact snapshot, the feed answers the next poll with a delta upserting one site (the sidecar's delta format); wall time of that callback (median of 3).\n- **Stall (Envoy).** {} connections each send `GET` to a force site every {} ms (open loop: a request's latency counts from when it was due, so a stalled worker shows in full). Quiet: 4 s with no change, and each gap between snapshots from 0.5 s after a window's end to the next window (so noise from outside this shared machine weighs on both sides of the ratio). Then the feed (a server in the driver, polled every 500 ms) serves four new {n}-site JSON snapshots, then four compact ones, 1.5 s apart; a snapshot's window runs from its body being sent to the last VM's `policy … applied` line, and the p99 is over requests due within the windows. Envoy runs two polling VMs (main thread and worker) on this 2-core machine.\n- **Redirect path.** After the snapshots, wrk against the same force site; Envoy's CPU time (utime + stime of its process) over the run divided by the requests.",
+        "\n- **Snapshot apply (wasmtime).** The real `.wasm` in the wasmtime host: a VM running an empty policy polls, the feed answers the {n}-site snapshot; the figure is the CPU time of this thread (`/proc/thread-self/schedstat`, read before the response and after the last slice) over `proxy_on_http_call_response` and, for the compact snapshot, every `proxy_on_tick` that builds a slice until the policy is swapped (median of 3 fresh VMs); the driver is the release build `make bench` makes. The compact snapshot is copied into the VM in the response callback and built from the next tick a slice at a time (about 0.15 ms or 4,096 sites, whichever first, into a VM holding sites; into one holding none, as here, 2 ms or 16,384 sites; wasmtime's clock stands still within a call, so there the site cap decides), the policy held serving in between.\n- **One-site change.** After the compact snapshot, the feed answers the next poll with a delta upserting one site (the sidecar's delta format); wall time of that callback (median of 3).\n- **Stall (Envoy).** {} connections each send `GET` to a force site every {} ms (open loop: a request's latency counts from when it was due, so a stalled worker shows in full). Quiet: 4 s with no change, and each gap between snapshots from 0.5 s after a window's end to the next window (so noise from outside this shared machine weighs on both sides of the ratio). The feed (a server in the driver, polled every 500 ms) first serves the {n}-site policy as a compact snapshot to VMs holding only the empty boot policy (the first-load row), then four new {n}-site JSON snapshots, then four compact ones, 1.5 s apart; a snapshot's window runs from its body being sent to the last VM's `policy … applied` line, and the p99 is over requests due within the windows. Envoy runs two polling VMs (main thread and worker) on this 2-core machine.\n- **Redirect path.** After the snapshots, wrk against the same force site; Envoy's CPU time (utime + stime of its process) over the run divided by the requests.",
         4, 4
     );
     out
+}
+
+/// Each build's slice count, `a / b / …`.
+fn slice_counts(slices: &[Slices]) -> String {
+    slices
+        .iter()
+        .map(|s| s.count.to_string())
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// Each build's longest slice in ms, `a / b / …`.
+fn slice_longest(slices: &[Slices]) -> String {
+    slices
+        .iter()
+        .map(|s| s.longest_ms.map_or("?".into(), |ms| format!("{ms:.1}")))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// Milliseconds, `a / b / …`.
+fn ms_list(v: &[f64]) -> String {
+    v.iter()
+        .map(|m| format!("{m:.0}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
