@@ -369,24 +369,29 @@ struct Slices {
 /// How long after a snapshot's window its gap starts counting as quiet.
 const QUIET_AFTER: Duration = Duration::from_millis(500);
 
-/// Per VM, ms from the feed sending `version` (the last send before the VM's applied line)
-/// to that line, and the slices it logged.
-fn apply_times(envoy: &Process, feed: &SwitchFeed, version: &str) -> (Vec<f64>, Vec<Slices>) {
-    let sent = feed.sent_times(version);
-    let mut apply_ms = Vec::new();
-    let mut slices = Vec::new();
-    for (at, s) in applied_lines(envoy, version) {
-        let before = sent
-            .iter()
-            .copied()
-            .filter(|&t| t <= at + 0.000_5)
-            .fold(f64::NAN, f64::max);
-        if !before.is_nan() {
-            apply_ms.push(((at - before) * 1e3).max(0.0));
+/// Snapshots as each VM applied them: ms from the feed sending the version (its last send
+/// before the VM's applied line) to that line, and the slices the line gives.
+#[derive(Default)]
+struct Applies {
+    ms: Vec<f64>,
+    slices: Vec<Slices>,
+}
+
+impl Applies {
+    fn add(&mut self, envoy: &Process, feed: &SwitchFeed, version: &str) {
+        let sent = feed.sent_times(version);
+        for (at, s) in applied_lines(envoy, version) {
+            let before = sent
+                .iter()
+                .copied()
+                .filter(|&t| t <= at + 0.000_5)
+                .fold(f64::NAN, f64::max);
+            if !before.is_nan() {
+                self.ms.push(((at - before) * 1e3).max(0.0));
+            }
+            self.slices.extend(s);
         }
-        slices.extend(s);
     }
-    (apply_ms, slices)
 }
 
 /// Log times (seconds since midnight) of each VM's "policy <version> applied", with the
@@ -444,17 +449,16 @@ fn process_cpu(pid: u32) -> anyhow::Result<f64> {
 }
 
 struct FormatStall {
-    /// Per snapshot: ms from the body sent to each VM's applied line.
-    apply_ms: Vec<f64>,
-    slices: Vec<Slices>,
+    /// Every snapshot of the format, each VM's apply.
+    applies: Applies,
     p99_ms: f64,
     max_ms: f64,
     samples: usize,
 }
 
 struct EnvoyRows {
-    /// The first snapshot, into VMs holding no site: ms per VM and its slices.
-    first: (Vec<f64>, Vec<Slices>),
+    /// The first snapshot, into VMs holding no site.
+    first: Applies,
     quiet_p99_ms: f64,
     quiet_samples: usize,
     json: FormatStall,
@@ -530,11 +534,12 @@ fn in_envoy(
         .saturating_sub(1)
         .max(1);
     wait_version(&mut envoy, &versions[0], vms)?;
-    let first = apply_times(&envoy, &feed, &versions[0]);
+    let mut first = Applies::default();
+    first.add(&envoy, &feed, &versions[0]);
     eprintln!(
         "    Envoy holds the {n}-site policy ({vms} VMs; first load {} ms in {} slices); open-loop load starts",
-        ms_list(&first.0),
-        slice_counts(&first.1)
+        ms_list(&first.ms),
+        slice_counts(&first.slices)
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -597,16 +602,12 @@ fn in_envoy(
             .filter(|(at, _)| chosen.iter().any(|w| *at >= w.2 && *at <= w.3))
             .map(|s| s.1)
             .collect();
-        let mut apply_ms = Vec::new();
-        let mut slices = Vec::new();
+        let mut applies = Applies::default();
         for w in &chosen {
-            let (ms, s) = apply_times(&envoy, &feed, &w.1);
-            apply_ms.extend(ms);
-            slices.extend(s);
+            applies.add(&envoy, &feed, &w.1);
         }
         FormatStall {
-            apply_ms,
-            slices,
+            applies,
             samples: latency.len(),
             max_ms: latency.iter().copied().fold(0.0, f64::max),
             p99_ms: percentile(&mut latency, 0.99),
@@ -749,17 +750,17 @@ fn section(n: usize, vm: &VmRows, envoy: &EnvoyRows, elapsed: Duration) -> Strin
     let _ = writeln!(
         out,
         "| snapshot apply per VM in Envoy (body sent → applied, each VM, 4 snapshots each) | compact {} ms (slices {}; the longest slice {} ms) · JSON {} ms | | |",
-        ms_list(&envoy.compact.apply_ms),
-        slice_counts(&envoy.compact.slices),
-        slice_longest(&envoy.compact.slices),
-        ms_list(&envoy.json.apply_ms)
+        ms_list(&envoy.compact.applies.ms),
+        slice_counts(&envoy.compact.applies.slices),
+        slice_longest(&envoy.compact.applies.slices),
+        ms_list(&envoy.json.applies.ms)
     );
     let _ = writeln!(
         out,
         "| first snapshot into a VM holding no site, compact (Envoy, body sent → applied, each VM) | {} ms (slices {}; the longest slice {} ms) | | |",
-        ms_list(&envoy.first.0),
-        slice_counts(&envoy.first.1),
-        slice_longest(&envoy.first.1)
+        ms_list(&envoy.first.ms),
+        slice_counts(&envoy.first.slices),
+        slice_longest(&envoy.first.slices)
     );
     let _ = writeln!(
         out,

@@ -584,20 +584,16 @@ fn compact_snapshot_is_built_in_slices_in_wasmtime() {
     let version = format!("{COMPACT_EPOCH}-2");
     answer_compact(&mut host, &version, &compact_body(&version, &sites));
     assert_eq!(host.tick_period(), Some(Duration::from_millis(1)));
-    let mut ticks = 0;
-    while metric(&host, "policy_sites") != 10_000 {
+    let ticks = ticks_until_swapped(&mut host, 10_000, |host| {
         // Until the swap, the old policy answers and the new one does not.
-        assert_eq!(status_of(&mut host, "old.compact.test"), 301);
-        assert_eq!(status_of(&mut host, "s9999.compact.test"), 200);
-        assert_eq!(metric(&host, "policy_sites"), 1);
+        assert_eq!(status_of(host, "old.compact.test"), 301);
+        assert_eq!(status_of(host, "s9999.compact.test"), 200);
+        assert_eq!(metric(host, "policy_sites"), 1);
         assert!(
             host.pending_http_calls().is_empty(),
             "no poll while building"
         );
-        host.advance_clock(Duration::from_millis(1)).expect("tick");
-        ticks += 1;
-        assert!(ticks < 100, "never swapped: {:?}", host.logs());
-    }
+    });
     assert!(ticks >= 2, "10,000 sites took {ticks} ticks: not sliced");
     assert_eq!(status_of(&mut host, "old.compact.test"), 200);
     assert_eq!(status_of(&mut host, "s9999.compact.test"), 301);
@@ -607,14 +603,7 @@ fn compact_snapshot_is_built_in_slices_in_wasmtime() {
     // The response callback, then one slice per tick (4,096 sites each: the clock of this
     // host stands still within a call, so the site cap decides).
     assert_eq!(ticks, 10_000usize.div_ceil(4_096));
-    assert!(
-        host.logs().iter().any(|l| l.message.contains(&format!(
-            "policy \"{version}\" applied (10000 sites, built in {} slices, the longest 0.0 ms)",
-            ticks + 1
-        ))),
-        "{:?}",
-        host.logs()
-    );
+    assert_built_in_slices(&host, &version, 10_000, ticks + 1);
     host.advance_clock(Duration::from_millis(200))
         .expect("tick");
     let calls = host.pending_http_calls();
@@ -641,21 +630,38 @@ fn a_vm_holding_no_site_builds_its_first_snapshot_in_bigger_slices_in_wasmtime()
     let version = format!("{COMPACT_EPOCH}-2");
     answer_compact(&mut host, &version, &compact_body(&version, &sites));
     assert_eq!(host.tick_period(), Some(Duration::from_millis(1)));
-    let mut ticks = 0;
-    while metric(&host, "policy_sites") != 20_000 {
-        assert_eq!(status_of(&mut host, "s19999.compact.test"), 200);
-        host.advance_clock(Duration::from_millis(1)).expect("tick");
-        ticks += 1;
-        assert!(ticks < 100, "never swapped: {:?}", host.logs());
-    }
+    let ticks = ticks_until_swapped(&mut host, 20_000, |host| {
+        assert_eq!(status_of(host, "s19999.compact.test"), 200);
+    });
     assert_eq!(ticks, 20_000usize.div_ceil(16_384));
     assert_eq!(status_of(&mut host, "s19999.compact.test"), 301);
     assert_eq!(status_of(&mut host, "s0.compact.test"), 301);
     assert_eq!(host.tick_period(), Some(Duration::from_millis(200)));
+    assert_built_in_slices(&host, &version, 20_000, ticks + 1);
+}
+
+/// Advances the clock 1 ms at a time until the VM holds `sites` sites, checking `before_tick`
+/// first each time (what must hold until the swap); returns the ticks it took.
+fn ticks_until_swapped(
+    host: &mut Host,
+    sites: u64,
+    mut before_tick: impl FnMut(&mut Host),
+) -> usize {
+    let mut ticks = 0;
+    while metric(host, "policy_sites") != sites {
+        before_tick(host);
+        host.advance_clock(Duration::from_millis(1)).expect("tick");
+        ticks += 1;
+        assert!(ticks < 100, "never swapped: {:?}", host.logs());
+    }
+    ticks
+}
+
+/// The "applied" line of a sliced build, in this host whose clock stands still within a call.
+fn assert_built_in_slices(host: &Host, version: &str, sites: usize, slices: usize) {
     assert!(
         host.logs().iter().any(|l| l.message.contains(&format!(
-            "policy \"{version}\" applied (20000 sites, built in {} slices, the longest 0.0 ms)",
-            ticks + 1
+            "policy \"{version}\" applied ({sites} sites, built in {slices} slices, the longest 0.0 ms)"
         ))),
         "{:?}",
         host.logs()

@@ -6,8 +6,8 @@
 //! kept otherwise.
 //!
 //! The filter asks for the compact snapshot ([`compact::CONTENT_TYPE`]) and builds it a slice
-//! at a time, one slice per tick of [`SLICE_TICK_MS`], each at most about [`SLICE_BUDGET_US`]
-//! long ([`FIRST_SLICE_BUDGET_US`] in a VM that holds no site yet), so the worker serves its
+//! at a time, one slice per tick of [`SLICE_TICK_MS`], each as long as its [`Pace`] allows
+//! ([`REPLACING`], or [`FIRST_LOAD`] in a VM that holds no site yet), so the worker serves its
 //! other requests in between; the policy held serves until the new one is whole, then the two
 //! are swapped. A JSON snapshot (another feed) is applied in one go.
 
@@ -35,23 +35,36 @@ const KIND_HEADER: &str = "autohttps-policy-kind";
 /// Problems shown per rejected document or entry in the log.
 const SHOWN_PROBLEMS: usize = 20;
 
-/// How long one slice of a compact snapshot's build may run, in microseconds (checked every
-/// [`SLICE_CHUNK`] sites), and the most sites a slice builds whatever the clock says. A request
+/// How long one slice of a compact snapshot's build may run (the clock is checked every
+/// [`SLICE_CHUNK`] sites), and the most sites it builds whatever the clock says. A request
 /// that arrives during a slice waits for it, so the slice bounds what a snapshot adds to the
-/// worker's tail latency. Measured in Envoy on a quiet 2-core machine at 100,000 sites (whose
-/// timers fire about every 4 ms for a 1 ms period): 500 µs slices raised the p99 of unrelated
-/// requests 4.4 times over its quiet 0.26 ms and built the snapshot in 0.4 s; 150 µs raised it
-/// 1.3 times and built it in 1.2 to 1.7 s, the policy held serving meanwhile.
-const SLICE_BUDGET_US: u64 = 150;
-const SLICE_CHUNK: u32 = 32;
-const SLICE_MAX_SITES: u32 = 4096;
+/// worker's tail latency.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    budget: Duration,
+    max_sites: u32,
+}
 
-/// The same for a VM that holds no site yet (Envoy starting, a VM replaced after a trap):
-/// every request it serves meanwhile passes as an unknown host (no redirect, no HSTS), so a
-/// fast build matters more than a slice's wait. At 100,000 sites in Envoy on a 2-core
-/// machine, 150 µs slices built that first snapshot in 4.3 s per VM, 2 ms slices in 0.21 s.
-const FIRST_SLICE_BUDGET_US: u64 = 2000;
-const FIRST_SLICE_MAX_SITES: u32 = 16_384;
+/// A VM that holds a policy: it serves with it until the new one is whole. Measured in Envoy
+/// on a quiet 2-core machine at 100,000 sites (whose timers fire about every 4 ms for a 1 ms
+/// period): 500 µs slices raised the p99 of unrelated requests 4.4 times over its quiet
+/// 0.26 ms and built the snapshot in 0.4 s; 150 µs raised it 1.3 times and built it in 1.2 to
+/// 1.7 s.
+const REPLACING: Pace = Pace {
+    budget: Duration::from_micros(150),
+    max_sites: 4096,
+};
+
+/// A VM that holds no site yet (Envoy starting, a VM replaced after a trap): every request it
+/// serves meanwhile passes as an unknown host (no redirect, no HSTS), so a fast build matters
+/// more than a slice's wait. At 100,000 sites in Envoy on a 2-core machine, 150 µs slices
+/// built that first snapshot in 4.3 s per VM, 2 ms slices in 0.21 s.
+const FIRST_LOAD: Pace = Pace {
+    budget: Duration::from_millis(2),
+    max_sites: 16_384,
+};
+
+const SLICE_CHUNK: u32 = 32;
 
 /// A compact snapshot of at most this many sites is built in the response callback itself;
 /// a bigger one is only copied and its header read there, and built from the next tick on.
@@ -94,8 +107,8 @@ struct Building {
     build: SnapshotBuild,
     slices: u32,
     longest: Duration,
-    /// The VM held no site when the snapshot came: slices of [`FIRST_SLICE_BUDGET_US`].
-    first: bool,
+    /// [`FIRST_LOAD`] when the VM held no site as the snapshot came, else [`REPLACING`].
+    pace: Pace,
 }
 
 /// How a snapshot was built, for the "applied" log line.
@@ -402,13 +415,17 @@ impl Feed {
             let version = build.version().to_string();
             return self.refuse_older(&version, metrics, current);
         }
-        let first = policy.borrow().site_count() == 0;
+        let pace = if policy.borrow().site_count() == 0 {
+            FIRST_LOAD
+        } else {
+            REPLACING
+        };
         if build.site_count() <= BUILD_AT_ONCE_SITES {
             self.building = Some(Building {
                 build,
                 slices: 0,
                 longest: Duration::ZERO,
-                first,
+                pace,
             });
             if let Some(next) = self.build_slice(policy, metrics, started) {
                 return next;
@@ -419,7 +436,7 @@ impl Feed {
                 build,
                 slices: 1,
                 longest: elapsed_since(started).unwrap_or_default(),
-                first,
+                pace,
             });
         }
         self.slice_ticks(true);
@@ -485,12 +502,7 @@ impl Feed {
         let building = self.building.as_mut()?;
         building.slices += 1;
         let started = hostcalls::get_current_time().ok();
-        let (budget, max_sites) = if building.first {
-            (FIRST_SLICE_BUDGET_US, FIRST_SLICE_MAX_SITES)
-        } else {
-            (SLICE_BUDGET_US, SLICE_MAX_SITES)
-        };
-        let budget = Duration::from_micros(budget);
+        let Pace { budget, max_sites } = building.pace;
         let mut step = Ok(());
         let mut built = 0;
         while !building.build.is_done() && built < max_sites && step.is_ok() {
