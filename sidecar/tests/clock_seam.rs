@@ -36,6 +36,15 @@ async fn site_until(
     }
 }
 
+/// Now, at a whole second. The store keeps times in whole seconds and the tests hold the
+/// clock still until an attempt is seen: from a start at .9 s or later, a site's debounced first
+/// attempt (now + 100 ms) would be stored a second after the clock, never due (the cause of a
+/// 60 s "timed out waiting for first failure" with `next_attempt_at` one second ahead).
+fn whole_second_now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now - time::Duration::nanoseconds(i64::from(now.nanosecond()))
+}
+
 fn attempts(store: &Arc<dyn Store>, site: &str) -> anyhow::Result<usize> {
     Ok(store
         .events(site, 10_000)?
@@ -51,7 +60,7 @@ fn seconds_until(at: Option<OffsetDateTime>, now: OffsetDateTime) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_comes_due_when_a_third_of_the_lifetime_is_left() -> anyhow::Result<()> {
     let pebble = Pebble::start().await?;
-    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let clock = Arc::new(ManualClock::new(whole_second_now()));
     let sidecar = start_sidecar(&pebble, clock.clone()).await?;
     let store = Arc::clone(&sidecar.running.store);
     let issuer = Arc::clone(&sidecar.running.issuer);
@@ -123,7 +132,7 @@ async fn renewal_comes_due_when_a_third_of_the_lifetime_is_left() -> anyhow::Res
 async fn failing_name_is_retried_after_one_then_ten_minutes_and_recovers() -> anyhow::Result<()> {
     let pebble = Pebble::start().await?;
     pebble.set_a("late.example.test", "127.0.0.2").await?;
-    let clock = Arc::new(ManualClock::new(OffsetDateTime::now_utc()));
+    let clock = Arc::new(ManualClock::new(whole_second_now()));
     let sidecar = start_sidecar(&pebble, clock.clone()).await?;
     let store = Arc::clone(&sidecar.running.store);
     let issuer = Arc::clone(&sidecar.running.issuer);
